@@ -1,0 +1,174 @@
+//! `run`, `plan` and `status`.
+
+use std::path::PathBuf;
+
+use clap::Args;
+
+use super::{cache_root_for, open_store, GlobalArgs, EXIT_OK, EXIT_STAGE_FAILED};
+use crate::diag::Diagnostics;
+use crate::exec::{self, RunOptions};
+use crate::graph;
+use crate::kind::Registry;
+use crate::pipeline::{self, Override, Pipeline};
+use crate::plan::{self, Action};
+use crate::progress::ProgressMode;
+use crate::records::{Records, Status};
+
+#[derive(Debug, Args)]
+pub struct FileArg {
+    /// The pipeline file.
+    pub file: PathBuf,
+}
+
+#[derive(Debug, Args)]
+pub struct Selection {
+    /// Run only these stages (their inputs must be cached).
+    #[arg(long, num_args = 1..)]
+    pub only: Vec<String>,
+    /// Run this stage and what it needs, nothing downstream.
+    #[arg(long)]
+    pub until: Option<String>,
+    /// Run this stage and everything downstream of it (its inputs must be cached).
+    #[arg(long)]
+    pub from: Option<String>,
+    /// Re-run these stages even if their results are cached.
+    #[arg(long, num_args = 1..)]
+    pub force: Vec<String>,
+    /// Override a param: `--set rl.lr=2e-5` (the value is read as YAML).
+    #[arg(long = "set", value_name = "NODE.PARAM=VALUE")]
+    pub set: Vec<String>,
+}
+
+impl Selection {
+    fn options(&self) -> RunOptions {
+        RunOptions { only: self.only.clone(), until: self.until.clone(), from: self.from.clone(), force: self.force.clone(), ..Default::default() }
+    }
+
+    fn overrides(&self) -> Result<Vec<Override>, Diagnostics> {
+        let mut out = Vec::new();
+        let mut errors = Vec::new();
+        for s in &self.set {
+            match Override::parse(s) {
+                Ok(o) => out.push(o),
+                Err(e) => errors.push(e),
+            }
+        }
+        if errors.is_empty() { Ok(out) } else { Err(Diagnostics(errors)) }
+    }
+}
+
+#[derive(Debug, Args)]
+pub struct RunArgs {
+    /// The pipeline file.
+    pub file: PathBuf,
+    #[command(flatten)]
+    pub selection: Selection,
+    /// Print the plan instead of running.
+    #[arg(long)]
+    pub dry_run: bool,
+    /// After a stage fails, go on with the stages that do not depend on it.
+    #[arg(long)]
+    pub keep_going: bool,
+    /// End with one JSON line describing the run.
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(Debug, Args)]
+pub struct PlanArgs {
+    /// The pipeline file.
+    pub file: PathBuf,
+    #[command(flatten)]
+    pub selection: Selection,
+    /// Print the plan as one JSON object.
+    #[arg(long)]
+    pub json: bool,
+}
+
+fn load(file: &std::path::Path, registry: &Registry, selection: Option<&Selection>) -> Result<Pipeline, Diagnostics> {
+    let overrides = match selection {
+        Some(s) => s.overrides()?,
+        None => Vec::new(),
+    };
+    pipeline::load(file, registry, &overrides)
+}
+
+pub fn run(a: RunArgs, g: &GlobalArgs, registry: &Registry, progress: ProgressMode) -> Result<i32, Diagnostics> {
+    if a.dry_run {
+        let plan_args = PlanArgs { file: a.file, selection: a.selection, json: a.json };
+        return plan(plan_args, g, registry);
+    }
+    let pl = load(&a.file, registry, Some(&a.selection))?;
+    let graph = graph::build(&pl, registry)?;
+    let store = open_store(&cache_root_for(g, &a.file))?;
+    let opts = RunOptions { keep_going: a.keep_going, progress: Some(progress), ..a.selection.options() };
+    let record = exec::run(&graph, registry, &store, &opts)?;
+    let failed = record.stages.iter().any(|s| s.status == Status::Failed);
+    if !g.quiet {
+        eprintln!("{}", summary_line(&record));
+        let summary = Records::new(store.root()).run_dir(&record.run).join("summary.md");
+        if let Ok(text) = std::fs::read_to_string(&summary) {
+            eprintln!("{text}");
+        }
+    }
+    if a.json {
+        println!("{}", record.to_json_line());
+    }
+    Ok(if failed { EXIT_STAGE_FAILED } else { EXIT_OK })
+}
+
+fn summary_line(record: &crate::records::RunRecord) -> String {
+    let count = |s: Status| record.stages.iter().filter(|x| x.status == s).count();
+    format!(
+        "run {}: {} ran, {} cached, {} skipped, {} failed in {:.1}s",
+        record.run,
+        count(Status::Ran),
+        count(Status::Cached),
+        count(Status::Skipped),
+        count(Status::Failed),
+        record.seconds
+    )
+}
+
+pub fn plan(a: PlanArgs, g: &GlobalArgs, registry: &Registry) -> Result<i32, Diagnostics> {
+    let pl = load(&a.file, registry, Some(&a.selection))?;
+    let graph = graph::build(&pl, registry)?;
+    let store = open_store(&cache_root_for(g, &a.file))?;
+    let planned = plan::plan(&graph, &store, &a.selection.options())?;
+    if a.json {
+        println!("{}", serde_json::json!({ "stages": planned }));
+        return Ok(EXIT_OK);
+    }
+    let width = planned.iter().map(|p| p.name.len()).max().unwrap_or(0);
+    for p in &planned {
+        let action = match p.action {
+            Action::Cached => "cached",
+            Action::Run => "run",
+            Action::Skipped => "skipped",
+            Action::Unselected => "-",
+        };
+        let why = if p.reasons.is_empty() { String::new() } else { format!("  ({})", p.reasons.join("; ")) };
+        println!("{:<width$}  {:<8} {}{}", p.name, action, p.kind, why);
+    }
+    Ok(EXIT_OK)
+}
+
+pub fn status(a: FileArg, g: &GlobalArgs, registry: &Registry) -> Result<i32, Diagnostics> {
+    let pl = load(&a.file, registry, None)?;
+    let graph = graph::build(&pl, registry)?;
+    let store = open_store(&cache_root_for(g, &a.file))?;
+    let planned = plan::plan(&graph, &store, &RunOptions::default())?;
+    let index = Records::new(store.root()).index(&a.file);
+    let width = planned.iter().map(|p| p.name.len()).max().unwrap_or(0);
+    for p in &planned {
+        let state = match p.action {
+            Action::Cached => "up to date",
+            Action::Run => "needs run",
+            Action::Skipped => "skipped",
+            Action::Unselected => "-",
+        };
+        let last = index.get(&p.name).map(|r| format!("last run {} ({:.1}s)", r.run, r.seconds)).unwrap_or_else(|| "never run".into());
+        println!("{:<width$}  {:<10} {:<16} {}", p.name, state, p.kind, last);
+    }
+    Ok(EXIT_OK)
+}

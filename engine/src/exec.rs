@@ -1,0 +1,377 @@
+//! Running a pipeline: decide per stage whether its result is cached, run it under its key's
+//! lock if not, publish its outputs atomically, and record what happened.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::panic::AssertUnwindSafe;
+use std::path::PathBuf;
+use std::time::{Instant, SystemTime, UNIX_EPOCH};
+
+use dagrun_cache::{ActionRecord, LockMode, Store};
+
+use crate::context::{InputArtifact, OutputSlot, StageContext};
+use crate::diag::{Diagnostic, Diagnostics};
+use crate::graph::{find_stage, Graph, Source};
+use crate::key::{device_class, InputPart, KeyParts};
+use crate::kind::{ArtifactType, ParamType, Registry};
+use crate::progress::ProgressMode;
+use crate::records::{Records, RunRecord, StageRecord, Status};
+
+/// Which stages a run considers, and how.
+#[derive(Debug, Clone, Default)]
+pub struct RunOptions {
+    pub only: Vec<String>,
+    pub until: Option<String>,
+    pub from: Option<String>,
+    pub force: Vec<String>,
+    pub keep_going: bool,
+    pub progress: Option<ProgressMode>,
+}
+
+/// An artifact known to exist in the store.
+#[derive(Debug, Clone)]
+pub(crate) struct Available {
+    pub digest: String,
+    pub path: PathBuf,
+}
+
+/// The stages selected by `--only`, `--until` and `--from` (all of them by default).
+pub fn select(graph: &Graph, opts: &RunOptions) -> Result<BTreeSet<usize>, Diagnostics> {
+    let pl = graph.pipeline;
+    let mut selected: BTreeSet<usize> = (0..pl.stages.len()).collect();
+    let mut errors = Vec::new();
+    if !opts.only.is_empty() {
+        selected.clear();
+        for n in &opts.only {
+            match find_stage(pl, "--only", n) {
+                Ok(i) => {
+                    selected.insert(i);
+                }
+                Err(e) => errors.push(e),
+            }
+        }
+    }
+    if let Some(n) = &opts.until {
+        match find_stage(pl, "--until", n) {
+            Ok(i) => selected = selected.intersection(&graph.ancestors(i)).copied().collect(),
+            Err(e) => errors.push(e),
+        }
+    }
+    if let Some(n) = &opts.from {
+        match find_stage(pl, "--from", n) {
+            Ok(i) => selected = selected.intersection(&graph.descendants(i)).copied().collect(),
+            Err(e) => errors.push(e),
+        }
+    }
+    for n in &opts.force {
+        if let Err(e) = find_stage(pl, "--force", n) {
+            errors.push(e);
+        }
+    }
+    if errors.is_empty() { Ok(selected) } else { Err(Diagnostics(errors)) }
+}
+
+/// The key components of stage `i`, if every input is available.
+pub(crate) fn key_parts(
+    graph: &Graph,
+    i: usize,
+    available: &HashMap<Source, Available>,
+    path_digests: &mut HashMap<String, String>,
+) -> Result<Option<KeyParts>, Diagnostic> {
+    let stage = &graph.pipeline.stages[i];
+    let node = &graph.nodes[i];
+    let mut inputs = BTreeMap::new();
+    for input in &node.inputs {
+        let mut parts = Vec::new();
+        for src in &input.sources {
+            let Some(a) = available.get(src) else { return Ok(None) };
+            parts.push(InputPart { digest: a.digest.clone(), producer: graph.name(src.node).to_string() });
+        }
+        inputs.insert(input.port.clone(), parts);
+    }
+    let mut params = stage.params.as_map().clone();
+    for p in node.spec.params.iter().filter(|p| matches!(p.ty, ParamType::Path)) {
+        let Some(path) = params.get(p.name).and_then(|v| v.as_str()).map(str::to_string) else { continue };
+        let digest = match path_digests.get(&path) {
+            Some(d) => d.clone(),
+            None => {
+                let d = dagrun_cache::hash_path(std::path::Path::new(&path)).map_err(|e| {
+                    let at = ["stages", &stage.name, "params", p.name].map(String::from);
+                    graph.pipeline.diag(&at, false, format!("param `{}`: {e}", p.name))
+                })?;
+                path_digests.insert(path.clone(), d.clone());
+                d
+            }
+        };
+        // The content decides, not where it lies.
+        params.insert(p.name.to_string(), serde_json::json!({ "content": digest }));
+    }
+    let output_schemas = node
+        .outputs
+        .iter()
+        .filter_map(|(n, t)| match t {
+            ArtifactType::Dataset(Some(s)) => dagrun_schemas::by_name(s).map(|t| (n.clone(), t.tag())),
+            _ => None,
+        })
+        .collect();
+    Ok(Some(KeyParts {
+        kind: stage.kind.clone(),
+        kind_version: node.spec.version,
+        params,
+        seed: stage.seed,
+        device: node.spec.device_dependent.then(|| device_class(&stage.device).to_string()),
+        output_schemas,
+        inputs,
+    }))
+}
+
+/// The outputs recorded for `key`, if the record exists and every object checks out.
+pub(crate) fn cached_outputs(store: &Store, key: &str) -> Option<BTreeMap<String, Available>> {
+    let action = store.action(key)?;
+    action
+        .outputs
+        .iter()
+        .map(|(name, digest)| Some((name.clone(), Available { digest: digest.clone(), path: store.object(digest)? })))
+        .collect()
+}
+
+/// Executes the selected stages of `graph`. Returns the run's record; a stage failure is a
+/// `Failed` status in it, not an error. Errors are problems with the input (exit code 2).
+pub fn run(graph: &Graph, registry: &Registry, store: &Store, opts: &RunOptions) -> Result<RunRecord, Diagnostics> {
+    let selected = select(graph, opts)?;
+    let records = Records::new(store.root());
+    let _store_lock = store.lock_store(LockMode::Shared).map_err(|e| Diagnostic::at_field("--cache-dir", e.to_string()))?;
+    let run_id = Records::new_run_id();
+    let started = Instant::now();
+    let started_unix = SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0);
+    let progress = opts.progress.unwrap_or(ProgressMode::Log);
+    let mut available: HashMap<Source, Available> = HashMap::new();
+    let mut path_digests = HashMap::new();
+    let mut stage_records = Vec::new();
+    let mut failed: BTreeSet<usize> = BTreeSet::new();
+    let mut stop = false;
+
+    for &i in &graph.order {
+        let stage = &graph.pipeline.stages[i];
+        let node = &graph.nodes[i];
+        let mut record = StageRecord {
+            name: stage.name.clone(),
+            kind: stage.kind.clone(),
+            status: Status::Skipped,
+            key: None,
+            outputs: BTreeMap::new(),
+            seconds: 0.0,
+            resumed: false,
+            error: None,
+            parts: None,
+            run: run_id.clone(),
+        };
+        if stage.skip {
+            if selected.contains(&i) {
+                tracing::info!(stage = %stage.name, "skipped (passing its input through)");
+                stage_records.push(record);
+            }
+            continue;
+        }
+        let parts = key_parts(graph, i, &available, &mut path_digests).map_err(Diagnostics::from)?;
+        if !selected.contains(&i) || stop {
+            // Not ours to run, but its cached outputs may feed selected stages.
+            if let Some(parts) = parts {
+                for (name, a) in cached_outputs(store, &parts.key()).unwrap_or_default() {
+                    available.insert(Source { node: i, output: name }, a);
+                }
+            }
+            continue;
+        }
+        let Some(parts) = parts else {
+            let missing: Vec<String> = node
+                .inputs
+                .iter()
+                .flat_map(|x| &x.sources)
+                .filter(|s| !available.contains_key(s))
+                .map(|s| format!("{}.{}", graph.name(s.node), s.output))
+                .collect();
+            let upstream_failed = node.inputs.iter().flat_map(|x| &x.sources).any(|s| failed.contains(&s.node));
+            record.status = Status::Failed;
+            record.error = Some(if upstream_failed {
+                format!("not run: its input {} failed", missing.join(", "))
+            } else {
+                format!("not run: {} is not in the cache; run the stages that make it first", missing.join(", "))
+            });
+            tracing::error!(stage = %stage.name, "{}", record.error.as_deref().unwrap_or_default());
+            failed.insert(i);
+            stage_records.push(record);
+            continue;
+        };
+        let key = parts.key();
+        record.key = Some(key.clone());
+        record.parts = Some(parts.clone());
+        let forced = opts.force.iter().any(|f| f == &stage.name);
+        let t0 = Instant::now();
+        let outcome = if forced { None } else { cached_outputs(store, &key) };
+        let outcome = match outcome {
+            Some(outs) => Ok((Status::Cached, outs, false)),
+            None => {
+                let _lock = store.lock_key(&key).map_err(|e| Diagnostic::at_field("--cache-dir", e.to_string()))?;
+                // Another process may have finished this key while we waited for its lock.
+                match (forced, cached_outputs(store, &key)) {
+                    (false, Some(outs)) => Ok((Status::Cached, outs, false)),
+                    _ => execute(graph, registry, store, &records, &run_id, i, &key, &available, progress)
+                        .map(|(outs, resumed)| (Status::Ran, outs, resumed)),
+                }
+            }
+        };
+        record.seconds = t0.elapsed().as_secs_f64();
+        match outcome {
+            Ok((status, outs, resumed)) => {
+                record.status = status;
+                record.resumed = resumed;
+                for (name, a) in outs {
+                    record.outputs.insert(name.clone(), a.digest.clone());
+                    available.insert(Source { node: i, output: name }, a);
+                }
+                let verb = if status == Status::Cached { "cached" } else { "ran" };
+                tracing::info!(stage = %stage.name, "{verb} in {:.2}s", record.seconds);
+            }
+            Err(e) => {
+                tracing::error!(stage = %stage.name, "failed: {e:#}");
+                record.status = Status::Failed;
+                record.error = Some(format!("{e:#}"));
+                failed.insert(i);
+                stop = !opts.keep_going;
+            }
+        }
+        stage_records.push(record);
+    }
+    let run = RunRecord {
+        run: run_id,
+        pipeline: graph.pipeline.path.display().to_string(),
+        started_unix,
+        seconds: started.elapsed().as_secs_f64(),
+        stages: stage_records,
+    };
+    let write = records.write_run(&run).and_then(|_| records.update_index(&graph.pipeline.path, &run));
+    if let Err(e) = write {
+        tracing::warn!("could not write the run record: {e:#}");
+    }
+    Ok(run)
+}
+
+/// Runs stage `i` in a scratch directory and publishes its outputs.
+#[allow(clippy::too_many_arguments)]
+fn execute(
+    graph: &Graph,
+    registry: &Registry,
+    store: &Store,
+    records: &Records,
+    run_id: &str,
+    i: usize,
+    key: &str,
+    available: &HashMap<Source, Available>,
+    progress: ProgressMode,
+) -> anyhow::Result<(BTreeMap<String, Available>, bool)> {
+    let stage = &graph.pipeline.stages[i];
+    let node = &graph.nodes[i];
+    let (_, kind) = registry.get(&stage.kind).expect("kinds are checked when the file is read");
+    let scratch = store.scratch(&stage.name)?;
+    let mut outputs = Vec::new();
+    for (name, ty) in &node.outputs {
+        let path = match ty {
+            ArtifactType::Model => {
+                let dir = scratch.join(name);
+                std::fs::create_dir_all(&dir)?;
+                dir
+            }
+            ArtifactType::Dataset(_) => scratch.join(format!("{name}.parquet")),
+        };
+        outputs.push(OutputSlot { name: name.clone(), ty: ty.clone(), path });
+    }
+    let inputs = node
+        .inputs
+        .iter()
+        .map(|x| {
+            let arts = x
+                .sources
+                .iter()
+                .map(|s| {
+                    let a = &available[s];
+                    InputArtifact { path: a.path.clone(), digest: a.digest.clone(), producer: graph.name(s.node).to_string(), ty: x.ty.clone() }
+                })
+                .collect();
+            (x.port.clone(), arts)
+        })
+        .collect::<Vec<_>>();
+    let provenance = provenance(graph, i, key, &inputs);
+    let log_path = records.log_path(run_id, &stage.name);
+    if let Some(dir) = log_path.parent() {
+        std::fs::create_dir_all(dir)?;
+    }
+    let mut ctx = StageContext {
+        node: stage.name.clone(),
+        kind: stage.kind.clone(),
+        params: stage.params.clone(),
+        seed: stage.seed,
+        device: stage.device.clone(),
+        inputs,
+        outputs: outputs.clone(),
+        resume_dir: store.resume_dir(key)?,
+        provenance,
+        resumed: false,
+        log: StageContext::new_log(Some(&log_path)),
+        progress_mode: progress,
+    };
+    tracing::info!(stage = %stage.name, kind = %stage.kind, "running (key {})", &key[..12]);
+    let result = std::panic::catch_unwind(AssertUnwindSafe(|| kind.run(&mut ctx)));
+    let result = match result {
+        Ok(r) => r,
+        Err(panic) => {
+            let msg = panic.downcast_ref::<String>().cloned().or_else(|| panic.downcast_ref::<&str>().map(|s| s.to_string()));
+            Err(anyhow::anyhow!("stage panicked: {}", msg.unwrap_or_else(|| "(no message)".into())))
+        }
+    };
+    if let Err(e) = result {
+        ctx.info(format!("failed: {e:#}"));
+        let _ = std::fs::remove_dir_all(&scratch);
+        return Err(e);
+    }
+    let mut published = BTreeMap::new();
+    for slot in &outputs {
+        let exists = match slot.ty {
+            ArtifactType::Model => std::fs::read_dir(&slot.path).map(|mut d| d.next().is_some()).unwrap_or(false),
+            ArtifactType::Dataset(_) => slot.path.is_file(),
+        };
+        if !exists {
+            let _ = std::fs::remove_dir_all(&scratch);
+            anyhow::bail!("stage kind `{}` finished without writing its output `{}`", stage.kind, slot.name);
+        }
+        let digest = store.publish(&slot.path)?;
+        let path = store.object(&digest).ok_or_else(|| anyhow::anyhow!("published object {digest} is not readable"))?;
+        published.insert(slot.name.clone(), Available { digest, path });
+    }
+    let action = ActionRecord {
+        outputs: published.iter().map(|(n, a)| (n.clone(), a.digest.clone())).collect(),
+        created_unix: SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0),
+        seconds: 0.0,
+        extra: serde_json::json!({ "node": stage.name, "kind": stage.kind }),
+    };
+    store.put_action(key, &action)?;
+    store.clear_resume(key)?;
+    let _ = std::fs::remove_dir_all(&scratch);
+    Ok((published, ctx.resumed))
+}
+
+fn provenance(graph: &Graph, i: usize, key: &str, inputs: &[(String, Vec<InputArtifact>)]) -> Vec<(String, String)> {
+    let stage = &graph.pipeline.stages[i];
+    let node = &graph.nodes[i];
+    let input_digests: BTreeMap<&str, Vec<&str>> =
+        inputs.iter().map(|(p, a)| (p.as_str(), a.iter().map(|x| x.digest.as_str()).collect())).collect();
+    vec![
+        ("dagrun.node".into(), stage.name.clone()),
+        ("dagrun.key".into(), key.to_string()),
+        ("dagrun.kind".into(), stage.kind.clone()),
+        ("dagrun.kind_version".into(), node.spec.version.to_string()),
+        ("dagrun.params".into(), crate::key::canonical_json(&serde_json::Value::Object(stage.params.as_map().clone()))),
+        ("dagrun.seed".into(), stage.seed.to_string()),
+        ("dagrun.inputs".into(), serde_json::to_string(&input_digests).unwrap_or_default()),
+        ("dagrun.version".into(), env!("CARGO_PKG_VERSION").to_string()),
+    ]
+}

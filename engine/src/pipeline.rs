@@ -1,0 +1,412 @@
+//! Reading a pipeline file: YAML syntax, structure, stage kinds and their params.
+//! Wiring between stages is checked in [`crate::graph`].
+
+use std::path::{Path, PathBuf};
+
+use serde_json::{Map, Value};
+
+use crate::diag::{did_you_mean, Diagnostic, Diagnostics, Pos};
+use crate::kind::{ParamType, Registry};
+use crate::locate::Locator;
+use crate::params::{self, Params};
+
+const TOP_LEVEL: &[&str] = &["name", "seed", "device", "stages"];
+const STAGE_FIELDS: &[&str] = &["kind", "inputs", "params", "skip", "seed", "device", "doc"];
+
+/// A checked pipeline file.
+#[derive(Debug, Clone)]
+pub struct Pipeline {
+    pub path: PathBuf,
+    /// Relative paths in params are relative to this directory.
+    pub dir: PathBuf,
+    pub name: String,
+    pub stages: Vec<Stage>,
+    pub(crate) locator: Locator,
+}
+
+#[derive(Debug, Clone)]
+pub struct Stage {
+    pub name: String,
+    pub kind: String,
+    /// Input port → references, in file order.
+    pub inputs: Vec<(String, Vec<InputRef>)>,
+    pub params: Params,
+    pub skip: bool,
+    pub seed: u64,
+    pub device: String,
+    pub doc: Option<String>,
+}
+
+/// `node` or `node.output`, as written in `inputs`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct InputRef {
+    pub node: String,
+    pub output: Option<String>,
+    /// Where the reference is written, for messages.
+    pub path: Vec<String>,
+}
+
+impl std::fmt::Display for InputRef {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match &self.output {
+            Some(o) => write!(f, "{}.{o}", self.node),
+            None => write!(f, "{}", self.node),
+        }
+    }
+}
+
+impl Pipeline {
+    /// A diagnostic located at the key (`at_key`) or value of `path` in this file.
+    pub fn diag(&self, path: &[String], at_key: bool, message: impl Into<String>) -> Diagnostic {
+        let pos = if at_key { self.locator.key(path) } else { self.locator.value(path) };
+        Diagnostic::at_file(&self.path.display().to_string(), pos, message)
+    }
+
+    pub fn stage(&self, name: &str) -> Option<&Stage> {
+        self.stages.iter().find(|s| s.name == name)
+    }
+
+    pub fn stage_names(&self) -> Vec<&str> {
+        self.stages.iter().map(|s| s.name.as_str()).collect()
+    }
+}
+
+/// A `--set node.param=value` override, applied before params are checked.
+#[derive(Debug, Clone)]
+pub struct Override {
+    pub node: String,
+    pub param: Vec<String>,
+    pub value: Value,
+    pub text: String,
+}
+
+impl Override {
+    /// Parses `node.param=value`; the value is read as YAML (`2e-5`, `true`, `[a, b]`).
+    pub fn parse(text: &str) -> Result<Override, Diagnostic> {
+        let field = format!("--set {text}");
+        let Some((lhs, rhs)) = text.split_once('=') else {
+            return Err(Diagnostic::at_field(&field, "expected node.param=value"));
+        };
+        let mut parts = lhs.trim().split('.').map(str::to_string);
+        let node = parts.next().unwrap_or_default();
+        let param: Vec<String> = parts.collect();
+        if node.is_empty() || param.is_empty() || param.iter().any(String::is_empty) {
+            return Err(Diagnostic::at_field(&field, "expected node.param=value"));
+        }
+        let value: serde_yaml::Value = serde_yaml::from_str(rhs)
+            .map_err(|e| Diagnostic::at_field(&field, format!("value is not valid YAML: {e}")))?;
+        let value = yaml_to_json(&value).map_err(|m| Diagnostic::at_field(&field, m))?;
+        Ok(Override { node, param, value, text: text.to_string() })
+    }
+}
+
+/// Reads, parses and checks a pipeline file.
+pub fn load(path: &Path, registry: &Registry, overrides: &[Override]) -> Result<Pipeline, Diagnostics> {
+    let shown = path.display().to_string();
+    let text = std::fs::read_to_string(path)
+        .map_err(|e| Diagnostic::at_file(&shown, Pos::START, format!("cannot read pipeline file: {e}")))?;
+    parse(path, &text, registry, overrides)
+}
+
+/// Parses and checks pipeline text as if it were read from `path`.
+pub fn parse(path: &Path, text: &str, registry: &Registry, overrides: &[Override]) -> Result<Pipeline, Diagnostics> {
+    let shown = path.display().to_string();
+    let yaml: serde_yaml::Value = serde_yaml::from_str(text).map_err(|e| {
+        let pos = e.location().map(|l| Pos { line: l.line(), col: l.column() }).unwrap_or(Pos::START);
+        let msg = e.to_string();
+        // serde_yaml appends " at line L column C"; the location is already in front.
+        let msg = msg.split(" at line ").next().unwrap_or(&msg).to_string();
+        Diagnostic::at_file(&shown, pos, format!("invalid YAML: {msg}"))
+    })?;
+    let locator = Locator::new(text);
+    let dir = path.parent().map(Path::to_path_buf).unwrap_or_default();
+    let mut pipeline = Pipeline { path: path.to_path_buf(), dir, name: String::new(), stages: Vec::new(), locator };
+    let root = match yaml_to_json(&yaml) {
+        Ok(Value::Object(m)) => m,
+        Ok(Value::Null) => return Err(pipeline.diag(&[], false, "the pipeline file is empty; it needs a `stages:` map").into()),
+        Ok(_) => return Err(pipeline.diag(&[], false, "the pipeline file must be a map with a `stages:` key").into()),
+        Err(m) => return Err(pipeline.diag(&[], false, m).into()),
+    };
+    let mut errors = Vec::new();
+    let p = |s: &[&str]| s.iter().map(|x| x.to_string()).collect::<Vec<_>>();
+    check_fields(&pipeline, &root, &[], TOP_LEVEL, "top-level key", &mut errors);
+
+    pipeline.name = match root.get("name") {
+        None => path.file_stem().and_then(|s| s.to_str()).unwrap_or("pipeline").to_string(),
+        Some(Value::String(s)) => s.clone(),
+        Some(_) => {
+            errors.push(pipeline.diag(&p(&["name"]), false, "`name` must be a string"));
+            String::new()
+        }
+    };
+    let seed = match root.get("seed") {
+        None => 0,
+        Some(v) => v.as_u64().unwrap_or_else(|| {
+            errors.push(pipeline.diag(&p(&["seed"]), false, format!("`seed` must be a non-negative integer, got {}", params::short(v))));
+            0
+        }),
+    };
+    let device = match root.get("device") {
+        None => "cpu".to_string(),
+        Some(v) => check_device(&pipeline, v, &p(&["device"]), &mut errors),
+    };
+
+    let stages = match root.get("stages") {
+        Some(Value::Object(m)) if !m.is_empty() => m.clone(),
+        Some(Value::Object(_)) => {
+            errors.push(pipeline.diag(&p(&["stages"]), true, "`stages` is empty; add at least one stage"));
+            Map::new()
+        }
+        Some(v) => {
+            errors.push(pipeline.diag(&p(&["stages"]), false, format!("`stages` must be a map of stage name to stage, got {}", params::short(v))));
+            Map::new()
+        }
+        None => {
+            errors.push(pipeline.diag(&[], false, "missing `stages:` map"));
+            Map::new()
+        }
+    };
+    let mut stages = stages;
+    apply_overrides(&mut stages, overrides, &mut errors);
+
+    for (name, decl) in &stages {
+        if let Some(stage) = check_stage(&pipeline, registry, name, decl, seed, &device, &mut errors) {
+            pipeline.stages.push(stage);
+        }
+    }
+    if errors.is_empty() { Ok(pipeline) } else { Err(Diagnostics(errors)) }
+}
+
+fn check_fields(pl: &Pipeline, map: &Map<String, Value>, at: &[String], valid: &[&str], what: &str, errors: &mut Vec<Diagnostic>) {
+    for key in map.keys() {
+        if !valid.contains(&key.as_str()) {
+            let mut path = at.to_vec();
+            path.push(key.clone());
+            let hint = match did_you_mean(key, valid) {
+                Some(v) => format!("did you mean `{v}`?"),
+                None => format!("expected one of: {}", valid.join(", ")),
+            };
+            errors.push(pl.diag(&path, true, format!("unknown {what} `{key}`; {hint}")));
+        }
+    }
+}
+
+fn check_device(pl: &Pipeline, v: &Value, path: &[String], errors: &mut Vec<Diagnostic>) -> String {
+    let ok = |s: &str| s == "cpu" || s == "cuda" || s.strip_prefix("cuda:").is_some_and(|n| n.parse::<u32>().is_ok());
+    match v.as_str() {
+        Some(s) if ok(s) => s.to_string(),
+        _ => {
+            errors.push(pl.diag(path, false, format!("`device` must be cpu, cuda or cuda:N, got {}", params::short(v))));
+            "cpu".to_string()
+        }
+    }
+}
+
+fn apply_overrides(stages: &mut Map<String, Value>, overrides: &[Override], errors: &mut Vec<Diagnostic>) {
+    for o in overrides {
+        let field = format!("--set {}", o.text);
+        let names: Vec<&str> = stages.keys().map(String::as_str).collect();
+        let hint = did_you_mean(&o.node, &names).map(|n| format!("; did you mean `{n}`?")).unwrap_or_default();
+        let Some(Value::Object(stage)) = stages.get_mut(&o.node) else {
+            errors.push(Diagnostic::at_field(&field, format!("no stage named `{}`{hint}", o.node)));
+            continue;
+        };
+        let params = stage.entry("params").or_insert_with(|| Value::Object(Map::new()));
+        let mut slot = params;
+        for (i, part) in o.param.iter().enumerate() {
+            let Value::Object(m) = slot else {
+                errors.push(Diagnostic::at_field(&field, format!("`{}` is not a map", o.param[..i].join("."))));
+                break;
+            };
+            slot = m.entry(part.clone()).or_insert(Value::Null);
+        }
+        *slot = o.value.clone();
+    }
+}
+
+fn check_stage(
+    pl: &Pipeline,
+    registry: &Registry,
+    name: &str,
+    decl: &Value,
+    default_seed: u64,
+    default_device: &str,
+    errors: &mut Vec<Diagnostic>,
+) -> Option<Stage> {
+    let at = vec!["stages".to_string(), name.to_string()];
+    let sub = |k: &str| {
+        let mut p = at.clone();
+        p.push(k.to_string());
+        p
+    };
+    let before = errors.len();
+    if name.is_empty() || !name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-') {
+        errors.push(pl.diag(&at, true, format!("stage name `{name}` may contain only letters, digits, `_` and `-`")));
+    }
+    let Value::Object(decl) = decl else {
+        errors.push(pl.diag(&at, false, format!("stage `{name}` must be a map with at least `kind:`")));
+        return None;
+    };
+    check_fields(pl, decl, &at, STAGE_FIELDS, &format!("field in stage `{name}`"), errors);
+    let kind = match decl.get("kind") {
+        Some(Value::String(k)) => k.clone(),
+        Some(v) => {
+            errors.push(pl.diag(&sub("kind"), false, format!("`kind` must be a string, got {}", params::short(v))));
+            return None;
+        }
+        None => {
+            errors.push(pl.diag(&at, true, format!("stage `{name}` has no `kind`; kinds: {}", registry.names().join(", "))));
+            return None;
+        }
+    };
+    let Some((spec, kind_impl)) = registry.get(&kind) else {
+        let hint = match did_you_mean(&kind, &registry.names()) {
+            Some(k) => format!("did you mean `{k}`?"),
+            None => format!("known kinds: {}", registry.names().join(", ")),
+        };
+        errors.push(pl.diag(&sub("kind"), false, format!("unknown stage kind `{kind}`; {hint}")));
+        return None;
+    };
+
+    let skip = match decl.get("skip") {
+        None => false,
+        Some(Value::Bool(b)) => *b,
+        Some(v) => {
+            errors.push(pl.diag(&sub("skip"), false, format!("`skip` must be true or false, got {}", params::short(v))));
+            false
+        }
+    };
+    let seed = match decl.get("seed") {
+        None => default_seed,
+        Some(v) => v.as_u64().unwrap_or_else(|| {
+            errors.push(pl.diag(&sub("seed"), false, format!("`seed` must be a non-negative integer, got {}", params::short(v))));
+            0
+        }),
+    };
+    let device = match decl.get("device") {
+        None => default_device.to_string(),
+        Some(v) => check_device(pl, v, &sub("device"), errors),
+    };
+    let doc = decl.get("doc").and_then(Value::as_str).map(str::to_string);
+    let inputs = check_inputs(pl, name, decl.get("inputs"), &sub("inputs"), errors);
+
+    let raw_params = match decl.get("params") {
+        None | Some(Value::Null) => Map::new(),
+        Some(Value::Object(m)) => m.clone(),
+        Some(v) => {
+            errors.push(pl.diag(&sub("params"), false, format!("`params` must be a map, got {}", params::short(v))));
+            Map::new()
+        }
+    };
+    let params = match params::resolve(spec, &raw_params) {
+        Ok(p) => match kind_impl.check(&p) {
+            Ok(()) => Some(p),
+            Err(e) => {
+                let mut path = sub("params");
+                path.push(e.param.clone());
+                errors.push(pl.diag(&path, false, e.message));
+                None
+            }
+        },
+        Err(problems) => {
+            for pr in problems {
+                let mut path = sub("params");
+                path.extend(pr.path);
+                errors.push(pl.diag(&path, pr.at_key, pr.message));
+            }
+            None
+        }
+    };
+    let mut params = params?;
+    // Paths are relative to the pipeline file, whatever the working directory.
+    for p in spec.params.iter().filter(|p| matches!(p.ty, ParamType::Path)) {
+        if let Some(rel) = params.get(p.name).as_str() {
+            let abs = pl.dir.join(rel);
+            params.0.insert(p.name.to_string(), Value::String(abs.display().to_string()));
+        }
+    }
+    if errors.len() > before {
+        return None;
+    }
+    Some(Stage { name: name.to_string(), kind, inputs, params, skip, seed, device, doc })
+}
+
+fn check_inputs(pl: &Pipeline, stage: &str, v: Option<&Value>, at: &[String], errors: &mut Vec<Diagnostic>) -> Vec<(String, Vec<InputRef>)> {
+    let map = match v {
+        None | Some(Value::Null) => return Vec::new(),
+        Some(Value::Object(m)) => m,
+        Some(v) => {
+            errors.push(pl.diag(at, false, format!("`inputs` of `{stage}` must be a map of port: node.output, got {}", params::short(v))));
+            return Vec::new();
+        }
+    };
+    let mut out = Vec::new();
+    for (port, refs) in map {
+        let mut path = at.to_vec();
+        path.push(port.clone());
+        let items: Vec<(Vec<String>, &Value)> = match refs {
+            Value::Array(a) => a.iter().enumerate().map(|(i, r)| {
+                let mut p = path.clone();
+                p.push(i.to_string());
+                (p, r)
+            }).collect(),
+            other => vec![(path.clone(), other)],
+        };
+        let mut parsed = Vec::new();
+        for (p, item) in items {
+            match item.as_str().and_then(parse_ref) {
+                Some((node, output)) => parsed.push(InputRef { node, output, path: p }),
+                None => errors.push(pl.diag(&p, false, format!("input `{port}` must be `node` or `node.output`, got {}", params::short(item)))),
+            }
+        }
+        if parsed.is_empty() && errors.is_empty() {
+            errors.push(pl.diag(&path, false, format!("input `{port}` lists no stages")));
+        }
+        out.push((port.clone(), parsed));
+    }
+    out
+}
+
+fn parse_ref(s: &str) -> Option<(String, Option<String>)> {
+    let valid = |x: &str| !x.is_empty() && x.chars().all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-');
+    match s.trim().split_once('.') {
+        Some((n, o)) if valid(n) && valid(o) => Some((n.to_string(), Some(o.to_string()))),
+        None if valid(s.trim()) => Some((s.trim().to_string(), None)),
+        _ => None,
+    }
+}
+
+/// YAML to JSON values: map keys must be strings (or numbers and booleans, read as text).
+pub(crate) fn yaml_to_json(v: &serde_yaml::Value) -> Result<Value, String> {
+    use serde_yaml::Value as Y;
+    Ok(match v {
+        Y::Null => Value::Null,
+        Y::Bool(b) => Value::Bool(*b),
+        Y::Number(n) => {
+            if let Some(i) = n.as_i64() {
+                Value::from(i)
+            } else if let Some(u) = n.as_u64() {
+                Value::from(u)
+            } else {
+                let f = n.as_f64().unwrap_or(f64::NAN);
+                serde_json::Number::from_f64(f).map(Value::Number).ok_or_else(|| format!("number {f} is not finite"))?
+            }
+        }
+        Y::String(s) => Value::String(s.clone()),
+        Y::Sequence(items) => Value::Array(items.iter().map(yaml_to_json).collect::<Result<_, _>>()?),
+        Y::Mapping(m) => {
+            let mut out = Map::new();
+            for (k, v) in m {
+                let key = match k {
+                    Y::String(s) => s.clone(),
+                    Y::Number(n) => n.to_string(),
+                    Y::Bool(b) => b.to_string(),
+                    _ => return Err("map keys must be plain strings".to_string()),
+                };
+                out.insert(key, yaml_to_json(v)?);
+            }
+            Value::Object(out)
+        }
+        Y::Tagged(t) => return Err(format!("YAML tags such as `{}` are not supported", t.tag)),
+    })
+}

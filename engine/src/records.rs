@@ -1,0 +1,175 @@
+//! Run records, written by the machine beside the cache (never into the pipeline file):
+//! `runs/<id>/record.json`, `runs/<id>/logs/<stage>.log`, `runs/<id>/summary.md` if a stage
+//! writes one, and `index/<pipeline>.json` with the latest record of every stage of a pipeline.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use serde::{Deserialize, Serialize};
+
+use crate::key::KeyParts;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Status {
+    Ran,
+    Cached,
+    Skipped,
+    Failed,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct StageRecord {
+    pub name: String,
+    pub kind: String,
+    pub status: Status,
+    pub key: Option<String>,
+    pub outputs: BTreeMap<String, String>,
+    pub seconds: f64,
+    pub resumed: bool,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub parts: Option<KeyParts>,
+    #[serde(default)]
+    pub run: String,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct RunRecord {
+    pub run: String,
+    pub pipeline: String,
+    pub started_unix: u64,
+    pub seconds: f64,
+    pub stages: Vec<StageRecord>,
+}
+
+impl RunRecord {
+    /// The `--json` form that scripts read: the record without key components.
+    pub fn to_json_line(&self) -> String {
+        let stages: Vec<serde_json::Value> = self
+            .stages
+            .iter()
+            .map(|s| {
+                let mut v = serde_json::json!({
+                    "name": s.name, "kind": s.kind, "status": s.status, "key": s.key,
+                    "outputs": s.outputs, "seconds": s.seconds, "resumed": s.resumed,
+                });
+                if let Some(e) = &s.error {
+                    v["error"] = serde_json::Value::String(e.clone());
+                }
+                v
+            })
+            .collect();
+        serde_json::json!({ "run": self.run, "stages": stages }).to_string()
+    }
+}
+
+/// Where records live under a cache root.
+#[derive(Debug, Clone)]
+pub struct Records {
+    root: PathBuf,
+}
+
+impl Records {
+    pub fn new(cache_root: &Path) -> Records {
+        Records { root: cache_root.to_path_buf() }
+    }
+
+    /// A new run id, sortable by time: `20261122T041512-12345`.
+    pub fn new_run_id() -> String {
+        let now = SystemTime::now().duration_since(UNIX_EPOCH).unwrap_or_default();
+        format!("{}-{}", utc_stamp(now.as_secs()), std::process::id())
+    }
+
+    pub fn run_dir(&self, run: &str) -> PathBuf {
+        self.root.join("runs").join(run)
+    }
+
+    pub fn log_path(&self, run: &str, stage: &str) -> PathBuf {
+        self.run_dir(run).join("logs").join(format!("{stage}.log"))
+    }
+
+    pub fn write_run(&self, record: &RunRecord) -> anyhow::Result<()> {
+        write_json(&self.run_dir(&record.run).join("record.json"), record)
+    }
+
+    /// Every run record, oldest first.
+    pub fn runs(&self) -> Vec<RunRecord> {
+        let mut dirs: Vec<PathBuf> = std::fs::read_dir(self.root.join("runs"))
+            .map(|rd| rd.filter_map(|e| e.ok().map(|e| e.path())).collect())
+            .unwrap_or_default();
+        dirs.sort();
+        dirs.iter().filter_map(|d| read_json(&d.join("record.json"))).collect()
+    }
+
+    fn index_path(&self, pipeline: &Path) -> PathBuf {
+        let abs = std::path::absolute(pipeline).unwrap_or_else(|_| pipeline.to_path_buf());
+        let id = blake3::hash(abs.display().to_string().as_bytes()).to_hex();
+        let stem = pipeline.file_stem().and_then(|s| s.to_str()).unwrap_or("pipeline");
+        self.root.join("index").join(format!("{stem}-{}.json", &id[..12]))
+    }
+
+    /// The latest record of each stage of `pipeline`, by stage name.
+    pub fn index(&self, pipeline: &Path) -> BTreeMap<String, StageRecord> {
+        read_json(&self.index_path(pipeline)).unwrap_or_default()
+    }
+
+    /// Merges a run's stage records into the pipeline's index (failed stages keep their last
+    /// good record).
+    pub fn update_index(&self, pipeline: &Path, run: &RunRecord) -> anyhow::Result<()> {
+        let mut index = self.index(pipeline);
+        for s in &run.stages {
+            if s.status != Status::Failed {
+                index.insert(s.name.clone(), s.clone());
+            }
+        }
+        write_json(&self.index_path(pipeline), &index)
+    }
+
+    /// Every index, for gc: what each pipeline currently points at stays.
+    pub fn all_indexes(&self) -> Vec<BTreeMap<String, StageRecord>> {
+        let Ok(rd) = std::fs::read_dir(self.root.join("index")) else { return Vec::new() };
+        rd.filter_map(|e| read_json(&e.ok()?.path())).collect()
+    }
+}
+
+fn read_json<T: serde::de::DeserializeOwned>(path: &Path) -> Option<T> {
+    serde_json::from_slice(&std::fs::read(path).ok()?).ok()
+}
+
+/// Atomic: written to a temporary file, then renamed.
+pub(crate) fn write_json<T: Serialize>(path: &Path, value: &T) -> anyhow::Result<()> {
+    let dir = path.parent().expect("record has a parent");
+    std::fs::create_dir_all(dir)?;
+    let tmp = dir.join(format!(".{}.tmp", std::process::id()));
+    std::fs::write(&tmp, serde_json::to_vec_pretty(value)?)?;
+    std::fs::rename(&tmp, path)?;
+    Ok(())
+}
+
+/// `YYYYMMDDTHHMMSS` in UTC, from days since the epoch (Howard Hinnant's civil-from-days).
+fn utc_stamp(secs: u64) -> String {
+    let days = (secs / 86_400) as i64;
+    let rem = secs % 86_400;
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z - era * 146_097;
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = doy - (153 * mp + 2) / 5 + 1;
+    let m = if mp < 10 { mp + 3 } else { mp - 9 };
+    let y = yoe + era * 400 + i64::from(m <= 2);
+    format!("{y:04}{m:02}{d:02}T{:02}{:02}{:02}", rem / 3600, rem % 3600 / 60, rem % 60)
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn utc_stamp_matches_known_dates() {
+        assert_eq!(super::utc_stamp(0), "19700101T000000");
+        assert_eq!(super::utc_stamp(1_795_320_000), "20261122T040000");
+    }
+}

@@ -1,0 +1,22 @@
+//! Stage kinds: what each node of a pipeline computes.
+//!
+//! Each kind is one file implementing [`dagrun_engine::StageKind`] and one line in
+//! [`registry`]. A kind reads its inputs and writes its outputs through the
+//! [`dagrun_engine::StageContext`] it is given; it knows nothing about keys, caching or the
+//! graph. The model runtime the training kinds stand on is the `dagrun-model` crate beside
+//! this one; the model-free problem generators and the shared verifier are [`tasks`].
+
+pub mod cot_generate;
+pub mod mix;
+pub mod tables;
+pub mod tasks;
+
+use dagrun_engine::Registry;
+
+/// Every stage kind of this build.
+pub fn registry() -> Registry {
+    let mut r = Registry::new();
+    r.add(cot_generate::CotGenerate);
+    r.add(mix::Mix);
+    r
+}
