@@ -297,9 +297,9 @@ mod tests {
 
     #[test]
     fn fills_defaults_and_normalizes() {
-        let p = resolve(&spec(), &obj(json!({"lr": 2, "families": ["linear"]}))).unwrap();
+        let p = resolve(&spec(), &obj(json!({"lr": 1, "families": ["linear"]}))).unwrap();
         assert_eq!(p.i64("group_size"), 8);
-        assert_eq!(p.get("lr"), &json!(2.0));
+        assert_eq!(p.get("lr"), &json!(1.0));
         assert_eq!(p.weights("families"), vec![("linear".to_string(), 1.0)]);
         assert!(p.get("limit").is_null());
     }
