@@ -22,6 +22,8 @@ pub struct Pipeline {
     pub name: String,
     pub stages: Vec<Stage>,
     pub(crate) locator: Locator,
+    /// Paths set with `--set`, and the flag text: problems there are reported against the flag.
+    overridden: Vec<(Vec<String>, String)>,
 }
 
 #[derive(Debug, Clone)]
@@ -58,6 +60,9 @@ impl std::fmt::Display for InputRef {
 impl Pipeline {
     /// A diagnostic located at the key (`at_key`) or value of `path` in this file.
     pub fn diag(&self, path: &[String], at_key: bool, message: impl Into<String>) -> Diagnostic {
+        if let Some((_, flag)) = self.overridden.iter().find(|(p, _)| path.starts_with(p)) {
+            return Diagnostic::at_field(&format!("--set {flag}"), message);
+        }
         let pos = if at_key { self.locator.key(path) } else { self.locator.value(path) };
         Diagnostic::at_file(&self.path.display().to_string(), pos, message)
     }
@@ -95,7 +100,7 @@ impl Override {
         }
         let value: serde_yaml::Value = serde_yaml::from_str(rhs)
             .map_err(|e| Diagnostic::at_field(&field, format!("value is not valid YAML: {e}")))?;
-        let value = yaml_to_json(&value).map_err(|m| Diagnostic::at_field(&field, m))?;
+        let value = yaml_to_json(&value, &mut Vec::new()).map_err(|(_, m)| Diagnostic::at_field(&field, m))?;
         Ok(Override { node, param, value, text: text.to_string() })
     }
 }
@@ -120,16 +125,24 @@ pub fn parse(path: &Path, text: &str, registry: &Registry, overrides: &[Override
     })?;
     let locator = Locator::new(text);
     let dir = path.parent().map(Path::to_path_buf).unwrap_or_default();
-    let mut pipeline = Pipeline { path: path.to_path_buf(), dir, name: String::new(), stages: Vec::new(), locator };
-    let root = match yaml_to_json(&yaml) {
+    let overridden = overrides
+        .iter()
+        .map(|o| {
+            let mut p = vec!["stages".to_string(), o.node.clone(), "params".to_string()];
+            p.extend(o.param.iter().cloned());
+            (p, o.text.clone())
+        })
+        .collect();
+    let mut pipeline = Pipeline { path: path.to_path_buf(), dir, name: String::new(), stages: Vec::new(), locator, overridden };
+    let root = match yaml_to_json(&yaml, &mut Vec::new()) {
         Ok(Value::Object(m)) => m,
-        Ok(Value::Null) => return Err(pipeline.diag(&[], false, "the pipeline file is empty; it needs a `stages:` map").into()),
+        Ok(Value::Null) => return Err(Diagnostic::at_file(&shown, Pos::START, "the pipeline file is empty; it needs a `stages:` map").into()),
         Ok(_) => return Err(pipeline.diag(&[], false, "the pipeline file must be a map with a `stages:` key").into()),
-        Err(m) => return Err(pipeline.diag(&[], false, m).into()),
+        Err((path, m)) => return Err(pipeline.diag(&path, false, m).into()),
     };
     let mut errors = Vec::new();
     let p = |s: &[&str]| s.iter().map(|x| x.to_string()).collect::<Vec<_>>();
-    check_fields(&pipeline, &root, &[], TOP_LEVEL, "top-level key", &mut errors);
+    check_fields(&pipeline, &root, &[], TOP_LEVEL, "top-level key", "", &mut errors);
 
     pipeline.name = match root.get("name") {
         None => path.file_stem().and_then(|s| s.to_str()).unwrap_or("pipeline").to_string(),
@@ -162,7 +175,7 @@ pub fn parse(path: &Path, text: &str, registry: &Registry, overrides: &[Override
             Map::new()
         }
         None => {
-            errors.push(pipeline.diag(&[], false, "missing `stages:` map"));
+            errors.push(Diagnostic::at_file(&shown, Pos::START, "missing `stages:` map"));
             Map::new()
         }
     };
@@ -177,7 +190,7 @@ pub fn parse(path: &Path, text: &str, registry: &Registry, overrides: &[Override
     if errors.is_empty() { Ok(pipeline) } else { Err(Diagnostics(errors)) }
 }
 
-fn check_fields(pl: &Pipeline, map: &Map<String, Value>, at: &[String], valid: &[&str], what: &str, errors: &mut Vec<Diagnostic>) {
+fn check_fields(pl: &Pipeline, map: &Map<String, Value>, at: &[String], valid: &[&str], what: &str, place: &str, errors: &mut Vec<Diagnostic>) {
     for key in map.keys() {
         if !valid.contains(&key.as_str()) {
             let mut path = at.to_vec();
@@ -186,7 +199,7 @@ fn check_fields(pl: &Pipeline, map: &Map<String, Value>, at: &[String], valid: &
                 Some(v) => format!("did you mean `{v}`?"),
                 None => format!("expected one of: {}", valid.join(", ")),
             };
-            errors.push(pl.diag(&path, true, format!("unknown {what} `{key}`; {hint}")));
+            errors.push(pl.diag(&path, true, format!("unknown {what} `{key}`{place}; {hint}")));
         }
     }
 }
@@ -247,7 +260,7 @@ fn check_stage(
         errors.push(pl.diag(&at, false, format!("stage `{name}` must be a map with at least `kind:`")));
         return None;
     };
-    check_fields(pl, decl, &at, STAGE_FIELDS, &format!("field in stage `{name}`"), errors);
+    check_fields(pl, decl, &at, STAGE_FIELDS, "field", &format!(" in stage `{name}`"), errors);
     let kind = match decl.get("kind") {
         Some(Value::String(k)) => k.clone(),
         Some(v) => {
@@ -359,7 +372,7 @@ fn check_inputs(pl: &Pipeline, stage: &str, v: Option<&Value>, at: &[String], er
                 None => errors.push(pl.diag(&p, false, format!("input `{port}` must be `node` or `node.output`, got {}", params::short(item)))),
             }
         }
-        if parsed.is_empty() && errors.is_empty() {
+        if matches!(refs, Value::Array(a) if a.is_empty()) {
             errors.push(pl.diag(&path, false, format!("input `{port}` lists no stages")));
         }
         out.push((port.clone(), parsed));
@@ -377,7 +390,8 @@ fn parse_ref(s: &str) -> Option<(String, Option<String>)> {
 }
 
 /// YAML to JSON values: map keys must be strings (or numbers and booleans, read as text).
-pub(crate) fn yaml_to_json(v: &serde_yaml::Value) -> Result<Value, String> {
+/// On failure, returns the path of the offending value.
+pub(crate) fn yaml_to_json(v: &serde_yaml::Value, path: &mut Vec<String>) -> Result<Value, (Vec<String>, String)> {
     use serde_yaml::Value as Y;
     Ok(match v {
         Y::Null => Value::Null,
@@ -389,11 +403,19 @@ pub(crate) fn yaml_to_json(v: &serde_yaml::Value) -> Result<Value, String> {
                 Value::from(u)
             } else {
                 let f = n.as_f64().unwrap_or(f64::NAN);
-                serde_json::Number::from_f64(f).map(Value::Number).ok_or_else(|| format!("number {f} is not finite"))?
+                serde_json::Number::from_f64(f).map(Value::Number).ok_or_else(|| (path.clone(), format!("number {f} is not finite")))?
             }
         }
         Y::String(s) => Value::String(s.clone()),
-        Y::Sequence(items) => Value::Array(items.iter().map(yaml_to_json).collect::<Result<_, _>>()?),
+        Y::Sequence(items) => {
+            let mut out = Vec::with_capacity(items.len());
+            for (i, item) in items.iter().enumerate() {
+                path.push(i.to_string());
+                out.push(yaml_to_json(item, path)?);
+                path.pop();
+            }
+            Value::Array(out)
+        }
         Y::Mapping(m) => {
             let mut out = Map::new();
             for (k, v) in m {
@@ -401,12 +423,14 @@ pub(crate) fn yaml_to_json(v: &serde_yaml::Value) -> Result<Value, String> {
                     Y::String(s) => s.clone(),
                     Y::Number(n) => n.to_string(),
                     Y::Bool(b) => b.to_string(),
-                    _ => return Err("map keys must be plain strings".to_string()),
+                    _ => return Err((path.clone(), "map keys must be plain strings".to_string())),
                 };
-                out.insert(key, yaml_to_json(v)?);
+                path.push(key.clone());
+                out.insert(key, yaml_to_json(v, path)?);
+                path.pop();
             }
             Value::Object(out)
         }
-        Y::Tagged(t) => return Err(format!("YAML tags such as `{}` are not supported", t.tag)),
+        Y::Tagged(t) => return Err((path.clone(), format!("YAML tags such as `{}` are not supported", t.tag))),
     })
 }
