@@ -72,3 +72,18 @@ pub fn verify(a: VerifyArgs, g: &GlobalArgs) -> Result<i32, Diagnostics> {
     println!("checked {} objects: {} corrupt, {} incomplete", report.checked, report.corrupt.len(), report.incomplete.len());
     Ok(if report.corrupt.is_empty() { EXIT_OK } else { EXIT_STAGE_FAILED })
 }
+
+#[derive(Debug, Args)]
+pub struct HashArgs {
+    /// Files or directories.
+    #[arg(required = true)]
+    pub paths: Vec<PathBuf>,
+}
+
+pub fn hash(a: HashArgs) -> Result<i32, Diagnostics> {
+    for path in &a.paths {
+        let digest = dagrun_cache::hash_path(path).map_err(|e| Diagnostic::at_field(&path.display().to_string(), e.to_string()))?;
+        println!("{digest}  {}", path.display());
+    }
+    Ok(EXIT_OK)
+}

@@ -64,12 +64,14 @@ pub enum Command {
     Verify(maintain::VerifyArgs),
     /// List every stage kind with its ports and params.
     Stages,
+    /// Print the digest the cache gives files or directories (`digest  path`, like b3sum).
+    Hash(maintain::HashArgs),
     /// Print the JSON Schema of pipeline files.
     Schema,
 }
 
 /// Names of the engine's commands, for the `dagrun FILE` shorthand.
-pub const COMMANDS: &[&str] = &["run", "plan", "status", "dag", "show", "export", "gc", "verify", "stages", "schema", "help"];
+pub const COMMANDS: &[&str] = &["run", "plan", "status", "dag", "show", "export", "gc", "verify", "stages", "schema", "hash", "help"];
 
 /// Turns `dagrun FILE …` into `dagrun run FILE …` when FILE is not a command name.
 pub fn expand_shorthand(args: Vec<OsString>, extra_commands: &[&str]) -> Vec<OsString> {
@@ -124,6 +126,7 @@ pub fn execute(cmd: Command, g: &GlobalArgs, registry: &Registry) -> i32 {
         Command::Gc(a) => maintain::gc(a, g),
         Command::Verify(a) => maintain::verify(a, g),
         Command::Stages => inspect::stages(registry),
+        Command::Hash(a) => maintain::hash(a),
         Command::Schema => {
             println!("{}", serde_json::to_string_pretty(&crate::schema::pipeline_schema(registry)).unwrap_or_default());
             Ok(EXIT_OK)
