@@ -42,6 +42,7 @@ pub struct StageContext {
     pub(crate) resume_dir: PathBuf,
     pub(crate) provenance: Vec<(String, String)>,
     pub(crate) resumed: bool,
+    pub(crate) report: Option<String>,
     pub(crate) log: LogSink,
     pub(crate) progress_mode: ProgressMode,
 }
@@ -106,6 +107,12 @@ impl StageContext {
     /// Says that this run continued from a checkpoint (reported as `resumed` in run records).
     pub fn mark_resumed(&mut self) {
         self.resumed = true;
+    }
+
+    /// A Markdown report (an eval's summary table): kept with the result in the cache and
+    /// printed at the end of every run that produces or reuses it.
+    pub fn set_report(&mut self, markdown: impl Into<String>) {
+        self.report = Some(markdown.into());
     }
 
     /// A progress counter for `total` units of work.

@@ -229,6 +229,9 @@ pub fn run(graph: &Graph, registry: &Registry, store: &Store, opts: &RunOptions)
                     record.outputs.insert(name.clone(), a.digest.clone());
                     available.insert(Source { node: i, output: name }, a);
                 }
+                if let Some(report) = store.action(&key).and_then(|a| a.extra.get("report")?.as_str().map(str::to_string)) {
+                    append_summary(&records, &run_id, &stage.name, &report);
+                }
                 let verb = if status == Status::Cached { "cached" } else { "ran" };
                 tracing::info!(stage = %stage.name, "{verb} in {:.2}s", record.seconds);
             }
@@ -316,6 +319,7 @@ fn execute(
         resume_dir: store.resume_dir(key)?,
         provenance,
         resumed: false,
+        report: None,
         log: StageContext::new_log(Some(&log_path)),
         progress_mode: progress,
     };
@@ -351,7 +355,7 @@ fn execute(
         outputs: published.iter().map(|(n, a)| (n.clone(), a.digest.clone())).collect(),
         created_unix: SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0),
         seconds: 0.0,
-        extra: serde_json::json!({ "node": stage.name, "kind": stage.kind }),
+        extra: serde_json::json!({ "node": stage.name, "kind": stage.kind, "report": ctx.report }),
     };
     store.put_action(key, &action)?;
     store.clear_resume(key)?;
@@ -374,4 +378,14 @@ fn provenance(graph: &Graph, i: usize, key: &str, inputs: &[(String, Vec<InputAr
         ("dagrun.inputs".into(), serde_json::to_string(&input_digests).unwrap_or_default()),
         ("dagrun.version".into(), env!("CARGO_PKG_VERSION").to_string()),
     ]
+}
+
+/// Adds a stage's report to the run's `summary.md`.
+fn append_summary(records: &Records, run_id: &str, stage: &str, report: &str) {
+    use std::io::Write;
+    let path = records.run_dir(run_id).join("summary.md");
+    let _ = std::fs::create_dir_all(records.run_dir(run_id));
+    if let Ok(mut f) = std::fs::OpenOptions::new().create(true).append(true).open(&path) {
+        let _ = writeln!(f, "## {stage}\n\n{}\n", report.trim_end());
+    }
 }
