@@ -16,14 +16,26 @@ struct Cli {
 enum Command {
     #[command(flatten)]
     Engine(cli::Command),
+    /// Generate a completion with a model (`node.model` or a Hugging Face directory).
+    Generate(dagrun_stages::cli::GenerateArgs),
+    /// Time training steps and KV-cache generation of a random model of the given shape.
+    Bench(dagrun_stages::cli::BenchArgs),
 }
 
 fn main() {
-    let args = cli::expand_shorthand(std::env::args_os().collect(), &[]);
+    let args = cli::expand_shorthand(std::env::args_os().collect(), &["generate", "bench"]);
     let parsed = Cli::parse_from(args);
     let registry = dagrun_stages::registry();
     let code = match parsed.command {
         Command::Engine(cmd) => cli::execute(cmd, &parsed.globals, &registry),
+        Command::Generate(a) => {
+            cli::init_logging(&parsed.globals);
+            dagrun_stages::cli::generate_command(a, &parsed.globals)
+        }
+        Command::Bench(a) => {
+            cli::init_logging(&parsed.globals);
+            dagrun_stages::cli::bench_command(a)
+        }
     };
     std::process::exit(code);
 }

@@ -268,7 +268,7 @@ fn check_stage(
             return None;
         }
         None => {
-            errors.push(pl.diag(&at, true, format!("stage `{name}` has no `kind`; kinds: {}", registry.names().join(", "))));
+            errors.push(pl.diag(&at, true, format!("stage `{name}` has no `kind` (`dagrun stages` lists the kinds)")));
             return None;
         }
     };

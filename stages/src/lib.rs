@@ -6,7 +6,9 @@
 //! graph. The model runtime the training kinds stand on is the `dagrun-model` crate beside
 //! this one; the model-free problem generators and the shared verifier are [`tasks`].
 
+pub mod cli;
 pub mod cot_generate;
+pub mod init_model;
 pub mod mix;
 pub mod tables;
 pub mod tasks;
@@ -17,6 +19,7 @@ use dagrun_engine::Registry;
 pub fn registry() -> Registry {
     let mut r = Registry::new();
     r.add(cot_generate::CotGenerate);
+    r.add(init_model::InitModel);
     r.add(mix::Mix);
     r
 }

@@ -95,7 +95,7 @@ fn find_record(records: &Records, pipeline: Option<&Path>, node: &str) -> Option
     candidates.into_iter().max_by(|a, b| a.run.cmp(&b.run))
 }
 
-fn resolve(target: &str, pipeline: Option<&Path>, g: &GlobalArgs, need_output: bool) -> Result<Vec<(String, PathBuf)>, Diagnostics> {
+pub(crate) fn resolve(target: &str, pipeline: Option<&Path>, g: &GlobalArgs, need_output: bool) -> Result<Vec<(String, PathBuf)>, Diagnostics> {
     let root = find_cache_root(g, pipeline)?;
     let store = open_store(&root)?;
     let records = Records::new(&root);

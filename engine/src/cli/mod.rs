@@ -168,6 +168,15 @@ pub fn find_cache_root(g: &GlobalArgs, pipeline: Option<&Path>) -> Result<PathBu
     Err(Diagnostic::at_field("--cache-dir", "no cache found here (looked for .dagrun/ and pipelines/.dagrun/); pass --cache-dir or --pipeline"))
 }
 
+/// The path of `node.output` in the cache (from the latest recorded run of that stage), or
+/// `target` itself when it is an existing directory: for commands that take `NODE.model|DIR`.
+pub fn resolve_artifact(target: &str, pipeline: Option<&Path>, g: &GlobalArgs) -> Result<PathBuf, Diagnostics> {
+    if Path::new(target).is_dir() {
+        return Ok(PathBuf::from(target));
+    }
+    Ok(inspect::resolve(target, pipeline, g, true)?.remove(0).1)
+}
+
 pub(crate) fn open_store(root: &Path) -> Result<dagrun_cache::Store, Diagnostic> {
     dagrun_cache::Store::open(root).map_err(|e| Diagnostic::at_field("--cache-dir", format!("cannot open the cache: {e}")))
 }

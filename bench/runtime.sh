@@ -1,0 +1,29 @@
+#!/usr/bin/env bash
+# Runtime benchmark: dagrun vs PyTorch eager (2 threads) on the same Llama shape.
+# Prints tokens/s for an AdamW training step and for KV-cache greedy generation, the ratios, and
+# dagrun's achieved GFLOP/s against this machine's practical f32 matmul peak (~220 on 2 cores).
+#
+#   pip install torch transformers      # ~3 GB with CUDA libraries; not needed by CI
+#   bash bench/runtime.sh [--layers 4 --hidden 256 ...]   # flags go to both sides
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PEAK_GFLOPS="${PEAK_GFLOPS:-220}"
+export RAYON_NUM_THREADS="${RAYON_NUM_THREADS:-2}"
+
+cargo build --release --quiet -p dagrun-model --example bench
+if cargo build --release --quiet --bin dagrun 2>/dev/null && ./target/release/dagrun bench --help >/dev/null 2>&1; then
+    DAGRUN=(./target/release/dagrun bench)
+else
+    DAGRUN=(./target/release/examples/bench)   # until the CLI exposes `dagrun bench`
+fi
+ours=$("${DAGRUN[@]}" "$@" --json | tail -n 1)
+theirs=$(python3 bench/torch_llama.py "$@" | tail -n 1)
+
+python3 - "$ours" "$theirs" "$PEAK_GFLOPS" <<'PY'
+import json, sys
+ours, theirs, peak = json.loads(sys.argv[1]), json.loads(sys.argv[2]), float(sys.argv[3])
+print(f"{'':14}{'dagrun':>10}{'pytorch':>10}{'ratio':>8}")
+for key in ("train_tok_s", "gen_tok_s"):
+    print(f"{key:14}{ours[key]:10.0f}{theirs[key]:10.0f}{ours[key] / theirs[key]:8.2f}x")
+print(f"{'gflops':14}{ours['gflops']:10.1f}{theirs['gflops']:10.1f}   ({100 * ours['gflops'] / peak:.0f}% of ~{peak:.0f} GFLOP/s peak)")
+PY

@@ -1,0 +1,126 @@
+//! Device strings (`cpu`, `cuda`, `cuda:N`) → a burn backend, and a way for stage code to run
+//! backend-generic work on the chosen one.
+//!
+//! CPU is burn's `flex` backend (threaded through rayon). CUDA exists only in builds with the
+//! `cuda` feature; asking for it otherwise is an error that says so.
+//!
+//! Generic code is written once as a [`BackendTask`] and dispatched with [`run_on`]:
+//!
+//! ```ignore
+//! struct Train { /* inputs */ }
+//! impl BackendTask for Train {
+//!     type Output = f32;
+//!     fn run<B: AutodiffBackend>(self, device: B::Device) -> anyhow::Result<f32> { /* ... */ }
+//! }
+//! let loss = run_on(&"cpu".parse()?, Train { /* ... */ })?;
+//! ```
+
+use std::fmt;
+use std::str::FromStr;
+
+use anyhow::{Result, bail};
+use burn::tensor::backend::AutodiffBackend;
+
+/// The CPU inference backend.
+pub type Cpu = burn::backend::Flex;
+/// The CPU training backend.
+pub type CpuTrain = burn::backend::Autodiff<Cpu>;
+
+#[cfg(feature = "cuda")]
+pub type Gpu = burn::backend::Cuda;
+#[cfg(feature = "cuda")]
+pub type GpuTrain = burn::backend::Autodiff<Gpu>;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DeviceSpec {
+    Cpu,
+    Cuda(usize),
+}
+
+impl FromStr for DeviceSpec {
+    type Err = anyhow::Error;
+
+    fn from_str(s: &str) -> Result<Self> {
+        let s = s.trim();
+        match s {
+            "cpu" => Ok(DeviceSpec::Cpu),
+            "cuda" | "gpu" => Ok(DeviceSpec::Cuda(0)),
+            _ => match s.strip_prefix("cuda:") {
+                Some(n) => match n.parse() {
+                    Ok(index) => Ok(DeviceSpec::Cuda(index)),
+                    Err(_) => bail!("device `{s}`: `{n}` is not a GPU index"),
+                },
+                None => bail!("unknown device `{s}` (expected cpu, cuda or cuda:N)"),
+            },
+        }
+    }
+}
+
+impl fmt::Display for DeviceSpec {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            DeviceSpec::Cpu => write!(f, "cpu"),
+            DeviceSpec::Cuda(i) => write!(f, "cuda:{i}"),
+        }
+    }
+}
+
+impl DeviceSpec {
+    /// Whether this build can run on the device (CUDA needs the `cuda` feature).
+    pub fn is_available(&self) -> bool {
+        match self {
+            DeviceSpec::Cpu => true,
+            DeviceSpec::Cuda(_) => cfg!(feature = "cuda"),
+        }
+    }
+}
+
+/// Backend-generic work. `B` is an autodiff backend; use `B::InnerBackend` (or
+/// `AutodiffModule::valid`) for work that needs no gradients.
+pub trait BackendTask {
+    type Output;
+    fn run<B: AutodiffBackend>(self, device: B::Device) -> Result<Self::Output>;
+}
+
+/// Runs `task` on the backend `spec` names.
+pub fn run_on<T: BackendTask>(spec: &DeviceSpec, task: T) -> Result<T::Output> {
+    match spec {
+        DeviceSpec::Cpu => task.run::<CpuTrain>(Default::default()),
+        #[cfg(feature = "cuda")]
+        DeviceSpec::Cuda(index) => task.run::<GpuTrain>(burn::backend::cuda::CudaDevice::new(*index)),
+        #[cfg(not(feature = "cuda"))]
+        DeviceSpec::Cuda(_) => bail!(
+            "device `{spec}` requested, but this dagrun was built without CUDA support \
+             (rebuild with `--features cuda`)"
+        ),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_device_strings() {
+        assert_eq!("cpu".parse::<DeviceSpec>().unwrap(), DeviceSpec::Cpu);
+        assert_eq!("cuda".parse::<DeviceSpec>().unwrap(), DeviceSpec::Cuda(0));
+        assert_eq!("cuda:2".parse::<DeviceSpec>().unwrap(), DeviceSpec::Cuda(2));
+        assert!("cuda:x".parse::<DeviceSpec>().is_err());
+        assert!("tpu".parse::<DeviceSpec>().is_err());
+    }
+
+    #[cfg(not(feature = "cuda"))]
+    #[test]
+    fn cuda_without_the_feature_is_a_clear_error() {
+        struct Nothing;
+        impl BackendTask for Nothing {
+            type Output = ();
+            fn run<B: AutodiffBackend>(self, _device: B::Device) -> Result<()> {
+                Ok(())
+            }
+        }
+        let err = run_on(&DeviceSpec::Cuda(0), Nothing).unwrap_err().to_string();
+        assert!(err.contains("without CUDA support"), "{err}");
+        assert!(run_on(&DeviceSpec::Cpu, Nothing).is_ok());
+    }
+}

@@ -1,0 +1,148 @@
+//! LoRA adapters: `W x + (alpha / r) · B A dropout(x)` on chosen projections, training only A and
+//! B, and merging `W += (alpha / r) · B A` for export (the merged model is a plain HF checkpoint).
+
+use anyhow::{Result, bail, ensure};
+use burn::module::{Module, Param};
+use burn::tensor::backend::Backend;
+use burn::tensor::{Distribution, Tensor, TensorData};
+use rand::{Rng, SeedableRng};
+use rand_chacha::ChaCha8Rng;
+use serde::{Deserialize, Serialize};
+
+use crate::llama::{CausalLm, Linear};
+
+/// The projections LoRA may target, by their transformers names.
+pub const TARGETS: &[&str] = &["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"];
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct LoraConfig {
+    pub rank: usize,
+    pub alpha: f64,
+    #[serde(default)]
+    pub dropout: f64,
+    /// Module names from [`TARGETS`].
+    pub target_modules: Vec<String>,
+}
+
+impl LoraConfig {
+    pub fn validate(&self) -> Result<()> {
+        ensure!(self.rank > 0, "lora rank must be > 0");
+        ensure!((0.0..1.0).contains(&self.dropout), "lora dropout must be in [0, 1)");
+        ensure!(!self.target_modules.is_empty(), "lora target_modules is empty");
+        for t in &self.target_modules {
+            if !TARGETS.contains(&t.as_str()) {
+                bail!("lora target module `{t}` is unknown (known: {})", TARGETS.join(", "));
+            }
+        }
+        Ok(())
+    }
+
+    pub fn scaling(&self) -> f64 {
+        self.alpha / self.rank as f64
+    }
+}
+
+/// `lora_A` `[r, in]` (Kaiming-uniform init like PEFT) and `lora_B` `[out, r]` (zeros, so a fresh
+/// adapter leaves the model unchanged).
+#[derive(Module, Debug)]
+pub struct LoraAdapter<B: Backend> {
+    pub lora_a: Param<Tensor<B, 2>>,
+    pub lora_b: Param<Tensor<B, 2>>,
+    pub scaling: f64,
+    pub dropout: f64,
+}
+
+impl<B: Backend> LoraAdapter<B> {
+    /// The adapter's contribution for `x` `[tokens, in]`. Dropout is active only when the
+    /// backend tracks gradients (training), like `nn.Dropout` in train mode.
+    pub fn delta(&self, x: Tensor<B, 2>) -> Tensor<B, 2> {
+        let x = if self.dropout > 0.0 && B::ad_enabled(&x.device()) {
+            let keep = x.random_like(Distribution::Bernoulli(1.0 - self.dropout));
+            x * keep.div_scalar(1.0 - self.dropout)
+        } else {
+            x
+        };
+        x.matmul(self.lora_a.val().transpose()).matmul(self.lora_b.val().transpose()).mul_scalar(self.scaling)
+    }
+
+    /// `(alpha/r) · B A`, shaped like the base weight `[out, in]`.
+    pub fn merged_delta(&self) -> Tensor<B, 2> {
+        self.lora_b.val().matmul(self.lora_a.val()).mul_scalar(self.scaling)
+    }
+}
+
+fn kaiming_uniform(rows: usize, cols: usize, rng: &mut ChaCha8Rng) -> Vec<f32> {
+    // PEFT: kaiming_uniform_(a=sqrt(5)) → bound = 1/sqrt(fan_in).
+    let bound = 1.0 / (cols as f64).sqrt();
+    (0..rows * cols).map(|_| rng.random_range(-bound..bound) as f32).collect()
+}
+
+fn targets_of<B: Backend>(model: &mut CausalLm<B>) -> Vec<(&'static str, &mut Linear<B>)> {
+    let mut out = Vec::new();
+    for layer in &mut model.model.layers {
+        let attn = &mut layer.self_attn;
+        let mlp = &mut layer.mlp;
+        out.push(("q_proj", &mut attn.q_proj));
+        out.push(("k_proj", &mut attn.k_proj));
+        out.push(("v_proj", &mut attn.v_proj));
+        out.push(("o_proj", &mut attn.o_proj));
+        out.push(("gate_proj", &mut mlp.gate_proj));
+        out.push(("up_proj", &mut mlp.up_proj));
+        out.push(("down_proj", &mut mlp.down_proj));
+    }
+    out
+}
+
+/// Adds fresh adapters to the targeted projections and freezes every base parameter, so only the
+/// adapters receive gradients.
+pub fn add_lora<B: Backend>(model: CausalLm<B>, config: &LoraConfig, seed: u64) -> Result<CausalLm<B>> {
+    config.validate()?;
+    let mut model = model.no_grad();
+    let device = model.device();
+    let mut rng = ChaCha8Rng::seed_from_u64(seed);
+    for (name, linear) in targets_of(&mut model) {
+        if !config.target_modules.iter().any(|t| t == name) {
+            continue;
+        }
+        ensure!(linear.lora.is_none(), "{name} already has a LoRA adapter");
+        let [out, inp] = linear.weight.shape().dims::<2>();
+        let a = kaiming_uniform(config.rank, inp, &mut rng);
+        let a = Tensor::from_data(TensorData::new(a, [config.rank, inp]), &device);
+        let b = Tensor::zeros([out, config.rank], &device);
+        linear.lora = Some(LoraAdapter {
+            lora_a: Param::from_tensor(a),
+            lora_b: Param::from_tensor(b),
+            scaling: config.scaling(),
+            dropout: config.dropout,
+        });
+    }
+    Ok(model)
+}
+
+/// Folds every adapter into its base weight and removes it: the result is a plain model.
+pub fn merge_lora<B: Backend>(model: CausalLm<B>) -> CausalLm<B> {
+    let mut model = model;
+    for (_, linear) in targets_of(&mut model) {
+        if let Some(lora) = linear.lora.take() {
+            let merged = linear.weight.val() + lora.merged_delta();
+            linear.weight = Param::from_tensor(merged.detach());
+        }
+    }
+    model
+}
+
+/// Number of trainable adapter parameters.
+pub fn lora_param_count<B: Backend>(model: &CausalLm<B>) -> usize {
+    model
+        .model
+        .layers
+        .iter()
+        .flat_map(|l| {
+            let a = &l.self_attn;
+            let m = &l.mlp;
+            [&a.q_proj, &a.k_proj, &a.v_proj, &a.o_proj, &m.gate_proj, &m.up_proj, &m.down_proj]
+        })
+        .filter_map(|lin| lin.lora.as_ref())
+        .map(|l| l.lora_a.shape().num_elements() + l.lora_b.shape().num_elements())
+        .sum()
+}

@@ -1,0 +1,110 @@
+//! Per-token log-probs and entropies of completions given prompts.
+//!
+//! [`score`] is backend-generic: on an autodiff backend its outputs carry the graph (the policy
+//! being trained). [`score_frozen`] is for a frozen reference or old policy: it runs the inner
+//! backend of an autodiff model (`AutodiffModule::valid`), so no graph is built at all (burn keeps
+//! the memory of graphs that are never back-propagated) and it returns plain host vectors.
+//!
+//! Only the positions that predict completion tokens go through the LM head, which saves most of
+//! its cost when prompts are long or the vocabulary is large.
+
+use anyhow::{Result, ensure};
+use burn::module::AutodiffModule;
+use burn::tensor::activation::log_softmax;
+use burn::tensor::backend::{AutodiffBackend, Backend};
+use burn::tensor::{Int, Tensor, TensorData};
+
+use crate::fused;
+use crate::llama::{CausalLm, TokenBatch};
+
+/// A (prompt, completion) pair of token ids.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ScoreItem {
+    pub prompt: Vec<u32>,
+    pub completion: Vec<u32>,
+}
+
+/// Scores aligned to completion tokens: row `i`, column `k` is completion token `k` of item `i`.
+pub struct TokenScores<B: Backend> {
+    /// `[items, max_completion]` log p(token | prefix); 0 in padding.
+    pub logprobs: Tensor<B, 2>,
+    /// `[items, max_completion]` entropy of the predictive distribution (nats), when requested.
+    pub entropy: Option<Tensor<B, 2>>,
+    /// `[items, max_completion]` 1.0 for real completion tokens, 0.0 for padding.
+    pub mask: Tensor<B, 2>,
+}
+
+impl<B: Backend> TokenScores<B> {
+    /// Mean negative log-likelihood over real completion tokens (the SFT loss).
+    pub fn mean_nll(&self) -> Tensor<B, 1> {
+        let total = self.mask.clone().sum();
+        (self.logprobs.clone() * self.mask.clone()).sum().neg() / total.clamp_min(1.0)
+    }
+}
+
+/// Host copy of [`TokenScores`]: one vector per item, as long as its completion.
+#[derive(Debug, Clone, PartialEq)]
+pub struct HostScores {
+    pub logprobs: Vec<Vec<f32>>,
+    pub entropy: Option<Vec<Vec<f32>>>,
+}
+
+/// Scores `items` with `model`. `pad_id` fills padding (its value never matters).
+pub fn score<B: Backend>(model: &CausalLm<B>, items: &[ScoreItem], pad_id: u32, with_entropy: bool) -> Result<TokenScores<B>> {
+    ensure!(!items.is_empty(), "score: no items");
+    for (i, item) in items.iter().enumerate() {
+        ensure!(!item.prompt.is_empty(), "score: item {i} has an empty prompt");
+    }
+    let device = model.device();
+    let sequences: Vec<Vec<u32>> =
+        items.iter().map(|it| it.prompt.iter().chain(&it.completion).copied().collect()).collect();
+    let batch = TokenBatch::right_padded(&sequences, pad_id);
+    let width = items.iter().map(|it| it.completion.len()).max().unwrap_or(0).max(1);
+    let n = items.len();
+
+    // Hidden state at position p predicts token p+1: completion token k of item i is predicted
+    // at row i, column prompt_len - 1 + k.
+    let mut rows = Vec::with_capacity(n * width);
+    let mut targets = Vec::with_capacity(n * width);
+    let mut mask = Vec::with_capacity(n * width);
+    for (i, item) in items.iter().enumerate() {
+        for k in 0..width {
+            let real = k < item.completion.len();
+            rows.push(if real { (i * batch.seq + item.prompt.len() - 1 + k) as i64 } else { 0 });
+            targets.push(if real { item.completion[k] } else { 0 });
+            mask.push(if real { 1.0f32 } else { 0.0 });
+        }
+    }
+    let input = model.step_input(&batch, 0, None)?;
+    let hidden = model.hidden(&input, None);
+    let rows = Tensor::<B, 1, Int>::from_data(TensorData::new(rows, [n * width]), &device);
+    let logits = model.logits(hidden.select(0, rows));
+    let mask = Tensor::<B, 2>::from_data(TensorData::new(mask, [n, width]), &device);
+    let entropy = with_entropy.then(|| {
+        let logp = log_softmax(logits.clone(), 1);
+        let h = (logp.clone().exp() * logp).sum_dim(1).neg();
+        h.reshape([n, width]) * mask.clone()
+    });
+    let logprobs = fused::token_logprobs(logits, &targets).reshape([n, width]) * mask.clone();
+    Ok(TokenScores { logprobs, entropy, mask })
+}
+
+fn rows_to_host<B: Backend>(t: Tensor<B, 2>, items: &[ScoreItem]) -> Result<Vec<Vec<f32>>> {
+    let [_, width] = t.dims();
+    let flat = t.into_data().convert::<f32>().to_vec::<f32>().map_err(|e| anyhow::anyhow!("{e:?}"))?;
+    Ok(items.iter().enumerate().map(|(i, it)| flat[i * width..i * width + it.completion.len()].to_vec()).collect())
+}
+
+/// Scores without building an autodiff graph, for frozen models; returns host vectors.
+pub fn score_frozen<B: AutodiffBackend>(model: &CausalLm<B>, items: &[ScoreItem], pad_id: u32, with_entropy: bool) -> Result<HostScores> {
+    score_host(&model.valid(), items, pad_id, with_entropy)
+}
+
+/// Scores on a non-autodiff model and copies the results to the host.
+pub fn score_host<B: Backend>(model: &CausalLm<B>, items: &[ScoreItem], pad_id: u32, with_entropy: bool) -> Result<HostScores> {
+    let scores = score(model, items, pad_id, with_entropy)?;
+    Ok(HostScores {
+        logprobs: rows_to_host(scores.logprobs, items)?,
+        entropy: scores.entropy.map(|e| rows_to_host(e, items)).transpose()?,
+    })
+}

@@ -1,0 +1,89 @@
+//! Stage kind `init_model`: a model to start from, either a preset initialised at random (with
+//! a character-level tokenizer for the synthetic tasks) or a local Hugging Face directory.
+//!
+//! An imported directory is copied as it is, after checking that it loads; its content digest
+//! is part of the key (it is a `path` param), so a changed checkpoint re-runs what follows.
+
+use std::path::Path;
+
+use anyhow::{bail, Context};
+use dagrun_engine::kind::{ArtifactType, KindSpec, ParamError, ParamSpec, ParamType, PortSpec, StageContext, StageKind};
+use dagrun_engine::Params;
+use dagrun_model::tokenizer::{SpecialStyle, Tokenizer};
+use dagrun_model::{preset, save_model, CausalLm, ModelConfig};
+use serde_json::json;
+
+/// Printable ASCII and newline: every character the task generators write.
+pub const ASCII: &str = "\n !\"#$%&'()*+,-./0123456789:;<=>?@ABCDEFGHIJKLMNOPQRSTUVWXYZ[\\]^_`abcdefghijklmnopqrstuvwxyz{|}~";
+
+pub struct InitModel;
+
+impl StageKind for InitModel {
+    fn spec(&self) -> KindSpec {
+        KindSpec {
+            name: "init_model",
+            version: 1,
+            doc: "a model to start from: a preset initialised at random, or a local Hugging Face directory",
+            inputs: vec![],
+            outputs: vec![PortSpec::one("model", ArtifactType::Model, "config.json, model.safetensors, tokenizer.json")],
+            params: vec![
+                ParamSpec::new("preset", ParamType::Str { choices: dagrun_model::config::PRESETS }, json!("tiny"), "size of a model trained from scratch (nano ≈ 0.5M, tiny ≈ 3M, small ≈ 15M parameters)"),
+                ParamSpec::unset("from", ParamType::Path, "a local Hugging Face model directory to import instead of a preset"),
+                ParamSpec::new("alphabet", ParamType::Str { choices: &[] }, json!("ascii"), "characters of the preset's tokenizer: `ascii` (printable ASCII and newline) or the characters themselves"),
+            ],
+            device_dependent: false,
+            variadic_inputs: false,
+        }
+    }
+
+    fn check(&self, params: &Params) -> Result<(), ParamError> {
+        if params.str("alphabet").is_empty() {
+            return Err(ParamError { param: "alphabet".into(), message: "param `alphabet` is empty".into() });
+        }
+        Ok(())
+    }
+
+    fn run(&self, ctx: &mut StageContext) -> anyhow::Result<()> {
+        let out = ctx.output_path("model")?.to_path_buf();
+        if let Some(from) = ctx.params.opt_str("from") {
+            return import(Path::new(from), &out, ctx);
+        }
+        let alphabet = match ctx.params.str("alphabet") {
+            "ascii" => ASCII,
+            chars => chars,
+        };
+        let tokenizer = Tokenizer::char_level(alphabet, SpecialStyle::EndOfText, true)?;
+        let mut config = preset(ctx.params.str("preset"), tokenizer.vocab_size())?;
+        config.eos_token_id = Some(dagrun_model::config::TokenIds::Many(tokenizer.eos_ids.clone()));
+        config.pad_token_id = tokenizer.pad_id();
+        // Random init on the CPU, so a seed gives the same weights wherever the pipeline runs.
+        let model = CausalLm::<dagrun_model::device::Cpu>::init_random(&config, ctx.seed, &Default::default())?;
+        save_model(&model, &out)?;
+        tokenizer.save(&out)?;
+        ctx.info(format!("{} preset: {} parameters, vocabulary {}", ctx.params.str("preset"), config.num_params(), tokenizer.vocab_size()));
+        Ok(())
+    }
+}
+
+/// Copies a Hugging Face directory after checking that its config, weights and tokenizer load.
+fn import(from: &Path, out: &Path, ctx: &StageContext) -> anyhow::Result<()> {
+    if !from.is_dir() {
+        bail!("param `from`: {} is not a directory", from.display());
+    }
+    let config = ModelConfig::load(&from.join("config.json")).with_context(|| format!("param `from`: {}", from.display()))?;
+    config.validate()?;
+    Tokenizer::load(from).with_context(|| format!("param `from`: {} has no usable tokenizer", from.display()))?;
+    dagrun_model::load_model::<dagrun_model::device::Cpu>(from, &Default::default())?;
+    let mut copied = 0;
+    for entry in std::fs::read_dir(from)? {
+        let entry = entry?;
+        let name = entry.file_name();
+        let keep = name.to_str().is_some_and(|n| n.ends_with(".json") || n.ends_with(".safetensors") || n.ends_with(".jinja") || n == "tokenizer.model");
+        if keep && entry.file_type()?.is_file() {
+            std::fs::copy(entry.path(), out.join(&name))?;
+            copied += 1;
+        }
+    }
+    ctx.info(format!("imported {} ({copied} files, {} parameters)", from.display(), config.num_params()));
+    Ok(())
+}
