@@ -6,10 +6,16 @@
 //! graph. The model runtime the training kinds stand on is the `dagrun-model` crate beside
 //! this one; the model-free problem generators and the shared verifier are [`tasks`].
 
+pub mod chat;
 pub mod cli;
 pub mod cot_generate;
+pub mod dedupe;
+pub mod eval_math;
+pub mod grpo_math;
 pub mod init_model;
 pub mod mix;
+pub mod rewards;
+pub mod sft;
 pub mod tables;
 pub mod tasks;
 
@@ -21,5 +27,6 @@ pub fn registry() -> Registry {
     r.add(cot_generate::CotGenerate);
     r.add(init_model::InitModel);
     r.add(mix::Mix);
+    r.add(sft::Sft);
     r
 }

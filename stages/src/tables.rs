@@ -74,6 +74,16 @@ pub fn chat_batch(rows: &[ChatRow]) -> anyhow::Result<RecordBatch> {
     Ok(RecordBatch::try_new(schema, columns)?)
 }
 
+/// A `dataset<metrics>` batch from (step, metric, value) rows.
+pub fn metrics_batch(rows: &[(i64, String, f64)]) -> anyhow::Result<RecordBatch> {
+    let columns: Vec<ArrayRef> = vec![
+        Arc::new(arrow::array::Int64Array::from_iter_values(rows.iter().map(|r| r.0))),
+        strings(rows.iter().map(|r| r.1.as_str())),
+        Arc::new(arrow::array::Float64Array::from_iter_values(rows.iter().map(|r| r.2))),
+    ];
+    Ok(RecordBatch::try_new(dagrun_schemas::metrics().schema, columns)?)
+}
+
 fn list_array(lengths: impl Iterator<Item = usize>, values: ArrayRef) -> anyhow::Result<ListArray> {
     let field = Arc::new(Field::new("item", values.data_type().clone(), true));
     Ok(ListArray::try_new(field, OffsetBuffer::from_lengths(lengths), values, None)?)

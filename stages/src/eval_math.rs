@@ -1,0 +1,227 @@
+//! The numbers the eval stage reports: pass@k, maj@k, and means with standard errors.
+//!
+//! pass@k is the unbiased estimator of Chen et al. (2021, "Evaluating Large Language Models
+//! Trained on Code"): from `n` samples of which `c` are correct, the probability that at
+//! least one of `k` samples drawn without replacement is correct. maj@k is DeepSeek-R1's
+//! majority vote: the most common extracted answer among the samples, then verified.
+
+use std::collections::HashMap;
+
+use crate::tasks;
+
+/// Unbiased pass@k, `1 − C(n−c, k) / C(n, k)`, computed as a running product so it never
+/// forms a large binomial coefficient. `None` when the question makes no sense: `k == 0`,
+/// `k > n`, or `c > n`.
+pub fn pass_at_k(n: usize, c: usize, k: usize) -> Option<f64> {
+    if k == 0 || k > n || c > n {
+        return None;
+    }
+    if n - c < k {
+        // Every draw of k samples contains a correct one.
+        return Some(1.0);
+    }
+    // C(n−c, k) / C(n, k) = Π_{i = n−c+1}^{n} (1 − k / i)   (Chen et al., Fig. 3).
+    let all_wrong: f64 = (n - c + 1..=n).map(|i| 1.0 - k as f64 / i as f64).product();
+    Some(1.0 - all_wrong)
+}
+
+/// The result of a majority vote over sampled completions.
+#[derive(Debug, Clone, PartialEq)]
+pub struct MajorityVote {
+    /// The most common extracted answer; `None` when no completion has one.
+    pub answer: Option<String>,
+    /// How many completions gave that answer.
+    pub votes: usize,
+    /// Whether that answer verifies against the reference.
+    pub correct: bool,
+}
+
+/// maj@k over `completions` (normally the k samples): answers are extracted with
+/// [`tasks::extract_answer`] and compared as trimmed text; completions without one do not
+/// vote; a tie goes to the answer that appeared first. The winner is verified by wrapping it
+/// in an `<answer>` block, so [`tasks::verify`] judges exactly the voted text.
+pub fn majority_vote<S: AsRef<str>>(
+    task: &str,
+    reference: &str,
+    completions: &[S],
+) -> MajorityVote {
+    let mut votes: HashMap<String, (usize, usize)> = HashMap::new(); // answer -> (count, first index)
+    for (index, completion) in completions.iter().enumerate() {
+        if let Some(answer) = tasks::extract_answer(task, completion.as_ref()) {
+            let entry = votes.entry(answer.trim().to_owned()).or_insert((0, index));
+            entry.0 += 1;
+        }
+    }
+    let winner = votes
+        .into_iter()
+        // Most votes; among equal counts the smaller first index wins, hence reversed.
+        .max_by(|(_, (count_a, first_a)), (_, (count_b, first_b))| {
+            count_a.cmp(count_b).then(first_b.cmp(first_a))
+        });
+    match winner {
+        Some((answer, (count, _))) => {
+            let correct = tasks::verify(task, reference, &format!("<answer>{answer}</answer>"));
+            MajorityVote {
+                answer: Some(answer),
+                votes: count,
+                correct,
+            }
+        }
+        None => MajorityVote {
+            answer: None,
+            votes: 0,
+            correct: false,
+        },
+    }
+}
+
+/// Arithmetic mean; `None` for no values.
+pub fn mean(values: &[f64]) -> Option<f64> {
+    if values.is_empty() {
+        return None;
+    }
+    Some(values.iter().sum::<f64>() / values.len() as f64)
+}
+
+/// Standard error of the mean: sample standard deviation (Bessel-corrected) over √n.
+/// `None` for fewer than two values, where it is undefined.
+pub fn stderr(values: &[f64]) -> Option<f64> {
+    let n = values.len();
+    if n < 2 {
+        return None;
+    }
+    let mean = mean(values)?;
+    let sum_sq: f64 = values.iter().map(|v| (v - mean).powi(2)).sum();
+    let variance = sum_sq / (n - 1) as f64;
+    Some((variance / n as f64).sqrt())
+}
+
+/// A mean with its standard error and sample count, as the summary table prints it.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Estimate {
+    pub mean: f64,
+    /// `None` for a single value.
+    pub stderr: Option<f64>,
+    pub n: usize,
+}
+
+/// [`mean`] and [`stderr`] together; `None` for no values.
+pub fn estimate(values: &[f64]) -> Option<Estimate> {
+    Some(Estimate {
+        mean: mean(values)?,
+        stderr: stderr(values),
+        n: values.len(),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn close(a: f64, b: f64) -> bool {
+        (a - b).abs() < 1e-12
+    }
+
+    #[test]
+    fn pass_at_k_hand_values() {
+        // n=8, c=2, k=1: c/n.
+        assert!(close(pass_at_k(8, 2, 1).unwrap(), 0.25));
+        // n=8, c=2, k=8: certain.
+        assert_eq!(pass_at_k(8, 2, 8), Some(1.0));
+        // n=8, c=0: never.
+        assert_eq!(pass_at_k(8, 0, 4), Some(0.0));
+        // n=5, c=2, k=2: 1 − C(3,2)/C(5,2) = 1 − 3/10.
+        assert!(close(pass_at_k(5, 2, 2).unwrap(), 0.7));
+        // n=10, c=3, k=5: 1 − C(7,5)/C(10,5) = 1 − 21/252.
+        assert!(close(pass_at_k(10, 3, 5).unwrap(), 1.0 - 21.0 / 252.0));
+        // n−c < k: 1.
+        assert_eq!(pass_at_k(4, 3, 2), Some(1.0));
+    }
+
+    #[test]
+    fn pass_at_k_is_stable_for_large_n() {
+        // C(1000, 500) overflows f64; the product form does not.
+        let value = pass_at_k(1000, 1, 500).unwrap();
+        assert!(close(value, 0.5));
+        assert!(pass_at_k(100_000, 5, 100).unwrap().is_finite());
+    }
+
+    #[test]
+    fn pass_at_k_rejects_nonsense() {
+        assert_eq!(pass_at_k(8, 2, 0), None);
+        assert_eq!(pass_at_k(8, 2, 9), None);
+        assert_eq!(pass_at_k(8, 9, 1), None);
+        assert_eq!(pass_at_k(0, 0, 0), None);
+    }
+
+    fn completion(answer: &str) -> String {
+        format!("<think>\nx\n</think>\n<answer>{answer}</answer>")
+    }
+
+    #[test]
+    fn majority_vote_picks_the_most_common_answer() {
+        let samples = [
+            completion("5"),
+            completion("7"),
+            completion("7"),
+            completion("5"),
+            completion("7"),
+        ];
+        let vote = majority_vote("arithmetic", "7", &samples);
+        assert_eq!(vote.answer.as_deref(), Some("7"));
+        assert_eq!(vote.votes, 3);
+        assert!(vote.correct);
+        assert!(!majority_vote("arithmetic", "5", &samples).correct);
+    }
+
+    #[test]
+    fn majority_vote_breaks_ties_by_first_appearance() {
+        let samples = [
+            completion("9"),
+            completion("7"),
+            completion("7"),
+            completion(" 9 "),
+        ];
+        let vote = majority_vote("arithmetic", "7", &samples);
+        assert_eq!(vote.answer.as_deref(), Some("9"));
+        assert_eq!(vote.votes, 2);
+        assert!(!vote.correct);
+    }
+
+    #[test]
+    fn majority_vote_ignores_unanswered_and_handles_empty() {
+        let samples = ["", "no digits here", "<answer>12</answer>"];
+        let vote = majority_vote("arithmetic", "12", &samples);
+        assert_eq!(vote.answer.as_deref(), Some("12"));
+        assert!(vote.correct);
+        let none: [&str; 0] = [];
+        let vote = majority_vote("arithmetic", "12", &none);
+        assert_eq!(
+            vote,
+            MajorityVote {
+                answer: None,
+                votes: 0,
+                correct: false
+            }
+        );
+    }
+
+    #[test]
+    fn mean_and_stderr_hand_values() {
+        assert_eq!(mean(&[]), None);
+        assert_eq!(mean(&[1.0, 2.0, 3.0, 4.0]), Some(2.5));
+        assert_eq!(stderr(&[1.0]), None);
+        // Values 1,2,3,4: sample variance 5/3, stderr sqrt(5/3/4).
+        assert!(close(
+            stderr(&[1.0, 2.0, 3.0, 4.0]).unwrap(),
+            (5.0f64 / 12.0).sqrt()
+        ));
+        // 0/1 outcomes, p = 0.5 over 4: sqrt(p(1−p)/(n−1)).
+        assert!(close(
+            stderr(&[0.0, 1.0, 0.0, 1.0]).unwrap(),
+            (0.25f64 / 3.0).sqrt()
+        ));
+        let estimate = estimate(&[3.0]).unwrap();
+        assert_eq!((estimate.mean, estimate.stderr, estimate.n), (3.0, None, 1));
+    }
+}

@@ -1,0 +1,71 @@
+//! Training stages: the loss falls, and a killed run resumes from its checkpoint to the same
+//! model an uninterrupted run makes.
+
+mod common;
+
+use std::time::{Duration, Instant};
+
+use common::{object_path, Project};
+
+const SFT: &str = "\
+seed: 1
+stages:
+  problems:
+    kind: cot_generate
+    params: { families: [arithmetic], difficulty: [1, 2], n_train: 800, n_test: 50 }
+  base:
+    kind: init_model
+    params: { preset: nano }
+  cold_start:
+    kind: sft
+    inputs: { model: base, data: problems.cot }
+    params: { max_steps: 40, batch_size: 16, lr: 3e-3, log_every: 5, checkpoint_every: 10 }
+";
+
+fn losses(cache: &std::path::Path, digest: &str) -> Vec<f64> {
+    let file = std::fs::File::open(object_path(cache, digest)).unwrap();
+    let reader = parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder::try_new(file).unwrap().build().unwrap();
+    let mut out = Vec::new();
+    for batch in reader {
+        let batch = batch.unwrap();
+        let names = arrow::array::AsArray::as_string::<i32>(batch.column_by_name("metric").unwrap()).clone();
+        let values = arrow::array::AsArray::as_primitive::<arrow::datatypes::Float64Type>(batch.column_by_name("value").unwrap()).clone();
+        for i in 0..batch.num_rows() {
+            if names.value(i) == "loss" {
+                out.push(values.value(i));
+            }
+        }
+    }
+    out
+}
+
+fn checkpointed(cache: &std::path::Path) -> bool {
+    std::fs::read_dir(cache.join("resume")).map(|d| d.filter_map(|e| e.ok()).any(|e| e.path().join("ckpt/state.json").is_file())).unwrap_or(false)
+}
+
+#[test]
+fn sft_lowers_the_loss_and_a_killed_run_resumes_to_the_same_model() {
+    let whole = Project::new("sft-whole");
+    whole.write("p.yaml", SFT);
+    let run = whole.run("p.yaml", &[]);
+    let curve = losses(&whole.cache(), &run.output("cold_start", "metrics"));
+    assert_eq!(curve.len(), 8);
+    assert!(curve[0] > 2.0 * curve[7], "loss should fall clearly: {curve:?}");
+    assert_eq!(run.stage("cold_start")["resumed"], false);
+
+    let p = Project::new("sft-killed");
+    p.write("p.yaml", SFT);
+    let mut child = p.spawn(&["run", "p.yaml", "--json"]);
+    let deadline = Instant::now() + Duration::from_secs(300);
+    while !checkpointed(&p.cache()) {
+        assert!(Instant::now() < deadline, "no checkpoint appeared");
+        assert!(child.try_wait().unwrap().is_none(), "the run finished before it could be killed");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    unsafe { libc::kill(child.id() as i32, libc::SIGKILL) };
+    child.wait().unwrap();
+    let resumed = p.run("p.yaml", &[]);
+    assert_eq!(resumed.status("cold_start"), "ran");
+    assert_eq!(resumed.stage("cold_start")["resumed"], true);
+    assert_eq!(resumed.output("cold_start", "model"), run.output("cold_start", "model"), "training is deterministic across a resume");
+}
