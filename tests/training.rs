@@ -69,3 +69,48 @@ fn sft_lowers_the_loss_and_a_killed_run_resumes_to_the_same_model() {
     assert_eq!(resumed.stage("cold_start")["resumed"], true);
     assert_eq!(resumed.output("cold_start", "model"), run.output("cold_start", "model"), "training is deterministic across a resume");
 }
+
+const GRPO: &str = "\
+seed: 2
+stages:
+  problems:
+    kind: cot_generate
+    params: { families: [arithmetic], difficulty: [1, 1], n_train: 300, n_test: 20 }
+  base:
+    kind: init_model
+    params: { preset: nano }
+  cold_start:
+    kind: sft
+    inputs: { model: base, data: problems.cot }
+    params: { max_steps: 20, batch_size: 16, lr: 3e-3 }
+  rl:
+    kind: grpo
+    inputs: { model: cold_start.model, problems: problems.train }
+    params: { steps: 12, batch_prompts: 4, group_size: 4, max_new_tokens: 48, lr: 1e-4, beta: 0.04, checkpoint_every: 3 }
+";
+
+#[test]
+fn a_killed_grpo_stage_resumes_from_its_checkpoint_to_the_same_result() {
+    let whole = Project::new("grpo-whole");
+    whole.write("p.yaml", GRPO);
+    let run = whole.run("p.yaml", &[]);
+    assert_eq!(run.stage("rl")["resumed"], false);
+
+    let p = Project::new("grpo-killed");
+    p.write("p.yaml", GRPO);
+    p.run("p.yaml", &["--until", "cold_start"]);
+    let mut child = p.spawn(&["run", "p.yaml", "--json"]);
+    let deadline = Instant::now() + Duration::from_secs(300);
+    while !checkpointed(&p.cache()) {
+        assert!(Instant::now() < deadline, "no checkpoint appeared");
+        assert!(child.try_wait().unwrap().is_none(), "the run finished before it could be killed");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    unsafe { libc::kill(child.id() as i32, libc::SIGKILL) };
+    child.wait().unwrap();
+    let resumed = p.run("p.yaml", &[]);
+    assert_eq!(resumed.status("rl"), "ran");
+    assert_eq!(resumed.stage("rl")["resumed"], true, "continued from a checkpoint, not from step 0");
+    assert_eq!(resumed.output("rl", "model"), run.output("rl", "model"));
+    assert_eq!(resumed.output("rl", "samples"), run.output("rl", "samples"), "every step's samples are kept once");
+}

@@ -153,8 +153,8 @@ pub fn metrics() -> TableSchema {
 pub fn eval() -> TableSchema {
     TableSchema {
         name: "eval",
-        version: 1,
-        doc: "model, id, task, difficulty, correct, pass1 (+ pass@k, maj@k, format, length)",
+        version: 2,
+        doc: "model, id, task, difficulty, correct (greedy), pass1 (share of k samples correct), k, n_correct, passk, majk, format (share of samples in format), length (mean sampled tokens), greedy_answer, greedy_format, greedy_length, greedy_completion",
         schema: Arc::new(Schema::new(vec![
             utf8("model"),
             utf8("id"),
@@ -162,6 +162,16 @@ pub fn eval() -> TableSchema {
             Field::new("difficulty", DataType::Int32, false),
             Field::new("correct", DataType::Boolean, false),
             Field::new("pass1", DataType::Float64, false),
+            Field::new("k", DataType::Int32, false),
+            Field::new("n_correct", DataType::Int32, false),
+            Field::new("passk", DataType::Float64, false),
+            Field::new("majk", DataType::Boolean, false),
+            Field::new("format", DataType::Float64, false),
+            Field::new("length", DataType::Float64, false),
+            utf8("greedy_answer"),
+            Field::new("greedy_format", DataType::Boolean, false),
+            Field::new("greedy_length", DataType::Int32, false),
+            utf8("greedy_completion"),
         ])),
     }
 }

@@ -7,10 +7,12 @@
 //! this one; the model-free problem generators and the shared verifier are [`tasks`].
 
 pub mod chat;
+pub mod checkpoint;
 pub mod cli;
 pub mod cot_generate;
 pub mod dedupe;
 pub mod eval_math;
+pub mod grpo;
 pub mod grpo_math;
 pub mod init_model;
 pub mod mix;
@@ -25,6 +27,7 @@ use dagrun_engine::Registry;
 pub fn registry() -> Registry {
     let mut r = Registry::new();
     r.add(cot_generate::CotGenerate);
+    r.add(grpo::Grpo);
     r.add(init_model::InitModel);
     r.add(mix::Mix);
     r.add(sft::Sft);

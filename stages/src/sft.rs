@@ -5,7 +5,7 @@
 //! regenerates it and skips to where the checkpoint stopped. Every `checkpoint_every` steps the
 //! model, optimizer state, step and metrics go to the resume directory.
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::time::Instant;
 
 use anyhow::{bail, Context};
@@ -18,7 +18,7 @@ use dagrun_model::device::{run_on, BackendTask, DeviceSpec};
 use dagrun_model::lora::{add_lora, LoraConfig};
 use dagrun_model::optim::{AdamW, AdamWConfig, GradAccumulator, LrSchedule};
 use dagrun_model::score::{score, ScoreItem};
-use dagrun_model::{load_model, save_model, CausalLm};
+use dagrun_model::{load_model, save_model};
 use rand::seq::SliceRandom;
 use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
@@ -26,6 +26,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::json;
 
 use crate::chat::ChatFormat;
+use crate::checkpoint::{scalar, Checkpoint};
 use crate::tables::{metrics_batch, read_chat};
 
 pub struct Sft;
@@ -111,17 +112,23 @@ impl StageKind for Sft {
             ctx.mark_resumed();
             ctx.info(format!("resumed from the checkpoint at step {}", outcome.resumed_from));
         }
-        for name in ["tokenizer.json", "tokenizer_config.json", "generation_config.json", "chat_template.jinja", "special_tokens_map.json"] {
-            let src = ctx.input("model")?.path.join(name);
-            if src.is_file() {
-                std::fs::copy(&src, ctx.output_path("model")?.join(name))?;
-            }
-        }
+        copy_tokenizer_files(&ctx.input("model")?.path, ctx.output_path("model")?)?;
         ctx.write_dataset("metrics", &[metrics_batch(&outcome.metrics)?])?;
         let last = outcome.metrics.iter().rev().find(|m| m.1 == "loss").map(|m| m.2).unwrap_or(f64::NAN);
         ctx.info(format!("final loss {last:.4}"));
         Ok(())
     }
+}
+
+/// Carries the tokenizer and generation files of the input model over to a trained one.
+pub(crate) fn copy_tokenizer_files(from: &std::path::Path, to: &std::path::Path) -> anyhow::Result<()> {
+    for name in ["tokenizer.json", "tokenizer_config.json", "generation_config.json", "chat_template.jinja", "special_tokens_map.json"] {
+        let src = from.join(name);
+        if src.is_file() {
+            std::fs::copy(&src, to.join(name))?;
+        }
+    }
+    Ok(())
 }
 
 /// How many steps, in what order.
@@ -211,13 +218,8 @@ impl BackendTask for SftTask {
             dropout: p.f64("lora_dropout"),
             target_modules: p.get_as("lora_targets").unwrap_or_default(),
         });
-        let (mut model, mut opt, mut state) = match ckpt.latest() {
-            Some(dir) => {
-                let model = load_model::<B>(&dir.join("model"), &device)?;
-                let opt = AdamW::<B::InnerBackend>::load(&dir.join("optimizer"), &device)?;
-                let state: TrainState = serde_json::from_slice(&std::fs::read(dir.join("state.json"))?)?;
-                (model, opt, state)
-            }
+        let (mut model, mut opt, mut state) = match ckpt.restore::<B, TrainState>(&device)? {
+            Some(r) => (r.model, r.optimizer, r.state),
             None => {
                 let model = load_model::<B>(&self.model_dir, &device)?;
                 let clip = p.f64("max_grad_norm");
@@ -278,11 +280,6 @@ impl BackendTask for SftTask {
     }
 }
 
-/// A one-element tensor's value on the host (NaN if it cannot be read).
-pub(crate) fn scalar<B: burn::tensor::backend::Backend>(t: burn::tensor::Tensor<B, 1>) -> f32 {
-    t.into_data().convert::<f32>().to_vec::<f32>().ok().and_then(|v| v.first().copied()).unwrap_or(f32::NAN)
-}
-
 /// Figures accumulated between two metrics rows.
 struct Window {
     loss: f64,
@@ -310,45 +307,5 @@ impl Window {
         ];
         *self = Window::default();
         rows
-    }
-}
-
-/// The resume directory's checkpoint: `ckpt/` is always complete; a new one is written beside
-/// it and swapped in by renames.
-struct Checkpoint {
-    root: PathBuf,
-}
-
-impl Checkpoint {
-    fn new(root: &Path) -> Checkpoint {
-        Checkpoint { root: root.to_path_buf() }
-    }
-
-    fn latest(&self) -> Option<PathBuf> {
-        ["ckpt", "ckpt.old"].iter().map(|n| self.root.join(n)).find(|d| d.join("state.json").is_file())
-    }
-
-    fn saved_step(&self) -> u64 {
-        self.latest()
-            .and_then(|d| std::fs::read(d.join("state.json")).ok())
-            .and_then(|b| serde_json::from_slice::<TrainState>(&b).ok())
-            .map(|s| s.step)
-            .unwrap_or(0)
-    }
-
-    fn save<B: AutodiffBackend>(&self, model: &CausalLm<B>, opt: &AdamW<B::InnerBackend>, state: &TrainState) -> anyhow::Result<()> {
-        let tmp = self.root.join("ckpt.tmp");
-        let _ = std::fs::remove_dir_all(&tmp);
-        save_model(&model.valid(), &tmp.join("model"))?;
-        opt.save(&tmp.join("optimizer"))?;
-        std::fs::write(tmp.join("state.json"), serde_json::to_vec(state)?)?;
-        let (cur, old) = (self.root.join("ckpt"), self.root.join("ckpt.old"));
-        let _ = std::fs::remove_dir_all(&old);
-        if cur.exists() {
-            std::fs::rename(&cur, &old)?;
-        }
-        std::fs::rename(&tmp, &cur)?;
-        let _ = std::fs::remove_dir_all(&old);
-        Ok(())
     }
 }
