@@ -11,12 +11,15 @@ pub mod checkpoint;
 pub mod cli;
 pub mod cot_generate;
 pub mod dedupe;
+pub mod eval;
 pub mod eval_math;
 pub mod grpo;
 pub mod grpo_math;
 pub mod init_model;
 pub mod mix;
+pub mod rejection_filter;
 pub mod rewards;
+pub mod sampling;
 pub mod sft;
 pub mod tables;
 pub mod tasks;
@@ -27,9 +30,11 @@ use dagrun_engine::Registry;
 pub fn registry() -> Registry {
     let mut r = Registry::new();
     r.add(cot_generate::CotGenerate);
+    r.add(eval::Eval);
     r.add(grpo::Grpo);
     r.add(init_model::InitModel);
     r.add(mix::Mix);
+    r.add(rejection_filter::RejectionFilter);
     r.add(sft::Sft);
     r
 }

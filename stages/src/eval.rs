@@ -1,0 +1,262 @@
+//! Stage kind `eval`: every model on held-out problems, measured the way DeepSeek-R1 reports.
+//!
+//! Per model and problem: one greedy completion (`correct`) and `k` samples at `temperature` /
+//! `top_p` (`pass1` = the share of samples that verify, `passk` = unbiased pass@k, `majk` =
+//! whether the majority answer verifies), the share of samples in the R1 format and their mean
+//! length. The summary table (per model, then per task family and difficulty) is the stage's
+//! report. Sampling seeds depend on the stage seed and the problem chunk only, so every model
+//! is evaluated with the same random streams. Results are checkpointed per model and chunk of
+//! [`CHUNK`] problems in the resume directory.
+
+use std::collections::{BTreeMap, HashMap};
+use std::fmt::Write as _;
+use std::path::PathBuf;
+
+use anyhow::bail;
+use burn::tensor::backend::AutodiffBackend;
+use dagrun_engine::dataset::read_parquet;
+use dagrun_engine::kind::{ArtifactType, KindSpec, ParamSpec, ParamType, PortSpec, StageContext, StageKind};
+use dagrun_engine::Progress;
+use dagrun_model::device::{run_on, BackendTask, DeviceSpec};
+use dagrun_model::generate::SamplingParams;
+use dagrun_model::load_model;
+use serde_json::json;
+
+use crate::chat::ChatFormat;
+use crate::eval_math::{estimate, majority_vote, mean, pass_at_k};
+use crate::sampling::{mix_seed, prompts_of, sample_groups, Shards};
+use crate::tables::{eval_batch, read_eval, read_problems, EvalRow, ProblemRow};
+use crate::tasks;
+
+/// Problems per checkpoint shard (and per sampling seed).
+pub const CHUNK: usize = 32;
+
+pub struct Eval;
+
+impl StageKind for Eval {
+    fn spec(&self) -> KindSpec {
+        KindSpec {
+            name: "eval",
+            version: 1,
+            doc: "greedy accuracy, pass@1 over k samples, pass@k, maj@k, format rate and length of each model on held-out problems",
+            inputs: vec![
+                PortSpec::list("models", ArtifactType::Model, "the models to compare (named by the stage that made each)"),
+                PortSpec::one("problems", ArtifactType::Dataset(Some("problems")), "held-out problems"),
+            ],
+            outputs: vec![PortSpec::one("results", ArtifactType::Dataset(Some("eval")), "one row per model × problem")],
+            params: vec![
+                ParamSpec::new("k", ParamType::Int { min: 1, max: 4096 }, json!(8), "samples per problem for pass@1, pass@k and maj@k"),
+                ParamSpec::new("temperature", ParamType::Float { min: 0.0, max: 100.0 }, json!(0.6), "sampling temperature of the k samples"),
+                ParamSpec::new("top_p", ParamType::Float { min: 1e-6, max: 1.0 }, json!(0.95), "nucleus sampling of the k samples"),
+                ParamSpec::new("max_new_tokens", ParamType::Int { min: 1, max: 1_000_000 }, json!(256), "completion length limit"),
+                ParamSpec::unset("limit", ParamType::Int { min: 1, max: 100_000_000 }, "evaluate the first N problems only (unset: all)"),
+                ParamSpec::new("batch_size", ParamType::Int { min: 1, max: 65_536 }, json!(64), "sequences per generation call"),
+            ],
+            device_dependent: true,
+            variadic_inputs: false,
+        }
+    }
+
+    fn run(&self, ctx: &mut StageContext) -> anyhow::Result<()> {
+        let device: DeviceSpec = ctx.device.parse()?;
+        let mut problems = read_problems(&read_parquet(&ctx.input("problems")?.path)?.1)?;
+        if let Some(limit) = ctx.params.opt_i64("limit") {
+            problems.truncate(limit as usize);
+        }
+        if problems.is_empty() {
+            bail!("input `problems` has no rows to evaluate on");
+        }
+        let models = ctx.inputs("models").to_vec();
+        if models.is_empty() {
+            bail!("input `models` lists no model");
+        }
+        let p = &ctx.params;
+        let cfg = Config {
+            k: p.i64("k") as usize,
+            batch_size: p.i64("batch_size") as usize,
+            greedy: SamplingParams { temperature: 0.0, top_k: 0, top_p: 1.0, max_new_tokens: p.i64("max_new_tokens") as usize, stop_strings: vec![], seed: 0 },
+            sampled: SamplingParams { temperature: p.f64("temperature") as f32, top_k: 0, top_p: p.f64("top_p") as f32, max_new_tokens: p.i64("max_new_tokens") as usize, stop_strings: vec![], seed: ctx.seed },
+        };
+        let n_chunks = problems.len().div_ceil(CHUNK);
+        let progress = ctx.progress((models.len() * problems.len()) as u64, "problems");
+        let mut names: Vec<String> = Vec::new();
+        let mut rows = Vec::with_capacity(models.len() * problems.len());
+        let mut resumed = false;
+        for (m, artifact) in models.iter().enumerate() {
+            // The same model listed twice gets a distinct name.
+            let name = if names.contains(&artifact.producer) { format!("{}#{}", artifact.producer, m + 1) } else { artifact.producer.clone() };
+            names.push(name.clone());
+            let shards = Shards::new(&ctx.resume_dir().join(format!("model-{m:03}")))?;
+            let missing: Vec<usize> = (0..n_chunks).filter(|&c| !shards.exists(c)).collect();
+            resumed |= missing.len() < n_chunks;
+            let chunk_len = |c: usize| ((c + 1) * CHUNK).min(problems.len()) - c * CHUNK;
+            progress.inc((0..n_chunks).filter(|c| !missing.contains(c)).map(chunk_len).sum::<usize>() as u64);
+            if !missing.is_empty() {
+                ctx.info(format!("evaluating `{name}` on {} problems", problems.len()));
+                let task = EvalTask { model_dir: artifact.path.clone(), name: name.clone(), problems: &problems, chunks: missing, shards: &shards, cfg: &cfg, progress: &progress };
+                run_on(&device, task)?;
+            }
+            for c in 0..n_chunks {
+                let Some(batches) = shards.load(c)? else { bail!("checkpoint shard {c} of model `{name}` is missing") };
+                rows.extend(read_eval(&batches)?);
+            }
+        }
+        if resumed {
+            ctx.mark_resumed();
+            ctx.info("resumed from checkpointed chunks");
+        }
+        ctx.write_dataset("results", &[eval_batch(&rows)?])?;
+        let report = summary(&rows, &names, &cfg);
+        ctx.set_report(report);
+        Ok(())
+    }
+}
+
+struct Config {
+    k: usize,
+    batch_size: usize,
+    greedy: SamplingParams,
+    sampled: SamplingParams,
+}
+
+struct EvalTask<'a> {
+    model_dir: PathBuf,
+    name: String,
+    problems: &'a [ProblemRow],
+    chunks: Vec<usize>,
+    shards: &'a Shards,
+    cfg: &'a Config,
+    progress: &'a Progress,
+}
+
+impl BackendTask for EvalTask<'_> {
+    type Output = ();
+
+    fn run<B: AutodiffBackend>(self, device: B::Device) -> anyhow::Result<()> {
+        let model = load_model::<B::InnerBackend>(&self.model_dir, &device)?;
+        let format = ChatFormat::load(&self.model_dir)?;
+        let cfg = self.cfg;
+        let (mut seen, mut correct) = (0.0, 0.0);
+        for c in self.chunks {
+            let chunk = &self.problems[c * CHUNK..((c + 1) * CHUNK).min(self.problems.len())];
+            let prompts = prompts_of(&format, chunk)?;
+            let greedy = sample_groups(&model, &format, &prompts, 1, &cfg.greedy, cfg.batch_size, |_| {})?;
+            let sampled_params = SamplingParams { seed: mix_seed(cfg.sampled.seed, &[c as u64]), ..cfg.sampled.clone() };
+            let sampled = sample_groups(&model, &format, &prompts, cfg.k, &sampled_params, cfg.batch_size, |_| {})?;
+            let mut rows = Vec::with_capacity(chunk.len());
+            for ((problem, greedy), samples) in chunk.iter().zip(greedy).zip(sampled) {
+                let g = &greedy[0];
+                let texts: Vec<&str> = samples.iter().map(|s| s.text.as_str()).collect();
+                let n_correct = texts.iter().filter(|t| tasks::verify(&problem.task, &problem.answer, t)).count();
+                let k = texts.len();
+                rows.push(EvalRow {
+                    model: self.name.clone(),
+                    id: problem.id.clone(),
+                    task: problem.task.clone(),
+                    difficulty: problem.difficulty,
+                    correct: tasks::verify(&problem.task, &problem.answer, &g.text),
+                    pass1: n_correct as f64 / k as f64,
+                    k: k as i32,
+                    n_correct: n_correct as i32,
+                    passk: pass_at_k(k, n_correct, k).unwrap_or(0.0),
+                    majk: majority_vote(&problem.task, &problem.answer, &texts).correct,
+                    format: texts.iter().filter(|t| tasks::has_format(t)).count() as f64 / k as f64,
+                    length: samples.iter().map(|s| s.token_ids.len() as f64).sum::<f64>() / k as f64,
+                    greedy_answer: tasks::extract_answer(&problem.task, &g.text).unwrap_or_default(),
+                    greedy_format: tasks::has_format(&g.text),
+                    greedy_length: g.token_ids.len() as i32,
+                    greedy_completion: g.text.clone(),
+                });
+            }
+            seen += rows.len() as f64;
+            correct += rows.iter().map(|r| r.pass1).sum::<f64>();
+            self.shards.save(c, &eval_batch(&rows)?)?;
+            self.progress.inc(rows.len() as u64);
+            self.progress.set_message(&format!("{}: pass@1 {:.3}", self.name, correct / seen));
+        }
+        Ok(())
+    }
+}
+
+/// Means of one group of rows, as the summary prints them.
+struct Figures {
+    n: usize,
+    greedy: String,
+    pass1: String,
+    passk: f64,
+    majk: f64,
+    format: f64,
+    length: f64,
+}
+
+fn figures(rows: &[&EvalRow]) -> Figures {
+    let of = |f: fn(&EvalRow) -> f64| rows.iter().map(|r| f(r)).collect::<Vec<f64>>();
+    let avg = |f: fn(&EvalRow) -> f64| mean(&of(f)).unwrap_or(f64::NAN);
+    Figures {
+        n: rows.len(),
+        greedy: show(of(|r| r.correct as u8 as f64), false),
+        pass1: show(of(|r| r.pass1), false),
+        passk: avg(|r| r.passk),
+        majk: avg(|r| r.majk as u8 as f64),
+        format: avg(|r| r.format),
+        length: avg(|r| r.length),
+    }
+}
+
+/// A mean ± its standard error (with a sign when `signed`), or a dash for no values.
+fn show(values: Vec<f64>, signed: bool) -> String {
+    match estimate(&values) {
+        Some(e) => {
+            let mean = if signed { format!("{:+.3}", e.mean) } else { format!("{:.3}", e.mean) };
+            match e.stderr {
+                Some(se) => format!("{mean} ± {se:.3}"),
+                None => mean,
+            }
+        }
+        None => "–".to_string(),
+    }
+}
+
+/// The Markdown report: one row per model, then per model, task family and difficulty.
+fn summary(rows: &[EvalRow], names: &[String], cfg: &Config) -> String {
+    let k = cfg.k;
+    let n_problems = rows.len() / names.len().max(1);
+    let mut out = String::new();
+    let _ = writeln!(
+        out,
+        "{n_problems} held-out problems; greedy accuracy; pass@1 = mean correctness of k = {k} samples at T = {}, top_p = {} (± standard error over problems); pass@{k} unbiased; maj@{k} majority vote; format = share of samples in the R1 format; length = mean sampled tokens.\n",
+        cfg.sampled.temperature, cfg.sampled.top_p
+    );
+    let _ = writeln!(out, "| model | n | greedy | pass@1 | pass@{k} | maj@{k} | format | length |");
+    let _ = writeln!(out, "|---|---:|---:|---:|---:|---:|---:|---:|");
+    for name in names {
+        let mine: Vec<&EvalRow> = rows.iter().filter(|r| &r.model == name).collect();
+        let f = figures(&mine);
+        let _ = writeln!(out, "| {name} | {} | {} | {} | {:.3} | {:.3} | {:.3} | {:.1} |", f.n, f.greedy, f.pass1, f.passk, f.majk, f.format, f.length);
+    }
+    if let Some((first, rest)) = names.split_first().filter(|(_, rest)| !rest.is_empty()) {
+        let _ = writeln!(out, "\nPaired differences from `{first}` over the same problems (± standard error of the per-problem differences):\n");
+        let _ = writeln!(out, "| model | Δ greedy | Δ pass@1 | Δ pass@{k} | Δ maj@{k} |");
+        let _ = writeln!(out, "|---|---:|---:|---:|---:|");
+        let base: HashMap<&str, &EvalRow> = rows.iter().filter(|r| &r.model == first).map(|r| (r.id.as_str(), r)).collect();
+        for name in rest {
+            let pairs: Vec<(&EvalRow, &EvalRow)> = rows.iter().filter(|r| &r.model == name).filter_map(|r| Some((r, *base.get(r.id.as_str())?))).collect();
+            let delta = |f: fn(&EvalRow) -> f64| show(pairs.iter().map(|(a, b)| f(a) - f(b)).collect(), true);
+            let _ = writeln!(out, "| {name} | {} | {} | {} | {} |", delta(|r| r.correct as u8 as f64), delta(|r| r.pass1), delta(|r| r.passk), delta(|r| r.majk as u8 as f64));
+        }
+    }
+    let _ = writeln!(out, "\nBy task family and difficulty:\n");
+    let _ = writeln!(out, "| model | task | difficulty | n | greedy | pass@1 | pass@{k} | maj@{k} | format |");
+    let _ = writeln!(out, "|---|---|---:|---:|---:|---:|---:|---:|---:|");
+    for name in names {
+        let mut groups: BTreeMap<(&str, i32), Vec<&EvalRow>> = BTreeMap::new();
+        for r in rows.iter().filter(|r| &r.model == name) {
+            groups.entry((r.task.as_str(), r.difficulty)).or_default().push(r);
+        }
+        for ((task, difficulty), group) in groups {
+            let f = figures(&group);
+            let _ = writeln!(out, "| {name} | {task} | {difficulty} | {} | {} | {} | {:.3} | {:.3} | {:.3} |", f.n, f.greedy, f.pass1, f.passk, f.majk, f.format);
+        }
+    }
+    out
+}

@@ -1,0 +1,167 @@
+//! Sampling completions for problems, shared by the stages that generate (`eval`,
+//! `rejection_filter`, `grpo`), and the chunked checkpoints they resume from.
+//!
+//! - [`sample_groups`]: `n` completions for each of many prompts, generated `batch_size`
+//!   sequences per call of the runtime's batched KV-cache [`generate`]. The result is grouped
+//!   per prompt and is a pure function of (model, prompts, n, params, batch_size): batch `b`
+//!   is sampled with seed [`mix_seed`]`(params.seed, [b])`.
+//! - [`prompts_of`]: problems → prompt ids in the model's chat format.
+//! - [`reward_set`]: a `rewards` weights param → a [`RewardSet`] tuned to `max_new_tokens`.
+//! - [`think_steps`]: the reasoning lines of a completion, for `dataset<chat>`'s `steps`.
+//! - [`Shards`]: numbered Parquet files in a resume directory, each written atomically, so a
+//!   killed stage redoes only the chunk it was in.
+//!
+//! Completions carry their token count (`token_ids.len()`, including the end-of-turn token when
+//! generation stopped on it) and `truncated`, which is what [`crate::rewards::Judged`] needs.
+
+use std::path::{Path, PathBuf};
+
+use anyhow::Context;
+use arrow::array::RecordBatch;
+use burn::tensor::backend::Backend;
+use dagrun_engine::dataset::{read_parquet, write_parquet};
+use dagrun_model::generate::{generate, Completion, SamplingParams};
+use dagrun_model::CausalLm;
+
+use crate::chat::ChatFormat;
+use crate::rewards::{RewardParams, RewardSet};
+use crate::tables::ProblemRow;
+
+/// The names of the reward functions of [`crate::rewards`], for a `rewards` weights param
+/// (`ParamType::Weights { keys: REWARD_NAMES }`).
+pub const REWARD_NAMES: &[&str] = &["correctness", "format", "steps", "length", "repetition"];
+
+/// A seed derived from `seed` and a path of indices (chunk, batch, …), independent for every
+/// distinct path.
+pub fn mix_seed(seed: u64, path: &[u64]) -> u64 {
+    let mut h = blake3::Hasher::new();
+    h.update(&seed.to_le_bytes());
+    for x in path {
+        h.update(&x.to_le_bytes());
+    }
+    u64::from_le_bytes(h.finalize().as_bytes()[..8].try_into().expect("8 bytes"))
+}
+
+/// The prompt ids of each problem's `prompt`, as a user turn of `format`.
+pub fn prompts_of(format: &ChatFormat, problems: &[ProblemRow]) -> anyhow::Result<Vec<Vec<u32>>> {
+    problems.iter().map(|p| format.prompt_ids(&p.prompt).with_context(|| format!("encoding the prompt of problem `{}`", p.id))).collect()
+}
+
+/// `n` completions for every prompt: `out[i][j]` is the `j`-th sample for `prompts[i]`.
+///
+/// The prompts are repeated `n` times each (prompt-major) and generated `batch_size`
+/// sequences per call; generation stops at `format.stop_ids` or `params.max_new_tokens`.
+/// Temperature 0 is greedy (then `n` copies are identical: ask for `n = 1`). `on_batch` is
+/// called with the number of sequences after each call (for progress bars).
+pub fn sample_groups<B: Backend>(
+    model: &CausalLm<B>,
+    format: &ChatFormat,
+    prompts: &[Vec<u32>],
+    n: usize,
+    params: &SamplingParams,
+    batch_size: usize,
+    mut on_batch: impl FnMut(usize),
+) -> anyhow::Result<Vec<Vec<Completion>>> {
+    let flat: Vec<(usize, &Vec<u32>)> = prompts.iter().enumerate().flat_map(|(i, p)| std::iter::repeat_n((i, p), n)).collect();
+    let mut groups: Vec<Vec<Completion>> = prompts.iter().map(|_| Vec::with_capacity(n)).collect();
+    for (b, batch) in flat.chunks(batch_size.max(1)).enumerate() {
+        let ids: Vec<Vec<u32>> = batch.iter().map(|(_, p)| (*p).clone()).collect();
+        let call = SamplingParams { seed: mix_seed(params.seed, &[b as u64]), ..params.clone() };
+        let completions = generate(model, Some(&format.tokenizer), &ids, &format.stop_ids, &call)?;
+        for ((i, _), c) in batch.iter().zip(completions) {
+            groups[*i].push(c);
+        }
+        on_batch(batch.len());
+    }
+    Ok(groups)
+}
+
+/// The rewards named in a `rewards` weights param, with the `length` reward's limit set to
+/// the stage's `max_new_tokens` (its soft zone is the last quarter, at most 64 tokens).
+pub fn reward_set(weights: &[(String, f64)], max_new_tokens: usize) -> anyhow::Result<RewardSet> {
+    let params = RewardParams {
+        max_completion_len: max_new_tokens,
+        soft_punish_cache: RewardParams::default().soft_punish_cache.min(max_new_tokens / 4),
+        ..RewardParams::default()
+    };
+    RewardSet::with_params(weights, params).map_err(|e| anyhow::anyhow!("param `rewards`: {e}"))
+}
+
+/// The non-blank lines inside a completion's first `<think>…</think>` block, trimmed; none
+/// when there is no closed block.
+pub fn think_steps(completion: &str) -> Vec<String> {
+    let Some((_, rest)) = completion.split_once("<think>") else { return Vec::new() };
+    let Some((inside, _)) = rest.split_once("</think>") else { return Vec::new() };
+    inside.lines().map(str::trim).filter(|l| !l.is_empty()).map(str::to_string).collect()
+}
+
+/// Numbered Parquet checkpoints in a directory of a stage's resume directory. A shard exists
+/// whole or not at all (written to a temporary name, then renamed).
+pub struct Shards {
+    dir: PathBuf,
+}
+
+impl Shards {
+    pub fn new(dir: &Path) -> anyhow::Result<Shards> {
+        std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
+        Ok(Shards { dir: dir.to_path_buf() })
+    }
+
+    pub fn path(&self, index: usize) -> PathBuf {
+        self.dir.join(format!("shard-{index:05}.parquet"))
+    }
+
+    pub fn exists(&self, index: usize) -> bool {
+        self.path(index).is_file()
+    }
+
+    /// The batches of shard `index`, if it was written.
+    pub fn load(&self, index: usize) -> anyhow::Result<Option<Vec<RecordBatch>>> {
+        let path = self.path(index);
+        if !path.is_file() {
+            return Ok(None);
+        }
+        Ok(Some(read_parquet(&path)?.1))
+    }
+
+    pub fn save(&self, index: usize, batch: &RecordBatch) -> anyhow::Result<()> {
+        let path = self.path(index);
+        let tmp = path.with_extension("parquet.tmp");
+        write_parquet(&tmp, batch.schema(), std::slice::from_ref(batch), &[])?;
+        std::fs::rename(&tmp, &path).with_context(|| format!("cannot move {} into place", tmp.display()))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn think_steps_are_the_nonblank_lines_of_the_think_block() {
+        let c = "<think>\n7+5=12 carry 1\n\n 1+1=2 \n</think>\n<answer>22</answer>";
+        assert_eq!(think_steps(c), vec!["7+5=12 carry 1", "1+1=2"]);
+        assert!(think_steps("<think>\nunclosed").is_empty());
+        assert!(think_steps("<answer>3</answer>").is_empty());
+    }
+
+    #[test]
+    fn reward_names_are_the_reward_kinds() {
+        let kinds: Vec<&str> = crate::rewards::RewardKind::ALL.iter().map(|k| k.name()).collect();
+        assert_eq!(kinds, REWARD_NAMES);
+    }
+
+    #[test]
+    fn mixed_seeds_differ_by_path() {
+        assert_ne!(mix_seed(1, &[0]), mix_seed(1, &[1]));
+        assert_ne!(mix_seed(1, &[0]), mix_seed(2, &[0]));
+        assert_eq!(mix_seed(7, &[3, 4]), mix_seed(7, &[3, 4]));
+    }
+
+    #[test]
+    fn reward_set_fits_short_limits() {
+        let w = [("correctness".to_string(), 1.0), ("length".to_string(), 0.5)];
+        assert!(reward_set(&w, 16).is_ok());
+        assert_eq!(reward_set(&w, 256).unwrap().params().soft_punish_cache, 64);
+        assert!(reward_set(&[], 256).is_err());
+    }
+}

@@ -1,0 +1,207 @@
+//! The `eval` and `rejection_filter` stages on a tiny pipeline: the results follow the
+//! contract scripts read, the summary reaches `summary.md`, rejection-sampled chats verify,
+//! and a killed eval resumes from its checkpointed chunks to the same results.
+
+mod common;
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use arrow::array::{Array, AsArray, RecordBatch};
+use arrow::datatypes::{Float64Type, Int32Type};
+use common::{object_path, Project};
+
+const PIPELINE: &str = "\
+seed: 1
+stages:
+  problems:
+    kind: cot_generate
+    params: { families: [arithmetic], difficulty: [1, 2], n_train: 800, n_test: 50 }
+  base:
+    kind: init_model
+    params: { preset: nano }
+  cold_start:
+    kind: sft
+    inputs: { model: base, data: problems.cot }
+    params: { max_steps: 30, batch_size: 16, lr: 3e-3, log_every: 10, checkpoint_every: 100 }
+  eval:
+    kind: eval
+    inputs: { models: [base, cold_start], problems: problems.test }
+    params: { k: 2, limit: 20, max_new_tokens: 96 }
+  filter:
+    kind: rejection_filter
+    inputs: { model: cold_start, problems: problems.train }
+    params: { num_samples: 2, limit: 20, max_new_tokens: 96, rewards: { correctness: 1.0 }, min_reward: 1.0 }
+  refilter:
+    kind: rejection_filter
+    inputs: { samples: filter.samples }
+    params: { rewards: { correctness: 1.0, format: 0.5 }, min_reward: 0.0, keep: best }
+";
+
+fn batches(cache: &Path, digest: &str) -> Vec<RecordBatch> {
+    let file = std::fs::File::open(object_path(cache, digest)).unwrap();
+    let reader = parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder::try_new(file).unwrap().build().unwrap();
+    reader.map(Result::unwrap).collect()
+}
+
+fn strings(b: &RecordBatch, name: &str) -> Vec<String> {
+    let a = b.column_by_name(name).unwrap_or_else(|| panic!("no column {name}")).as_string::<i32>();
+    (0..a.len()).map(|i| a.value(i).to_string()).collect()
+}
+
+fn floats(b: &RecordBatch, name: &str) -> Vec<f64> {
+    b.column_by_name(name).unwrap_or_else(|| panic!("no column {name}")).as_primitive::<Float64Type>().values().to_vec()
+}
+
+/// (user, assistant, answer, task) of every chat row.
+fn chats(cache: &Path, digest: &str) -> Vec<(String, String, String, String)> {
+    let mut out = Vec::new();
+    for b in batches(cache, digest) {
+        let (answers, tasks) = (strings(&b, "answer"), strings(&b, "task"));
+        let messages = b.column_by_name("messages").unwrap().as_list::<i32>();
+        for i in 0..b.num_rows() {
+            let m = messages.value(i);
+            let m = m.as_struct();
+            let content = m.column_by_name("content").unwrap().as_string::<i32>();
+            assert_eq!(m.len(), 2);
+            out.push((content.value(0).to_string(), content.value(1).to_string(), answers[i].clone(), tasks[i].clone()));
+        }
+    }
+    out
+}
+
+#[test]
+fn eval_and_rejection_filter_on_a_tiny_pipeline() {
+    let started = Instant::now();
+    let p = Project::new("eval");
+    p.write("p.yaml", PIPELINE);
+    let run = p.run("p.yaml", &[]);
+    let cache = p.cache();
+
+    // eval: one row per model × problem, with the contract columns.
+    let results = batches(&cache, &run.output("eval", "results"));
+    let mut per_model: BTreeMap<String, BTreeSet<String>> = BTreeMap::new();
+    let mut rows = 0;
+    for b in &results {
+        let (models, ids) = (strings(b, "model"), strings(b, "id"));
+        let tasks = strings(b, "task");
+        let correct = b.column_by_name("correct").unwrap().as_boolean();
+        let difficulty = b.column_by_name("difficulty").unwrap().as_primitive::<Int32Type>();
+        let (pass1, passk) = (floats(b, "pass1"), floats(b, "passk"));
+        for i in 0..b.num_rows() {
+            assert!(per_model.entry(models[i].clone()).or_default().insert(ids[i].clone()), "duplicate row {} {}", models[i], ids[i]);
+            assert_eq!(tasks[i], "arithmetic");
+            assert!((1..=2).contains(&difficulty.value(i)));
+            assert!(!correct.is_null(i));
+            assert!((0.0..=1.0).contains(&pass1[i]), "pass1 {}", pass1[i]);
+            assert!(passk[i] >= pass1[i] - 1e-12, "pass@k below pass@1");
+        }
+        rows += b.num_rows();
+    }
+    assert_eq!(rows, 40);
+    assert_eq!(per_model.keys().cloned().collect::<Vec<_>>(), ["base", "cold_start"], "models are named by their stages");
+    assert!(per_model.values().all(|ids| ids.len() == 20));
+
+    // The summary is in the run's summary.md (and printed at the end of the run).
+    let summary = std::fs::read_to_string(cache.join("runs").join(run.0["run"].as_str().unwrap()).join("summary.md")).unwrap();
+    for needle in ["## eval", "| base |", "| cold_start |", "pass@1", "maj@2", "| cold_start | arithmetic | 2 |", "Paired differences from `base`", "## filter", "## refilter"] {
+        assert!(summary.contains(needle), "summary.md lacks {needle:?}:\n{summary}");
+    }
+
+    // rejection_filter: every completion is in `samples`; every kept chat verifies.
+    let samples = batches(&cache, &run.output("filter", "samples"));
+    assert_eq!(samples.iter().map(RecordBatch::num_rows).sum::<usize>(), 20 * 2);
+    let rewards: Vec<f64> = samples.iter().flat_map(|b| floats(b, "reward")).collect();
+    let passing = rewards.iter().filter(|&&r| r >= 1.0).count();
+    let kept = chats(&cache, &run.output("filter", "data"));
+    assert!(kept.len() <= passing, "{} kept of {passing} passing", kept.len());
+    for (user, assistant, answer, task) in &kept {
+        assert!(user.contains('='), "{user}");
+        assert!(dagrun_stages::tasks::verify(task, answer, assistant), "kept a wrong completion {assistant:?} for {user} = {answer}");
+    }
+
+    // Filtering the samples again with other rewards: one chat per problem (keep: best,
+    // min_reward 0 lets everything pass), the samples re-scored.
+    let again = chats(&cache, &run.output("refilter", "data"));
+    assert_eq!(again.len(), 20);
+    let rescored = batches(&cache, &run.output("refilter", "samples"));
+    assert_eq!(rescored.iter().map(RecordBatch::num_rows).sum::<usize>(), 40);
+    assert!(rescored.iter().flat_map(|b| floats(b, "reward")).all(|r| (0.0..=1.5).contains(&r)));
+    assert!(started.elapsed() < Duration::from_secs(60), "took {:?}", started.elapsed());
+}
+
+#[test]
+fn wiring_both_a_model_and_samples_is_a_clear_error() {
+    let p = Project::new("reject-wiring");
+    p.write(
+        "p.yaml",
+        "\
+stages:
+  problems:
+    kind: cot_generate
+    params: { n_train: 20, n_test: 5 }
+  base:
+    kind: init_model
+    params: { preset: nano }
+  first:
+    kind: rejection_filter
+    inputs: { model: base, problems: problems.test }
+    params: { num_samples: 1, max_new_tokens: 4 }
+  both:
+    kind: rejection_filter
+    inputs: { model: base, problems: problems.test, samples: first.samples }
+  neither:
+    kind: rejection_filter
+    inputs: {}
+",
+    );
+    let out = p.output(&["run", "p.yaml", "--keep-going"]);
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("wire either `model` (with `problems`) or `samples`, not both"), "{stderr}");
+    assert!(stderr.contains("needs `model` and `problems` to sample from, or an existing `samples` dataset"), "{stderr}");
+}
+
+const RESUME: &str = "\
+seed: 3
+stages:
+  problems:
+    kind: cot_generate
+    params: { families: [arithmetic], difficulty: [1, 2], n_train: 10, n_test: 96 }
+  base:
+    kind: init_model
+    params: { preset: nano }
+  eval:
+    kind: eval
+    inputs: { models: base, problems: problems.test }
+    params: { k: 2, max_new_tokens: 48 }
+";
+
+fn first_shard(cache: &Path) -> bool {
+    std::fs::read_dir(cache.join("resume")).map(|d| d.filter_map(|e| e.ok()).any(|e| e.path().join("model-000/shard-00000.parquet").is_file())).unwrap_or(false)
+}
+
+#[test]
+fn a_killed_eval_resumes_from_its_chunks_to_the_same_results() {
+    let whole = Project::new("eval-whole");
+    whole.write("p.yaml", RESUME);
+    let expected = whole.run("p.yaml", &[]);
+    assert_eq!(expected.stage("eval")["resumed"], false);
+
+    let p = Project::new("eval-killed");
+    p.write("p.yaml", RESUME);
+    let mut child = p.spawn(&["run", "p.yaml", "--json"]);
+    let deadline = Instant::now() + Duration::from_secs(120);
+    while !first_shard(&p.cache()) {
+        assert!(Instant::now() < deadline, "no checkpoint appeared");
+        assert!(child.try_wait().unwrap().is_none(), "the run finished before it could be killed");
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    unsafe { libc::kill(child.id() as i32, libc::SIGKILL) };
+    child.wait().unwrap();
+    let resumed = p.run("p.yaml", &[]);
+    assert_eq!(resumed.status("eval"), "ran");
+    assert_eq!(resumed.stage("eval")["resumed"], true);
+    assert_eq!(resumed.output("eval", "results"), expected.output("eval", "results"), "eval is deterministic across a resume");
+}
