@@ -194,15 +194,15 @@ impl ModelConfig {
         ensure!(self.intermediate_size > 0, "intermediate_size must be > 0");
         ensure!(self.num_attention_heads > 0, "num_attention_heads must be > 0");
         ensure!(
-            self.head_dim.is_some() || self.hidden_size % self.num_attention_heads == 0,
+            self.head_dim.is_some() || self.hidden_size.is_multiple_of(self.num_attention_heads),
             "hidden_size {} is not divisible by num_attention_heads {} (and no head_dim given)",
             self.hidden_size,
             self.num_attention_heads
         );
-        ensure!(self.head_dim() % 2 == 0, "head_dim {} must be even for rotary embeddings", self.head_dim());
+        ensure!(self.head_dim().is_multiple_of(2), "head_dim {} must be even for rotary embeddings", self.head_dim());
         let kv = self.num_kv_heads();
         ensure!(
-            kv > 0 && self.num_attention_heads % kv == 0,
+            kv > 0 && self.num_attention_heads.is_multiple_of(kv),
             "num_attention_heads {} is not a multiple of num_key_value_heads {kv}",
             self.num_attention_heads
         );

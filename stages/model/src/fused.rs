@@ -123,6 +123,157 @@ macro_rules! register {
     };
 }
 
+// ---- RoPE -----------------------------------------------------------------------------------
+
+/// Host copies of the rotary tables `[tokens, d/2]`, for the fused path.
+#[derive(Debug, Clone)]
+pub struct RopeHost {
+    pub cos: Arc<Vec<f32>>,
+    pub sin: Arc<Vec<f32>>,
+    pub half: usize,
+}
+
+/// Rotate-half RoPE on `x` `[tokens, heads·d]`; `plain` computes the same with burn ops.
+pub fn rope<B: Backend>(x: Tensor<B, 2>, host: &RopeHost, plain: impl FnOnce(Tensor<B, 2>) -> Tensor<B, 2>) -> Tensor<B, 2> {
+    match path::<B>() {
+        Path::Flex => {
+            let x = flex_of(cast::<_, Tensor<Flex, 2>>(x).ok().unwrap());
+            let y = kernels::rope(&values(&x), &host.cos, &host.sin, host.half, 1.0);
+            back(wrap::<2>(flex_new(y, shape_of(&x))))
+        }
+        Path::AutodiffFlex => {
+            let x = ad_parts(cast::<_, Tensor<Ad, 2>>(x).ok().unwrap());
+            let y = flex_new(kernels::rope(&values(&x.primitive), &host.cos, &host.sin, host.half, 1.0), shape_of(&x.primitive));
+            let out = match RopeBackward.prepare::<NoCheckpointing>([x.node.clone()]).compute_bound().stateful() {
+                OpsKind::Tracked(prep) => prep.finish(host.clone(), y),
+                OpsKind::UnTracked(prep) => prep.finish(y),
+            };
+            back(ad_wrap::<2>(out))
+        }
+        Path::Plain => plain(x),
+    }
+}
+
+#[derive(Debug)]
+struct RopeBackward;
+
+impl Backward<Flex, 1> for RopeBackward {
+    type State = RopeHost;
+
+    fn backward(self, ops: Ops<Self::State, 1>, grads: &mut Gradients, _: &mut Checkpointer) {
+        let dy = grads.consume::<Flex>(&ops.node);
+        let host = ops.state;
+        // RoPE is a rotation: its gradient is the inverse rotation of the output gradient.
+        let dx = kernels::rope(&values(&dy), &host.cos, &host.sin, host.half, -1.0);
+        let [px] = ops.parents;
+        register!(grads, px, flex_new(dx, shape_of(&dy)));
+    }
+}
+
+// ---- attention ------------------------------------------------------------------------------
+
+pub use crate::attention_kernel::AttnShape;
+
+/// Multi-head attention on projections in their natural layout: `q` `[b·t, heads·d]` (RoPE
+/// applied), `k`, `v` `[b·tk, kv_heads·d]`, `bias` `[b, 1, t, tk]` → `[b·t, heads·d]`. `plain`
+/// computes the same with burn ops (used off the CPU backend).
+pub fn attention<B: Backend>(
+    q: Tensor<B, 2>,
+    k: Tensor<B, 2>,
+    v: Tensor<B, 2>,
+    bias: Option<Tensor<B, 4>>,
+    shape: AttnShape,
+    plain: impl FnOnce(Tensor<B, 2>, Tensor<B, 2>, Tensor<B, 2>, Option<Tensor<B, 4>>) -> Tensor<B, 2>,
+) -> Tensor<B, 2> {
+    let out_shape = vec![shape.batch * shape.queries, shape.heads * shape.head_dim];
+    match path::<B>() {
+        Path::Flex => {
+            let [q, k, v] = [q, k, v].map(|t| flex_of(cast::<_, Tensor<Flex, 2>>(t).ok().unwrap()));
+            let bias = bias.map(|b| flex_of(cast::<_, Tensor<Flex, 4>>(b).ok().unwrap()));
+            let (out, _) = crate::attention_kernel::forward(&values(&q), &values(&k), &values(&v), bias.as_ref().map(values).as_deref(), shape);
+            back(wrap::<2>(flex_new(out, out_shape)))
+        }
+        Path::AutodiffFlex => {
+            let [q, k, v] = [q, k, v].map(|t| ad_parts(cast::<_, Tensor<Ad, 2>>(t).ok().unwrap()));
+            let bias = bias.map(|b| ad_parts(cast::<_, Tensor<Ad, 4>>(b).ok().unwrap()).primitive);
+            let bias_values = bias.as_ref().map(values);
+            let (out, probs) = crate::attention_kernel::forward(
+                &values(&q.primitive),
+                &values(&k.primitive),
+                &values(&v.primitive),
+                bias_values.as_deref(),
+                shape,
+            );
+            let out = flex_new(out, out_shape);
+            let nodes = [q.node.clone(), k.node.clone(), v.node.clone()];
+            let out = match AttentionBackward.prepare::<NoCheckpointing>(nodes).compute_bound().stateful() {
+                OpsKind::Tracked(prep) => {
+                    let probs = flex_new(probs, vec![probs_len(&shape)]);
+                    prep.finish((q.primitive, k.primitive, v.primitive, probs, shape), out)
+                }
+                OpsKind::UnTracked(prep) => prep.finish(out),
+            };
+            back(ad_wrap::<2>(out))
+        }
+        Path::Plain => plain(q, k, v, bias),
+    }
+}
+
+fn probs_len(s: &AttnShape) -> usize {
+    s.batch * s.heads * s.queries * s.keys
+}
+
+#[derive(Debug)]
+struct AttentionBackward;
+
+impl Backward<Flex, 3> for AttentionBackward {
+    type State = (FlexTensor, FlexTensor, FlexTensor, FlexTensor, AttnShape);
+
+    fn backward(self, ops: Ops<Self::State, 3>, grads: &mut Gradients, _: &mut Checkpointer) {
+        let dout = grads.consume::<Flex>(&ops.node);
+        let (q, k, v, probs, shape) = ops.state;
+        let (dq, dk, dv) =
+            crate::attention_kernel::backward(&values(&q), &values(&k), &values(&v), &values(&probs), &values(&dout), shape);
+        let [pq, pk, pv] = ops.parents;
+        register!(grads, pq, flex_new(dq, shape_of(&q)));
+        register!(grads, pk, flex_new(dk, shape_of(&k)));
+        register!(grads, pv, flex_new(dv, shape_of(&v)));
+    }
+}
+
+// ---- KV cache writes -----------------------------------------------------------------------
+
+/// Writes `values` `[b, heads, t, d]` into `cache` `[b, heads, capacity, d]` at columns
+/// `start..start+t`. On the CPU backend a uniquely owned cache is written in place (flex's
+/// `slice_assign` copies the whole destination first, which made decoding memory-bound).
+pub fn write_cache<B: Backend>(cache: Tensor<B, 4>, values: Tensor<B, 4>, start: usize) -> Tensor<B, 4> {
+    let [b, h, t, d] = values.dims();
+    if let Path::Flex = path::<B>() {
+        let mut c = flex_of(cast::<_, Tensor<Flex, 4>>(cache).ok().unwrap());
+        let v = flex_of(cast::<_, Tensor<Flex, 4>>(values).ok().unwrap());
+        let capacity = c.layout().shape()[2];
+        let plain = c.is_contiguous() && c.layout().start_offset() == 0;
+        if plain && let Some(dst) = c.try_storage_mut::<f32>() {
+            let src = values_of(&v);
+            for bh in 0..b * h {
+                for ti in 0..t {
+                    let from = (bh * t + ti) * d;
+                    let to = (bh * capacity + start + ti) * d;
+                    dst[to..to + d].copy_from_slice(&src[from..from + d]);
+                }
+            }
+            return back(wrap::<4>(c));
+        }
+        let (cache, values) = (wrap::<4>(c), wrap::<4>(v));
+        return back(cache.slice_assign([0..b, 0..h, start..start + t, 0..d], values));
+    }
+    cache.slice_assign([0..b, 0..h, start..start + t, 0..d], values)
+}
+
+fn values_of(t: &FlexTensor) -> std::borrow::Cow<'_, [f32]> {
+    values(t)
+}
+
 // ---- SwiGLU ---------------------------------------------------------------------------------
 
 /// `silu(gate) · up`.
@@ -341,6 +492,17 @@ mod tests {
         runs
     }
 
+    trait PadCols {
+        fn pad_cols(self, width: usize) -> Self;
+    }
+    impl PadCols for Tensor<Flex, 2> {
+        /// Widens to `width` columns with zeros, so inputs of different widths share one test helper.
+        fn pad_cols(self, width: usize) -> Self {
+            let [rows, cols] = self.dims();
+            Tensor::cat(vec![self, Tensor::zeros([rows, width - cols], &Default::default())], 1)
+        }
+    }
+
     static MODE_LOCK: std::sync::Mutex<()> = std::sync::Mutex::new(());
 
     fn close(a: &[f32], b: &[f32], tol: f32) {
@@ -377,6 +539,56 @@ mod tests {
             (p * Tensor::from_inner(mix)).sum_dim(3).reshape([32])
         });
         close(&runs[0].0, &runs[1].0, 1e-5);
+        close(&runs[0].1, &runs[1].1, 1e-4);
+
+        // RoPE on 6 tokens × 2 heads × d=8, against a narrow/cat formulation.
+        let (tokens, half) = (6, 4);
+        let cos: Vec<f32> = (0..tokens * half).map(|i| (i as f32 * 0.3).cos()).collect();
+        let sin: Vec<f32> = (0..tokens * half).map(|i| (i as f32 * 0.3).sin()).collect();
+        let host = RopeHost { cos: Arc::new(cos.clone()), sin: Arc::new(sin.clone()), half };
+        let mix = r([tokens, 16]);
+        let runs = both(&[r([tokens, 16])], |x| {
+            let plain = |x: Tensor<Ad, 2>| {
+                let dev = Default::default();
+                let c = Tensor::<Ad, 3>::from_data(TensorData::new(cos.clone(), [tokens, 1, half]), &dev);
+                let s = Tensor::<Ad, 3>::from_data(TensorData::new(sin.clone(), [tokens, 1, half]), &dev);
+                let x = x.reshape([tokens, 2, 2 * half]);
+                let (a, b) = (x.clone().narrow(2, 0, half), x.narrow(2, half, half));
+                let y = Tensor::cat(vec![a.clone() * c.clone() - b.clone() * s.clone(), b * c + a * s], 2);
+                y.reshape([tokens, 16])
+            };
+            (rope(x[0].clone(), &host, plain) * Tensor::from_inner(mix.clone())).sum_dim(1).reshape([tokens])
+        });
+        close(&runs[0].0, &runs[1].0, 1e-5);
+        close(&runs[0].1, &runs[1].1, 1e-4);
+
+        // Attention with GQA (4 query heads on 2 KV heads) and a padding/causal bias, against the
+        // tensor-op formulation.
+        let (bt, t, h, kvh, dd) = (2, 5, 4, 2, 8);
+        let bias: Vec<f32> = (0..bt * t * t)
+            .map(|i| {
+                let (row, q, k) = (i / (t * t), (i / t) % t, i % t);
+                if k > q || (row == 1 && k == 0) { -1e9 } else { 0.0 }
+            })
+            .collect();
+        let bias = Tensor::<Flex, 4>::from_data(TensorData::new(bias, [bt, 1, t, t]), &d);
+        let shape = AttnShape { batch: bt, queries: t, keys: t, heads: h, kv_heads: kvh, head_dim: dd, scale: 0.35 };
+        let mix = r([bt * t, h * dd]);
+        let runs = both(&[r([bt * t, h * dd]), r([bt * t, kvh * dd]).pad_cols(h * dd), r([bt * t, kvh * dd]).pad_cols(h * dd)], |x| {
+            let k = x[1].clone().narrow(1, 0, kvh * dd);
+            let v = x[2].clone().narrow(1, 0, kvh * dd);
+            let plain = |q: Tensor<Ad, 2>, k: Tensor<Ad, 2>, v: Tensor<Ad, 2>, bias: Option<Tensor<Ad, 4>>| {
+                let split = |y: Tensor<Ad, 2>, n: usize| y.reshape([bt, t, n, dd]).swap_dims(1, 2);
+                let (q, k, v) = (split(q, h), split(k, kvh), split(v, kvh));
+                let g = h / kvh;
+                let rep = |y: Tensor<Ad, 4>| y.unsqueeze_dim::<5>(2).repeat_dim(2, g).reshape([bt, h, t, dd]);
+                let scores = q.matmul(rep(k).transpose()).mul_scalar(0.35) + bias.unwrap().repeat_dim(1, h);
+                softmax(scores, 3).matmul(rep(v)).swap_dims(1, 2).reshape([bt * t, h * dd])
+            };
+            let bias = Tensor::<Ad, 4>::from_inner(bias.clone());
+            (attention(x[0].clone(), k, v, Some(bias), shape, plain) * Tensor::from_inner(mix.clone())).sum_dim(1).reshape([bt * t])
+        });
+        close(&runs[0].0, &runs[1].0, 1e-4);
         close(&runs[0].1, &runs[1].1, 1e-4);
 
         let targets: Vec<u32> = (0..16).map(|i| (i * 5 % 40) as u32).collect();

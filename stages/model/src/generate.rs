@@ -75,7 +75,9 @@ struct Row {
 }
 
 /// Generates a completion for every prompt (token ids). `tokenizer` decodes the text and is
-/// needed for stop strings; `eos_ids` end a sequence.
+/// needed for stop strings; `eos_ids` end a sequence. Pass an inference model: for a model being
+/// trained, `model.valid()` (generating on an autodiff backend would build graphs that are never
+/// back-propagated).
 pub fn generate<B: Backend>(
     model: &CausalLm<B>,
     tokenizer: Option<&Tokenizer>,

@@ -13,7 +13,8 @@ use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
 
 use crate::config::{ModelConfig, TokenIds};
-use crate::llama::CausalLm;
+use crate::init::transpose;
+use crate::llama::{CausalLm, is_linear_weight};
 use crate::lora::merge_lora;
 use crate::params::visit_params;
 
@@ -158,8 +159,14 @@ pub fn save_model<B: Backend>(model: &CausalLm<B>, dir: &Path) -> Result<()> {
     visit_params(&merged, |name, _, tensor, shape| {
         match tensor.into_data().to_vec::<f32>() {
             Ok(values) => {
+                // Linear weights live transposed in memory; checkpoints hold PyTorch's [out, in].
+                let (values, shape) = if is_linear_weight(name) && shape.len() == 2 {
+                    (transpose(&values, shape[0], shape[1]), vec![shape[1], shape[0]])
+                } else {
+                    (values, shape.to_vec())
+                };
                 let bytes = values.iter().flat_map(|v| v.to_le_bytes()).collect();
-                tensors.insert(name.to_string(), (shape.to_vec(), bytes));
+                tensors.insert(name.to_string(), (shape, bytes));
             }
             Err(e) => failure = Some(anyhow::anyhow!("reading parameter {name}: {e:?}")),
         }

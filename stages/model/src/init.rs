@@ -39,8 +39,12 @@ impl<B: Backend> Builder<'_, B> {
         Ok(Tensor::from_data(TensorData::new(data, shape), &self.device))
     }
 
+    /// Reads a `[out, in]` checkpoint weight and stores it transposed (see `llama::Linear`).
     fn linear(&mut self, name: &str, out: usize, inp: usize, bias: bool) -> Result<Linear<B>> {
-        let weight = self.tensor(&format!("{name}.weight"), [out, inp])?;
+        let key = format!("{name}.weight");
+        let data = self.source.tensor(&key, &[out, inp])?;
+        ensure!(data.len() == out * inp, "tensor {key}: got {} values for shape [{out}, {inp}]", data.len());
+        let weight = Tensor::from_data(TensorData::new(transpose(&data, out, inp), [inp, out]), &self.device);
         let bias = if bias { Some(self.tensor(&format!("{name}.bias"), [out])?) } else { None };
         Ok(Linear::new(weight, bias))
     }
@@ -108,6 +112,17 @@ impl<B: Backend> CausalLm<B> {
         };
         Self::from_source(config, &mut source, device).context("initialising model")
     }
+}
+
+/// Transposes a row-major `[rows, cols]` matrix.
+pub fn transpose(data: &[f32], rows: usize, cols: usize) -> Vec<f32> {
+    let mut out = vec![0f32; data.len()];
+    for r in 0..rows {
+        for c in 0..cols {
+            out[c * rows + r] = data[r * cols + c];
+        }
+    }
+    out
 }
 
 /// `n` samples of N(0, std²) by Box–Muller.

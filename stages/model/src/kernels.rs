@@ -65,6 +65,20 @@ fn for_rows(rows: usize, cols: usize, f: impl Fn(usize, usize) + Sync) {
     });
 }
 
+/// An output buffer every element of which the caller overwrites. It skips zero-filling:
+/// `calloc` of fresh pages plus a memset showed up as several percent of a training step.
+pub(crate) fn output(len: usize) -> Vec<f32> {
+    let mut v: Vec<f32> = Vec::with_capacity(len);
+    // SAFETY: f32 has no invalid bit patterns and every kernel writes each element before the
+    // buffer is read (each writes whole rows/chunks covering `0..len`; the attention kernels write
+    // every head's columns of every row).
+    #[allow(clippy::uninit_vec)]
+    unsafe {
+        v.set_len(len)
+    };
+    v
+}
+
 /// Hands out disjoint mutable row ranges of `out` to `for_rows` workers.
 struct RowsMut<'a> {
     ptr: *mut f32,
@@ -88,6 +102,38 @@ impl<'a> RowsMut<'a> {
 }
 
 multiversion! {
+    fn rope_row(x: &[f32], cos: &[f32], sin: &[f32], sign: f32, y: &mut [f32]) {
+        let half = cos.len();
+        for (xh, yh) in x.chunks_exact(2 * half).zip(y.chunks_exact_mut(2 * half)) {
+            let (a, b) = xh.split_at(half);
+            let (ya, yb) = yh.split_at_mut(half);
+            for j in 0..half {
+                let s = sign * sin[j];
+                ya[j] = a[j] * cos[j] - b[j] * s;
+                yb[j] = b[j] * cos[j] + a[j] * s;
+            }
+        }
+    }
+}
+
+/// Rotate-half RoPE on `x` `[tokens, heads·d]` with per-token tables `[tokens, d/2]`.
+/// `sign = -1` applies the inverse rotation, which is the backward pass.
+pub fn rope(x: &[f32], cos: &[f32], sin: &[f32], half: usize, sign: f32) -> Vec<f32> {
+    let tokens = cos.len() / half;
+    let width = x.len() / tokens.max(1);
+    let mut y = output(x.len());
+    let out = RowsMut::new(&mut y);
+    for_rows(tokens, width, |row, n| {
+        for r in row..row + n {
+            let (xs, ts) = (r * width, r * half);
+            // SAFETY: rows are disjoint across workers.
+            rope_row(&x[xs..xs + width], &cos[ts..ts + half], &sin[ts..ts + half], sign, unsafe { out.range(xs, width) });
+        }
+    });
+    y
+}
+
+multiversion! {
     fn swiglu_fwd_chunk(g: &[f32], u: &[f32], y: &mut [f32]) {
         for ((y, &g), &u) in y.iter_mut().zip(g).zip(u) {
             *y = g / (1.0 + exp_approx(-g)) * u;
@@ -108,7 +154,7 @@ multiversion! {
 
 /// `silu(g) · u`.
 pub fn swiglu_forward(g: &[f32], u: &[f32]) -> Vec<f32> {
-    let mut y = vec![0f32; g.len()];
+    let mut y = output(g.len());
     let out = RowsMut::new(&mut y);
     let chunk = 4096;
     for_rows(g.len().div_ceil(chunk), chunk, |row, n| {
@@ -121,8 +167,8 @@ pub fn swiglu_forward(g: &[f32], u: &[f32]) -> Vec<f32> {
 
 /// Gradients `(dg, du)` of `silu(g) · u`.
 pub fn swiglu_backward(g: &[f32], u: &[f32], dy: &[f32]) -> (Vec<f32>, Vec<f32>) {
-    let mut dg = vec![0f32; g.len()];
-    let mut du = vec![0f32; g.len()];
+    let mut dg = output(g.len());
+    let mut du = output(g.len());
     let (og, ou) = (RowsMut::new(&mut dg), RowsMut::new(&mut du));
     let chunk = 4096;
     for_rows(g.len().div_ceil(chunk), chunk, |row, n| {
@@ -163,7 +209,7 @@ multiversion! {
 /// `x · rsqrt(mean(x²) + eps) · w` over rows of length `w.len()`.
 pub fn rms_norm_forward(x: &[f32], w: &[f32], eps: f32) -> Vec<f32> {
     let cols = w.len();
-    let mut y = vec![0f32; x.len()];
+    let mut y = output(x.len());
     let out = RowsMut::new(&mut y);
     for_rows(x.len() / cols, cols, |row, n| {
         for r in row..row + n {
@@ -179,7 +225,7 @@ pub fn rms_norm_forward(x: &[f32], w: &[f32], eps: f32) -> Vec<f32> {
 pub fn rms_norm_backward(x: &[f32], w: &[f32], dy: &[f32], eps: f32) -> (Vec<f32>, Vec<f32>) {
     let cols = w.len();
     let rows = x.len() / cols;
-    let mut dx = vec![0f32; x.len()];
+    let mut dx = output(x.len());
     let out = RowsMut::new(&mut dx);
     let threads = if x.len() < PARALLEL_MIN { 1 } else { rayon::current_num_threads().max(1) };
     let per = rows.div_ceil(threads).max(1);
@@ -233,6 +279,31 @@ multiversion! {
 }
 
 multiversion! {
+    fn softmax_inplace_row(p: &mut [f32], bias: Option<&[f32]>) {
+        if let Some(b) = bias {
+            for (v, &b) in p.iter_mut().zip(b) {
+                *v += b;
+            }
+        }
+        let max = p.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+        let mut sum = 0f32;
+        for v in p.iter_mut() {
+            *v = exp_approx(*v - max);
+            sum += *v;
+        }
+        let inv = 1.0 / sum;
+        for v in p.iter_mut() {
+            *v *= inv;
+        }
+    }
+}
+
+/// `p ← softmax(p + bias)` on one row.
+pub fn softmax_inplace(p: &mut [f32], bias: Option<&[f32]>) {
+    softmax_inplace_row(p, bias);
+}
+
+multiversion! {
     fn softmax_bwd_row(p: &[f32], dp: &[f32], scale: f32, ds: &mut [f32]) {
         let mut dot = 0f32;
         for i in 0..p.len() {
@@ -247,7 +318,7 @@ multiversion! {
 /// `softmax(s · scale + bias)` over the last axis of `s` `[batch, heads, queries, keys]`, with
 /// `bias` `[batch, 1, queries, keys]` shared by the heads.
 pub fn softmax_forward(s: &[f32], bias: Option<&[f32]>, heads: usize, queries: usize, keys: usize, scale: f32) -> Vec<f32> {
-    let mut p = vec![0f32; s.len()];
+    let mut p = output(s.len());
     let out = RowsMut::new(&mut p);
     for_rows(s.len() / keys, keys, |row, n| {
         for r in row..row + n {
@@ -266,7 +337,7 @@ pub fn softmax_forward(s: &[f32], bias: Option<&[f32]>, heads: usize, queries: u
 
 /// Gradient of the scores given the softmax output `p` and its gradient `dp`.
 pub fn softmax_backward(p: &[f32], dp: &[f32], keys: usize, scale: f32) -> Vec<f32> {
-    let mut ds = vec![0f32; p.len()];
+    let mut ds = output(p.len());
     let out = RowsMut::new(&mut ds);
     for_rows(p.len() / keys, keys, |row, n| {
         for r in row..row + n {
@@ -321,7 +392,7 @@ pub fn token_logprobs_forward(logits: &[f32], vocab: usize, targets: &[u32]) -> 
 /// Gradient of the logits given the gradient `g` of each row's token log-prob.
 pub fn token_logprobs_backward(logits: &[f32], vocab: usize, targets: &[u32], g: &[f32]) -> Vec<f32> {
     let lse = log_sum_exp(logits, vocab);
-    let mut dx = vec![0f32; logits.len()];
+    let mut dx = output(logits.len());
     let out = RowsMut::new(&mut dx);
     for_rows(logits.len() / vocab, vocab, |row, n| {
         for r in row..row + n {

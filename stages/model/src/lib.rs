@@ -1,14 +1,29 @@
 //! dagrun's model runtime: a Hugging Face compatible Llama/Qwen2 decoder on burn, with its
 //! tokenizer, batched KV-cache generation, log-prob scoring, LoRA and training utilities.
 //!
-//! What it owns: the architecture (`llama`), its config (`config`), checkpoint directories in the
-//! transformers layout (`hf_dir`), tokenizers and chat templates (`tokenizer`), sampling
-//! (`generate`), scoring (`score`), LoRA (`lora`), AdamW with schedules and clipping (`optim`),
-//! backend selection (`device`) and the runtime benchmark (`bench`).
+//! What it owns: the architecture (`llama`), its config and presets (`config`), building and
+//! random init (`init`), checkpoint directories in the transformers layout (`hf_dir`), parameters
+//! by name (`params`), tokenizers and chat templates (`tokenizer`), sampling (`generate`),
+//! scoring (`score`), LoRA (`lora`), AdamW with schedules, clipping and accumulation (`optim`),
+//! backend selection (`device`), fused CPU kernels with a plain fallback (`fused`, `kernels`) and
+//! the runtime benchmark (`bench`).
+//!
+//! Typical use from a stage:
+//!
+//! ```ignore
+//! let model: CausalLm<B> = load_model(dir, &device)?;          // or CausalLm::init_random(&preset("tiny", v)?, seed, &device)?
+//! let tok = Tokenizer::load(dir)?;                              // or Tokenizer::char_level(alphabet, style, chat)?
+//! let outs = generate(&model.valid(), Some(&tok), &prompts, &tok.eos_ids, &params)?;
+//! let loss = score(&model, &items, pad, false)?.mean_nll();     // with gradients
+//! let mut acc = GradAccumulator::new(); acc.backward(loss, &model);
+//! let (model, stats) = opt.step(model, &mut acc, schedule.lr(step))?;
+//! save_model(&model, out_dir)?; tok.save(out_dir)?;
+//! ```
 //!
 //! What it does not own: pipelines, stages, artifacts or caching. It knows nothing about the DAG
 //! engine; stage code calls it with plain values and directories.
 
+mod attention_kernel;
 pub mod bench;
 pub mod config;
 pub mod device;
@@ -25,5 +40,11 @@ pub mod score;
 pub mod tokenizer;
 
 pub use config::{ModelConfig, preset};
+pub use device::{BackendTask, DeviceSpec, run_on};
+pub use generate::{Completion, SamplingParams, generate};
 pub use hf_dir::{GenerationConfig, load_model, save_model};
 pub use llama::{CausalLm, KvCache, TokenBatch};
+pub use lora::{LoraConfig, add_lora, merge_lora};
+pub use optim::{AdamW, AdamWConfig, GradAccumulator, LrSchedule};
+pub use score::{ScoreItem, score, score_frozen};
+pub use tokenizer::{ChatMessage, SpecialStyle, Tokenizer};

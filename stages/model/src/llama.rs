@@ -4,10 +4,13 @@
 //! module (`model.layers.0.self_attn.q_proj.weight`) is exactly its safetensors name; `params.rs`
 //! relies on that for loading, saving, optimizer state and LoRA.
 //!
-//! Linear weights are stored `[out, in]` like PyTorch and applied as `x · Wᵀ` (burn's matmul takes
-//! the transposed view without copying). Rotary embeddings use HF's rotate-half convention, and
+//! Linear weights are stored transposed, `[in, out]`, and applied as `x · W`: the CPU gemm packs
+//! a transposed view on every call, which made single-token decoding 7× slower. Checkpoint I/O
+//! transposes to and from PyTorch's `[out, in]` (see [`is_linear_weight`]). Rotary embeddings use HF's rotate-half convention, and
 //! the cos/sin tables are computed on the host per call (cheap, exact in f64, and lets dynamic NTK
 //! depend on the positions actually present, as transformers does).
+
+use std::sync::Arc;
 
 use anyhow::{Result, bail, ensure};
 use burn::module::{Module, Param};
@@ -22,23 +25,30 @@ use crate::lora::LoraAdapter;
 /// a row with every key masked (a left-pad query) gets a uniform softmax instead of NaN.
 const MASKED: f32 = -1.0e9;
 
-/// `y = x · Wᵀ + b`, optionally plus a LoRA update.
+/// Whether the tensor named `name` (transformers naming) is a linear weight, which this crate
+/// keeps transposed relative to the checkpoint.
+pub fn is_linear_weight(name: &str) -> bool {
+    name == "lm_head.weight" || name.ends_with("_proj.weight")
+}
+
+/// `y = x · W + b` (PyTorch's `x · Wᵀ + b` with `W` stored transposed), optionally plus LoRA.
 #[derive(Module, Debug)]
 pub struct Linear<B: Backend> {
-    /// `[out_features, in_features]`, as PyTorch stores it.
+    /// `[in_features, out_features]`: the transpose of PyTorch's layout.
     pub weight: Param<Tensor<B, 2>>,
     pub bias: Option<Param<Tensor<B, 1>>>,
     pub lora: Option<LoraAdapter<B>>,
 }
 
 impl<B: Backend> Linear<B> {
+    /// `weight` is `[in, out]`.
     pub fn new(weight: Tensor<B, 2>, bias: Option<Tensor<B, 1>>) -> Self {
         Linear { weight: Param::from_tensor(weight), bias: bias.map(Param::from_tensor), lora: None }
     }
 
     /// `x`: `[tokens, in]` → `[tokens, out]`.
     pub fn forward(&self, x: Tensor<B, 2>) -> Tensor<B, 2> {
-        let mut y = x.clone().matmul(self.weight.val().transpose());
+        let mut y = x.clone().matmul(self.weight.val());
         if let Some(bias) = &self.bias {
             y = y + bias.val().unsqueeze::<2>();
         }
@@ -49,6 +59,10 @@ impl<B: Backend> Linear<B> {
     }
 
     pub fn out_features(&self) -> usize {
+        self.weight.shape().dims::<2>()[1]
+    }
+
+    pub fn in_features(&self) -> usize {
         self.weight.shape().dims::<2>()[0]
     }
 }
@@ -314,14 +328,23 @@ impl Rope {
         let max_pos = positions.iter().copied().max().unwrap_or(0);
         let (inv_freq, scale) = self.inv_freq(max_pos);
         let inv_freq: Vec<f32> = inv_freq.iter().map(|&f| f as f32).collect();
-        let mut cos = Vec::with_capacity(positions.len() * inv_freq.len());
-        let mut sin = Vec::with_capacity(positions.len() * inv_freq.len());
+        let half = inv_freq.len();
+        // Rows of a batch share positions: compute each distinct position once.
+        let mut by_position: Vec<Option<(Vec<f32>, Vec<f32>)>> = vec![None; max_pos + 1];
+        let mut cos = Vec::with_capacity(positions.len() * half);
+        let mut sin = Vec::with_capacity(positions.len() * half);
         for &p in positions {
-            for &f in &inv_freq {
-                let angle = (f * p as f32) as f64;
-                cos.push((angle.cos() * scale) as f32);
-                sin.push((angle.sin() * scale) as f32);
-            }
+            let (c, s) = by_position[p].get_or_insert_with(|| {
+                inv_freq
+                    .iter()
+                    .map(|&f| {
+                        let angle = (f * p as f32) as f64;
+                        ((angle.cos() * scale) as f32, (angle.sin() * scale) as f32)
+                    })
+                    .unzip()
+            });
+            cos.extend_from_slice(c);
+            sin.extend_from_slice(s);
         }
         (cos, sin)
     }
@@ -382,24 +405,42 @@ impl<B: Backend> Attention<B> {
     fn forward(&self, x: Tensor<B, 2>, input: &StepInput<B>, cache: Option<(&mut Tensor<B, 4>, &mut Tensor<B, 4>, usize)>) -> Tensor<B, 2> {
         let (b, t) = (input.batch, input.seq);
         let (h, kvh, d) = (self.num_heads, self.num_kv_heads, self.head_dim);
-        // Rotary embeddings are applied in the projections' natural `[b, t, heads, d]` layout;
-        // the swap to `[b, heads, t, d]` is a strided view that the matmuls read directly.
-        let q = input.rope.apply(self.q_proj.forward(x.clone()), h).reshape([b, t, h, d]).swap_dims(1, 2);
-        let k = input.rope.apply(self.k_proj.forward(x.clone()), kvh).reshape([b, t, kvh, d]).swap_dims(1, 2);
-        let v = self.v_proj.forward(x).reshape([b, t, kvh, d]).swap_dims(1, 2);
-
-        let (k, v) = match cache {
-            None => (k, v),
+        let q = input.rope.apply(self.q_proj.forward(x.clone()), h);
+        let k = input.rope.apply(self.k_proj.forward(x.clone()), kvh);
+        let v = self.v_proj.forward(x);
+        let heads = move |y: Tensor<B, 2>, n: usize| y.reshape([b, t, n, d]).swap_dims(1, 2);
+        let out = match cache {
+            None => {
+                // Whole sequences: the fused kernel works on the projections' own layout.
+                let shape = fused::AttnShape {
+                    batch: b,
+                    queries: t,
+                    keys: t,
+                    heads: h,
+                    kv_heads: kvh,
+                    head_dim: d,
+                    scale: 1.0 / (d as f32).sqrt(),
+                };
+                fused::attention(q, k, v, input.bias.clone(), shape, |q, k, v, bias| {
+                    let out = attend(heads(q, h), heads(k, kvh), heads(v, kvh), bias, kvh);
+                    out.swap_dims(1, 2).reshape([b * t, h * d])
+                })
+            }
             Some((k_cache, v_cache, past)) => {
                 let cols = past..past + t;
-                *k_cache = k_cache.clone().slice_assign([0..b, 0..kvh, cols.clone(), 0..d], k);
-                *v_cache = v_cache.clone().slice_assign([0..b, 0..kvh, cols, 0..d], v);
+                // Move the cache out rather than cloning it: a uniquely owned tensor is written in
+                // place, a shared one would be copied whole on every token.
+                let device = k.device();
+                let placeholder = || Tensor::<B, 4>::empty([1, 1, 1, 1], &device);
+                *k_cache = fused::write_cache(std::mem::replace(k_cache, placeholder()), heads(k, kvh), cols.start);
+                *v_cache = fused::write_cache(std::mem::replace(v_cache, placeholder()), heads(v, kvh), cols.start);
                 let keys = past + t;
-                (k_cache.clone().slice([0..b, 0..kvh, 0..keys, 0..d]), v_cache.clone().slice([0..b, 0..kvh, 0..keys, 0..d]))
+                let k = k_cache.clone().slice([0..b, 0..kvh, 0..keys, 0..d]);
+                let v = v_cache.clone().slice([0..b, 0..kvh, 0..keys, 0..d]);
+                attend(heads(q, h), k, v, input.bias.clone(), kvh).swap_dims(1, 2).reshape([b * t, h * d])
             }
         };
-        let out = attend(q, k, v, input.bias.clone(), kvh);
-        self.o_proj.forward(out.swap_dims(1, 2).reshape([b * t, h * d]))
+        self.o_proj.forward(out)
     }
 }
 
@@ -411,6 +452,8 @@ pub struct RopeTables<B: Backend> {
     pub cos: Tensor<B, 3>,
     pub sin: Tensor<B, 3>,
     pub rotate: Tensor<B, 2>,
+    /// The same tables on the host, `[tokens, d/2]`, for the fused CPU kernel.
+    pub host: fused::RopeHost,
 }
 
 impl<B: Backend> RopeTables<B> {
@@ -433,11 +476,16 @@ impl<B: Backend> RopeTables<B> {
             cos: Tensor::from_data(TensorData::new(full(&cos_half), [tokens, 1, d]), device),
             sin: Tensor::from_data(TensorData::new(full(&sin_half), [tokens, 1, d]), device),
             rotate: Tensor::from_data(TensorData::new(rotate, [d, d]), device),
+            host: fused::RopeHost { cos: Arc::new(cos_half), sin: Arc::new(sin_half), half },
         }
     }
 
     /// RoPE on projections `[tokens, heads*d]`.
     pub fn apply(&self, x: Tensor<B, 2>, heads: usize) -> Tensor<B, 2> {
+        fused::rope(x, &self.host, |x| self.apply_plain(x, heads))
+    }
+
+    fn apply_plain(&self, x: Tensor<B, 2>, heads: usize) -> Tensor<B, 2> {
         let [tokens, width] = x.dims();
         let d = width / heads;
         let rotated = x.clone().reshape([tokens * heads, d]).matmul(self.rotate.clone()).reshape([tokens, heads, d]);

@@ -65,9 +65,9 @@ impl<B: Backend> LoraAdapter<B> {
         x.matmul(self.lora_a.val().transpose()).matmul(self.lora_b.val().transpose()).mul_scalar(self.scaling)
     }
 
-    /// `(alpha/r) · B A`, shaped like the base weight `[out, in]`.
+    /// `(alpha/r) · (B A)ᵀ`, shaped like the stored base weight `[in, out]`.
     pub fn merged_delta(&self) -> Tensor<B, 2> {
-        self.lora_b.val().matmul(self.lora_a.val()).mul_scalar(self.scaling)
+        self.lora_a.val().transpose().matmul(self.lora_b.val().transpose()).mul_scalar(self.scaling)
     }
 }
 
@@ -105,7 +105,7 @@ pub fn add_lora<B: Backend>(model: CausalLm<B>, config: &LoraConfig, seed: u64) 
             continue;
         }
         ensure!(linear.lora.is_none(), "{name} already has a LoRA adapter");
-        let [out, inp] = linear.weight.shape().dims::<2>();
+        let [inp, out] = linear.weight.shape().dims::<2>();
         let a = kaiming_uniform(config.rank, inp, &mut rng);
         let a = Tensor::from_data(TensorData::new(a, [config.rank, inp]), &device);
         let b = Tensor::zeros([out, config.rank], &device);

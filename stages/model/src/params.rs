@@ -6,9 +6,12 @@ use burn::module::{Module, ModuleMapper, ModuleVisitor, Param, ParamId};
 use burn::tensor::backend::Backend;
 use burn::tensor::Tensor;
 
+/// `f(name, id, flattened tensor, shape)`.
+type ParamFn<'a, B> = dyn FnMut(&str, ParamId, Tensor<B, 1>, &[usize]) + 'a;
+
 struct PathVisitor<'a, B: Backend> {
     path: Vec<String>,
-    f: &'a mut dyn FnMut(&str, ParamId, Tensor<B, 1>, &[usize]),
+    f: &'a mut ParamFn<'a, B>,
 }
 
 impl<B: Backend> ModuleVisitor<B> for PathVisitor<'_, B> {

@@ -127,10 +127,11 @@ impl Tokenizer {
             tok.chat_template = Some(std::fs::read_to_string(&jinja).with_context(|| format!("reading {}", jinja.display()))?);
         }
         let mut eos: Vec<u32> = tok.eos_token.as_deref().and_then(|t| tok.inner.token_to_id(t)).into_iter().collect();
-        if dir.join(CONFIG_FILE).exists() {
-            if let Ok(config) = ModelConfig::load(&dir.join(CONFIG_FILE)) {
-                eos.extend(config.eos_token_ids());
-            }
+        // A config.json this crate cannot build a model from may still name EOS ids.
+        if dir.join(CONFIG_FILE).exists()
+            && let Ok(config) = ModelConfig::load(&dir.join(CONFIG_FILE))
+        {
+            eos.extend(config.eos_token_ids());
         }
         if let Some(generation) = GenerationConfig::load(dir)? {
             eos.extend(generation.eos_token_id.as_ref().map(TokenIds::to_vec).unwrap_or_default());
@@ -159,6 +160,18 @@ impl Tokenizer {
         config.entry("tokenizer_class").or_insert(json!("PreTrainedTokenizerFast"));
         let path = dir.join(TOKENIZER_CONFIG_FILE);
         std::fs::write(&path, serde_json::to_string_pretty(&config)? + "\n").with_context(|| format!("writing {}", path.display()))
+    }
+
+    /// Copies this tokenizer's BOS/EOS/PAD ids into a model config (what `init_model` does
+    /// when it pairs a fresh model with a tokenizer, so saved `config.json` agrees with it).
+    pub fn set_special_ids(&self, config: &mut ModelConfig) {
+        config.bos_token_id = self.bos_id();
+        config.pad_token_id = self.pad_id();
+        config.eos_token_id = match self.eos_ids.as_slice() {
+            [] => None,
+            [one] => Some(TokenIds::One(*one)),
+            many => Some(TokenIds::Many(many.to_vec())),
+        };
     }
 
     pub fn vocab_size(&self) -> usize {

@@ -257,3 +257,59 @@ fn dagrun_saved_fixture_reloads() {
     eos.sort();
     assert_eq!(eos.len(), 2, "eos from tokenizer_config and config.json: {eos:?}");
 }
+
+/// Rewrites the llama fixture as two bf16 shards with an index, the layout big checkpoints
+/// use, and checks it loads with logits close to the f32 original.
+#[test]
+fn sharded_bf16_checkpoint_loads() {
+    use safetensors::tensor::TensorView;
+    let dir = fixtures().join("llama");
+    let out = std::env::temp_dir().join(format!("dagrun-shards-{}", std::process::id()));
+    std::fs::create_dir_all(&out).unwrap();
+    std::fs::copy(dir.join("config.json"), out.join("config.json")).unwrap();
+    let bytes = std::fs::read(dir.join("model.safetensors")).unwrap();
+    let st = SafeTensors::deserialize(&bytes).unwrap();
+    let mut names: Vec<String> = st.names().into_iter().map(String::from).collect();
+    names.sort();
+    let converted: Vec<(String, Vec<usize>, Vec<u8>)> = names
+        .iter()
+        .map(|name| {
+            let view = st.tensor(name).unwrap();
+            let bf16: Vec<u8> = view
+                .data()
+                .chunks_exact(4)
+                .flat_map(|c| half::bf16::from_f32(f32::from_le_bytes(c.try_into().unwrap())).to_le_bytes())
+                .collect();
+            (name.clone(), view.shape().to_vec(), bf16)
+        })
+        .collect();
+    let mut weight_map = serde_json::Map::new();
+    for (shard, part) in converted.chunks(converted.len().div_ceil(2)).enumerate() {
+        let file = format!("model-{:05}-of-00002.safetensors", shard + 1);
+        let views: Vec<(String, TensorView<'_>)> = part
+            .iter()
+            .map(|(n, shape, data)| (n.clone(), TensorView::new(safetensors::Dtype::BF16, shape.clone(), data).unwrap()))
+            .collect();
+        safetensors::serialize_to_file(views, None, &out.join(&file)).unwrap();
+        for (n, _, _) in part {
+            weight_map.insert(n.clone(), Value::from(file.clone()));
+        }
+    }
+    let index = serde_json::json!({ "metadata": {}, "weight_map": weight_map });
+    std::fs::write(out.join("model.safetensors.index.json"), index.to_string()).unwrap();
+
+    let batch = Reference::load(&dir, "reference").batch();
+    let original: CausalLm<B> = load_model(&dir, &Default::default()).unwrap();
+    let sharded: CausalLm<B> = load_model(&out, &Default::default()).unwrap();
+    let a = to_vec(original.forward(&batch).unwrap());
+    let b = to_vec(sharded.forward(&batch).unwrap());
+    let diff = a.iter().zip(&b).map(|(x, y)| (x - y).abs()).fold(0f32, f32::max);
+    let scale = a.iter().map(|x| x.abs()).fold(0f32, f32::max);
+    assert!(diff > 0.0 && diff < 0.05 * scale, "bf16 logits differ by {diff} (scale {scale})");
+
+    // A missing tensor is an error naming it.
+    std::fs::remove_file(out.join("model-00002-of-00002.safetensors")).unwrap();
+    let err = format!("{:#}", load_model::<B>(&out, &Default::default()).unwrap_err());
+    assert!(err.contains("model-00002-of-00002.safetensors"), "{err}");
+    std::fs::remove_dir_all(&out).ok();
+}
