@@ -30,10 +30,8 @@ use serde_json::json;
 use crate::chat::ChatFormat;
 use crate::checkpoint::{scalar, Checkpoint};
 use crate::grpo_math::{completion_mask, compute_advantages, entropy_bonus, grpo_loss, LossConfig, LossType, ScaleRewards};
-use crate::rewards::{Judged, RewardParams, RewardSet};
+use crate::rewards::{Judged, RewardSet};
 use crate::tables::{metrics_batch, read_problems, samples_batch, ProblemRow, SampleRow};
-
-const REWARDS: &[&str] = &["correctness", "format", "steps", "length", "repetition"];
 
 pub struct Grpo;
 
@@ -56,7 +54,7 @@ impl StageKind for Grpo {
                 ParamSpec::new("steps", ParamType::Int { min: 1, max: 10_000_000 }, json!(100), "generation rounds"),
                 ParamSpec::new("batch_prompts", ParamType::Int { min: 1, max: 65_536 }, json!(16), "problems per step"),
                 ParamSpec::new("group_size", ParamType::Int { min: 2, max: 1024 }, json!(8), "completions per problem"),
-                ParamSpec::new("rewards", ParamType::Weights { keys: REWARDS }, json!({"correctness": 1.0, "format": 0.1}), "weighted reward functions"),
+                ParamSpec::new("rewards", ParamType::Weights { keys: crate::sampling::REWARD_NAMES }, json!({"correctness": 1.0, "format": 0.1}), "weighted reward functions"),
                 ParamSpec::new("lr", ParamType::Float { min: 0.0, max: 10.0 }, json!(5e-5), "learning rate (constant after warmup)"),
                 ParamSpec::new("warmup_steps", ParamType::Int { min: 0, max: 10_000_000 }, json!(0), "optimizer steps of linear warmup"),
                 ParamSpec::new("beta", ParamType::Float { min: 0.0, max: 100.0 }, json!(0.0), "weight of the k3 KL to the reference"),
@@ -97,12 +95,9 @@ impl StageKind for Grpo {
         if problems.is_empty() {
             bail!("input `problems` is empty");
         }
-        let prompts = problems.iter().map(|p| format.prompt_ids(&p.prompt)).collect::<anyhow::Result<Vec<_>>>()?;
+        let prompts = crate::sampling::prompts_of(&format, &problems)?;
         let params = ctx.params.clone();
-        let max_new = params.i64("max_new_tokens") as usize;
-        // DAPO's soft overlong zone: the last quarter of the allowed length.
-        let reward_params = RewardParams { max_completion_len: max_new, soft_punish_cache: (max_new / 4).max(1), ..RewardParams::default() };
-        let rewards = RewardSet::with_params(&params.weights("rewards"), reward_params).map_err(|e| anyhow::anyhow!("param `rewards`: {e}"))?;
+        let rewards = crate::sampling::reward_set(&params.weights("rewards"), params.i64("max_new_tokens") as usize)?;
         let progress = ctx.progress(params.i64("steps") as u64, "steps");
         let task = GrpoTask {
             params,
