@@ -65,3 +65,23 @@ fn stages_lists_every_kind_with_ports_and_params() {
         assert!(text.contains(needle), "missing {needle:?} in\n{text}");
     }
 }
+
+#[test]
+fn the_shipped_pipelines_are_valid() {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("pipelines");
+    let cache = std::env::temp_dir().join(format!("dagrun-shipped-{}", std::process::id()));
+    for entry in std::fs::read_dir(&dir).unwrap() {
+        let path = entry.unwrap().path();
+        if path.extension().is_some_and(|e| e == "yaml") {
+            let out = std::process::Command::new(env!("CARGO_BIN_EXE_dagrun"))
+                .arg("plan")
+                .arg(&path)
+                .arg("--cache-dir")
+                .arg(&cache)
+                .output()
+                .unwrap();
+            assert!(out.status.success(), "{}: {}", path.display(), String::from_utf8_lossy(&out.stderr));
+        }
+    }
+    let _ = std::fs::remove_dir_all(&cache);
+}
