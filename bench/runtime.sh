@@ -16,9 +16,9 @@ if cargo build --release --quiet --bin dagrun 2>/dev/null && ./target/release/da
 else
     DAGRUN=(./target/release/examples/bench)   # until the CLI exposes `dagrun bench`
 fi
-# Alternate the two sides a few times and keep each one's best run: on a shared 2-core machine a
-# single run can be slowed by anything else that wakes up.
-RUNS="${RUNS:-3}"
+# Alternate the two sides a few times and report medians (and the median of the pairwise
+# ratios): on a shared 2-core machine a single run can be slowed by anything else that wakes up.
+RUNS="${RUNS:-5}"
 ours=()
 theirs=()
 for _ in $(seq "$RUNS"); do
@@ -30,11 +30,14 @@ python3 - "$PEAK_GFLOPS" "$RUNS" "${ours[@]}" "${theirs[@]}" <<'PY'
 import json, sys
 peak, runs = float(sys.argv[1]), int(sys.argv[2])
 rows = [json.loads(a) for a in sys.argv[3:]]
-best = lambda rs: {k: max(r[k] for r in rs) for k in ("train_tok_s", "gen_tok_s", "gflops")}
-ours, theirs = best(rows[:runs]), best(rows[runs:])
-print(f"best of {runs} alternating runs")
+from statistics import median
+keys = ("train_tok_s", "gen_tok_s", "gflops")
+med = lambda rs: {k: median(r[k] for r in rs) for k in keys}
+ours, theirs = med(rows[:runs]), med(rows[runs:])
+pair = {k: median(a[k] / b[k] for a, b in zip(rows[:runs], rows[runs:])) for k in keys}
+print(f"medians of {runs} alternating runs (ratio: median of the pairwise ratios)")
 print(f"{'':14}{'dagrun':>10}{'pytorch':>10}{'ratio':>8}")
 for key in ("train_tok_s", "gen_tok_s"):
-    print(f"{key:14}{ours[key]:10.0f}{theirs[key]:10.0f}{ours[key] / theirs[key]:8.2f}x")
+    print(f"{key:14}{ours[key]:10.0f}{theirs[key]:10.0f}{pair[key]:8.2f}x")
 print(f"{'gflops':14}{ours['gflops']:10.1f}{theirs['gflops']:10.1f}   ({100 * ours['gflops'] / peak:.0f}% of ~{peak:.0f} GFLOP/s peak)")
 PY
