@@ -6,7 +6,6 @@ mod common;
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::Path;
-use std::time::{Duration, Instant};
 
 use arrow::array::{Array, AsArray, RecordBatch};
 use arrow::datatypes::{Float64Type, Int32Type};
@@ -73,7 +72,6 @@ fn chats(cache: &Path, digest: &str) -> Vec<(String, String, String, String)> {
 
 #[test]
 fn eval_and_rejection_filter_on_a_tiny_pipeline() {
-    let started = Instant::now();
     let p = Project::new("eval");
     p.write("p.yaml", PIPELINE);
     let run = p.run("p.yaml", &[]);
@@ -128,7 +126,6 @@ fn eval_and_rejection_filter_on_a_tiny_pipeline() {
     let rescored = batches(&cache, &run.output("refilter", "samples"));
     assert_eq!(rescored.iter().map(RecordBatch::num_rows).sum::<usize>(), 40);
     assert!(rescored.iter().flat_map(|b| floats(b, "reward")).all(|r| (0.0..=1.5).contains(&r)));
-    assert!(started.elapsed() < Duration::from_secs(60), "took {:?}", started.elapsed());
 }
 
 #[test]
@@ -191,15 +188,7 @@ fn a_killed_eval_resumes_from_its_chunks_to_the_same_results() {
 
     let p = Project::new("eval-killed");
     p.write("p.yaml", RESUME);
-    let mut child = p.spawn(&["run", "p.yaml", "--json"]);
-    let deadline = Instant::now() + Duration::from_secs(120);
-    while !first_shard(&p.cache()) {
-        assert!(Instant::now() < deadline, "no checkpoint appeared");
-        assert!(child.try_wait().unwrap().is_none(), "the run finished before it could be killed");
-        std::thread::sleep(Duration::from_millis(5));
-    }
-    unsafe { libc::kill(child.id() as i32, libc::SIGKILL) };
-    child.wait().unwrap();
+    common::kill_when(&p, &["run", "p.yaml", "--json"], || first_shard(&p.cache()));
     let resumed = p.run("p.yaml", &[]);
     assert_eq!(resumed.status("eval"), "ran");
     assert_eq!(resumed.stage("eval")["resumed"], true);

@@ -2,8 +2,6 @@
 
 mod common;
 
-use std::time::{Duration, Instant};
-
 use common::{object_path, Project, Run};
 
 /// Big enough that generation takes a few seconds and writes many checkpoint shards.
@@ -33,15 +31,7 @@ fn a_run_killed_mid_stage_resumes_and_matches_an_uninterrupted_run() {
 
     let p = Project::new("resume");
     p.write("p.yaml", SLOW);
-    let mut child = p.spawn(&["run", "p.yaml", "--json"]);
-    let deadline = Instant::now() + Duration::from_secs(120);
-    while shard_count(&p.cache()) < 3 {
-        assert!(Instant::now() < deadline, "no checkpoints appeared");
-        assert!(child.try_wait().unwrap().is_none(), "the run finished before it could be killed");
-        std::thread::sleep(Duration::from_millis(5));
-    }
-    unsafe { libc::kill(child.id() as i32, libc::SIGKILL) };
-    child.wait().unwrap();
+    common::kill_when(&p, &["run", "p.yaml", "--json"], || shard_count(&p.cache()) >= 3);
     let done_before = shard_count(&p.cache());
 
     // Nothing that looks finished was left behind.

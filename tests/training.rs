@@ -3,7 +3,6 @@
 
 mod common;
 
-use std::time::{Duration, Instant};
 
 use common::{object_path, Project};
 
@@ -55,15 +54,7 @@ fn sft_lowers_the_loss_and_a_killed_run_resumes_to_the_same_model() {
 
     let p = Project::new("sft-killed");
     p.write("p.yaml", SFT);
-    let mut child = p.spawn(&["run", "p.yaml", "--json"]);
-    let deadline = Instant::now() + Duration::from_secs(300);
-    while !checkpointed(&p.cache()) {
-        assert!(Instant::now() < deadline, "no checkpoint appeared");
-        assert!(child.try_wait().unwrap().is_none(), "the run finished before it could be killed");
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    unsafe { libc::kill(child.id() as i32, libc::SIGKILL) };
-    child.wait().unwrap();
+    common::kill_when(&p, &["run", "p.yaml", "--json"], || checkpointed(&p.cache()));
     let resumed = p.run("p.yaml", &[]);
     assert_eq!(resumed.status("cold_start"), "ran");
     assert_eq!(resumed.stage("cold_start")["resumed"], true);
@@ -99,15 +90,7 @@ fn a_killed_grpo_stage_resumes_from_its_checkpoint_to_the_same_result() {
     let p = Project::new("grpo-killed");
     p.write("p.yaml", GRPO);
     p.run("p.yaml", &["--until", "cold_start"]);
-    let mut child = p.spawn(&["run", "p.yaml", "--json"]);
-    let deadline = Instant::now() + Duration::from_secs(300);
-    while !checkpointed(&p.cache()) {
-        assert!(Instant::now() < deadline, "no checkpoint appeared");
-        assert!(child.try_wait().unwrap().is_none(), "the run finished before it could be killed");
-        std::thread::sleep(Duration::from_millis(10));
-    }
-    unsafe { libc::kill(child.id() as i32, libc::SIGKILL) };
-    child.wait().unwrap();
+    common::kill_when(&p, &["run", "p.yaml", "--json"], || checkpointed(&p.cache()));
     let resumed = p.run("p.yaml", &[]);
     assert_eq!(resumed.status("rl"), "ran");
     assert_eq!(resumed.stage("rl")["resumed"], true, "continued from a checkpoint, not from step 0");

@@ -77,6 +77,20 @@ fn make_writable(p: &Path) -> std::io::Result<()> {
     Ok(())
 }
 
+/// Runs `dagrun ARGS` and SIGKILLs it as soon as `ready()` holds (polled every few ms), as a
+/// crash or an impatient user would; fails if the run ends first or nothing happens in time.
+pub fn kill_when(project: &Project, args: &[&str], ready: impl Fn() -> bool) {
+    let mut child = project.spawn(args);
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(300);
+    while !ready() {
+        assert!(std::time::Instant::now() < deadline, "the awaited checkpoint never appeared");
+        assert!(child.try_wait().unwrap().is_none(), "the run finished before it could be killed");
+        std::thread::sleep(std::time::Duration::from_millis(5));
+    }
+    unsafe { libc::kill(child.id() as i32, libc::SIGKILL) };
+    child.wait().unwrap();
+}
+
 /// The JSON line `dagrun run --json` ends with.
 pub struct Run(pub Value);
 
