@@ -20,7 +20,7 @@ mod store;
 
 pub use hash::{hash_dir, hash_file, hash_path, Digest};
 pub use lock::{Lock, LockMode};
-pub use store::{ActionRecord, GcReport, ObjectKind, ObjectRecord, Store, VerifyReport};
+pub use store::{write_json_atomic, ActionRecord, GcReport, ObjectKind, ObjectRecord, Store, VerifyReport};
 
 /// Errors of the store. I/O failures carry the path they happened on.
 #[derive(Debug, thiserror::Error)]

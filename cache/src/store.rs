@@ -348,7 +348,7 @@ fn read_json<T: serde::de::DeserializeOwned>(path: &Path) -> Result<T> {
 
 /// Writes JSON to a temporary file beside `path`, then renames it over `path`: readers see the
 /// old content or the new, never a part.
-pub(crate) fn write_json_atomic<T: Serialize>(path: &Path, value: &T) -> Result<()> {
+pub fn write_json_atomic<T: Serialize>(path: &Path, value: &T) -> Result<()> {
     let parent = path.parent().expect("record path has a parent");
     std::fs::create_dir_all(parent).at(parent)?;
     let tmp = parent.join(format!(

@@ -38,6 +38,14 @@ pub fn write_parquet(path: &Path, schema: SchemaRef, batches: &[RecordBatch], me
     Ok(())
 }
 
+/// Writes one batch to `path` so that the file exists whole or not at all (a temporary name,
+/// then a rename): for checkpoints that a killed stage must never find half-written.
+pub fn write_parquet_atomic(path: &Path, batch: &RecordBatch) -> anyhow::Result<()> {
+    let tmp = path.with_extension("parquet.tmp");
+    write_parquet(&tmp, batch.schema(), std::slice::from_ref(batch), &[])?;
+    std::fs::rename(&tmp, path).with_context(|| format!("cannot move {} into place", tmp.display()))
+}
+
 /// Reads every row of a Parquet file.
 pub fn read_parquet(path: &Path) -> anyhow::Result<(SchemaRef, Vec<RecordBatch>)> {
     let file = File::open(path).with_context(|| format!("cannot open {}", path.display()))?;

@@ -139,14 +139,9 @@ fn read_json<T: serde::de::DeserializeOwned>(path: &Path) -> Option<T> {
     serde_json::from_slice(&std::fs::read(path).ok()?).ok()
 }
 
-/// Atomic: written to a temporary file, then renamed.
-pub(crate) fn write_json<T: Serialize>(path: &Path, value: &T) -> anyhow::Result<()> {
-    let dir = path.parent().expect("record has a parent");
-    std::fs::create_dir_all(dir)?;
-    let tmp = dir.join(format!(".{}.tmp", std::process::id()));
-    std::fs::write(&tmp, serde_json::to_vec_pretty(value)?)?;
-    std::fs::rename(&tmp, path)?;
-    Ok(())
+/// Records are written like the cache's own: to a temporary file, then renamed.
+fn write_json<T: Serialize>(path: &Path, value: &T) -> anyhow::Result<()> {
+    Ok(dagrun_cache::write_json_atomic(path, value)?)
 }
 
 /// `YYYYMMDDTHHMMSS` in UTC, from days since the epoch (Howard Hinnant's civil-from-days).

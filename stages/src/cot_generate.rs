@@ -6,11 +6,9 @@
 //! one that never stopped.
 
 use std::collections::HashSet;
-use std::path::Path;
 
-use anyhow::{bail, Context};
-use arrow::array::RecordBatch;
-use dagrun_engine::dataset::{read_parquet, write_parquet};
+use anyhow::bail;
+use dagrun_engine::dataset::{read_parquet, write_parquet_atomic};
 use dagrun_engine::kind::{ArtifactType, KindSpec, ParamError, ParamSpec, ParamType, PortSpec, StageContext, StageKind};
 use dagrun_engine::Params;
 use rand::{Rng, SeedableRng};
@@ -82,7 +80,7 @@ impl StageKind for CotGenerate {
             crate::tables::read_problems(&read_parquet(&test_file)?.1)?
         } else {
             let test = plan.test_split(n_test)?;
-            atomic_write(&test_file, &problems_batch(&test.iter().map(|(p, _)| p.clone()).collect::<Vec<_>>())?)?;
+            write_parquet_atomic(&test_file, &problems_batch(&test.iter().map(|(p, _)| p.clone()).collect::<Vec<_>>())?)?;
             test.into_iter().map(|(p, _)| p).collect()
         };
         progress.inc(n_test as u64);
@@ -96,14 +94,17 @@ impl StageKind for CotGenerate {
             let rows = range.len() as u64;
             if problems_file.exists() && cot_file.exists() {
                 ctx.mark_resumed();
+                train_batches.extend(read_parquet(&problems_file)?.1);
+                cot_batches.extend(read_parquet(&cot_file)?.1);
             } else {
                 let (problems, chats) = plan.train_shard(range, &test_prompts)?;
+                let (problems, chats) = (problems_batch(&problems)?, chat_batch(&chats)?);
                 // The cot file first: a shard counts as done once its problems file exists.
-                atomic_write(&cot_file, &chat_batch(&chats)?)?;
-                atomic_write(&problems_file, &problems_batch(&problems)?)?;
+                write_parquet_atomic(&cot_file, &chats)?;
+                write_parquet_atomic(&problems_file, &problems)?;
+                train_batches.push(problems);
+                cot_batches.push(chats);
             }
-            train_batches.extend(read_parquet(&problems_file)?.1);
-            cot_batches.extend(read_parquet(&cot_file)?.1);
             progress.inc(rows);
         }
         ctx.write_dataset("test", &[problems_batch(&test)?])?;
@@ -204,9 +205,3 @@ fn row(split: &str, i: usize, p: &tasks::Problem) -> ProblemRow {
     ProblemRow { id: format!("{split}-{i:07}"), task: p.task.as_str().to_string(), difficulty: p.difficulty as i32, prompt: p.prompt.clone(), answer: p.answer.clone() }
 }
 
-/// Writes a checkpoint file so that it exists whole or not at all.
-fn atomic_write(path: &Path, batch: &RecordBatch) -> anyhow::Result<()> {
-    let tmp = path.with_extension("parquet.tmp");
-    write_parquet(&tmp, batch.schema(), std::slice::from_ref(batch), &[])?;
-    std::fs::rename(&tmp, path).with_context(|| format!("cannot move {} into place", tmp.display()))
-}

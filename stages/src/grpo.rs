@@ -13,7 +13,7 @@ use anyhow::{bail, Context};
 use burn::module::AutodiffModule;
 use burn::tensor::backend::{AutodiffBackend, Backend};
 use burn::tensor::{Tensor, TensorData};
-use dagrun_engine::dataset::{read_parquet, write_parquet};
+use dagrun_engine::dataset::{read_parquet, write_parquet_atomic};
 use dagrun_engine::kind::{ArtifactType, KindSpec, ParamError, ParamSpec, ParamType, PortSpec, StageContext, StageKind};
 use dagrun_engine::{Params, Progress};
 use dagrun_model::device::{run_on, BackendTask, DeviceSpec};
@@ -342,7 +342,7 @@ impl BackendTask for GrpoTask {
             let every = p.i64("checkpoint_every") as u64;
             if state.step % every == 0 || state.step == steps {
                 // Samples first: a checkpoint never points past the samples it has.
-                write_parquet(&shard_path(state.step), dagrun_schemas::samples().schema, &[samples_batch(&pending)?], &[])?;
+                write_parquet_atomic(&shard_path(state.step), &samples_batch(&pending)?)?;
                 pending.clear();
                 if state.step < steps {
                     ckpt.save(&model, &opt, &state)?;

@@ -19,7 +19,7 @@ use std::path::{Path, PathBuf};
 use anyhow::Context;
 use arrow::array::RecordBatch;
 use burn::tensor::backend::Backend;
-use dagrun_engine::dataset::{read_parquet, write_parquet};
+use dagrun_engine::dataset::{read_parquet, write_parquet_atomic};
 use dagrun_model::generate::{generate, Completion, SamplingParams};
 use dagrun_model::CausalLm;
 
@@ -125,10 +125,7 @@ impl Shards {
     }
 
     pub fn save(&self, index: usize, batch: &RecordBatch) -> anyhow::Result<()> {
-        let path = self.path(index);
-        let tmp = path.with_extension("parquet.tmp");
-        write_parquet(&tmp, batch.schema(), std::slice::from_ref(batch), &[])?;
-        std::fs::rename(&tmp, &path).with_context(|| format!("cannot move {} into place", tmp.display()))
+        write_parquet_atomic(&self.path(index), batch)
     }
 }
 

@@ -327,11 +327,6 @@ fn struct_str<'a>(s: &'a StructArray, name: &str) -> anyhow::Result<&'a StringAr
         .ok_or_else(|| anyhow!("message field `{name}` is missing or not a string"))
 }
 
-/// The data type of a column, for messages.
-pub fn type_of(batch: &RecordBatch, name: &str) -> Option<DataType> {
-    batch.column_by_name(name).map(|c| c.data_type().clone())
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
