@@ -124,14 +124,29 @@ pub(crate) fn key_parts(
     }))
 }
 
-/// The outputs recorded for `key`, if the record exists and every object checks out.
-pub(crate) fn cached_outputs(store: &Store, key: &str) -> Option<BTreeMap<String, Available>> {
+/// A stage's result, found in the cache or just made.
+pub(crate) struct Finished {
+    pub outputs: BTreeMap<String, Available>,
+    /// The stage's Markdown report, if it wrote one.
+    pub report: Option<String>,
+    pub resumed: bool,
+}
+
+/// The result recorded for `key`, if the record exists and every object checks out.
+pub(crate) fn cached(store: &Store, key: &str) -> Option<Finished> {
     let action = store.action(key)?;
-    action
+    let outputs = action
         .outputs
         .iter()
         .map(|(name, digest)| Some((name.clone(), Available { digest: digest.clone(), path: store.object(digest)? })))
-        .collect()
+        .collect::<Option<_>>()?;
+    let report = action.extra.get("report").and_then(|r| r.as_str()).map(str::to_string);
+    Some(Finished { outputs, report, resumed: false })
+}
+
+/// The outputs recorded for `key`, if the record exists and every object checks out.
+pub(crate) fn cached_outputs(store: &Store, key: &str) -> Option<BTreeMap<String, Available>> {
+    cached(store, key).map(|f| f.outputs)
 }
 
 /// Executes the selected stages of `graph`. Returns the run's record; a stage failure is a
@@ -207,30 +222,29 @@ pub fn run(graph: &Graph, registry: &Registry, store: &Store, opts: &RunOptions)
         record.parts = Some(parts.clone());
         let forced = opts.force.iter().any(|f| f == &stage.name);
         let t0 = Instant::now();
-        let outcome = if forced { None } else { cached_outputs(store, &key) };
+        let outcome = if forced { None } else { cached(store, &key) };
         let outcome = match outcome {
-            Some(outs) => Ok((Status::Cached, outs, false)),
+            Some(found) => Ok((Status::Cached, found)),
             None => {
                 let _lock = store.lock_key(&key).map_err(|e| Diagnostic::at_field("--cache-dir", e.to_string()))?;
                 // Another process may have finished this key while we waited for its lock.
-                match (forced, cached_outputs(store, &key)) {
-                    (false, Some(outs)) => Ok((Status::Cached, outs, false)),
-                    _ => execute(graph, registry, store, &records, &run_id, i, &key, &available, progress)
-                        .map(|(outs, resumed)| (Status::Ran, outs, resumed)),
+                match (forced, cached(store, &key)) {
+                    (false, Some(found)) => Ok((Status::Cached, found)),
+                    _ => execute(graph, registry, store, &records, &run_id, i, &key, &available, progress).map(|made| (Status::Ran, made)),
                 }
             }
         };
         record.seconds = t0.elapsed().as_secs_f64();
         match outcome {
-            Ok((status, outs, resumed)) => {
+            Ok((status, finished)) => {
                 record.status = status;
-                record.resumed = resumed;
-                for (name, a) in outs {
+                record.resumed = finished.resumed;
+                for (name, a) in finished.outputs {
                     record.outputs.insert(name.clone(), a.digest.clone());
                     available.insert(Source { node: i, output: name }, a);
                 }
-                if let Some(report) = store.action(&key).and_then(|a| a.extra.get("report")?.as_str().map(str::to_string)) {
-                    append_summary(&records, &run_id, &stage.name, &report);
+                if let Some(report) = &finished.report {
+                    append_summary(&records, &run_id, &stage.name, report);
                 }
                 let verb = if status == Status::Cached { "cached" } else { "ran" };
                 tracing::info!(stage = %stage.name, "{verb} in {:.2}s", record.seconds);
@@ -271,7 +285,7 @@ fn execute(
     key: &str,
     available: &HashMap<Source, Available>,
     progress: ProgressMode,
-) -> anyhow::Result<(BTreeMap<String, Available>, bool)> {
+) -> anyhow::Result<Finished> {
     let stage = &graph.pipeline.stages[i];
     let node = &graph.nodes[i];
     let (_, kind) = registry.get(&stage.kind).expect("kinds are checked when the file is read");
@@ -360,7 +374,7 @@ fn execute(
     store.put_action(key, &action)?;
     store.clear_resume(key)?;
     let _ = std::fs::remove_dir_all(&scratch);
-    Ok((published, ctx.resumed))
+    Ok(Finished { outputs: published, report: ctx.report, resumed: ctx.resumed })
 }
 
 fn provenance(graph: &Graph, i: usize, key: &str, inputs: &[(String, Vec<InputArtifact>)]) -> Vec<(String, String)> {
