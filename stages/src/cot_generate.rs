@@ -38,7 +38,7 @@ impl StageKind for CotGenerate {
                 PortSpec::one("cot", ArtifactType::Dataset(Some("chat")), "the train problems as user/assistant chats with <think> steps"),
             ],
             params: vec![
-                ParamSpec::new("families", ParamType::Weights { keys: &["arithmetic", "linear", "word", "countdown"] }, json!({"arithmetic": 1.0}), "task families, as a list or with weights"),
+                ParamSpec::new("families", ParamType::Weights { keys: &["arithmetic", "addition", "linear", "word", "countdown"] }, json!({"arithmetic": 1.0}), "task families, as a list or with weights"),
                 ParamSpec::new("difficulty", ParamType::List(Box::new(ParamType::Int { min: 1, max: 100 })), json!([1, 3]), "[min, max] difficulty (clamped to each family's range)"),
                 ParamSpec::new("n_train", ParamType::Int { min: 1, max: 100_000_000 }, json!(1000), "training problems"),
                 ParamSpec::new("n_test", ParamType::Int { min: 0, max: 10_000_000 }, json!(200), "held-out problems (unique prompts)"),

@@ -28,6 +28,7 @@ impl StageKind for InitModel {
             outputs: vec![PortSpec::one("model", ArtifactType::Model, "config.json, model.safetensors, tokenizer.json")],
             params: vec![
                 ParamSpec::new("preset", ParamType::Str { choices: dagrun_model::config::PRESETS }, json!("tiny"), "size of a model trained from scratch (nano ≈ 0.5M, tiny ≈ 3M, small ≈ 15M parameters)"),
+                ParamSpec::new("config", ParamType::Map(Box::new(ParamType::Int { min: 1, max: 1_000_000 })), json!({}), "config.json fields to change in the preset, e.g. {num_hidden_layers: 3}"),
                 ParamSpec::unset("from", ParamType::Path, "a local Hugging Face model directory to import instead of a preset"),
                 ParamSpec::new("alphabet", ParamType::Str { choices: &[] }, json!("ascii"), "characters of the preset's tokenizer: `ascii` (printable ASCII and newline) or the characters themselves"),
             ],
@@ -40,7 +41,8 @@ impl StageKind for InitModel {
         if params.str("alphabet").is_empty() {
             return Err(ParamError { param: "alphabet".into(), message: "param `alphabet` is empty".into() });
         }
-        Ok(())
+        // The vocabulary comes from the tokenizer at run time; any size checks the shape.
+        preset_config(params, 100).map(|_| ())
     }
 
     fn run(&self, ctx: &mut StageContext) -> anyhow::Result<()> {
@@ -53,7 +55,7 @@ impl StageKind for InitModel {
             chars => chars,
         };
         let tokenizer = Tokenizer::char_level(alphabet, SpecialStyle::EndOfText, true)?;
-        let mut config = preset(ctx.params.str("preset"), tokenizer.vocab_size())?;
+        let mut config = preset_config(&ctx.params, tokenizer.vocab_size()).map_err(|e| anyhow::anyhow!("{}", e.message))?;
         config.eos_token_id = Some(dagrun_model::config::TokenIds::Many(tokenizer.eos_ids.clone()));
         config.pad_token_id = tokenizer.pad_id();
         // Random init on the CPU, so a seed gives the same weights wherever the pipeline runs.
@@ -63,6 +65,29 @@ impl StageKind for InitModel {
         ctx.info(format!("{} preset: {} parameters, vocabulary {}", ctx.params.str("preset"), config.num_params(), tokenizer.vocab_size()));
         Ok(())
     }
+}
+
+/// The config fields a preset lets `config` change: the model's shape, nothing that would
+/// make it another architecture.
+const SHAPE_FIELDS: &[&str] = &["hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads", "head_dim", "max_position_embeddings"];
+
+/// The preset named by `preset` with the `config` changes applied, checked.
+fn preset_config(params: &Params, vocab_size: usize) -> Result<ModelConfig, ParamError> {
+    let config_error = |message: String| ParamError { param: "config".into(), message };
+    let mut config = serde_json::to_value(preset(params.str("preset"), vocab_size).map_err(|e| ParamError { param: "preset".into(), message: e.to_string() })?)
+        .map_err(|e| config_error(e.to_string()))?;
+    if let serde_json::Value::Object(changes) = params.get("config") {
+        for (field, value) in changes {
+            if !SHAPE_FIELDS.contains(&field.as_str()) {
+                let hint = dagrun_engine::diag::did_you_mean(field, SHAPE_FIELDS).map(|c| format!("did you mean `{c}`?")).unwrap_or_else(|| format!("valid: {}", SHAPE_FIELDS.join(", ")));
+                return Err(config_error(format!("param `config`: `{field}` cannot be changed in a preset; {hint}")));
+            }
+            config[field] = value.clone();
+        }
+    }
+    let config: ModelConfig = serde_json::from_value(config).map_err(|e| config_error(format!("param `config`: {e}")))?;
+    config.validate().map_err(|e| config_error(format!("param `config`: {e:#}")))?;
+    Ok(config)
 }
 
 /// Copies a Hugging Face directory after checking that its config, weights and tokenizer load.

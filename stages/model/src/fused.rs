@@ -470,6 +470,45 @@ impl Backward<Flex, 1> for LogprobBackward {
     }
 }
 
+// ---- AdamW ----------------------------------------------------------------------------------
+
+/// One AdamW step of a flattened parameter `p` with gradient `g` and moments `m`, `v`; returns
+/// the new (p, m, v). On flex the buffers are updated in place when nothing else holds them.
+pub fn adamw<B: Backend>(p: Tensor<B, 1>, g: Tensor<B, 1>, m: Tensor<B, 1>, v: Tensor<B, 1>, s: &kernels::AdamWStep) -> [Tensor<B, 1>; 3] {
+    match path::<B>() {
+        Path::Flex => {
+            let flex = |t: Tensor<B, 1>| owned(flex_of(cast::<_, Tensor<Flex, 1>>(t).ok().unwrap()));
+            let (mut p, g, mut m, mut v) = (flex(p), flex(g), flex(m), flex(v));
+            kernels::adamw_update(p.storage_mut::<f32>(), g.storage::<f32>(), m.storage_mut::<f32>(), v.storage_mut::<f32>(), s);
+            [back(wrap::<1>(p)), back(wrap::<1>(m)), back(wrap::<1>(v))]
+        }
+        _ => {
+            let g = if s.grad_scale == 1.0 { g } else { g.mul_scalar(s.grad_scale) };
+            let m = m.mul_scalar(s.beta1) + g.clone().mul_scalar(1.0 - s.beta1);
+            let v = v.mul_scalar(s.beta2) + g.square().mul_scalar(1.0 - s.beta2);
+            let denom = v.clone().div_scalar(s.bias_correction2).sqrt().add_scalar(s.eps);
+            let update = m.clone().div_scalar(s.bias_correction1) / denom;
+            let p = if s.weight_decay > 0.0 { p.mul_scalar(1.0 - s.lr * s.weight_decay) } else { p };
+            [p - update.mul_scalar(s.lr), m, v]
+        }
+    }
+}
+
+/// `Σ x²` over all the tensors, read back to the host once.
+pub fn sum_of_squares<'a, B: Backend>(tensors: impl IntoIterator<Item = &'a Tensor<B, 1>>) -> f64 {
+    if matches!(path::<B>(), Path::Flex) {
+        return tensors.into_iter().map(|t| kernels::sum_of_squares(&values(&flex_of(cast::<_, Tensor<Flex, 1>>(t.clone()).ok().unwrap())))).sum();
+    }
+    let total = tensors.into_iter().map(|t| t.clone().square().sum()).reduce(|a, b| a + b);
+    total.map_or(0.0, |t| t.into_data().convert::<f32>().to_vec::<f32>().ok().and_then(|v| v.first().copied()).unwrap_or(f32::NAN) as f64)
+}
+
+/// A contiguous tensor with its own buffer (a copy only when the buffer is shared or strided).
+fn owned(t: FlexTensor) -> FlexTensor {
+    let whole = t.as_slice::<f32>().is_some_and(|s| s.len() == t.storage::<f32>().len());
+    if t.is_unique() && whole { t } else { flex_new(values(&t).into_owned(), shape_of(&t)) }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -595,5 +634,46 @@ mod tests {
         let runs = both(&[r([16, 40])], |x| token_logprobs(x[0].clone(), &targets));
         close(&runs[0].0, &runs[1].0, 1e-5);
         close(&runs[0].1, &runs[1].1, 1e-4);
+    }
+    #[test]
+    fn fused_adamw_equals_plain_adamw_and_pytorch_formula() {
+        let _guard = MODE_LOCK.lock().unwrap();
+        let d = Default::default();
+        let n = 40_000; // above the kernel's parallel threshold
+        let p0 = Tensor::<Flex, 1>::random([n], Distribution::Normal(0.0, 1.0), &d);
+        let grads: Vec<Tensor<Flex, 1>> = (0..3).map(|_| Tensor::random([n], Distribution::Normal(0.0, 0.1), &d)).collect();
+        let (b1, b2, eps, lr, wd, scale) = (0.9f64, 0.999f64, 1e-8f64, 1e-2f64, 0.1f64, 0.5f64);
+        let run = |fused: bool| {
+            set_fused(fused);
+            let (mut p, mut m, mut v) = (p0.clone(), p0.zeros_like(), p0.zeros_like());
+            let kept = p.clone(); // a second holder: the fused path must not write through it
+            for (t, g) in grads.iter().enumerate() {
+                let t = t as i32 + 1;
+                let step = kernels::AdamWStep {
+                    lr: lr as f32, beta1: b1 as f32, beta2: b2 as f32, eps: eps as f32, weight_decay: wd as f32,
+                    bias_correction1: (1.0 - b1.powi(t)) as f32, bias_correction2: (1.0 - b2.powi(t)) as f32, grad_scale: scale as f32,
+                };
+                [p, m, v] = adamw(p, g.clone(), m, v, &step);
+            }
+            assert_eq!(kept.into_data().to_vec::<f32>().unwrap(), p0.clone().into_data().to_vec::<f32>().unwrap());
+            p.into_data().to_vec::<f32>().unwrap()
+        };
+        let (fused, plain) = (run(true), run(false));
+        set_fused(true);
+        close(&fused, &plain, 1e-5);
+        // torch.optim.AdamW, written out in f64 for a few coordinates.
+        let p0v = p0.into_data().to_vec::<f32>().unwrap();
+        let gv: Vec<Vec<f32>> = grads.iter().map(|g| g.clone().into_data().to_vec::<f32>().unwrap()).collect();
+        for i in [0, 1, 17, n - 1] {
+            let (mut p, mut m, mut v) = (p0v[i] as f64, 0.0, 0.0);
+            for (t, g) in gv.iter().enumerate() {
+                let (t, g) = (t as i32 + 1, g[i] as f64 * scale);
+                p *= 1.0 - lr * wd;
+                m = b1 * m + (1.0 - b1) * g;
+                v = b2 * v + (1.0 - b2) * g * g;
+                p -= lr * (m / (1.0 - b1.powi(t))) / ((v / (1.0 - b2.powi(t))).sqrt() + eps);
+            }
+            assert!((fused[i] as f64 - p).abs() < 1e-5, "{i}: {} vs {p}", fused[i]);
+        }
     }
 }

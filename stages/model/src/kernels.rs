@@ -404,6 +404,58 @@ pub fn token_logprobs_backward(logits: &[f32], vocab: usize, targets: &[u32], g:
     dx
 }
 
+// ---- optimizer ------------------------------------------------------------------------------
+
+/// The numbers of one AdamW step (PyTorch semantics); see [`adamw_update`].
+#[derive(Debug, Clone, Copy)]
+pub struct AdamWStep {
+    pub lr: f32,
+    pub beta1: f32,
+    pub beta2: f32,
+    pub eps: f32,
+    pub weight_decay: f32,
+    /// `1 − β1^t` and `1 − β2^t`.
+    pub bias_correction1: f32,
+    pub bias_correction2: f32,
+    /// Multiplies the gradient first: accumulation averaging and global-norm clipping.
+    pub grad_scale: f32,
+}
+
+/// One AdamW step in place, in one pass instead of a dozen elementwise tensor ops:
+/// `m ← β1·m + (1−β1)·g`, `v ← β2·v + (1−β2)·g²`,
+/// `p ← p·(1 − lr·wd) − lr·(m/bc1) / (√(v/bc2) + eps)`, with `g` scaled by `grad_scale`.
+pub fn adamw_update(p: &mut [f32], g: &[f32], m: &mut [f32], v: &mut [f32], s: &AdamWStep) {
+    assert!(g.len() == p.len() && m.len() == p.len() && v.len() == p.len(), "AdamW buffers differ in length");
+    let decay = 1.0 - s.lr * s.weight_decay;
+    let step = |p: &mut [f32], g: &[f32], m: &mut [f32], v: &mut [f32]| {
+        for i in 0..p.len() {
+            let gi = g[i] * s.grad_scale;
+            let mi = s.beta1 * m[i] + (1.0 - s.beta1) * gi;
+            let vi = s.beta2 * v[i] + (1.0 - s.beta2) * gi * gi;
+            m[i] = mi;
+            v[i] = vi;
+            let denom = (vi / s.bias_correction2).sqrt() + s.eps;
+            p[i] = p[i] * decay - s.lr * (mi / s.bias_correction1) / denom;
+        }
+    };
+    if p.len() < PARALLEL_MIN {
+        step(p, g, m, v);
+        return;
+    }
+    let per = p.len().div_ceil(rayon::current_num_threads().max(1) * 4);
+    p.par_chunks_mut(per)
+        .zip(g.par_chunks(per))
+        .zip(m.par_chunks_mut(per))
+        .zip(v.par_chunks_mut(per))
+        .for_each(|(((p, g), m), v)| step(p, g, m, v));
+}
+
+/// `Σ x²` in f64 (the global gradient norm adds many of these).
+pub fn sum_of_squares(x: &[f32]) -> f64 {
+    // f32 lanes per chunk vectorise; the chunk sums are added in f64.
+    x.chunks(4096).map(|c| c.iter().map(|v| v * v).sum::<f32>() as f64).sum()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -76,34 +76,7 @@ impl<B: AutodiffBackend> GradAccumulator<B> {
 
     /// Global L2 norm of all gradients (one device→host read).
     pub fn global_norm(&self) -> Result<f64> {
-        let mut total: Option<Tensor<Inner<B>, 1>> = None;
-        for g in self.grads.values() {
-            let sq = g.clone().square().sum();
-            total = Some(match total {
-                Some(t) => t + sq,
-                None => sq,
-            });
-        }
-        let Some(total) = total else { return Ok(0.0) };
-        let value: f32 = total.into_scalar_f32()?;
-        Ok((value as f64).sqrt())
-    }
-
-    fn scale(&mut self, factor: f64) {
-        for g in self.grads.values_mut() {
-            *g = g.clone().mul_scalar(factor);
-        }
-    }
-}
-
-trait IntoScalarF32 {
-    fn into_scalar_f32(self) -> Result<f32>;
-}
-
-impl<B: Backend> IntoScalarF32 for Tensor<B, 1> {
-    fn into_scalar_f32(self) -> Result<f32> {
-        let v = self.into_data().convert::<f32>().to_vec::<f32>().map_err(|e| anyhow::anyhow!("{e:?}"))?;
-        v.first().copied().context("empty tensor")
+        Ok(crate::fused::sum_of_squares(self.grads.values()).sqrt())
     }
 }
 
@@ -144,6 +117,7 @@ struct Updater<'a, B: AutodiffBackend> {
     grads: &'a BTreeMap<String, Tensor<Inner<B>, 1>>,
     opt: &'a mut AdamW<Inner<B>>,
     lr: f64,
+    grad_scale: f64,
 }
 
 impl<B: AutodiffBackend> ModuleMapper<B> for Updater<'_, B> {
@@ -159,7 +133,7 @@ impl<B: AutodiffBackend> ModuleMapper<B> for Updater<'_, B> {
         let (id, tensor, mapper) = param.consume();
         let shape: [usize; D] = tensor.dims();
         let flat = tensor.inner().reshape([shape.iter().product::<usize>()]);
-        let updated = self.opt.update(&name, flat, grad.clone(), self.lr).reshape(shape);
+        let updated = self.opt.update(&name, flat, grad.clone(), self.lr, self.grad_scale).reshape(shape);
         Param::from_mapped_value(id, Tensor::from_inner(updated).require_grad(), mapper)
     }
 }
@@ -169,22 +143,26 @@ impl<B: Backend> AdamW<B> {
         AdamW { config, step: 0, moments: HashMap::new() }
     }
 
-    /// One AdamW update of a flattened parameter (step counter already advanced).
-    fn update(&mut self, name: &str, p: Tensor<B, 1>, g: Tensor<B, 1>, lr: f64) -> Tensor<B, 1> {
+    /// One AdamW update of a flattened parameter (step counter already advanced); the gradient
+    /// is multiplied by `grad_scale` first.
+    fn update(&mut self, name: &str, p: Tensor<B, 1>, g: Tensor<B, 1>, lr: f64, grad_scale: f64) -> Tensor<B, 1> {
         let AdamWConfig { beta1, beta2, eps, weight_decay, .. } = self.config;
         let (m, v) = match self.moments.remove(name) {
             Some(mv) => mv,
             None => (g.zeros_like(), g.zeros_like()),
         };
-        let m = m.mul_scalar(beta1) + g.clone().mul_scalar(1.0 - beta1);
-        let v = v.mul_scalar(beta2) + g.square().mul_scalar(1.0 - beta2);
         let t = self.step as i32;
-        let bc1 = 1.0 - beta1.powi(t);
-        let bc2 = 1.0 - beta2.powi(t);
-        let denom = v.clone().div_scalar(bc2).sqrt().add_scalar(eps);
-        let update = m.clone().div_scalar(bc1) / denom;
-        let p = if weight_decay > 0.0 { p.mul_scalar(1.0 - lr * weight_decay) } else { p };
-        let p = p - update.mul_scalar(lr);
+        let step = crate::kernels::AdamWStep {
+            lr: lr as f32,
+            beta1: beta1 as f32,
+            beta2: beta2 as f32,
+            eps: eps as f32,
+            weight_decay: weight_decay as f32,
+            bias_correction1: (1.0 - beta1.powi(t)) as f32,
+            bias_correction2: (1.0 - beta2.powi(t)) as f32,
+            grad_scale: grad_scale as f32,
+        };
+        let [p, m, v] = crate::fused::adamw(p, g, m, v, &step);
         self.moments.insert(name.to_string(), (m, v));
         p
     }
@@ -197,20 +175,18 @@ impl<B: Backend> AdamW<B> {
         M: AutodiffModule<AB>,
     {
         ensure!(acc.micro_batches > 0, "optimizer step without any accumulated gradients");
-        if acc.micro_batches > 1 {
-            acc.scale(1.0 / acc.micro_batches as f64);
-        }
-        let grad_norm = acc.global_norm()?;
+        // Averaging and clipping scale the gradients inside the update, not as extra passes.
+        let average = 1.0 / acc.micro_batches as f64;
+        let grad_norm = acc.global_norm()? * average;
         ensure!(grad_norm.is_finite(), "gradient norm is {grad_norm}: the loss diverged");
-        if let Some(max) = self.config.max_grad_norm
-            && grad_norm > max
-        {
-            acc.scale(max / (grad_norm + 1e-6));
-        }
+        let clip = match self.config.max_grad_norm {
+            Some(max) if grad_norm > max => max / (grad_norm + 1e-6),
+            _ => 1.0,
+        };
         self.step += 1;
         let grads = std::mem::take(&mut acc.grads);
         acc.micro_batches = 0;
-        let module = module.map(&mut Updater::<AB> { path: Vec::new(), grads: &grads, opt: self, lr });
+        let module = module.map(&mut Updater::<AB> { path: Vec::new(), grads: &grads, opt: self, lr, grad_scale: average * clip });
         Ok((module, StepStats { lr, grad_norm, step: self.step }))
     }
 

@@ -33,7 +33,7 @@ pub(super) fn generate(digits: u32, rng: &mut impl Rng) -> Solved {
 }
 
 /// `count` numbers of exactly `digits` digits (one-digit operands may be 0).
-fn random_operands(count: usize, digits: u32, rng: &mut impl Rng) -> Vec<u64> {
+pub(super) fn random_operands(count: usize, digits: u32, rng: &mut impl Rng) -> Vec<u64> {
     let low = if digits == 1 {
         0
     } else {
@@ -62,7 +62,7 @@ fn join_terms(terms: &[u64], operator: &str) -> String {
 }
 
 /// Column addition. Operands have equal length here, but shorter ones are padded with zeros.
-fn addition(operands: &[u64]) -> Solved {
+pub(super) fn addition(operands: &[u64]) -> Solved {
     let columns_of: Vec<Vec<u64>> = operands.iter().map(|&operand| digits_of(operand)).collect();
     let width = columns_of.iter().map(Vec::len).max().unwrap_or(1);
     let mut steps = Vec::with_capacity(width);

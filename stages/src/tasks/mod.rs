@@ -8,6 +8,7 @@
 //! Everything is deterministic for a given random-number-generator state, so a seed fully
 //! determines a dataset.
 
+mod addition;
 mod arithmetic;
 mod countdown;
 mod expr;
@@ -28,6 +29,8 @@ pub use verify::{extract_answer, has_format, verify};
 pub enum Family {
     /// Multi-digit `+`, `-`, `*` worked column by column; difficulty = digits per operand.
     Arithmetic,
+    /// Sums of three numbers worked column by column; difficulty = digits per operand.
+    Addition,
     /// Solve `a*x+b=c` for an integer `x`; difficulty = size of the numbers.
     Linear,
     /// Multi-step word problems from templates; difficulty = steps and size of the numbers.
@@ -37,8 +40,9 @@ pub enum Family {
 }
 
 impl Family {
-    pub const ALL: [Family; 4] = [
+    pub const ALL: [Family; 5] = [
         Family::Arithmetic,
+        Family::Addition,
         Family::Linear,
         Family::Word,
         Family::Countdown,
@@ -48,6 +52,7 @@ impl Family {
     pub fn as_str(self) -> &'static str {
         match self {
             Family::Arithmetic => "arithmetic",
+            Family::Addition => "addition",
             Family::Linear => "linear",
             Family::Word => "word",
             Family::Countdown => "countdown",
@@ -115,6 +120,7 @@ impl Problem {
 pub fn difficulty_range(family: Family) -> (u32, u32) {
     match family {
         Family::Arithmetic => arithmetic::DIFFICULTY,
+        Family::Addition => addition::DIFFICULTY,
         Family::Linear => linear::DIFFICULTY,
         Family::Word => word::DIFFICULTY,
         Family::Countdown => countdown::DIFFICULTY,
@@ -128,6 +134,7 @@ pub fn generate(family: Family, difficulty: u32, rng: &mut impl rand::Rng) -> Pr
     let difficulty = difficulty.clamp(low, high);
     let solved = match family {
         Family::Arithmetic => arithmetic::generate(difficulty, rng),
+        Family::Addition => addition::generate(difficulty, rng),
         Family::Linear => linear::generate(difficulty, rng),
         Family::Word => word::generate(difficulty, rng),
         Family::Countdown => countdown::generate(difficulty, rng),
@@ -183,7 +190,7 @@ mod tests {
         assert!(
             error
                 .to_string()
-                .contains("arithmetic, linear, word, countdown")
+                .contains("arithmetic, addition, linear, word, countdown")
         );
     }
 
