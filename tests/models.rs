@@ -39,6 +39,24 @@ fn a_preset_model_is_a_hugging_face_directory_and_generates_reproducibly() {
 }
 
 #[test]
+fn a_preset_shape_can_be_changed_field_by_field() {
+    let p = Project::new("preset-config");
+    p.write("p.yaml", "seed: 3\nstages:\n  base:\n    kind: init_model\n    params: { preset: nano, config: { num_hidden_layers: 1, intermediate_size: 200 } }\n");
+    let run = p.run("p.yaml", &[]);
+    let dir = object_path(&p.cache(), &run.output("base", "model"));
+    let config: serde_json::Value = serde_json::from_slice(&std::fs::read(dir.join("config.json")).unwrap()).unwrap();
+    assert_eq!(config["num_hidden_layers"], 1);
+    assert_eq!(config["intermediate_size"], 200);
+    assert_eq!(config["hidden_size"], 128, "the rest is the preset's");
+    let weights = std::fs::read(dir.join("model.safetensors")).unwrap();
+    let header_len = u64::from_le_bytes(weights[..8].try_into().unwrap()) as usize;
+    let header: serde_json::Value = serde_json::from_slice(&weights[8..8 + header_len]).unwrap();
+    assert!(header.get("model.layers.0.mlp.up_proj.weight").is_some());
+    assert!(header.get("model.layers.1.mlp.up_proj.weight").is_none(), "one layer only");
+    assert_eq!(header["model.layers.0.mlp.up_proj.weight"]["shape"], serde_json::json!([200, 128]));
+}
+
+#[test]
 fn an_imported_directory_is_keyed_by_its_content() {
     let p = Project::new("import");
     p.write("p.yaml", BASE);

@@ -19,7 +19,7 @@ use dagrun_engine::{Params, Progress};
 use dagrun_model::device::{run_on, BackendTask, DeviceSpec};
 use dagrun_model::generate::{generate, SamplingParams};
 use dagrun_model::optim::{AdamW, AdamWConfig, GradAccumulator, LrSchedule};
-use dagrun_model::score::{score, score_host, ScoreItem};
+use dagrun_model::score::{score_host, score_with, Entropy, ScoreItem};
 use dagrun_model::{load_model, save_model};
 use rand::seq::SliceRandom;
 use rand::SeedableRng;
@@ -259,8 +259,9 @@ impl BackendTask for GrpoTask {
                 let mut acc = GradAccumulator::<B>::new();
                 for r in &chunks {
                     let part = &items[r.clone()];
-                    // Entropy is always computed: it is a metric as well as the bonus term.
-                    let scores = score(&model, part, self.format.pad_id, true)?;
+                    // Entropy is always a metric; it joins the graph only as a bonus term.
+                    let entropy = if p.f64("entropy_coef") > 0.0 { Entropy::Tracked } else { Entropy::Detached };
+                    let scores = score_with(&model, part, self.format.pad_id, entropy)?;
                     let [rows, width] = scores.logprobs.dims();
                     let mask = host_tensor::<B>(&completion_mask(&shapes[r.clone()], width, mask_truncated), [rows, width], &device);
                     let old = match &old_lp {

@@ -49,8 +49,24 @@ pub struct HostScores {
     pub entropy: Option<Vec<Vec<f32>>>,
 }
 
+/// Whether and how [`score_with`] computes per-token entropy.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Entropy {
+    None,
+    /// As a metric only: outside the autodiff graph, so an unused branch is never recorded.
+    Detached,
+    /// With gradients, for an entropy bonus in the loss.
+    Tracked,
+}
+
 /// Scores `items` with `model`. `pad_id` fills padding (its value never matters).
+/// `with_entropy` adds per-token entropy with gradients ([`Entropy::Tracked`]).
 pub fn score<B: Backend>(model: &CausalLm<B>, items: &[ScoreItem], pad_id: u32, with_entropy: bool) -> Result<TokenScores<B>> {
+    score_with(model, items, pad_id, if with_entropy { Entropy::Tracked } else { Entropy::None })
+}
+
+/// [`score`] with a choice of how entropy is computed.
+pub fn score_with<B: Backend>(model: &CausalLm<B>, items: &[ScoreItem], pad_id: u32, entropy: Entropy) -> Result<TokenScores<B>> {
     ensure!(!items.is_empty(), "score: no items");
     for (i, item) in items.iter().enumerate() {
         ensure!(!item.prompt.is_empty(), "score: item {i} has an empty prompt");
@@ -80,8 +96,9 @@ pub fn score<B: Backend>(model: &CausalLm<B>, items: &[ScoreItem], pad_id: u32, 
     let rows = Tensor::<B, 1, Int>::from_data(TensorData::new(rows, [n * width]), &device);
     let logits = model.logits(hidden.select(0, rows));
     let mask = Tensor::<B, 2>::from_data(TensorData::new(mask, [n, width]), &device);
-    let entropy = with_entropy.then(|| {
-        let logp = log_softmax(logits.clone(), 1);
+    let entropy = (entropy != Entropy::None).then(|| {
+        let logits = if entropy == Entropy::Detached { logits.clone().detach() } else { logits.clone() };
+        let logp = log_softmax(logits, 1);
         let h = (logp.clone().exp() * logp).sum_dim(1).neg();
         h.reshape([n, width]) * mask.clone()
     });
