@@ -10,6 +10,7 @@ type Inf = burn::backend::Flex;
 type Ad = burn::backend::Autodiff<Inf>;
 
 fn main() -> anyhow::Result<()> {
+    dagrun_model::device::keep_freed_memory();
     let shape = BenchShape::default();
     let config = shape.config();
     let mut model = CausalLm::<Ad>::init_random(&config, 0, &Default::default())?;

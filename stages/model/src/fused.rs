@@ -22,7 +22,7 @@ use burn::tensor::activation::{log_softmax, silu, softmax};
 use burn::tensor::backend::Backend;
 use burn::tensor::{Int, Tensor, TensorData, TensorPrimitive};
 
-use crate::kernels;
+use crate::kernels::{self, Strided};
 
 type Ad = Autodiff<Flex>;
 /// `AutodiffTensor<Flex>` (burn does not export the name).
@@ -470,6 +470,54 @@ impl Backward<Flex, 1> for LogprobBackward {
     }
 }
 
+// ---- linear layers --------------------------------------------------------------------------
+
+/// `x` `[m, k]` · `w` `[k, n]` → `[m, n]`, the matmul of a linear layer.
+pub fn linear_matmul<B: Backend>(x: Tensor<B, 2>, w: Tensor<B, 2>) -> Tensor<B, 2> {
+    let ([m, k], [_, n]) = (x.dims(), w.dims());
+    match path::<B>() {
+        Path::Flex => {
+            let [x, w] = [x, w].map(|t| flex_of(cast::<_, Tensor<Flex, 2>>(t).ok().unwrap()));
+            let y = kernels::matmul(Strided::rows(&values(&x), k), Strided::rows(&values(&w), n), m, k, n);
+            back(wrap::<2>(flex_new(y, vec![m, n])))
+        }
+        Path::AutodiffFlex => {
+            let [x, w] = [x, w].map(|t| ad_parts(cast::<_, Tensor<Ad, 2>>(t).ok().unwrap()));
+            let y = flex_new(kernels::matmul(Strided::rows(&values(&x.primitive), k), Strided::rows(&values(&w.primitive), n), m, k, n), vec![m, n]);
+            let out = match MatmulBackward.prepare::<NoCheckpointing>([x.node.clone(), w.node.clone()]).compute_bound().stateful() {
+                OpsKind::Tracked(prep) => prep.finish((x.primitive, w.primitive), y),
+                OpsKind::UnTracked(prep) => prep.finish(y),
+            };
+            back(ad_wrap::<2>(out))
+        }
+        Path::Plain => x.matmul(w),
+    }
+}
+
+#[derive(Debug)]
+struct MatmulBackward;
+
+impl Backward<Flex, 2> for MatmulBackward {
+    type State = (FlexTensor, FlexTensor);
+
+    fn backward(self, ops: Ops<Self::State, 2>, grads: &mut Gradients, _: &mut Checkpointer) {
+        let dy = grads.consume::<Flex>(&ops.node);
+        let (x, w) = ops.state;
+        let ([m, k], n) = (<[usize; 2]>::try_from(shape_of(&x)).expect("2-D"), shape_of(&w)[1]);
+        let dy = values(&dy);
+        let [px, pw] = ops.parents;
+        // Only the gradients someone asked for: a frozen base weight under LoRA has none.
+        if px.is_some() {
+            let dx = kernels::matmul(Strided::rows(&dy, n), Strided::transposed(&values(&w), n), m, n, k);
+            register!(grads, px, flex_new(dx, vec![m, k]));
+        }
+        if pw.is_some() {
+            let dw = kernels::matmul(Strided::transposed(&values(&x), k), Strided::rows(&dy, n), k, m, n);
+            register!(grads, pw, flex_new(dw, vec![k, n]));
+        }
+    }
+}
+
 // ---- AdamW ----------------------------------------------------------------------------------
 
 /// One AdamW step of a flattened parameter `p` with gradient `g` and moments `m`, `v`; returns
@@ -558,6 +606,12 @@ mod tests {
 
         let runs = both(&[r([64, 300]), r([64, 300])], |x| swiglu(x[0].clone(), x[1].clone()).sum_dim(1).reshape([64]));
         close(&runs[0].0, &runs[1].0, 1e-5);
+        close(&runs[0].1, &runs[1].1, 1e-4);
+
+        // Big enough for the threaded gemm; a random mix makes the output gradient non-uniform.
+        let mix = r([300, 200]);
+        let runs = both(&[r([300, 180]), r([180, 200])], |x| (linear_matmul(x[0].clone(), x[1].clone()) * Tensor::from_inner(mix.clone())).sum_dim(1).reshape([300]));
+        close(&runs[0].0, &runs[1].0, 1e-4);
         close(&runs[0].1, &runs[1].1, 1e-4);
 
         let w = Tensor::<Flex, 2>::random([1, 48], Distribution::Normal(1.0, 0.2), &d);

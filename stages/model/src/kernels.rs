@@ -404,6 +404,53 @@ pub fn token_logprobs_backward(logits: &[f32], vocab: usize, targets: &[u32], g:
     dx
 }
 
+// ---- matmul ---------------------------------------------------------------------------------
+
+/// A row-major matrix or a transposed view of one: element (i, j) is at `i·row + j·col`.
+#[derive(Debug, Clone, Copy)]
+pub struct Strided<'a> {
+    pub data: &'a [f32],
+    pub row: isize,
+    pub col: isize,
+}
+
+impl<'a> Strided<'a> {
+    /// A contiguous `[rows, cols]` matrix.
+    pub fn rows(data: &'a [f32], cols: usize) -> Self {
+        Strided { data, row: cols as isize, col: 1 }
+    }
+
+    /// The transpose of a contiguous `[rows, cols]` matrix, as a `[cols, rows]` view.
+    pub fn transposed(data: &'a [f32], cols: usize) -> Self {
+        Strided { data, row: 1, col: cols as isize }
+    }
+}
+
+/// `a (m×k) · b (k×n)` into a fresh row-major buffer that is written, never zeroed or copied
+/// (burn-flex zero-fills and then copies every matmul output).
+pub fn matmul(a: Strided, b: Strided, m: usize, k: usize, n: usize) -> Vec<f32> {
+    assert!(a.data.len() >= m * k && b.data.len() >= k * n, "matmul operands are too small");
+    let mut out = if k == 0 { vec![0.0; m * n] } else { output(m * n) };
+    if m * n * k == 0 {
+        return out;
+    }
+    // burn-flex's threshold: below it, handing work to a second thread costs more than it saves.
+    let parallelism = if m * n * k >= 192 * 192 * 192 { gemm::Parallelism::Rayon(0) } else { gemm::Parallelism::None };
+    // SAFETY: every access is inside its buffer (asserted above for the operands; `out` holds
+    // m·n elements written with row stride n). `read_dst = false`: `out` is only written.
+    unsafe {
+        gemm::gemm(
+            m, n, k,
+            out.as_mut_ptr(), 1, n as isize, false,
+            a.data.as_ptr(), a.col, a.row,
+            b.data.as_ptr(), b.col, b.row,
+            0.0, 1.0, false, false, false,
+            parallelism,
+        );
+    }
+    out
+}
+
 // ---- optimizer ------------------------------------------------------------------------------
 
 /// The numbers of one AdamW step (PyTorch semantics); see [`adamw_update`].

@@ -48,7 +48,7 @@ impl<B: Backend> Linear<B> {
 
     /// `x`: `[tokens, in]` → `[tokens, out]`.
     pub fn forward(&self, x: Tensor<B, 2>) -> Tensor<B, 2> {
-        let mut y = x.clone().matmul(self.weight.val());
+        let mut y = fused::linear_matmul(x.clone(), self.weight.val());
         if let Some(bias) = &self.bias {
             y = y + bias.val().unsqueeze::<2>();
         }
