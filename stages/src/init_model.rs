@@ -71,6 +71,9 @@ impl StageKind for InitModel {
 /// make it another architecture.
 const SHAPE_FIELDS: &[&str] = &["hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads", "head_dim", "max_position_embeddings"];
 
+/// The largest model a preset may be grown into (8 GB of f32 weights).
+const MAX_PRESET_PARAMS: usize = 2_000_000_000;
+
 /// The preset named by `preset` with the `config` changes applied, checked.
 fn preset_config(params: &Params, vocab_size: usize) -> Result<ModelConfig, ParamError> {
     let config_error = |message: String| ParamError { param: "config".into(), message };
@@ -87,6 +90,11 @@ fn preset_config(params: &Params, vocab_size: usize) -> Result<ModelConfig, Para
     }
     let config: ModelConfig = serde_json::from_value(config).map_err(|e| config_error(format!("param `config`: {e}")))?;
     config.validate().map_err(|e| config_error(format!("param `config`: {e:#}")))?;
+    // A typo such as an extra zero should be an error, not an attempt to allocate terabytes.
+    let params = config.num_params();
+    if params > MAX_PRESET_PARAMS {
+        return Err(config_error(format!("param `config`: the model would have {params} parameters (more than {MAX_PRESET_PARAMS}); import a checkpoint with `from:` for models this large")));
+    }
     Ok(config)
 }
 
