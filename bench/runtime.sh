@@ -10,12 +10,8 @@ cd "$(dirname "$0")/.."
 PEAK_GFLOPS="${PEAK_GFLOPS:-220}"
 export RAYON_NUM_THREADS="${RAYON_NUM_THREADS:-2}"
 
-cargo build --release --quiet -p dagrun-model --example bench
-if cargo build --release --quiet --bin dagrun 2>/dev/null && ./target/release/dagrun bench --help >/dev/null 2>&1; then
-    DAGRUN=(./target/release/dagrun bench)
-else
-    DAGRUN=(./target/release/examples/bench)   # until the CLI exposes `dagrun bench`
-fi
+cargo build --release --quiet --bin dagrun
+DAGRUN=("${CARGO_TARGET_DIR:-target}/release/dagrun" bench)
 # Alternate the two sides a few times and report medians (and the median of the pairwise
 # ratios): on a shared 2-core machine a single run can be slowed by anything else that wakes up.
 RUNS="${RUNS:-5}"

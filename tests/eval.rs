@@ -8,8 +8,8 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::path::Path;
 
 use arrow::array::{Array, AsArray, RecordBatch};
-use arrow::datatypes::{Float64Type, Int32Type};
-use common::{object_path, Project};
+use arrow::datatypes::Int32Type;
+use common::{batches, floats, strings, Project};
 
 const PIPELINE: &str = "\
 seed: 1
@@ -37,21 +37,6 @@ stages:
     inputs: { samples: filter.samples }
     params: { rewards: { correctness: 1.0, format: 0.5 }, min_reward: 0.0, keep: best }
 ";
-
-fn batches(cache: &Path, digest: &str) -> Vec<RecordBatch> {
-    let file = std::fs::File::open(object_path(cache, digest)).unwrap();
-    let reader = parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder::try_new(file).unwrap().build().unwrap();
-    reader.map(Result::unwrap).collect()
-}
-
-fn strings(b: &RecordBatch, name: &str) -> Vec<String> {
-    let a = b.column_by_name(name).unwrap_or_else(|| panic!("no column {name}")).as_string::<i32>();
-    (0..a.len()).map(|i| a.value(i).to_string()).collect()
-}
-
-fn floats(b: &RecordBatch, name: &str) -> Vec<f64> {
-    b.column_by_name(name).unwrap_or_else(|| panic!("no column {name}")).as_primitive::<Float64Type>().values().to_vec()
-}
 
 /// (user, assistant, answer, task) of every chat row.
 fn chats(cache: &Path, digest: &str) -> Vec<(String, String, String, String)> {
@@ -175,10 +160,6 @@ stages:
     params: { k: 2, max_new_tokens: 48 }
 ";
 
-fn first_shard(cache: &Path) -> bool {
-    std::fs::read_dir(cache.join("resume")).map(|d| d.filter_map(|e| e.ok()).any(|e| e.path().join("model-000/shard-00000.parquet").is_file())).unwrap_or(false)
-}
-
 #[test]
 fn a_killed_eval_resumes_from_its_chunks_to_the_same_results() {
     let whole = Project::new("eval-whole");
@@ -188,7 +169,7 @@ fn a_killed_eval_resumes_from_its_chunks_to_the_same_results() {
 
     let p = Project::new("eval-killed");
     p.write("p.yaml", RESUME);
-    common::kill_when(&p, &["run", "p.yaml", "--json"], || first_shard(&p.cache()));
+    common::kill_when(&p, &["run", "p.yaml", "--json"], || common::resume_has(&p.cache(), "model-000/shard-00000.parquet"));
     let resumed = p.run("p.yaml", &[]);
     assert_eq!(resumed.status("eval"), "ran");
     assert_eq!(resumed.stage("eval")["resumed"], true);

@@ -3,8 +3,9 @@
 
 mod common;
 
+use std::path::Path;
 
-use common::{object_path, Project};
+use common::{batches, floats, strings, Project};
 
 const SFT: &str = "\
 seed: 1
@@ -21,25 +22,17 @@ stages:
     params: { max_steps: 40, batch_size: 16, lr: 3e-3, log_every: 5, checkpoint_every: 10 }
 ";
 
-fn losses(cache: &std::path::Path, digest: &str) -> Vec<f64> {
-    let file = std::fs::File::open(object_path(cache, digest)).unwrap();
-    let reader = parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder::try_new(file).unwrap().build().unwrap();
-    let mut out = Vec::new();
-    for batch in reader {
-        let batch = batch.unwrap();
-        let names = arrow::array::AsArray::as_string::<i32>(batch.column_by_name("metric").unwrap()).clone();
-        let values = arrow::array::AsArray::as_primitive::<arrow::datatypes::Float64Type>(batch.column_by_name("value").unwrap()).clone();
-        for i in 0..batch.num_rows() {
-            if names.value(i) == "loss" {
-                out.push(values.value(i));
-            }
-        }
-    }
-    out
+fn losses(cache: &Path, digest: &str) -> Vec<f64> {
+    batches(cache, digest)
+        .iter()
+        .flat_map(|b| strings(b, "metric").into_iter().zip(floats(b, "value")))
+        .filter(|(metric, _)| metric == "loss")
+        .map(|(_, value)| value)
+        .collect()
 }
 
-fn checkpointed(cache: &std::path::Path) -> bool {
-    std::fs::read_dir(cache.join("resume")).map(|d| d.filter_map(|e| e.ok()).any(|e| e.path().join("ckpt/state.json").is_file())).unwrap_or(false)
+fn checkpointed(cache: &Path) -> bool {
+    common::resume_has(cache, "ckpt/state.json")
 }
 
 #[test]

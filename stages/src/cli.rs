@@ -84,12 +84,24 @@ impl BackendTask for Generate {
         let a = &self.args;
         let text = if a.chat { tokenizer.apply_chat_template(&[ChatMessage::new("user", &a.prompt)], true)? } else { a.prompt.clone() };
         let ids = tokenizer.encode(&text, !a.chat)?;
-        let mut eos = tokenizer.eos_ids.clone();
-        eos.extend(model.config.eos_token_ids());
         let params = SamplingParams { temperature: a.temperature, top_k: a.top_k, top_p: a.top_p, max_new_tokens: a.max_new_tokens, stop_strings: Vec::new(), seed: a.seed };
-        let out = generate(&model, Some(&tokenizer), &[ids], &eos, &params)?.remove(0);
+        let out = generate(&model, Some(&tokenizer), &[ids], &tokenizer.eos_ids, &params)?.remove(0);
         Ok(serde_json::json!({ "text": out.text, "token_ids": out.token_ids, "logprobs": out.logprobs, "truncated": out.truncated }))
     }
+}
+
+/// A `--device` flag's value, or the usage exit code after saying what is wrong with it.
+fn parse_device(flag: &str) -> Result<DeviceSpec, i32> {
+    flag.parse().map_err(|e| {
+        eprintln!("--device {flag}: {e}");
+        EXIT_USAGE
+    })
+}
+
+/// Reports a command's failure; the exit code of a failed stage.
+fn failed(e: anyhow::Error) -> i32 {
+    eprintln!("error: {e:#}");
+    EXIT_STAGE_FAILED
 }
 
 pub fn generate_command(a: GenerateArgs, g: &GlobalArgs) -> i32 {
@@ -97,12 +109,9 @@ pub fn generate_command(a: GenerateArgs, g: &GlobalArgs) -> i32 {
         Ok(d) => d,
         Err(d) => return dagrun_engine::cli::report(Err(d)),
     };
-    let device: DeviceSpec = match a.device.parse() {
+    let device = match parse_device(&a.device) {
         Ok(d) => d,
-        Err(e) => {
-            eprintln!("--device {}: {e}", a.device);
-            return EXIT_USAGE;
-        }
+        Err(code) => return code,
     };
     let json = a.json;
     match run_on(&device, Generate { dir: dir.clone(), args: a }).with_context(|| format!("generating with {}", dir.display())) {
@@ -114,20 +123,14 @@ pub fn generate_command(a: GenerateArgs, g: &GlobalArgs) -> i32 {
             }
             EXIT_OK
         }
-        Err(e) => {
-            eprintln!("error: {e:#}");
-            EXIT_STAGE_FAILED
-        }
+        Err(e) => failed(e),
     }
 }
 
 pub fn bench_command(a: BenchArgs) -> i32 {
-    let device: DeviceSpec = match a.device.parse() {
+    let device = match parse_device(&a.device) {
         Ok(d) => d,
-        Err(e) => {
-            eprintln!("--device {}: {e}", a.device);
-            return EXIT_USAGE;
-        }
+        Err(code) => return code,
     };
     let shape = BenchShape {
         layers: a.layers,
@@ -151,9 +154,6 @@ pub fn bench_command(a: BenchArgs) -> i32 {
             }
             EXIT_OK
         }
-        Err(e) => {
-            eprintln!("error: {e:#}");
-            EXIT_STAGE_FAILED
-        }
+        Err(e) => failed(e),
     }
 }

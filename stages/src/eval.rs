@@ -6,13 +6,13 @@
 //! length. The summary table (per model, then per task family and difficulty) is the stage's
 //! report. Sampling seeds depend on the stage seed and the problem chunk only, so every model
 //! is evaluated with the same random streams. Results are checkpointed per model and chunk of
-//! [`CHUNK`] problems in the resume directory.
+//! [`CHUNK`](crate::sampling::CHUNK) problems in the resume directory.
 
 use std::collections::{BTreeMap, HashMap};
 use std::fmt::Write as _;
 use std::path::PathBuf;
 
-use anyhow::bail;
+use anyhow::{bail, Context};
 use burn::tensor::backend::AutodiffBackend;
 use dagrun_engine::dataset::read_parquet;
 use dagrun_engine::kind::{ArtifactType, KindSpec, ParamSpec, ParamType, PortSpec, StageContext, StageKind};
@@ -24,12 +24,11 @@ use serde_json::json;
 
 use crate::chat::ChatFormat;
 use crate::eval_math::{estimate, majority_vote, mean, pass_at_k};
-use crate::sampling::{mix_seed, prompts_of, sample_groups, Shards};
+use crate::sampling::{chunk, mix_seed, prompts_of, sample_groups, Shards};
 use crate::tables::{eval_batch, read_eval, read_problems, EvalRow, ProblemRow};
 use crate::tasks;
 
 /// Problems per checkpoint shard (and per sampling seed).
-pub const CHUNK: usize = 32;
 
 pub struct Eval;
 
@@ -77,7 +76,6 @@ impl StageKind for Eval {
             greedy: SamplingParams { temperature: 0.0, top_k: 0, top_p: 1.0, max_new_tokens: p.i64("max_new_tokens") as usize, stop_strings: vec![], seed: 0 },
             sampled: SamplingParams { temperature: p.f64("temperature") as f32, top_k: 0, top_p: p.f64("top_p") as f32, max_new_tokens: p.i64("max_new_tokens") as usize, stop_strings: vec![], seed: ctx.seed },
         };
-        let n_chunks = problems.len().div_ceil(CHUNK);
         let progress = ctx.progress((models.len() * problems.len()) as u64, "problems");
         let mut names: Vec<String> = Vec::new();
         let mut rows = Vec::with_capacity(models.len() * problems.len());
@@ -87,19 +85,15 @@ impl StageKind for Eval {
             let name = if names.contains(&artifact.producer) { format!("{}#{}", artifact.producer, m + 1) } else { artifact.producer.clone() };
             names.push(name.clone());
             let shards = Shards::new(&ctx.resume_dir().join(format!("model-{m:03}")))?;
-            let missing: Vec<usize> = (0..n_chunks).filter(|&c| !shards.exists(c)).collect();
-            resumed |= missing.len() < n_chunks;
-            let chunk_len = |c: usize| ((c + 1) * CHUNK).min(problems.len()) - c * CHUNK;
-            progress.inc((0..n_chunks).filter(|c| !missing.contains(c)).map(chunk_len).sum::<usize>() as u64);
+            let (missing, done) = shards.missing_chunks(problems.len());
+            resumed |= done > 0;
+            progress.inc(done as u64);
             if !missing.is_empty() {
                 ctx.info(format!("evaluating `{name}` on {} problems", problems.len()));
                 let task = EvalTask { model_dir: artifact.path.clone(), name: name.clone(), problems: &problems, chunks: missing, shards: &shards, cfg: &cfg, progress: &progress };
                 run_on(&device, task)?;
             }
-            for c in 0..n_chunks {
-                let Some(batches) = shards.load(c)? else { bail!("checkpoint shard {c} of model `{name}` is missing") };
-                rows.extend(read_eval(&batches)?);
-            }
+            rows.extend(shards.read_all(problems.len(), read_eval).with_context(|| format!("model `{name}`"))?);
         }
         if resumed {
             ctx.mark_resumed();
@@ -138,11 +132,11 @@ impl BackendTask for EvalTask<'_> {
         let cfg = self.cfg;
         let (mut seen, mut correct) = (0.0, 0.0);
         for c in self.chunks {
-            let chunk = &self.problems[c * CHUNK..((c + 1) * CHUNK).min(self.problems.len())];
+            let chunk = chunk(self.problems, c);
             let prompts = prompts_of(&format, chunk)?;
-            let greedy = sample_groups(&model, &format, &prompts, 1, &cfg.greedy, cfg.batch_size, |_| {})?;
+            let greedy = sample_groups(&model, &format, &prompts, 1, &cfg.greedy, cfg.batch_size)?;
             let sampled_params = SamplingParams { seed: mix_seed(cfg.sampled.seed, &[c as u64]), ..cfg.sampled.clone() };
-            let sampled = sample_groups(&model, &format, &prompts, cfg.k, &sampled_params, cfg.batch_size, |_| {})?;
+            let sampled = sample_groups(&model, &format, &prompts, cfg.k, &sampled_params, cfg.batch_size)?;
             let mut rows = Vec::with_capacity(chunk.len());
             for ((problem, greedy), samples) in chunk.iter().zip(greedy).zip(sampled) {
                 let g = &greedy[0];

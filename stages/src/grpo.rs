@@ -18,20 +18,17 @@ use dagrun_engine::kind::{ArtifactType, KindSpec, ParamError, ParamSpec, ParamTy
 use dagrun_engine::{Params, Progress};
 use dagrun_model::device::{run_on, BackendTask, DeviceSpec};
 use dagrun_model::generate::{generate, SamplingParams};
-use dagrun_model::optim::{AdamW, AdamWConfig, GradAccumulator, LrSchedule};
+use dagrun_model::optim::{GradAccumulator, LrSchedule};
 use dagrun_model::score::{score_host, score_with, Entropy, ScoreItem};
 use dagrun_model::{load_model, save_model};
 use rand::seq::SliceRandom;
-use rand::SeedableRng;
-use rand_chacha::ChaCha8Rng;
-use serde::{Deserialize, Serialize};
 use serde_json::json;
 
 use crate::chat::ChatFormat;
-use crate::checkpoint::{scalar, Checkpoint};
+use crate::checkpoint::{epoch_rng, finish_training, scalar, Checkpoint};
 use crate::grpo_math::{completion_mask, compute_advantages, entropy_bonus, grpo_loss, LossConfig, LossType, ScaleRewards};
 use crate::rewards::{Judged, RewardSet};
-use crate::tables::{metrics_batch, read_problems, samples_batch, ProblemRow, SampleRow};
+use crate::tables::{read_problems, samples_batch, ProblemRow, SampleRow};
 
 pub struct Grpo;
 
@@ -112,12 +109,7 @@ impl StageKind for Grpo {
             seed: ctx.seed,
         };
         let outcome = run_on(&device, task)?;
-        if outcome.resumed_from > 0 {
-            ctx.mark_resumed();
-            ctx.info(format!("resumed from the checkpoint at step {}", outcome.resumed_from));
-        }
-        crate::sft::copy_tokenizer_files(&ctx.input("model")?.path, ctx.output_path("model")?)?;
-        ctx.write_dataset("metrics", &[metrics_batch(&outcome.metrics)?])?;
+        finish_training(ctx, outcome.resumed_from, &outcome.metrics)?;
         let mut samples = Vec::new();
         for shard in outcome.sample_shards {
             samples.extend(read_parquet(&shard)?.1);
@@ -125,12 +117,6 @@ impl StageKind for Grpo {
         ctx.write_dataset("samples", &samples)?;
         Ok(())
     }
-}
-
-#[derive(Debug, Default, Serialize, Deserialize)]
-struct GrpoState {
-    step: u64,
-    metrics: Vec<(i64, String, f64)>,
 }
 
 struct GrpoTask {
@@ -157,13 +143,18 @@ impl GrpoTask {
     fn batch(&self, step: u64) -> Vec<usize> {
         let b = self.params.i64("batch_prompts") as usize;
         let n = self.problems.len();
+        // A step spans at most two epochs: shuffle each once, not once per prompt.
+        let mut shuffled: Option<(usize, Vec<usize>)> = None;
         (0..b)
             .map(|j| {
                 let k = step as usize * b + j;
                 let (epoch, pos) = (k / n, k % n);
-                let mut order: Vec<usize> = (0..n).collect();
-                order.shuffle(&mut ChaCha8Rng::seed_from_u64(self.seed ^ (epoch as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15)));
-                order[pos]
+                if shuffled.as_ref().map(|s| s.0) != Some(epoch) {
+                    let mut order: Vec<usize> = (0..n).collect();
+                    order.shuffle(&mut epoch_rng(self.seed, epoch as u64));
+                    shuffled = Some((epoch, order));
+                }
+                shuffled.as_ref().expect("just set").1[pos]
             })
             .collect()
     }
@@ -185,17 +176,12 @@ impl BackendTask for GrpoTask {
         let group = p.i64("group_size") as usize;
         let beta = p.f64("beta");
         let ckpt = Checkpoint::new(&self.resume);
-        let (mut model, mut opt, mut state) = match ckpt.restore::<B, GrpoState>(&device)? {
-            Some(r) => (r.model, r.optimizer, r.state),
-            None => {
-                let clip = p.f64("max_grad_norm");
-                let config = AdamWConfig { weight_decay: p.f64("weight_decay"), max_grad_norm: (clip > 0.0).then_some(clip), ..AdamWConfig::default() };
-                (load_model::<B>(&self.model_dir, &device)?, AdamW::new(config), GrpoState::default())
-            }
-        };
+        let (mut model, mut opt, mut state) = ckpt.restore_or_start::<B>(&self.model_dir, p, &device)?;
         let reference = if beta > 0.0 { Some(load_model::<B::InnerBackend>(&self.model_dir, &device)?) } else { None };
         let resumed_from = state.step;
-        let schedule = LrSchedule { peak_lr: p.f64("lr"), warmup_steps: p.i64("warmup_steps") as u64, total_steps: 0, min_lr_ratio: 1.0 };
+        let schedule = LrSchedule { warmup_steps: p.i64("warmup_steps") as u64, ..LrSchedule::constant(p.f64("lr")) };
+        let (top_p, mask_truncated, entropy_coef) = (p.f64("top_p") as f32, p.bool("mask_truncated_completions"), p.f64("entropy_coef"));
+        let checkpoint_every = p.i64("checkpoint_every") as u64;
         let loss_type: LossType = p.str("loss_type").parse().map_err(|e| anyhow::anyhow!("{e}"))?;
         let scale: ScaleRewards = p.str("scale_rewards").parse().map_err(|e| anyhow::anyhow!("{e}"))?;
         let max_new = p.i64("max_new_tokens") as usize;
@@ -213,7 +199,7 @@ impl BackendTask for GrpoTask {
             let t0 = Instant::now();
             let policy = model.valid();
             let prompts: Vec<Vec<u32>> = chosen.iter().flat_map(|&i| std::iter::repeat_n(self.prompts[i].clone(), group)).collect();
-            let sampling = SamplingParams { temperature, top_k: 0, top_p: p.f64("top_p") as f32, max_new_tokens: max_new, stop_strings: Vec::new(), seed: self.seed.wrapping_add(step.wrapping_mul(0x2545_F491_4F6C_DD1D)) };
+            let sampling = SamplingParams { temperature, top_k: 0, top_p, max_new_tokens: max_new, stop_strings: Vec::new(), seed: self.seed.wrapping_add(step.wrapping_mul(0x2545_F491_4F6C_DD1D)) };
             let completions = generate(&policy, Some(&self.format.tokenizer), &prompts, &self.format.stop_ids, &sampling)?;
             let gen_tokens: usize = completions.iter().map(|c| c.token_ids.len()).sum();
             let gen_secs = t0.elapsed().as_secs_f64();
@@ -231,7 +217,6 @@ impl BackendTask for GrpoTask {
             let adv = compute_advantages(&totals, group, scale).map_err(|e| anyhow::anyhow!("{e}"))?;
             let items: Vec<ScoreItem> = prompts.iter().zip(&completions).map(|(pr, c)| ScoreItem { prompt: pr.clone(), completion: if c.token_ids.is_empty() { vec![self.format.end_id] } else { c.token_ids.clone() } }).collect();
             let shapes: Vec<(usize, bool)> = items.iter().zip(&completions).map(|(it, c)| (it.completion.len(), c.truncated)).collect();
-            let mask_truncated = p.bool("mask_truncated_completions");
             let total_tokens: f64 = shapes.iter().filter(|(_, t)| !(mask_truncated && *t)).map(|(l, _)| *l as f64).sum();
 
             // 3. Log-probs that do not change during the iterations.
@@ -260,7 +245,7 @@ impl BackendTask for GrpoTask {
                 for r in &chunks {
                     let part = &items[r.clone()];
                     // Entropy is always a metric; it joins the graph only as a bonus term.
-                    let entropy = if p.f64("entropy_coef") > 0.0 { Entropy::Tracked } else { Entropy::Detached };
+                    let entropy = if entropy_coef > 0.0 { Entropy::Tracked } else { Entropy::Detached };
                     let scores = score_with(&model, part, self.format.pad_id, entropy)?;
                     let [rows, width] = scores.logprobs.dims();
                     let mask = host_tensor::<B>(&completion_mask(&shapes[r.clone()], width, mask_truncated), [rows, width], &device);
@@ -274,8 +259,8 @@ impl BackendTask for GrpoTask {
                     let (mut loss, stats) = grpo_loss(scores.logprobs.clone(), old, reference, advantages, mask.clone(), &cfg).map_err(|e| anyhow::anyhow!("{e}"))?;
                     if let Some(entropy) = scores.entropy {
                         sums.entropy += scalar((entropy.clone() * mask.clone()).sum().detach()) as f64;
-                        if p.f64("entropy_coef") > 0.0 {
-                            loss = loss - entropy_bonus(entropy, mask, p.f64("entropy_coef"), &cfg).map_err(|e| anyhow::anyhow!("{e}"))?;
+                        if entropy_coef > 0.0 {
+                            loss = loss - entropy_bonus(entropy, mask, entropy_coef, &cfg).map_err(|e| anyhow::anyhow!("{e}"))?;
                         }
                     }
                     let value = scalar(loss.clone());
@@ -340,8 +325,7 @@ impl BackendTask for GrpoTask {
             state.step += 1;
             self.progress.set_position(state.step);
             self.progress.set_message(&format!("reward {mean:.3}"));
-            let every = p.i64("checkpoint_every") as u64;
-            if state.step % every == 0 || state.step == steps {
+            if state.step % checkpoint_every == 0 || state.step == steps {
                 // Samples first: a checkpoint never points past the samples it has.
                 write_parquet_atomic(&shard_path(state.step), &samples_batch(&pending)?)?;
                 pending.clear();

@@ -27,11 +27,10 @@ use serde_json::json;
 use crate::chat::ChatFormat;
 use crate::dedupe::{select_diverse, Diversity};
 use crate::rewards::{Judged, RewardSet};
-use crate::sampling::{mix_seed, prompts_of, reward_set, sample_groups, think_steps, Shards, REWARD_NAMES};
+use crate::sampling::{chunk, mix_seed, prompts_of, reward_set, sample_groups, think_steps, Shards, CHUNK, REWARD_NAMES};
 use crate::tables::{chat_batch, read_problems, read_samples, samples_batch, ChatRow, Message, ProblemRow, SampleRow};
 
 /// Problems per checkpoint shard (and per sampling seed).
-pub const CHUNK: usize = 32;
 
 pub struct RejectionFilter;
 
@@ -131,10 +130,9 @@ fn sample_from_model(ctx: &mut StageContext, model_dir: &std::path::Path, proble
     let p = &ctx.params;
     let shards = Shards::new(&ctx.resume_dir().join("samples"))?;
     let n_chunks = problems.len().div_ceil(CHUNK);
-    let missing: Vec<usize> = (0..n_chunks).filter(|&c| !shards.exists(c)).collect();
-    let chunk_len = |c: usize| ((c + 1) * CHUNK).min(problems.len()) - c * CHUNK;
+    let (missing, done) = shards.missing_chunks(problems.len());
     let progress = ctx.progress(problems.len() as u64, "problems");
-    progress.inc((0..n_chunks).filter(|c| !missing.contains(c)).map(chunk_len).sum::<usize>() as u64);
+    progress.inc(done as u64);
     let params = SamplingParams {
         temperature: p.f64("temperature") as f32,
         top_k: 0,
@@ -162,12 +160,7 @@ fn sample_from_model(ctx: &mut StageContext, model_dir: &std::path::Path, proble
         };
         run_on(&device, task)?;
     }
-    let mut rows = Vec::new();
-    for c in 0..n_chunks {
-        let Some(batches) = shards.load(c)? else { bail!("checkpoint shard {c} is missing") };
-        rows.extend(read_samples(&batches)?);
-    }
-    Ok(rows)
+    shards.read_all(problems.len(), read_samples)
 }
 
 struct SampleTask<'a> {
@@ -189,10 +182,10 @@ impl BackendTask for SampleTask<'_> {
         let model = load_model::<B::InnerBackend>(&self.model_dir, &device)?;
         let format = ChatFormat::load(&self.model_dir)?;
         for c in self.chunks {
-            let chunk = &self.problems[c * CHUNK..((c + 1) * CHUNK).min(self.problems.len())];
+            let chunk = chunk(self.problems, c);
             let prompts = prompts_of(&format, chunk)?;
             let params = SamplingParams { seed: mix_seed(self.params.seed, &[c as u64]), ..self.params.clone() };
-            let groups = sample_groups(&model, &format, &prompts, self.n, &params, self.batch_size, |_| {})?;
+            let groups = sample_groups(&model, &format, &prompts, self.n, &params, self.batch_size)?;
             let mut rows = Vec::with_capacity(chunk.len() * self.n);
             for (problem, group) in chunk.iter().zip(groups) {
                 for completion in group {
@@ -227,11 +220,13 @@ fn select(samples: &[SampleRow], min_reward: f64, diversity: &Diversity) -> (Vec
     let mut order: Vec<&str> = Vec::new();
     let mut groups: HashMap<&str, Vec<&SampleRow>> = HashMap::new();
     for s in samples {
-        groups.entry(s.id.as_str()).or_insert_with(|| {
-            order.push(s.id.as_str());
-            Vec::new()
-        });
-        groups.get_mut(s.id.as_str()).expect("inserted").push(s);
+        groups
+            .entry(s.id.as_str())
+            .or_insert_with(|| {
+                order.push(s.id.as_str());
+                Vec::new()
+            })
+            .push(s);
     }
     // Rewards are sums of floats (1.0 + 0.2·1.0): allow rounding at the threshold.
     let passes = |r: f64| r.is_finite() && r >= min_reward - 1e-9;

@@ -288,7 +288,8 @@ pub fn steps(completion: &str, cap: usize) -> f64 {
     (lines as f64 / cap.max(1) as f64).min(1.0)
 }
 
-fn think_block(completion: &str) -> Option<&str> {
+/// The text between the first `<think>` and the `</think>` after it.
+pub(crate) fn think_block(completion: &str) -> Option<&str> {
     let (_, after_open) = completion.split_once("<think>")?;
     let (inside, _) = after_open.split_once("</think>")?;
     Some(inside)

@@ -1,5 +1,6 @@
 //! Sampling completions for problems, shared by the stages that generate (`eval`,
-//! `rejection_filter`, `grpo`), and the chunked checkpoints they resume from.
+//! `rejection_filter`; `grpo` uses [`prompts_of`] and [`reward_set`]), and the chunked
+//! checkpoints they resume from.
 //!
 //! - [`sample_groups`]: `n` completions for each of many prompts, generated `batch_size`
 //!   sequences per call of the runtime's batched KV-cache [`generate`]. The result is grouped
@@ -8,8 +9,8 @@
 //! - [`prompts_of`]: problems → prompt ids in the model's chat format.
 //! - [`reward_set`]: a `rewards` weights param → a [`RewardSet`] tuned to `max_new_tokens`.
 //! - [`think_steps`]: the reasoning lines of a completion, for `dataset<chat>`'s `steps`.
-//! - [`Shards`]: numbered Parquet files in a resume directory, each written atomically, so a
-//!   killed stage redoes only the chunk it was in.
+//! - [`Shards`]: numbered Parquet files in a resume directory, one per [`CHUNK`] of problems,
+//!   each written atomically, so a killed stage redoes only the chunk it was in.
 //!
 //! Completions carry their token count (`token_ids.len()`, including the end-of-turn token when
 //! generation stopped on it) and `truncated`, which is what [`crate::rewards::Judged`] needs.
@@ -51,8 +52,7 @@ pub fn prompts_of(format: &ChatFormat, problems: &[ProblemRow]) -> anyhow::Resul
 ///
 /// The prompts are repeated `n` times each (prompt-major) and generated `batch_size`
 /// sequences per call; generation stops at `format.stop_ids` or `params.max_new_tokens`.
-/// Temperature 0 is greedy (then `n` copies are identical: ask for `n = 1`). `on_batch` is
-/// called with the number of sequences after each call (for progress bars).
+/// Temperature 0 is greedy (then `n` copies are identical: ask for `n = 1`).
 pub fn sample_groups<B: Backend>(
     model: &CausalLm<B>,
     format: &ChatFormat,
@@ -60,7 +60,6 @@ pub fn sample_groups<B: Backend>(
     n: usize,
     params: &SamplingParams,
     batch_size: usize,
-    mut on_batch: impl FnMut(usize),
 ) -> anyhow::Result<Vec<Vec<Completion>>> {
     let flat: Vec<(usize, &Vec<u32>)> = prompts.iter().enumerate().flat_map(|(i, p)| std::iter::repeat_n((i, p), n)).collect();
     let mut groups: Vec<Vec<Completion>> = prompts.iter().map(|_| Vec::with_capacity(n)).collect();
@@ -71,7 +70,6 @@ pub fn sample_groups<B: Backend>(
         for ((i, _), c) in batch.iter().zip(completions) {
             groups[*i].push(c);
         }
-        on_batch(batch.len());
     }
     Ok(groups)
 }
@@ -90,9 +88,16 @@ pub fn reward_set(weights: &[(String, f64)], max_new_tokens: usize) -> anyhow::R
 /// The non-blank lines inside a completion's first `<think>…</think>` block, trimmed; none
 /// when there is no closed block.
 pub fn think_steps(completion: &str) -> Vec<String> {
-    let Some((_, rest)) = completion.split_once("<think>") else { return Vec::new() };
-    let Some((inside, _)) = rest.split_once("</think>") else { return Vec::new() };
+    let Some(inside) = crate::rewards::think_block(completion) else { return Vec::new() };
     inside.lines().map(str::trim).filter(|l| !l.is_empty()).map(str::to_string).collect()
+}
+
+/// Problems are sampled and checkpointed in chunks of this many.
+pub const CHUNK: usize = 32;
+
+/// Chunk `c` of `items`.
+pub fn chunk<T>(items: &[T], c: usize) -> &[T] {
+    &items[c * CHUNK..((c + 1) * CHUNK).min(items.len())]
 }
 
 /// Numbered Parquet checkpoints in a directory of a stage's resume directory. A shard exists
@@ -126,6 +131,30 @@ impl Shards {
 
     pub fn save(&self, index: usize, batch: &RecordBatch) -> anyhow::Result<()> {
         write_parquet_atomic(&self.path(index), batch)
+    }
+
+    /// For `n_items` items in [`CHUNK`]s: the chunks without a shard yet, and how many items
+    /// the saved ones hold.
+    pub fn missing_chunks(&self, n_items: usize) -> (Vec<usize>, usize) {
+        let (mut missing, mut done) = (Vec::new(), 0);
+        for c in 0..n_items.div_ceil(CHUNK) {
+            if self.exists(c) {
+                done += ((c + 1) * CHUNK).min(n_items) - c * CHUNK;
+            } else {
+                missing.push(c);
+            }
+        }
+        (missing, done)
+    }
+
+    /// The rows of every chunk's shard, in order, each read with `read`.
+    pub fn read_all<T>(&self, n_items: usize, read: impl Fn(&[RecordBatch]) -> anyhow::Result<Vec<T>>) -> anyhow::Result<Vec<T>> {
+        let mut rows = Vec::with_capacity(n_items);
+        for c in 0..n_items.div_ceil(CHUNK) {
+            let batches = self.load(c)?.with_context(|| format!("checkpoint shard {c} is missing"))?;
+            rows.extend(read(&batches)?);
+        }
+        Ok(rows)
     }
 }
 

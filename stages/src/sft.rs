@@ -16,18 +16,15 @@ use dagrun_engine::kind::{ArtifactType, KindSpec, ParamError, ParamSpec, ParamTy
 use dagrun_engine::{Params, Progress};
 use dagrun_model::device::{run_on, BackendTask, DeviceSpec};
 use dagrun_model::lora::{add_lora, LoraConfig};
-use dagrun_model::optim::{AdamW, AdamWConfig, GradAccumulator, LrSchedule};
+use dagrun_model::optim::{GradAccumulator, LrSchedule};
 use dagrun_model::score::{score, ScoreItem};
-use dagrun_model::{load_model, save_model};
+use dagrun_model::save_model;
 use rand::seq::SliceRandom;
-use rand::SeedableRng;
-use rand_chacha::ChaCha8Rng;
-use serde::{Deserialize, Serialize};
 use serde_json::json;
 
 use crate::chat::ChatFormat;
-use crate::checkpoint::{scalar, Checkpoint};
-use crate::tables::{metrics_batch, read_chat};
+use crate::checkpoint::{epoch_rng, finish_training, scalar, Checkpoint};
+use crate::tables::read_chat;
 
 pub struct Sft;
 
@@ -108,27 +105,11 @@ impl StageKind for Sft {
         let progress = ctx.progress(plan.total_steps, "steps");
         let task = SftTask { params: ctx.params.clone(), plan, items, model_dir, resume, out: ctx.output_path("model")?.to_path_buf(), progress, pad_id: format.pad_id, seed: ctx.seed };
         let outcome = run_on(&device, task)?;
-        if outcome.resumed_from > 0 {
-            ctx.mark_resumed();
-            ctx.info(format!("resumed from the checkpoint at step {}", outcome.resumed_from));
-        }
-        copy_tokenizer_files(&ctx.input("model")?.path, ctx.output_path("model")?)?;
-        ctx.write_dataset("metrics", &[metrics_batch(&outcome.metrics)?])?;
+        finish_training(ctx, outcome.resumed_from, &outcome.metrics)?;
         let last = outcome.metrics.iter().rev().find(|m| m.1 == "loss").map(|m| m.2).unwrap_or(f64::NAN);
         ctx.info(format!("final loss {last:.4}"));
         Ok(())
     }
-}
-
-/// Carries the tokenizer and generation files of the input model over to a trained one.
-pub(crate) fn copy_tokenizer_files(from: &std::path::Path, to: &std::path::Path) -> anyhow::Result<()> {
-    for name in ["tokenizer.json", "tokenizer_config.json", "generation_config.json", "chat_template.jinja", "special_tokens_map.json"] {
-        let src = from.join(name);
-        if src.is_file() {
-            std::fs::copy(&src, to.join(name))?;
-        }
-    }
-    Ok(())
 }
 
 /// How many steps, in what order.
@@ -156,7 +137,7 @@ impl TrainPlan {
     /// Micro-batches of one epoch: a seeded shuffle, bucketed by length in windows of 8
     /// batches so that padding stays small, then the batches shuffled again.
     fn epoch(&self, epoch: u64, lengths: &[usize]) -> Vec<Vec<usize>> {
-        let mut rng = ChaCha8Rng::seed_from_u64(self.seed ^ epoch.wrapping_mul(0x9E37_79B9_7F4A_7C15));
+        let mut rng = epoch_rng(self.seed, epoch);
         let mut order: Vec<usize> = (0..self.n_items).collect();
         order.shuffle(&mut rng);
         let mut batches = Vec::new();
@@ -181,12 +162,6 @@ impl TrainPlan {
             *cache = Some((next, self.epoch(next, lengths)));
         }
     }
-}
-
-#[derive(Debug, Default, Serialize, Deserialize)]
-struct TrainState {
-    step: u64,
-    metrics: Vec<(i64, String, f64)>,
 }
 
 struct SftTask {
@@ -218,15 +193,7 @@ impl BackendTask for SftTask {
             dropout: p.f64("lora_dropout"),
             target_modules: p.get_as("lora_targets").unwrap_or_default(),
         });
-        let (mut model, mut opt, mut state) = match ckpt.restore::<B, TrainState>(&device)? {
-            Some(r) => (r.model, r.optimizer, r.state),
-            None => {
-                let model = load_model::<B>(&self.model_dir, &device)?;
-                let clip = p.f64("max_grad_norm");
-                let config = AdamWConfig { weight_decay: p.f64("weight_decay"), max_grad_norm: (clip > 0.0).then_some(clip), ..AdamWConfig::default() };
-                (model, AdamW::new(config), TrainState::default())
-            }
-        };
+        let (mut model, mut opt, mut state) = ckpt.restore_or_start::<B>(&self.model_dir, p, &device)?;
         // LoRA checkpoints are saved merged, so a resumed LoRA run continues on fresh adapters.
         if let Some(cfg) = &lora {
             model = add_lora(model, cfg, self.seed)?;

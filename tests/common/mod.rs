@@ -4,6 +4,8 @@
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 
+use arrow::array::{Array, AsArray, RecordBatch};
+use arrow::datatypes::Float64Type;
 use serde_json::Value;
 
 /// A scratch directory holding pipeline files and their `.dagrun/` cache.
@@ -122,4 +124,25 @@ impl Run {
 /// The path of a published object in a cache.
 pub fn object_path(cache: &Path, digest: &str) -> PathBuf {
     cache.join("objects").join(&digest[..2]).join(digest)
+}
+
+/// Whether some stage's resume directory in `cache` holds the file `rel` (a checkpoint to kill at).
+pub fn resume_has(cache: &Path, rel: &str) -> bool {
+    std::fs::read_dir(cache.join("resume")).map(|d| d.filter_map(|e| e.ok()).any(|e| e.path().join(rel).is_file())).unwrap_or(false)
+}
+
+/// The record batches of a cached Parquet object.
+pub fn batches(cache: &Path, digest: &str) -> Vec<RecordBatch> {
+    let file = std::fs::File::open(object_path(cache, digest)).unwrap();
+    let reader = parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder::try_new(file).unwrap().build().unwrap();
+    reader.map(Result::unwrap).collect()
+}
+
+pub fn strings(b: &RecordBatch, name: &str) -> Vec<String> {
+    let a = b.column_by_name(name).unwrap_or_else(|| panic!("no column {name}")).as_string::<i32>();
+    (0..a.len()).map(|i| a.value(i).to_string()).collect()
+}
+
+pub fn floats(b: &RecordBatch, name: &str) -> Vec<f64> {
+    b.column_by_name(name).unwrap_or_else(|| panic!("no column {name}")).as_primitive::<Float64Type>().values().to_vec()
 }

@@ -251,6 +251,21 @@ pub fn rms_norm_backward(x: &[f32], w: &[f32], dy: &[f32], eps: f32) -> (Vec<f32
     (dx, dw)
 }
 
+/// `p ← softmax(p)` in place (max-subtracted); inlined into each kernel's multiversioned body.
+#[inline(always)]
+fn exp_normalize(p: &mut [f32]) {
+    let max = p.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+    let mut sum = 0f32;
+    for v in p.iter_mut() {
+        *v = exp_approx(*v - max);
+        sum += *v;
+    }
+    let inv = 1.0 / sum;
+    for v in p.iter_mut() {
+        *v *= inv;
+    }
+}
+
 multiversion! {
     fn softmax_row(s: &[f32], bias: Option<&[f32]>, scale: f32, p: &mut [f32]) {
         match bias {
@@ -265,16 +280,7 @@ multiversion! {
                 }
             }
         }
-        let max = p.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-        let mut sum = 0f32;
-        for v in p.iter_mut() {
-            *v = exp_approx(*v - max);
-            sum += *v;
-        }
-        let inv = 1.0 / sum;
-        for v in p.iter_mut() {
-            *v *= inv;
-        }
+        exp_normalize(p);
     }
 }
 
@@ -285,16 +291,7 @@ multiversion! {
                 *v += b;
             }
         }
-        let max = p.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-        let mut sum = 0f32;
-        for v in p.iter_mut() {
-            *v = exp_approx(*v - max);
-            sum += *v;
-        }
-        let inv = 1.0 / sum;
-        for v in p.iter_mut() {
-            *v *= inv;
-        }
+        exp_normalize(p);
     }
 }
 

@@ -191,8 +191,8 @@ fn sampling_is_seeded_and_respects_stops() {
     let a = generate(&model, Some(&tok), &prompts, &tok.eos_ids, &params).unwrap();
     let b = generate(&model, Some(&tok), &prompts, &tok.eos_ids, &params).unwrap();
     assert_eq!(a, b, "same seed, same completions");
-    // A sequence's completion does not depend on its batch neighbours.
-    // (Row 1 alone gets index 0, so give it the seed row 1 had: rows are seeded by seed ^ f(index).)
+    // Rows are seeded by the seed and their index in the batch, so a third call repeats row 1.
+    // (A row's completion does depend on its position: this does not test batch independence.)
     let alone = generate(&model, Some(&tok), &prompts, &tok.eos_ids, &params).unwrap();
     assert_eq!(alone[1], a[1]);
     let c = generate(&model, Some(&tok), &prompts, &tok.eos_ids, &SamplingParams { seed: 18, ..params.clone() }).unwrap();

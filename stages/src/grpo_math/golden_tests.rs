@@ -19,6 +19,7 @@ struct Fixture {
     json: Value,
     rows: usize,
     width: usize,
+    group_size: usize,
 }
 
 impl Fixture {
@@ -26,7 +27,8 @@ impl Fixture {
         let json: Value = serde_json::from_str(GOLDEN).expect("golden JSON parses");
         let rows = json["batch"].as_u64().unwrap() as usize;
         let width = json["width"].as_u64().unwrap() as usize;
-        Self { json, rows, width }
+        let group_size = json["group_size"].as_u64().unwrap() as usize;
+        Self { json, rows, width, group_size }
     }
 
     fn matrix(&self, key: &str) -> Vec<f64> {
@@ -81,10 +83,9 @@ fn assert_close(what: &str, got: f64, expected: f64, tolerance: f64) {
 #[test]
 fn advantages_match_golden() {
     let fixture = Fixture::load();
-    let group_size = fixture.json["group_size"].as_u64().unwrap() as usize;
     for scale in ["group", "batch", "none"] {
         let expected = &fixture.json["advantages"][scale];
-        let got = compute_advantages(&fixture.rewards(), group_size, scale_of(scale)).unwrap();
+        let got = compute_advantages(&fixture.rewards(), fixture.group_size, scale_of(scale)).unwrap();
         for (index, (got, want)) in got
             .advantages
             .iter()
@@ -123,9 +124,8 @@ fn run_case(fixture: &Fixture, case: &Value, dtype: DType) -> Outcome {
         num_items_in_batch: case["num_items_in_batch"].as_f64(),
         gradient_accumulation_steps: case["gradient_accumulation_steps"].as_u64().unwrap() as usize,
     };
-    let group_size = fixture.json["group_size"].as_u64().unwrap() as usize;
     let scale = scale_of(case["scale_rewards"].as_str().unwrap());
-    let advantages = compute_advantages(&fixture.rewards(), group_size, scale)
+    let advantages = compute_advantages(&fixture.rewards(), fixture.group_size, scale)
         .unwrap()
         .advantages;
     let mask = completion_mask(

@@ -22,6 +22,10 @@ pub enum LossType {
     Dapo,
 }
 
+impl LossType {
+    pub const ALL: [LossType; 4] = [LossType::Grpo, LossType::Bnpo, LossType::DrGrpo, LossType::Dapo];
+}
+
 impl FromStr for LossType {
     type Err = String;
 
@@ -445,12 +449,7 @@ mod tests {
         let old = matrix(&[[-1.2, f32::NAN], [-1.0, f32::INFINITY]]);
         let reference = matrix(&[[-0.9, f32::NAN], [f32::NAN, -1.0]]);
         let mask = matrix(&[[1.0, 0.0], [0.0, 0.0]]);
-        for loss_type in [
-            LossType::Grpo,
-            LossType::Bnpo,
-            LossType::DrGrpo,
-            LossType::Dapo,
-        ] {
+        for loss_type in LossType::ALL {
             let cfg = LossConfig {
                 loss_type,
                 beta: 0.04,
@@ -477,12 +476,7 @@ mod tests {
     fn an_all_zero_mask_gives_zero_loss_not_nan() {
         let logp = matrix(&[[-1.0, -1.0]]).require_grad();
         let mask = matrix(&[[0.0, 0.0]]);
-        for loss_type in [
-            LossType::Grpo,
-            LossType::Bnpo,
-            LossType::DrGrpo,
-            LossType::Dapo,
-        ] {
+        for loss_type in LossType::ALL {
             let cfg = LossConfig {
                 loss_type,
                 ..LossConfig::default()
