@@ -65,16 +65,6 @@ impl fmt::Display for DeviceSpec {
     }
 }
 
-impl DeviceSpec {
-    /// Whether this build can run on the device (CUDA needs the `cuda` feature).
-    pub fn is_available(&self) -> bool {
-        match self {
-            DeviceSpec::Cpu => true,
-            DeviceSpec::Cuda(_) => cfg!(feature = "cuda"),
-        }
-    }
-}
-
 /// Backend-generic work. `B` is an autodiff backend; use `B::InnerBackend` (or
 /// `AutodiffModule::valid`) for work that needs no gradients.
 pub trait BackendTask {

@@ -106,6 +106,16 @@ fn wrap<const D: usize>(t: FlexTensor) -> Tensor<Flex, D> {
     Tensor::from_primitive(TensorPrimitive::Float(t))
 }
 
+/// The flex tensor inside `t`, on the `Path::Flex` branch (where `B` is `Flex`).
+fn to_flex<B: Backend, const D: usize>(t: Tensor<B, D>) -> FlexTensor {
+    flex_of(cast::<_, Tensor<Flex, D>>(t).ok().expect("the Flex path has Flex tensors"))
+}
+
+/// The autodiff tensor inside `t`, on the `Path::AutodiffFlex` branch.
+fn to_ad<B: Backend, const D: usize>(t: Tensor<B, D>) -> AdTensor {
+    ad_parts(cast::<_, Tensor<Ad, D>>(t).ok().expect("the AutodiffFlex path has Autodiff<Flex> tensors"))
+}
+
 fn ad_parts<const D: usize>(t: Tensor<Ad, D>) -> AdTensor {
     t.into_primitive().tensor()
 }
@@ -137,12 +147,12 @@ pub struct RopeHost {
 pub fn rope<B: Backend>(x: Tensor<B, 2>, host: &RopeHost, plain: impl FnOnce(Tensor<B, 2>) -> Tensor<B, 2>) -> Tensor<B, 2> {
     match path::<B>() {
         Path::Flex => {
-            let x = flex_of(cast::<_, Tensor<Flex, 2>>(x).ok().unwrap());
+            let x = to_flex(x);
             let y = kernels::rope(&values(&x), &host.cos, &host.sin, host.half, 1.0);
             back(wrap::<2>(flex_new(y, shape_of(&x))))
         }
         Path::AutodiffFlex => {
-            let x = ad_parts(cast::<_, Tensor<Ad, 2>>(x).ok().unwrap());
+            let x = to_ad(x);
             let y = flex_new(kernels::rope(&values(&x.primitive), &host.cos, &host.sin, host.half, 1.0), shape_of(&x.primitive));
             let out = match RopeBackward.prepare::<NoCheckpointing>([x.node.clone()]).compute_bound().stateful() {
                 OpsKind::Tracked(prep) => prep.finish(host.clone(), y),
@@ -188,14 +198,14 @@ pub fn attention<B: Backend>(
     let out_shape = vec![shape.batch * shape.queries, shape.heads * shape.head_dim];
     match path::<B>() {
         Path::Flex => {
-            let [q, k, v] = [q, k, v].map(|t| flex_of(cast::<_, Tensor<Flex, 2>>(t).ok().unwrap()));
-            let bias = bias.map(|b| flex_of(cast::<_, Tensor<Flex, 4>>(b).ok().unwrap()));
+            let [q, k, v] = [q, k, v].map(to_flex);
+            let bias = bias.map(|b| to_flex(b));
             let (out, _) = crate::attention_kernel::forward(&values(&q), &values(&k), &values(&v), bias.as_ref().map(values).as_deref(), shape);
             back(wrap::<2>(flex_new(out, out_shape)))
         }
         Path::AutodiffFlex => {
-            let [q, k, v] = [q, k, v].map(|t| ad_parts(cast::<_, Tensor<Ad, 2>>(t).ok().unwrap()));
-            let bias = bias.map(|b| ad_parts(cast::<_, Tensor<Ad, 4>>(b).ok().unwrap()).primitive);
+            let [q, k, v] = [q, k, v].map(to_ad);
+            let bias = bias.map(|b| to_ad(b).primitive);
             let bias_values = bias.as_ref().map(values);
             let (out, probs) = crate::attention_kernel::forward(
                 &values(&q.primitive),
@@ -243,18 +253,18 @@ impl Backward<Flex, 3> for AttentionBackward {
 
 // ---- KV cache writes -----------------------------------------------------------------------
 
-/// Writes `values` `[b, heads, t, d]` into `cache` `[b, heads, capacity, d]` at columns
+/// Writes `rows` `[b, heads, t, d]` into `cache` `[b, heads, capacity, d]` at columns
 /// `start..start+t`. On the CPU backend a uniquely owned cache is written in place (flex's
 /// `slice_assign` copies the whole destination first, which made decoding memory-bound).
-pub fn write_cache<B: Backend>(cache: Tensor<B, 4>, values: Tensor<B, 4>, start: usize) -> Tensor<B, 4> {
-    let [b, h, t, d] = values.dims();
+pub fn write_cache<B: Backend>(cache: Tensor<B, 4>, rows: Tensor<B, 4>, start: usize) -> Tensor<B, 4> {
+    let [b, h, t, d] = rows.dims();
     if let Path::Flex = path::<B>() {
-        let mut c = flex_of(cast::<_, Tensor<Flex, 4>>(cache).ok().unwrap());
-        let v = flex_of(cast::<_, Tensor<Flex, 4>>(values).ok().unwrap());
+        let mut c = to_flex(cache);
+        let v = to_flex(rows);
         let capacity = c.layout().shape()[2];
         let plain = c.is_contiguous() && c.layout().start_offset() == 0;
         if plain && let Some(dst) = c.try_storage_mut::<f32>() {
-            let src = values_of(&v);
+            let src = values(&v);
             for bh in 0..b * h {
                 for ti in 0..t {
                     let from = (bh * t + ti) * d;
@@ -264,14 +274,10 @@ pub fn write_cache<B: Backend>(cache: Tensor<B, 4>, values: Tensor<B, 4>, start:
             }
             return back(wrap::<4>(c));
         }
-        let (cache, values) = (wrap::<4>(c), wrap::<4>(v));
-        return back(cache.slice_assign([0..b, 0..h, start..start + t, 0..d], values));
+        let (cache, rows) = (wrap::<4>(c), wrap::<4>(v));
+        return back(cache.slice_assign([0..b, 0..h, start..start + t, 0..d], rows));
     }
-    cache.slice_assign([0..b, 0..h, start..start + t, 0..d], values)
-}
-
-fn values_of(t: &FlexTensor) -> std::borrow::Cow<'_, [f32]> {
-    values(t)
+    cache.slice_assign([0..b, 0..h, start..start + t, 0..d], rows)
 }
 
 // ---- SwiGLU ---------------------------------------------------------------------------------
@@ -280,13 +286,11 @@ fn values_of(t: &FlexTensor) -> std::borrow::Cow<'_, [f32]> {
 pub fn swiglu<B: Backend, const D: usize>(gate: Tensor<B, D>, up: Tensor<B, D>) -> Tensor<B, D> {
     match path::<B>() {
         Path::Flex => {
-            let (g, u) = (flex_of(cast::<_, Tensor<Flex, D>>(gate).ok().unwrap()), flex_of(cast::<_, Tensor<Flex, D>>(up).ok().unwrap()));
+            let (g, u) = (to_flex(gate), to_flex(up));
             back(wrap::<D>(swiglu_flex(&g, &u)))
         }
         Path::AutodiffFlex => {
-            let g = cast::<_, Tensor<Ad, D>>(gate).ok().unwrap();
-            let u = cast::<_, Tensor<Ad, D>>(up).ok().unwrap();
-            back(ad_wrap::<D>(swiglu_ad(ad_parts(g), ad_parts(u))))
+            back(ad_wrap::<D>(swiglu_ad(to_ad(gate), to_ad(up))))
         }
         Path::Plain => silu(gate) * up,
     }
@@ -329,13 +333,13 @@ fn swiglu_ad(
 pub fn rms_norm<B: Backend>(x: Tensor<B, 2>, weight: Tensor<B, 1>, eps: f64) -> Tensor<B, 2> {
     match path::<B>() {
         Path::Flex => {
-            let x = flex_of(cast::<_, Tensor<Flex, 2>>(x).ok().unwrap());
-            let w = flex_of(cast::<_, Tensor<Flex, 1>>(weight).ok().unwrap());
+            let x = to_flex(x);
+            let w = to_flex(weight);
             back(wrap::<2>(rms_flex(&x, &w, eps as f32)))
         }
         Path::AutodiffFlex => {
-            let x = ad_parts(cast::<_, Tensor<Ad, 2>>(x).ok().unwrap());
-            let w = ad_parts(cast::<_, Tensor<Ad, 1>>(weight).ok().unwrap());
+            let x = to_ad(x);
+            let w = to_ad(weight);
             let out = rms_flex(&x.primitive, &w.primitive, eps as f32);
             let out = match RmsBackward.prepare::<NoCheckpointing>([x.node.clone(), w.node.clone()]).compute_bound().stateful() {
                 OpsKind::Tracked(prep) => prep.finish((x.primitive, w.primitive, eps as f32), out),
@@ -377,13 +381,13 @@ impl Backward<Flex, 2> for RmsBackward {
 pub fn scaled_softmax<B: Backend>(scores: Tensor<B, 4>, scale: f64, bias: Option<Tensor<B, 4>>) -> Tensor<B, 4> {
     match path::<B>() {
         Path::Flex => {
-            let s = flex_of(cast::<_, Tensor<Flex, 4>>(scores).ok().unwrap());
-            let b = bias.map(|b| flex_of(cast::<_, Tensor<Flex, 4>>(b).ok().unwrap()));
+            let s = to_flex(scores);
+            let b = bias.map(|b| to_flex(b));
             back(wrap::<4>(softmax_flex(&s, b.as_ref(), scale as f32)))
         }
         Path::AutodiffFlex => {
-            let s = ad_parts(cast::<_, Tensor<Ad, 4>>(scores).ok().unwrap());
-            let b = bias.map(|b| ad_parts(cast::<_, Tensor<Ad, 4>>(b).ok().unwrap()).primitive);
+            let s = to_ad(scores);
+            let b = bias.map(|b| to_ad(b).primitive);
             let out = softmax_flex(&s.primitive, b.as_ref(), scale as f32);
             let out = match SoftmaxBackward.prepare::<NoCheckpointing>([s.node.clone()]).compute_bound().stateful() {
                 OpsKind::Tracked(prep) => prep.finish((out.clone(), scale as f32), out),
@@ -433,14 +437,15 @@ pub fn token_logprobs<B: Backend>(logits: Tensor<B, 2>, targets: &[u32]) -> Tens
     assert_eq!(rows, targets.len(), "one target per row");
     match path::<B>() {
         Path::Flex => {
-            let l = flex_of(cast::<_, Tensor<Flex, 2>>(logits).ok().unwrap());
-            back(wrap::<1>(flex_new(kernels::token_logprobs_forward(&values(&l), vocab, targets), vec![rows])))
+            let l = to_flex(logits);
+            back(wrap::<1>(flex_new(kernels::token_logprobs_forward(&values(&l), vocab, targets).0, vec![rows])))
         }
         Path::AutodiffFlex => {
-            let l = ad_parts(cast::<_, Tensor<Ad, 2>>(logits).ok().unwrap());
-            let out = flex_new(kernels::token_logprobs_forward(&values(&l.primitive), vocab, targets), vec![rows]);
+            let l = to_ad(logits);
+            let (logprobs, lse) = kernels::token_logprobs_forward(&values(&l.primitive), vocab, targets);
+            let out = flex_new(logprobs, vec![rows]);
             let out = match LogprobBackward.prepare::<NoCheckpointing>([l.node.clone()]).compute_bound().stateful() {
-                OpsKind::Tracked(prep) => prep.finish((l.primitive, Arc::new(targets.to_vec())), out),
+                OpsKind::Tracked(prep) => prep.finish((l.primitive, Arc::new(targets.to_vec()), lse), out),
                 OpsKind::UnTracked(prep) => prep.finish(out),
             };
             back(ad_wrap::<1>(out))
@@ -458,13 +463,14 @@ pub fn token_logprobs<B: Backend>(logits: Tensor<B, 2>, targets: &[u32]) -> Tens
 struct LogprobBackward;
 
 impl Backward<Flex, 1> for LogprobBackward {
-    type State = (FlexTensor, Arc<Vec<u32>>);
+    /// Logits, targets, and each row's log-sum-exp from the forward pass.
+    type State = (FlexTensor, Arc<Vec<u32>>, Vec<f32>);
 
     fn backward(self, ops: Ops<Self::State, 1>, grads: &mut Gradients, _: &mut Checkpointer) {
         let g = grads.consume::<Flex>(&ops.node);
-        let (logits, targets) = ops.state;
+        let (logits, targets, lse) = ops.state;
         let shape = shape_of(&logits);
-        let dl = kernels::token_logprobs_backward(&values(&logits), shape[1], &targets, &values(&g));
+        let dl = kernels::token_logprobs_backward(&values(&logits), &lse, shape[1], &targets, &values(&g));
         let [pl] = ops.parents;
         register!(grads, pl, flex_new(dl, shape));
     }
@@ -477,12 +483,12 @@ pub fn linear_matmul<B: Backend>(x: Tensor<B, 2>, w: Tensor<B, 2>) -> Tensor<B, 
     let ([m, k], [_, n]) = (x.dims(), w.dims());
     match path::<B>() {
         Path::Flex => {
-            let [x, w] = [x, w].map(|t| flex_of(cast::<_, Tensor<Flex, 2>>(t).ok().unwrap()));
+            let [x, w] = [x, w].map(to_flex);
             let y = kernels::matmul(Strided::rows(&values(&x), k), Strided::rows(&values(&w), n), m, k, n);
             back(wrap::<2>(flex_new(y, vec![m, n])))
         }
         Path::AutodiffFlex => {
-            let [x, w] = [x, w].map(|t| ad_parts(cast::<_, Tensor<Ad, 2>>(t).ok().unwrap()));
+            let [x, w] = [x, w].map(to_ad);
             let y = flex_new(kernels::matmul(Strided::rows(&values(&x.primitive), k), Strided::rows(&values(&w.primitive), n), m, k, n), vec![m, n]);
             let out = match MatmulBackward.prepare::<NoCheckpointing>([x.node.clone(), w.node.clone()]).compute_bound().stateful() {
                 OpsKind::Tracked(prep) => prep.finish((x.primitive, w.primitive), y),
@@ -525,9 +531,10 @@ impl Backward<Flex, 2> for MatmulBackward {
 pub fn adamw<B: Backend>(p: Tensor<B, 1>, g: Tensor<B, 1>, m: Tensor<B, 1>, v: Tensor<B, 1>, s: &kernels::AdamWStep) -> [Tensor<B, 1>; 3] {
     match path::<B>() {
         Path::Flex => {
-            let flex = |t: Tensor<B, 1>| owned(flex_of(cast::<_, Tensor<Flex, 1>>(t).ok().unwrap()));
-            let (mut p, g, mut m, mut v) = (flex(p), flex(g), flex(m), flex(v));
-            kernels::adamw_update(p.storage_mut::<f32>(), g.storage::<f32>(), m.storage_mut::<f32>(), v.storage_mut::<f32>(), s);
+            // The gradient is only read (and its accumulator still holds it): no copy.
+            let g = to_flex(g);
+            let (mut p, mut m, mut v) = (owned(to_flex(p)), owned(to_flex(m)), owned(to_flex(v)));
+            kernels::adamw_update(p.storage_mut::<f32>(), &values(&g), m.storage_mut::<f32>(), v.storage_mut::<f32>(), s);
             [back(wrap::<1>(p)), back(wrap::<1>(m)), back(wrap::<1>(v))]
         }
         _ => {
@@ -545,7 +552,7 @@ pub fn adamw<B: Backend>(p: Tensor<B, 1>, g: Tensor<B, 1>, m: Tensor<B, 1>, v: T
 /// `Σ x²` over all the tensors, read back to the host once.
 pub fn sum_of_squares<'a, B: Backend>(tensors: impl IntoIterator<Item = &'a Tensor<B, 1>>) -> f64 {
     if matches!(path::<B>(), Path::Flex) {
-        return tensors.into_iter().map(|t| kernels::sum_of_squares(&values(&flex_of(cast::<_, Tensor<Flex, 1>>(t.clone()).ok().unwrap())))).sum();
+        return tensors.into_iter().map(|t| kernels::sum_of_squares(&values(&to_flex(t.clone())))).sum();
     }
     let total = tensors.into_iter().map(|t| t.clone().square().sum()).reduce(|a, b| a + b);
     total.map_or(0.0, |t| t.into_data().convert::<f32>().to_vec::<f32>().ok().and_then(|v| v.first().copied()).unwrap_or(f32::NAN) as f64)

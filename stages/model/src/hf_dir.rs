@@ -105,11 +105,15 @@ impl Checkpoint {
         Ok(Checkpoint { files, location })
     }
 
-    fn tensor(&self, name: &str, shape: &[usize]) -> Result<Vec<f32>> {
+    /// Each file's parsed header, parsed once for all the tensors read from it.
+    fn parsed(&self) -> Result<Vec<SafeTensors<'_>>> {
+        self.files.iter().map(|(path, bytes)| SafeTensors::deserialize(bytes).with_context(|| format!("parsing safetensors {}", path.display()))).collect()
+    }
+
+    fn tensor(&self, parsed: &[SafeTensors], name: &str, shape: &[usize]) -> Result<Vec<f32>> {
         let &i = self.location.get(name).with_context(|| format!("tensor `{name}` is missing from the checkpoint"))?;
-        let (path, bytes) = &self.files[i];
-        let st = SafeTensors::deserialize(bytes)?;
-        let view = st.tensor(name)?;
+        let path = &self.files[i].0;
+        let view = parsed[i].tensor(name)?;
         ensure!(
             view.shape() == shape,
             "{}: tensor `{name}` has shape {:?}, the config implies {shape:?}",
@@ -143,10 +147,10 @@ pub fn load_model<B: Backend>(dir: &Path, device: &B::Device) -> Result<CausalLm
 /// Loads the weights of `dir` into a model built from `config` instead of `dir/config.json`
 /// (e.g. to try another `rope_scaling`).
 pub fn load_model_with_config<B: Backend>(dir: &Path, config: &ModelConfig, device: &B::Device) -> Result<CausalLm<B>> {
-    let config = config.clone();
     let checkpoint = Checkpoint::open(dir)?;
-    let mut source = |name: &str, shape: &[usize]| checkpoint.tensor(name, shape);
-    CausalLm::from_source(&config, &mut source, device).with_context(|| format!("loading model from {}", dir.display()))
+    let parsed = checkpoint.parsed()?;
+    let mut source = |name: &str, shape: &[usize]| checkpoint.tensor(&parsed, name, shape);
+    CausalLm::from_source(config, &mut source, device).with_context(|| format!("loading model from {}", dir.display()))
 }
 
 /// Writes `config.json` and `model.safetensors` (f32, `format: pt`) into `dir`, creating it.

@@ -381,14 +381,16 @@ pub fn log_sum_exp(logits: &[f32], vocab: usize) -> Vec<f32> {
 }
 
 /// `log softmax(logits)[target]` per row.
-pub fn token_logprobs_forward(logits: &[f32], vocab: usize, targets: &[u32]) -> Vec<f32> {
+/// Also returns each row's log-sum-exp, which the backward pass needs again.
+pub fn token_logprobs_forward(logits: &[f32], vocab: usize, targets: &[u32]) -> (Vec<f32>, Vec<f32>) {
     let lse = log_sum_exp(logits, vocab);
-    targets.iter().enumerate().map(|(r, &t)| logits[r * vocab + t as usize] - lse[r]).collect()
+    let logprobs = targets.iter().enumerate().map(|(r, &t)| logits[r * vocab + t as usize] - lse[r]).collect();
+    (logprobs, lse)
 }
 
-/// Gradient of the logits given the gradient `g` of each row's token log-prob.
-pub fn token_logprobs_backward(logits: &[f32], vocab: usize, targets: &[u32], g: &[f32]) -> Vec<f32> {
-    let lse = log_sum_exp(logits, vocab);
+/// Gradient of the logits given the gradient `g` of each row's token log-prob (`lse`: the
+/// forward pass's log-sum-exp of each row).
+pub fn token_logprobs_backward(logits: &[f32], lse: &[f32], vocab: usize, targets: &[u32], g: &[f32]) -> Vec<f32> {
     let mut dx = output(logits.len());
     let out = RowsMut::new(&mut dx);
     for_rows(logits.len() / vocab, vocab, |row, n| {
@@ -556,11 +558,11 @@ mod tests {
             assert!((ds[i] - n).abs() < 2e-3, "softmax {i}");
         }
         let targets = [3u32, 0, 7];
-        let lp = token_logprobs_forward(&x, 8, &targets);
+        let (lp, lse) = token_logprobs_forward(&x, 8, &targets);
         let g = [0.5f32, -1.0, 2.0];
-        let dl = token_logprobs_backward(&x, 8, &targets, &g);
+        let dl = token_logprobs_backward(&x, &lse, 8, &targets, &g);
         for i in 0..24 {
-            let n = numeric_grad(|l| token_logprobs_forward(l, 8, &targets).iter().zip(&g).map(|(a, b)| a * b).sum(), &x, i);
+            let n = numeric_grad(|l| token_logprobs_forward(l, 8, &targets).0.iter().zip(&g).map(|(a, b)| a * b).sum(), &x, i);
             assert!((dl[i] - n).abs() < 2e-3, "logprob {i}");
         }
         assert!(lp.iter().all(|v| *v < 0.0));

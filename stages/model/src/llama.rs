@@ -57,14 +57,6 @@ impl<B: Backend> Linear<B> {
         }
         y
     }
-
-    pub fn out_features(&self) -> usize {
-        self.weight.shape().dims::<2>()[1]
-    }
-
-    pub fn in_features(&self) -> usize {
-        self.weight.shape().dims::<2>()[0]
-    }
 }
 
 #[derive(Module, Debug)]

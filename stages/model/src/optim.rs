@@ -75,8 +75,8 @@ impl<B: AutodiffBackend> GradAccumulator<B> {
     }
 
     /// Global L2 norm of all gradients (one device→host read).
-    pub fn global_norm(&self) -> Result<f64> {
-        Ok(crate::fused::sum_of_squares(self.grads.values()).sqrt())
+    pub fn global_norm(&self) -> f64 {
+        crate::fused::sum_of_squares(self.grads.values()).sqrt()
     }
 }
 
@@ -177,7 +177,7 @@ impl<B: Backend> AdamW<B> {
         ensure!(acc.micro_batches > 0, "optimizer step without any accumulated gradients");
         // Averaging and clipping scale the gradients inside the update, not as extra passes.
         let average = 1.0 / acc.micro_batches as f64;
-        let grad_norm = acc.global_norm()? * average;
+        let grad_norm = acc.global_norm() * average;
         ensure!(grad_norm.is_finite(), "gradient norm is {grad_norm}: the loss diverged");
         let clip = match self.config.max_grad_norm {
             Some(max) if grad_norm > max => max / (grad_norm + 1e-6),

@@ -6,7 +6,7 @@
 use std::collections::BTreeMap;
 use std::path::Path;
 
-use anyhow::{Context, Result, anyhow, bail, ensure};
+use anyhow::{Context, Result, anyhow, ensure};
 use minijinja::{Environment, ErrorKind, Value as JinjaValue, context};
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value, json};
@@ -160,18 +160,6 @@ impl Tokenizer {
         config.entry("tokenizer_class").or_insert(json!("PreTrainedTokenizerFast"));
         let path = dir.join(TOKENIZER_CONFIG_FILE);
         std::fs::write(&path, serde_json::to_string_pretty(&config)? + "\n").with_context(|| format!("writing {}", path.display()))
-    }
-
-    /// Copies this tokenizer's BOS/EOS/PAD ids into a model config (what `init_model` does
-    /// when it pairs a fresh model with a tokenizer, so saved `config.json` agrees with it).
-    pub fn set_special_ids(&self, config: &mut ModelConfig) {
-        config.bos_token_id = self.bos_id();
-        config.pad_token_id = self.pad_id();
-        config.eos_token_id = match self.eos_ids.as_slice() {
-            [] => None,
-            [one] => Some(TokenIds::One(*one)),
-            many => Some(TokenIds::Many(many.to_vec())),
-        };
     }
 
     pub fn vocab_size(&self) -> usize {
@@ -346,18 +334,6 @@ fn python_methods(
         }
         _ => Err(unknown()),
     }
-}
-
-/// Checks that every id the tokenizer can produce fits the model's vocabulary.
-pub fn check_vocab(tokenizer: &Tokenizer, config: &ModelConfig) -> Result<()> {
-    if tokenizer.vocab_size() > config.vocab_size {
-        bail!(
-            "tokenizer has {} tokens but the model's vocab_size is {}",
-            tokenizer.vocab_size(),
-            config.vocab_size
-        );
-    }
-    Ok(())
 }
 
 #[cfg(test)]
