@@ -25,15 +25,27 @@ pub struct ManifestEntry {
 }
 
 /// Hashes a directory: the blake3 of its manifest, one `digest  relative/path` line per file,
-/// sorted by path. Empty directories and symlinks are not part of an artifact.
+/// sorted by path. Empty directories are not part of an artifact; symlinks count as what they
+/// point to (a Hugging Face snapshot's files are links into `blobs/`), and broken ones are an
+/// error.
 pub fn hash_dir(dir: &Path) -> Result<(Digest, Vec<ManifestEntry>)> {
+    let (digest, entries) = manifest(dir, |path, _| hash_file(path))?;
+    Ok((digest, entries))
+}
+
+/// The directory digest with each file's digest from `file_digest(path, metadata)`, so a
+/// caller can reuse digests it remembers.
+pub fn manifest(dir: &Path, mut file_digest: impl FnMut(&Path, &std::fs::Metadata) -> Result<(Digest, u64)>) -> Result<(Digest, Vec<ManifestEntry>)> {
     let mut files = Vec::new();
-    collect_files(dir, dir, &mut files)?;
+    let mut visiting = vec![std::fs::canonicalize(dir).at(dir)?];
+    collect_files(dir, dir, &mut files, &mut visiting)?;
     files.sort();
     let mut manifest = String::new();
     let mut entries = Vec::with_capacity(files.len());
     for rel in files {
-        let (digest, size) = hash_file(&dir.join(&rel))?;
+        let path = dir.join(&rel);
+        let meta = std::fs::metadata(&path).at(&path)?;
+        let (digest, size) = file_digest(&path, &meta)?;
         manifest.push_str(&format!("{digest}  {rel}\n"));
         entries.push(ManifestEntry { path: rel, digest, size });
     }
@@ -46,13 +58,22 @@ pub fn hash_path(path: &Path) -> Result<Digest> {
     if meta.is_dir() { Ok(hash_dir(path)?.0) } else { Ok(hash_file(path)?.0) }
 }
 
-fn collect_files(root: &Path, dir: &Path, out: &mut Vec<String>) -> Result<()> {
+/// `visiting` holds the canonical paths of the directories being walked, so a symlink back up
+/// the tree is an error rather than endless recursion.
+fn collect_files(root: &Path, dir: &Path, out: &mut Vec<String>, visiting: &mut Vec<PathBuf>) -> Result<()> {
     for entry in std::fs::read_dir(dir).at(dir)? {
         let entry = entry.at(dir)?;
         let path: PathBuf = entry.path();
-        let kind = entry.file_type().at(&path)?;
+        // Follows symlinks; a broken one fails here, naming its path.
+        let kind = std::fs::metadata(&path).at(&path)?.file_type();
         if kind.is_dir() {
-            collect_files(root, &path, out)?;
+            let real = std::fs::canonicalize(&path).at(&path)?;
+            if visiting.contains(&real) {
+                return Err(Error::Invalid(format!("{}: symlink loop", path.display())));
+            }
+            visiting.push(real);
+            collect_files(root, &path, out, visiting)?;
+            visiting.pop();
         } else if kind.is_file() {
             let rel = path.strip_prefix(root).expect("walked below root");
             let rel = rel.to_str().ok_or_else(|| {
@@ -95,6 +116,25 @@ mod tests {
         assert_eq!(hash_dir(&a).unwrap().0, hash_dir(&b).unwrap().0);
         std::fs::write(b.join("x"), "3").unwrap();
         assert_ne!(hash_dir(&a).unwrap().0, hash_dir(&b).unwrap().0);
+        std::fs::remove_dir_all(&base).unwrap();
+    }
+
+    #[cfg(unix)]
+    #[test]
+    fn symlinked_files_hash_as_their_targets_like_a_hub_snapshot() {
+        let base = std::env::temp_dir().join(format!("dagrun-hashlink-{}", std::process::id()));
+        let (plain, snapshot, blobs) = (base.join("plain"), base.join("snap"), base.join("blobs"));
+        for d in [&plain, &snapshot, &blobs] {
+            std::fs::create_dir_all(d).unwrap();
+        }
+        std::fs::write(plain.join("config.json"), "{}").unwrap();
+        std::fs::write(blobs.join("abc"), "{}").unwrap();
+        std::os::unix::fs::symlink(blobs.join("abc"), snapshot.join("config.json")).unwrap();
+        let (digest, entries) = hash_dir(&snapshot).unwrap();
+        assert_eq!(entries.len(), 1, "the link is hashed, not skipped");
+        assert_eq!(digest, hash_dir(&plain).unwrap().0);
+        std::os::unix::fs::symlink(&base, snapshot.join("loop")).unwrap();
+        assert!(hash_dir(&snapshot).is_err(), "a link back up the tree is an error");
         std::fs::remove_dir_all(&base).unwrap();
     }
 }

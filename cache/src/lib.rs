@@ -10,17 +10,21 @@
 //! - **resume** directories, one per key, for work that checkpoints mid-way.
 //! - **locks**: a per-key lock so that one key runs in one process at a time, and a store-wide
 //!   lock that `gc` takes exclusively.
-//! - **verify** and **gc**.
+//! - **verify** and **gc**;
+//! - a **memo** of file digests by path, size, mtime and inode, so large path params are not
+//!   re-hashed on every run.
 //!
 //! What it does not know: pipelines, stages, keys' meaning, or what is inside an artifact.
 
 mod hash;
 mod lock;
+mod memo;
 mod store;
 
-pub use hash::{hash_dir, hash_file, hash_path, Digest};
+pub use hash::{hash_dir, hash_file, hash_path, manifest, Digest};
+pub use memo::DigestMemo;
 pub use lock::{Lock, LockMode};
-pub use store::{write_json_atomic, ActionRecord, GcReport, ObjectKind, ObjectRecord, Store, VerifyReport};
+pub use store::{sync_dir, sync_file, write_json_atomic, write_synced, ActionRecord, GcReport, ObjectKind, ObjectRecord, Store, VerifyReport};
 
 /// Errors of the store. I/O failures carry the path they happened on.
 #[derive(Debug, thiserror::Error)]

@@ -48,6 +48,20 @@ impl Lock {
     pub fn path(&self) -> &Path {
         &self.path
     }
+
+    /// Writes who holds the lock into its file (`pid note`), for others to show while they wait.
+    pub fn announce(&self, note: &str) {
+        use std::io::{Seek, Write};
+        let mut f = &self.file;
+        let _ = f.set_len(0);
+        let _ = f.rewind();
+        let _ = write!(f, "{} {note}", std::process::id());
+    }
+
+    /// What the holder of the lock at `path` announced, if anything.
+    pub fn holder(path: &Path) -> Option<String> {
+        std::fs::read_to_string(path).ok().map(|s| s.trim().to_string()).filter(|s| !s.is_empty())
+    }
 }
 
 impl Drop for Lock {

@@ -112,9 +112,31 @@ impl Store {
         remove_any(&self.root.join("resume").join(key))
     }
 
-    /// Takes the lock of `key`, waiting for another process that holds it.
-    pub fn lock_key(&self, key: &str) -> Result<Lock> {
-        Lock::acquire(&self.root.join("locks").join(format!("{key}.lock")), LockMode::Exclusive)
+    /// The memo of file digests kept in this store.
+    pub fn digest_memo(&self) -> crate::DigestMemo {
+        crate::DigestMemo::open(&self.root.join("memo.json"))
+    }
+
+    /// Takes the lock of `key`, waiting for another process that holds it: `waiting` is told
+    /// what that process announced (its pid and `note`) before the wait. The lock then
+    /// announces `note` for this process.
+    pub fn lock_key(&self, key: &str, note: &str, waiting: impl FnOnce(Option<String>)) -> Result<Lock> {
+        let path = self.root.join("locks").join(format!("{key}.lock"));
+        let lock = match Lock::try_acquire(&path, LockMode::Exclusive)? {
+            Some(lock) => lock,
+            None => {
+                waiting(Lock::holder(&path));
+                Lock::acquire(&path, LockMode::Exclusive)?
+            }
+        };
+        lock.announce(note);
+        Ok(lock)
+    }
+
+    /// Whether some process holds the lock of `key` now.
+    pub fn key_is_locked(&self, key: &str) -> bool {
+        let path = self.root.join("locks").join(format!("{key}.lock"));
+        path.exists() && matches!(Lock::try_acquire(&path, LockMode::Exclusive), Ok(None))
     }
 
     /// Runs hold the store lock shared; `gc` holds it exclusively.
@@ -150,6 +172,9 @@ impl Store {
             let entry = ManifestEntry { path: String::new(), digest: digest.clone(), size };
             (digest, vec![entry], ObjectKind::File)
         };
+        // One publisher per digest at a time: without it, a second process could take the
+        // first one's freshly renamed object, not yet recorded, for a leftover and delete it.
+        let _lock = Lock::acquire(&self.root.join("locks").join(format!("object-{digest}.lock")), LockMode::Exclusive)?;
         if self.object(&digest).is_some() {
             remove_any(src)?;
             return Ok(digest);
@@ -157,18 +182,19 @@ impl Store {
         let dest = self.object_data(&digest);
         let parent = dest.parent().expect("object path has a parent");
         std::fs::create_dir_all(parent).at(parent)?;
-        remove_any(&dest)?; // a leftover of an interrupted publish: it has no record
+        remove_any(&dest)?; // a leftover of an interrupted publish: under the lock, it has no record
         for e in &entries {
-            make_read_only(&join_rel(src, &e.path))?;
+            let file = join_rel(src, &e.path);
+            make_read_only(&file)?;
+            // On disk before the rename makes it visible: a power loss must not leave a
+            // recorded object with empty files.
+            sync_file(&file)?;
         }
-        if let Err(err) = std::fs::rename(src, &dest) {
-            // Another process may have published the same content a moment ago.
-            if self.object(&digest).is_some() {
-                remove_any(src)?;
-                return Ok(digest);
-            }
-            return Err(err).at(&dest);
+        if meta.is_dir() {
+            sync_tree_dirs(src)?;
         }
+        std::fs::rename(src, &dest).at(&dest)?;
+        sync_dir(parent)?;
         let mut files = Vec::with_capacity(entries.len());
         for entry in entries {
             let mtime_ns = mtime_ns(&join_rel(&dest, &entry.path))?;
@@ -247,9 +273,10 @@ impl Store {
     }
 
     /// Removes scratch leftovers, quarantined and unfinished objects, resume directories of
-    /// finished keys, and, when `keep` is given, every object not in it (and the action records
-    /// that pointed at them). Hold the store lock exclusively while calling this.
-    pub fn gc(&self, keep: Option<&HashSet<Digest>>) -> Result<GcReport> {
+    /// finished keys and of keys not in `resume_keys`, and, when `keep` is given, every object
+    /// not in it (and the action records that pointed at them). Hold the store lock
+    /// exclusively while calling this.
+    pub fn gc(&self, keep: Option<&HashSet<Digest>>, resume_keys: &HashSet<String>) -> Result<GcReport> {
         let mut report = GcReport::default();
         for sub in ["tmp", "quarantine"] {
             for entry in read_dir(&self.root.join(sub))? {
@@ -284,10 +311,16 @@ impl Store {
         }
         for dir in read_dir(&self.root.join("resume"))? {
             let key = dir.file_name().and_then(|n| n.to_str()).unwrap_or_default().to_string();
-            if self.action(&key).is_some() {
+            if self.action(&key).is_some() || !resume_keys.contains(&key) {
                 report.freed_bytes += disk_size(&dir);
                 remove_any(&dir)?;
                 report.removed_leftovers += 1;
+            }
+        }
+        // Publish locks are only held under the store lock, which gc holds exclusively now.
+        for lock in read_dir(&self.root.join("locks"))? {
+            if lock.file_name().and_then(|n| n.to_str()).is_some_and(|n| n.starts_with("object-")) {
+                remove_any(&lock)?;
             }
         }
         Ok(report)
@@ -357,8 +390,37 @@ pub fn write_json_atomic<T: Serialize>(path: &Path, value: &T) -> Result<()> {
         std::process::id()
     ));
     let bytes = serde_json::to_vec_pretty(value).map_err(|e| Error::Invalid(e.to_string()))?;
-    std::fs::write(&tmp, bytes).at(&tmp)?;
-    std::fs::rename(&tmp, path).at(path)
+    write_synced(&tmp, &bytes)?;
+    std::fs::rename(&tmp, path).at(path)?;
+    sync_dir(parent)
+}
+
+/// Writes `bytes` to `path` and flushes them to the disk.
+pub fn write_synced(path: &Path, bytes: &[u8]) -> Result<()> {
+    use std::io::Write;
+    let mut f = std::fs::File::create(path).at(path)?;
+    f.write_all(bytes).at(path)?;
+    f.sync_all().at(path)
+}
+
+/// Flushes a file's data to the disk.
+pub fn sync_file(path: &Path) -> Result<()> {
+    std::fs::File::open(path).and_then(|f| f.sync_all()).at(path)
+}
+
+/// Flushes a directory's entries (a rename into it) to the disk.
+pub fn sync_dir(dir: &Path) -> Result<()> {
+    std::fs::File::open(dir).and_then(|f| f.sync_all()).at(dir)
+}
+
+/// `sync_dir` for a directory and every directory below it.
+fn sync_tree_dirs(dir: &Path) -> Result<()> {
+    for entry in read_dir(dir)? {
+        if std::fs::symlink_metadata(&entry).at(&entry)?.is_dir() {
+            sync_tree_dirs(&entry)?;
+        }
+    }
+    sync_dir(dir)
 }
 
 fn mtime_ns(path: &Path) -> Result<u128> {
@@ -448,10 +510,15 @@ mod tests {
         let record = ActionRecord { outputs, created_unix: 0, seconds: 0.0, extra: Default::default() };
         store.put_action("k1", &record).unwrap();
         store.scratch("leftover").unwrap();
-        let report = store.gc(None).unwrap();
-        assert_eq!(report.removed_leftovers, 2, "the two scratch dirs");
+        store.resume_dir("k-live").unwrap();
+        store.resume_dir("k-orphan").unwrap();
+        let live = HashSet::from(["k-live".to_string()]);
+        let report = store.gc(None, &live).unwrap();
+        assert_eq!(report.removed_leftovers, 3, "the two scratch dirs and the orphaned resume dir");
+        assert!(store.root().join("resume/k-live").is_dir());
+        assert!(!store.root().join("resume/k-orphan").exists());
         assert!(store.object(&digest).is_some());
-        let report = store.gc(Some(&HashSet::new())).unwrap();
+        let report = store.gc(Some(&HashSet::new()), &live).unwrap();
         assert_eq!((report.removed_objects, report.removed_actions), (1, 1));
         assert!(store.action("k1").is_none());
         std::fs::remove_dir_all(root).unwrap();

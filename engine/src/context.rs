@@ -40,7 +40,6 @@ pub struct StageContext {
     pub(crate) inputs: Vec<(String, Vec<InputArtifact>)>,
     pub(crate) outputs: Vec<OutputSlot>,
     pub(crate) resume_dir: PathBuf,
-    pub(crate) provenance: Vec<(String, String)>,
     pub(crate) resumed: bool,
     pub(crate) report: Option<String>,
     pub(crate) log: LogSink,
@@ -63,9 +62,12 @@ impl StageContext {
         self.inputs.iter().find(|(p, _)| p == port).map(|(_, a)| a.as_slice()).unwrap_or(&[])
     }
 
-    /// The names of the wired input ports, in the order written (for kinds with free port names).
+    /// The names of the wired input ports, sorted (for kinds with free port names): keys ignore
+    /// the order ports are written in, so results must not depend on it either.
     pub fn input_ports(&self) -> Vec<&str> {
-        self.inputs.iter().map(|(p, _)| p.as_str()).collect()
+        let mut ports: Vec<&str> = self.inputs.iter().map(|(p, _)| p.as_str()).collect();
+        ports.sort_unstable();
+        ports
     }
 
     fn slot(&self, port: &str) -> anyhow::Result<&OutputSlot> {
@@ -78,8 +80,9 @@ impl StageContext {
         Ok(&self.slot(port)?.path)
     }
 
-    /// Writes dataset output `port`, checking its columns against the port's schema and adding
-    /// provenance (node, key, kind, params, input digests, dagrun version) to the footer.
+    /// Writes dataset output `port`, checking its columns against the port's schema. The footer
+    /// holds the schema tag only: provenance is kept in the cache's records, so the same rows
+    /// are the same bytes whatever made them.
     pub fn write_dataset(&self, port: &str, batches: &[RecordBatch]) -> anyhow::Result<()> {
         let slot = self.slot(port)?;
         let ArtifactType::Dataset(schema_name) = slot.ty else { bail!("output `{port}` is a model, not a dataset") };
@@ -90,7 +93,7 @@ impl StageContext {
                 None => bail!("output `{port}`: no rows and no schema to write"),
             },
         };
-        let mut metadata = self.provenance.clone();
+        let mut metadata = Vec::new();
         if let Some(table) = schema_name.and_then(dagrun_schemas::by_name) {
             table.check(&schema).map_err(|e| anyhow!("output `{port}` (dataset<{}>): {e}", table.name))?;
             metadata.push(("dagrun.schema".to_string(), table.tag()));
@@ -133,7 +136,7 @@ impl StageContext {
     }
 }
 
-/// Batches keep their own schema metadata out of the file: provenance lives in the footer.
+/// Batches keep their own schema metadata out of the file.
 fn strip_metadata(schema: &Arc<Schema>) -> Arc<Schema> {
     Arc::new(Schema::new(schema.fields().clone()))
 }

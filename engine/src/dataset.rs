@@ -1,4 +1,4 @@
-//! Parquet artifacts: writing with provenance in the footer, reading back.
+//! Parquet artifacts: writing them deterministically, reading them back.
 //!
 //! Files are written deterministically (no timestamps, fixed compression and row-group size), so
 //! that a stage which produces the same rows produces the same bytes and its consumers stay
@@ -20,12 +20,24 @@ use parquet::file::properties::WriterProperties;
 
 /// Writes `batches` (all of `schema`) to a Parquet file with `metadata` in its footer.
 pub fn write_parquet(path: &Path, schema: SchemaRef, batches: &[RecordBatch], metadata: &[(String, String)]) -> anyhow::Result<()> {
-    let file = File::create(path).with_context(|| format!("cannot create {}", path.display()))?;
+    write_parquet_inner(path, schema, batches, metadata).map_err(|e| {
+        // The innermost cause is the one a person can act on ("No space left on device");
+        // parquet's own wrapper would repeat it ("External: … : …").
+        let mut cause: &dyn std::error::Error = e.as_ref();
+        while let Some(next) = cause.source() {
+            cause = next;
+        }
+        anyhow::anyhow!("cannot write {}: {cause}", path.display())
+    })
+}
+
+fn write_parquet_inner(path: &Path, schema: SchemaRef, batches: &[RecordBatch], metadata: &[(String, String)]) -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
+    let file = File::create(path)?;
     let kv: Vec<KeyValue> = metadata.iter().map(|(k, v)| KeyValue::new(k.clone(), v.clone())).collect();
     let props = WriterProperties::builder()
         .set_compression(Compression::SNAPPY)
         .set_max_row_group_row_count(Some(64 * 1024))
-        .set_created_by(format!("dagrun {}", env!("CARGO_PKG_VERSION")))
+        .set_created_by("dagrun".to_string()) // no version: an upgrade must not change every digest
         .set_key_value_metadata(Some(kv))
         .build();
     let mut writer = ArrowWriter::try_new(file, Arc::clone(&schema), Some(props))?;
@@ -39,11 +51,30 @@ pub fn write_parquet(path: &Path, schema: SchemaRef, batches: &[RecordBatch], me
 }
 
 /// Writes one batch to `path` so that the file exists whole or not at all (a temporary name,
-/// then a rename): for checkpoints that a killed stage must never find half-written.
+/// flushed to disk, then a rename): for checkpoints that a killed stage or a power loss must
+/// never leave half-written.
 pub fn write_parquet_atomic(path: &Path, batch: &RecordBatch) -> anyhow::Result<()> {
     let tmp = path.with_extension("parquet.tmp");
     write_parquet(&tmp, batch.schema(), std::slice::from_ref(batch), &[])?;
-    std::fs::rename(&tmp, path).with_context(|| format!("cannot move {} into place", tmp.display()))
+    dagrun_cache::sync_file(&tmp)?;
+    std::fs::rename(&tmp, path).with_context(|| format!("cannot move {} into place", tmp.display()))?;
+    if let Some(dir) = path.parent() {
+        dagrun_cache::sync_dir(dir)?;
+    }
+    Ok(())
+}
+
+/// Reads a checkpoint shard written by [`write_parquet_atomic`]; `None` (after a warning) when
+/// it is unreadable, so the caller makes it again instead of failing for good.
+pub fn read_checkpoint(path: &Path) -> Option<Vec<RecordBatch>> {
+    match read_parquet(path) {
+        Ok((_, batches)) => Some(batches),
+        Err(e) => {
+            tracing::warn!("checkpoint {} is unreadable ({e:#}); making it again", path.display());
+            let _ = std::fs::remove_file(path);
+            None
+        }
+    }
 }
 
 /// Reads every row of a Parquet file.

@@ -6,7 +6,7 @@ use std::panic::AssertUnwindSafe;
 use std::path::PathBuf;
 use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
-use dagrun_cache::{ActionRecord, LockMode, Store};
+use dagrun_cache::{ActionRecord, Store};
 
 use crate::context::{InputArtifact, OutputSlot, StageContext};
 use crate::diag::{Diagnostic, Diagnostics};
@@ -75,7 +75,7 @@ pub(crate) fn key_parts(
     graph: &Graph,
     i: usize,
     available: &HashMap<Source, Available>,
-    path_digests: &mut HashMap<String, String>,
+    path_digests: &mut PathDigests,
 ) -> Result<Option<KeyParts>, Diagnostic> {
     let stage = &graph.pipeline.stages[i];
     let node = &graph.nodes[i];
@@ -91,17 +91,10 @@ pub(crate) fn key_parts(
     let mut params = stage.params.as_map().clone();
     for p in node.spec.params.iter().filter(|p| matches!(p.ty, ParamType::Path)) {
         let Some(path) = params.get(p.name).and_then(|v| v.as_str()).map(str::to_string) else { continue };
-        let digest = match path_digests.get(&path) {
-            Some(d) => d.clone(),
-            None => {
-                let d = dagrun_cache::hash_path(std::path::Path::new(&path)).map_err(|e| {
-                    let at = ["stages", &stage.name, "params", p.name].map(String::from);
-                    graph.pipeline.diag(&at, false, format!("param `{}`: {e}", p.name))
-                })?;
-                path_digests.insert(path.clone(), d.clone());
-                d
-            }
-        };
+        let digest = path_digests.digest(&path).map_err(|e| {
+            let at = ["stages", &stage.name, "params", p.name].map(String::from);
+            graph.pipeline.diag(&at, false, format!("param `{}`: {e}", p.name))
+        })?;
         // The content decides, not where it lies.
         params.insert(p.name.to_string(), serde_json::json!({ "content": digest }));
     }
@@ -121,7 +114,36 @@ pub(crate) fn key_parts(
         device: node.spec.device_dependent.then(|| device_class(&stage.device).to_string()),
         output_schemas,
         inputs,
+        producers_in_key: node.producers_in_key,
     }))
+}
+
+/// Digests of path params: once per run, and from the store's memo while files are unchanged.
+pub(crate) struct PathDigests {
+    seen: HashMap<String, String>,
+    memo: dagrun_cache::DigestMemo,
+}
+
+impl PathDigests {
+    pub fn new(store: &Store) -> PathDigests {
+        PathDigests { seen: HashMap::new(), memo: store.digest_memo() }
+    }
+
+    fn digest(&mut self, path: &str) -> dagrun_cache::Result<String> {
+        if let Some(d) = self.seen.get(path) {
+            return Ok(d.clone());
+        }
+        let d = self.memo.hash_path(std::path::Path::new(path))?;
+        self.seen.insert(path.to_string(), d.clone());
+        Ok(d)
+    }
+
+    /// Keeps what was learnt for the next run (a failure only costs a re-hash then).
+    pub fn save(&mut self) {
+        if let Err(e) = self.memo.save() {
+            tracing::debug!("could not save the digest memo: {e}");
+        }
+    }
 }
 
 /// A stage's result, found in the cache or just made.
@@ -154,13 +176,16 @@ pub(crate) fn cached_outputs(store: &Store, key: &str) -> Option<BTreeMap<String
 pub fn run(graph: &Graph, registry: &Registry, store: &Store, opts: &RunOptions) -> Result<RunRecord, Diagnostics> {
     let selected = select(graph, opts)?;
     let records = Records::new(store.root());
-    let _store_lock = store.lock_store(LockMode::Shared).map_err(|e| Diagnostic::at_field("--cache-dir", e.to_string()))?;
+    let _store_lock = crate::cli::lock_store_shared(store)?;
     let run_id = Records::new_run_id();
-    let started = Instant::now();
-    let started_unix = SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0);
+    let run_log = RunLog {
+        run: run_id.clone(),
+        started: Instant::now(),
+        started_unix: SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0),
+    };
     let progress = opts.progress.unwrap_or(ProgressMode::Log);
     let mut available: HashMap<Source, Available> = HashMap::new();
-    let mut path_digests = HashMap::new();
+    let mut path_digests = PathDigests::new(store);
     let mut stage_records = Vec::new();
     let mut failed: BTreeSet<usize> = BTreeSet::new();
     let mut stop = false;
@@ -188,12 +213,19 @@ pub fn run(graph: &Graph, registry: &Registry, store: &Store, opts: &RunOptions)
             continue;
         }
         let parts = key_parts(graph, i, &available, &mut path_digests).map_err(Diagnostics::from)?;
+        path_digests.save();
         if !selected.contains(&i) || stop {
             // Not ours to run, but its cached outputs may feed selected stages.
-            if let Some(parts) = parts {
+            if let Some(parts) = &parts {
                 for (name, a) in cached_outputs(store, &parts.key()).unwrap_or_default() {
                     available.insert(Source { node: i, output: name }, a);
                 }
+            }
+            if selected.contains(&i) {
+                record.status = Status::NotRun;
+                record.key = parts.map(|p| p.key());
+                record.error = Some("not run: an earlier stage failed (--keep-going runs the stages that do not depend on it)".into());
+                stage_records.push(record);
             }
             continue;
         }
@@ -226,11 +258,24 @@ pub fn run(graph: &Graph, registry: &Registry, store: &Store, opts: &RunOptions)
         let outcome = match outcome {
             Some(found) => Ok((Status::Cached, found)),
             None => {
-                let _lock = store.lock_key(&key).map_err(|e| Diagnostic::at_field("--cache-dir", e.to_string()))?;
+                let note = format!("stage `{}` of {}", stage.name, graph.pipeline.path.display());
+                let _lock = store
+                    .lock_key(&key, &note, |holder| {
+                        let who = holder.map(|h| format!("process {h}")).unwrap_or_else(|| "another process".into());
+                        tracing::info!(stage = %stage.name, "waiting for {who}, which is running this stage's key {}", &key[..12]);
+                    })
+                    .map_err(|e| Diagnostic::at_field("--cache-dir", e.to_string()))?;
                 // Another process may have finished this key while we waited for its lock.
                 match (forced, cached(store, &key)) {
                     (false, Some(found)) => Ok((Status::Cached, found)),
-                    _ => execute(graph, registry, store, &records, &run_id, i, &key, &available, progress).map(|made| (Status::Ran, made)),
+                    _ => {
+                        // Say which key is in flight before starting, so that `gc` keeps its
+                        // checkpoints if this process dies.
+                        let mut running = record.clone();
+                        running.status = Status::Running;
+                        run_log.save(&records, graph, &stage_records, Some(running));
+                        execute(graph, registry, store, &records, &run_id, i, &key, &available, progress).map(|made| (Status::Ran, made))
+                    }
                 }
             }
         };
@@ -250,27 +295,50 @@ pub fn run(graph: &Graph, registry: &Registry, store: &Store, opts: &RunOptions)
                 tracing::info!(stage = %stage.name, "{verb} in {:.2}s", record.seconds);
             }
             Err(e) => {
-                tracing::error!(stage = %stage.name, "failed: {e:#}");
+                let message = one_line(&e);
+                tracing::error!(stage = %stage.name, "failed: {message}");
                 record.status = Status::Failed;
-                record.error = Some(format!("{e:#}"));
+                record.error = Some(message);
                 failed.insert(i);
                 stop = !opts.keep_going;
             }
         }
         stage_records.push(record);
+        // After every stage, not only at the end: a killed run keeps what it finished.
+        run_log.save(&records, graph, &stage_records, None);
     }
-    let run = RunRecord {
-        run: run_id,
-        pipeline: graph.pipeline.path.display().to_string(),
-        started_unix,
-        seconds: started.elapsed().as_secs_f64(),
-        stages: stage_records,
-    };
-    let write = records.write_run(&run).and_then(|_| records.update_index(&graph.pipeline.path, &run));
-    if let Err(e) = write {
-        tracing::warn!("could not write the run record: {e:#}");
+    Ok(run_log.record(graph, stage_records))
+}
+
+/// The run record as it grows: written after every stage.
+struct RunLog {
+    run: String,
+    started: Instant,
+    started_unix: u64,
+}
+
+impl RunLog {
+    fn record(&self, graph: &Graph, stages: Vec<StageRecord>) -> RunRecord {
+        RunRecord {
+            run: self.run.clone(),
+            pipeline: graph.pipeline.path.display().to_string(),
+            started_unix: self.started_unix,
+            seconds: self.started.elapsed().as_secs_f64(),
+            stages,
+        }
     }
-    Ok(run)
+
+    /// Writes the record and merges it into the pipeline's index; `running` is the stage in
+    /// flight, if any.
+    fn save(&self, records: &Records, graph: &Graph, done: &[StageRecord], running: Option<StageRecord>) {
+        let mut stages = done.to_vec();
+        stages.extend(running);
+        let run = self.record(graph, stages);
+        let write = records.write_run(&run).and_then(|_| records.update_index(&graph.pipeline.path, &run));
+        if let Err(e) = write {
+            tracing::warn!("could not write the run record: {e:#}");
+        }
+    }
 }
 
 /// Runs stage `i` in a scratch directory and publishes its outputs.
@@ -317,7 +385,7 @@ fn execute(
             (x.port.clone(), arts)
         })
         .collect::<Vec<_>>();
-    let provenance = provenance(graph, i, key, &inputs);
+    let provenance = provenance(graph, i, &inputs);
     let log_path = records.log_path(run_id, &stage.name);
     if let Some(dir) = log_path.parent() {
         std::fs::create_dir_all(dir)?;
@@ -331,7 +399,6 @@ fn execute(
         inputs,
         outputs: outputs.clone(),
         resume_dir: store.resume_dir(key)?,
-        provenance,
         resumed: false,
         report: None,
         log: StageContext::new_log(Some(&log_path)),
@@ -347,7 +414,7 @@ fn execute(
         }
     };
     if let Err(e) = result {
-        ctx.info(format!("failed: {e:#}"));
+        ctx.info(format!("failed: {}", one_line(&e)));
         let _ = std::fs::remove_dir_all(&scratch);
         return Err(e);
     }
@@ -369,7 +436,9 @@ fn execute(
         outputs: published.iter().map(|(n, a)| (n.clone(), a.digest.clone())).collect(),
         created_unix: SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0),
         seconds: 0.0,
-        extra: serde_json::json!({ "node": stage.name, "kind": stage.kind, "report": ctx.report }),
+        // Provenance lives here, not in the artifacts' bytes: an output with the same rows under
+        // another key must keep its digest so that its consumers stay cached.
+        extra: serde_json::json!({ "node": stage.name, "kind": stage.kind, "report": ctx.report, "provenance": provenance }),
     };
     store.put_action(key, &action)?;
     store.clear_resume(key)?;
@@ -377,21 +446,38 @@ fn execute(
     Ok(Finished { outputs: published, report: ctx.report, resumed: ctx.resumed })
 }
 
-fn provenance(graph: &Graph, i: usize, key: &str, inputs: &[(String, Vec<InputArtifact>)]) -> Vec<(String, String)> {
+/// What made a result, kept in its action record; `dagrun export` writes it into an exported
+/// Parquet file's footer.
+fn provenance(graph: &Graph, i: usize, inputs: &[(String, Vec<InputArtifact>)]) -> serde_json::Value {
     let stage = &graph.pipeline.stages[i];
     let node = &graph.nodes[i];
     let input_digests: BTreeMap<&str, Vec<&str>> =
         inputs.iter().map(|(p, a)| (p.as_str(), a.iter().map(|x| x.digest.as_str()).collect())).collect();
-    vec![
-        ("dagrun.node".into(), stage.name.clone()),
-        ("dagrun.key".into(), key.to_string()),
-        ("dagrun.kind".into(), stage.kind.clone()),
-        ("dagrun.kind_version".into(), node.spec.version.to_string()),
-        ("dagrun.params".into(), crate::key::canonical_json(&serde_json::Value::Object(stage.params.as_map().clone()))),
-        ("dagrun.seed".into(), stage.seed.to_string()),
-        ("dagrun.inputs".into(), serde_json::to_string(&input_digests).unwrap_or_default()),
-        ("dagrun.version".into(), env!("CARGO_PKG_VERSION").to_string()),
-    ]
+    serde_json::json!({
+        "kind": stage.kind,
+        "kind_version": node.spec.version,
+        "params": serde_json::Value::Object(stage.params.as_map().clone()),
+        "seed": stage.seed,
+        "inputs": input_digests,
+        "version": env!("CARGO_PKG_VERSION"),
+    })
+}
+
+/// An error and its causes on one line, leaving out a cause that its wrapper already quotes
+/// (`External: No space left on device: No space left on device`).
+pub fn one_line(e: &anyhow::Error) -> String {
+    let mut out = String::new();
+    for cause in e.chain() {
+        let text = cause.to_string();
+        if out.contains(&text) {
+            continue;
+        }
+        if !out.is_empty() {
+            out.push_str(": ");
+        }
+        out.push_str(&text);
+    }
+    out.replace('\n', " ")
 }
 
 /// Adds a stage's report to the run's `summary.md`.

@@ -24,6 +24,8 @@ pub struct Graph<'p> {
 #[derive(Debug, Clone)]
 pub struct Node {
     pub spec: KindSpec,
+    /// Producer names are part of the key (see `StageKind::labels_outputs_with_producers`).
+    pub producers_in_key: bool,
     pub inputs: Vec<ResolvedInput>,
     /// Output name → concrete type (a `dataset<*>` output takes its inputs' schema).
     pub outputs: Vec<(String, ArtifactType)>,
@@ -143,16 +145,38 @@ pub fn build<'p>(pipeline: &'p Pipeline, registry: &Registry) -> Result<Graph<'p
                 errors.push(pipeline.diag(&path, true, format!("stage `{}` ({}) needs input `{}` ({})", stage.name, spec.name, p.name, p.ty)));
             }
         }
+        let wired: Vec<&str> = stage.inputs.iter().map(|(n, _)| n.as_str()).collect();
+        let (_, kind) = registry.get(&stage.kind).expect("kinds are checked when the file is read");
+        if let Err(e) = kind.check_wiring(&wired, &stage.params) {
+            let mut path = vec!["stages".to_string(), stage.name.clone()];
+            path.extend(e.at);
+            errors.push(pipeline.diag(&path, true, format!("stage `{}`: {}", stage.name, e.message)));
+        }
         wires.push(ports);
     }
     if !errors.is_empty() {
         return Err(Diagnostics(errors));
     }
 
-    // 2. No cycles; a stable order.
+    // 2. Devices this build and machine can use, asked once per device string.
+    let mut probed: HashMap<&str, Result<(), String>> = HashMap::new();
+    for (i, stage) in pipeline.stages.iter().enumerate() {
+        if stage.skip || !specs[i].device_dependent {
+            continue;
+        }
+        let verdict = probed.entry(stage.device.as_str()).or_insert_with(|| registry.check_device(&stage.device));
+        if let Err(why) = verdict {
+            errors.push(pipeline.diag(&pipeline.device_path(&stage.name), false, format!("stage `{}`: {why}", stage.name)));
+        }
+    }
+    if !errors.is_empty() {
+        return Err(Diagnostics(errors));
+    }
+
+    // 3. No cycles; a stable order.
     let order = topo_order(pipeline, &edges)?;
 
-    // 3. Types, in order, so `dataset<*>` outputs and passthroughs are known before use.
+    // 4. Types, in order, so `dataset<*>` outputs and passthroughs are known before use.
     let mut nodes: Vec<Option<Node>> = vec![None; pipeline.stages.len()];
     let mut through: HashMap<(usize, String), Source> = HashMap::new();
     for &i in &order {
@@ -216,7 +240,8 @@ pub fn build<'p>(pipeline: &'p Pipeline, registry: &Registry) -> Result<Graph<'p
                 }
             }
         }
-        nodes[i] = Some(Node { spec, inputs, outputs });
+        let producers_in_key = registry.get(&stage.kind).is_some_and(|(_, k)| k.labels_outputs_with_producers());
+        nodes[i] = Some(Node { spec, producers_in_key, inputs, outputs });
     }
     if !errors.is_empty() {
         return Err(Diagnostics(errors));

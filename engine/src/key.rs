@@ -1,8 +1,9 @@
 //! Stage keys: what a stage's result depends on, hashed.
 //!
 //! The key covers the kind and its implementation version, the fully resolved params, the seed,
-//! the device class when the kind's results depend on it, the digests of its inputs (never the
-//! names of the stages that made them), and the key format. Comments, key order and layout of
+//! the device class when the kind's results depend on it, the digests of its inputs (the names
+//! of the stages that made them only for kinds that write those names into their outputs), and
+//! the key format. Comments, key order and layout of
 //! the YAML never reach it, and neither does the stage's own name.
 
 use std::collections::BTreeMap;
@@ -24,6 +25,9 @@ pub struct KeyParts {
     /// Schema tags of the outputs: a changed table layout re-runs its producers.
     pub output_schemas: BTreeMap<String, String>,
     pub inputs: BTreeMap<String, Vec<InputPart>>,
+    /// Producer names are hashed too: the kind writes them into its outputs.
+    #[serde(default)]
+    pub producers_in_key: bool,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -39,7 +43,10 @@ impl KeyParts {
         let inputs: Map<String, Value> = self
             .inputs
             .iter()
-            .map(|(port, parts)| (port.clone(), Value::from(parts.iter().map(|p| p.digest.clone()).collect::<Vec<_>>())))
+            .map(|(port, parts)| {
+                let part = |p: &InputPart| if self.producers_in_key { Value::from(vec![p.digest.clone(), p.producer.clone()]) } else { Value::from(p.digest.clone()) };
+                (port.clone(), Value::from(parts.iter().map(part).collect::<Vec<_>>()))
+            })
             .collect();
         let hashed = serde_json::json!({
             "key_format": KEY_FORMAT,
@@ -82,9 +89,11 @@ impl KeyParts {
         for port in ports {
             let (a, b) = (old.inputs.get(port), self.inputs.get(port));
             let digests = |x: Option<&Vec<InputPart>>| x.map(|v| v.iter().map(|p| p.digest.clone()).collect::<Vec<_>>());
+            let names = |x: Option<&Vec<InputPart>>| x.map(|v| v.iter().map(|p| p.producer.clone()).collect::<Vec<_>>());
             if digests(a) != digests(b) {
-                let producers: Vec<String> = b.map(|v| v.iter().map(|p| p.producer.clone()).collect()).unwrap_or_default();
-                out.push(format!("input {port}: changed (node {})", producers.join(", ")));
+                out.push(format!("input {port}: changed (node {})", names(b).unwrap_or_default().join(", ")));
+            } else if self.producers_in_key && names(a) != names(b) {
+                out.push(format!("input {port}: renamed {} → {}", names(a).unwrap_or_default().join(", "), names(b).unwrap_or_default().join(", ")));
             }
         }
         out
@@ -154,7 +163,18 @@ mod tests {
             device: None,
             output_schemas: BTreeMap::new(),
             inputs: BTreeMap::from([("a".to_string(), vec![InputPart { digest: "d1".into(), producer: "gen".into() }])]),
+            producers_in_key: false,
         }
+    }
+
+    #[test]
+    fn producer_names_count_only_for_kinds_that_write_them() {
+        let mut a = parts();
+        a.producers_in_key = true;
+        let mut b = a.clone();
+        b.inputs.get_mut("a").unwrap()[0].producer = "renamed".into();
+        assert_ne!(a.key(), b.key());
+        assert_eq!(b.changes_from(&a), vec!["input a: renamed gen → renamed".to_string()]);
     }
 
     #[test]

@@ -152,6 +152,21 @@ pub struct ParamError {
     pub message: String,
 }
 
+/// A wiring that a kind's own check rejects: which inputs go together, params that name ports.
+#[derive(Debug, Clone)]
+pub struct WiringError {
+    /// Where, below the stage: `["inputs", "samples"]`, `["params", "counts", "b"]`, or empty
+    /// for the stage itself.
+    pub at: Vec<String>,
+    pub message: String,
+}
+
+impl WiringError {
+    pub fn at(at: &[&str], message: impl Into<String>) -> WiringError {
+        WiringError { at: at.iter().map(|s| s.to_string()).collect(), message: message.into() }
+    }
+}
+
 /// A kind of stage. Implementations live in the `dagrun-stages` crate.
 pub trait StageKind: Send + Sync {
     fn spec(&self) -> KindSpec;
@@ -162,14 +177,31 @@ pub trait StageKind: Send + Sync {
         Ok(())
     }
 
+    /// Checks which input ports are wired together with the params, when the graph is built
+    /// (before anything runs). `wired` lists the wired input ports in file order.
+    fn check_wiring(&self, _wired: &[&str], _params: &Params) -> Result<(), WiringError> {
+        Ok(())
+    }
+
+    /// Whether the kind writes its inputs' producer names into its outputs (an eval table's
+    /// `model` column). They then join its key, so renaming a stage re-runs it rather than
+    /// serving a table with the old name.
+    fn labels_outputs_with_producers(&self) -> bool {
+        false
+    }
+
     /// Does the work: reads `ctx`'s inputs, writes every declared output.
     fn run(&self, ctx: &mut StageContext) -> anyhow::Result<()>;
 }
+
+/// Says whether a device string can run on this build and machine (one line why not).
+pub type DeviceCheck = fn(&str) -> Result<(), String>;
 
 /// The stage kinds known to a build of dagrun.
 #[derive(Default)]
 pub struct Registry {
     kinds: BTreeMap<&'static str, (KindSpec, Box<dyn StageKind>)>,
+    device_check: Option<DeviceCheck>,
 }
 
 impl Registry {
@@ -194,5 +226,15 @@ impl Registry {
 
     pub fn names(&self) -> Vec<&'static str> {
         self.kinds.keys().copied().collect()
+    }
+
+    /// How device-dependent stages' devices are checked before a run (default: any is fine).
+    pub fn set_device_check(&mut self, check: DeviceCheck) -> &mut Registry {
+        self.device_check = Some(check);
+        self
+    }
+
+    pub fn check_device(&self, device: &str) -> Result<(), String> {
+        self.device_check.map_or(Ok(()), |check| check(device))
     }
 }

@@ -28,6 +28,6 @@ pub mod records;
 pub mod schema;
 
 pub use context::{InputArtifact, StageContext};
-pub use kind::{ArtifactType, KindSpec, ParamSpec, ParamType, PortSpec, Registry, StageKind};
+pub use kind::{ArtifactType, KindSpec, ParamSpec, ParamType, PortSpec, Registry, StageKind, WiringError};
 pub use params::Params;
 pub use progress::Progress;

@@ -29,6 +29,11 @@ impl Locator {
         builder.locator
     }
 
+    /// Whether the document has a key at `path`.
+    pub fn has(&self, path: &[String]) -> bool {
+        self.keys.contains_key(path)
+    }
+
     /// The position of the key at `path`, else of the nearest enclosing key.
     pub fn key(&self, path: &[String]) -> Pos {
         self.nearest(path, true)

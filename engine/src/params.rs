@@ -58,12 +58,15 @@ impl Params {
         self.get(name).as_str()
     }
 
-    /// A `Weights` param as (name, weight) pairs in the order written.
+    /// A `Weights` param as (name, weight) pairs sorted by name: keys ignore the order a map
+    /// is written in, so results must not depend on it either.
     pub fn weights(&self, name: &str) -> Vec<(String, f64)> {
-        match self.get(name) {
+        let mut pairs: Vec<(String, f64)> = match self.get(name) {
             Value::Object(m) => m.iter().map(|(k, v)| (k.clone(), v.as_f64().unwrap_or(0.0))).collect(),
             _ => Vec::new(),
-        }
+        };
+        pairs.sort_by(|a, b| a.0.cmp(&b.0));
+        pairs
     }
 }
 
@@ -302,6 +305,15 @@ mod tests {
         assert_eq!(p.get("lr"), &json!(1.0));
         assert_eq!(p.weights("families"), vec![("linear".to_string(), 1.0)]);
         assert!(p.get("limit").is_null());
+    }
+
+    #[test]
+    fn weights_come_sorted_by_name_whatever_the_order_written() {
+        let a = resolve(&spec(), &obj(json!({"families": {"linear": 2, "arithmetic": 1}}))).unwrap();
+        let b = resolve(&spec(), &obj(json!({"families": ["arithmetic", "linear"]}))).unwrap();
+        let c = resolve(&spec(), &obj(json!({"families": ["linear", "arithmetic"]}))).unwrap();
+        assert_eq!(a.weights("families"), vec![("arithmetic".to_string(), 1.0), ("linear".to_string(), 2.0)]);
+        assert_eq!(b.weights("families"), c.weights("families"));
     }
 
     #[test]

@@ -67,6 +67,12 @@ impl Pipeline {
         Diagnostic::at_file(&self.path.display().to_string(), pos, message)
     }
 
+    /// Where a stage's device is written: its own `device`, else the pipeline's.
+    pub fn device_path(&self, stage: &str) -> Vec<String> {
+        let own = vec!["stages".to_string(), stage.to_string(), "device".to_string()];
+        if self.locator.has(&own) { own } else { vec!["device".to_string()] }
+    }
+
     pub fn stage(&self, name: &str) -> Option<&Stage> {
         self.stages.iter().find(|s| s.name == name)
     }

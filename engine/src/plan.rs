@@ -6,7 +6,7 @@ use dagrun_cache::Store;
 use serde::Serialize;
 
 use crate::diag::Diagnostics;
-use crate::exec::{cached_outputs, key_parts, select, Available, RunOptions};
+use crate::exec::{cached_outputs, key_parts, select, Available, PathDigests, RunOptions};
 use crate::graph::{Graph, Source};
 use crate::records::Records;
 
@@ -38,7 +38,7 @@ pub fn plan(graph: &Graph, store: &Store, opts: &RunOptions) -> Result<Vec<Plann
     let selected = select(graph, opts)?;
     let index = Records::new(store.root()).index(&graph.pipeline.path);
     let mut available: HashMap<Source, Available> = HashMap::new();
-    let mut path_digests = HashMap::new();
+    let mut path_digests = PathDigests::new(store);
     let mut will_run: BTreeSet<usize> = BTreeSet::new();
     let mut out = Vec::new();
     for &i in &graph.order {
@@ -75,6 +75,7 @@ pub fn plan(graph: &Graph, store: &Store, opts: &RunOptions) -> Result<Vec<Plann
         }
         out.push(planned);
     }
+    path_digests.save();
     Ok(out)
 }
 

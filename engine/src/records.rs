@@ -17,6 +17,12 @@ pub enum Status {
     Cached,
     Skipped,
     Failed,
+    /// Selected, but left alone after an earlier stage failed.
+    #[serde(rename = "not_run")]
+    NotRun,
+    /// In flight when the record was written; a record that still says so after the run
+    /// ended belongs to a killed process.
+    Running,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -116,12 +122,12 @@ impl Records {
         read_json(&self.index_path(pipeline)).unwrap_or_default()
     }
 
-    /// Merges a run's stage records into the pipeline's index (failed stages keep their last
-    /// good record).
+    /// Merges a run's stage records into the pipeline's index (stages that failed, did not run
+    /// or are still running keep their last good record).
     pub fn update_index(&self, pipeline: &Path, run: &RunRecord) -> anyhow::Result<()> {
         let mut index = self.index(pipeline);
         for s in &run.stages {
-            if s.status != Status::Failed {
+            if matches!(s.status, Status::Ran | Status::Cached | Status::Skipped) {
                 index.insert(s.name.clone(), s.clone());
             }
         }

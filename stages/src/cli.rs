@@ -42,25 +42,34 @@ pub struct GenerateArgs {
     pub json: bool,
 }
 
+/// A shape flag: a count of at least 1 (clap reports anything else with exit code 2).
+fn positive(s: &str) -> Result<usize, String> {
+    match s.parse::<usize>() {
+        Ok(0) => Err("must be at least 1".into()),
+        Ok(n) => Ok(n),
+        Err(e) => Err(e.to_string()),
+    }
+}
+
 #[derive(Debug, Args)]
 pub struct BenchArgs {
-    #[arg(long, default_value_t = 4)]
+    #[arg(long, default_value_t = 4, value_parser = positive)]
     pub layers: usize,
-    #[arg(long, default_value_t = 256)]
+    #[arg(long, default_value_t = 256, value_parser = positive)]
     pub hidden: usize,
-    #[arg(long, default_value_t = 4)]
+    #[arg(long, default_value_t = 4, value_parser = positive)]
     pub heads: usize,
-    #[arg(long, default_value_t = 4)]
+    #[arg(long, default_value_t = 4, value_parser = positive)]
     pub kv_heads: usize,
-    #[arg(long, default_value_t = 688)]
+    #[arg(long, default_value_t = 688, value_parser = positive)]
     pub ffn: usize,
-    #[arg(long, default_value_t = 512)]
+    #[arg(long, default_value_t = 512, value_parser = positive)]
     pub vocab: usize,
-    #[arg(long, default_value_t = 16)]
+    #[arg(long, default_value_t = 16, value_parser = positive)]
     pub batch: usize,
-    #[arg(long, default_value_t = 128)]
+    #[arg(long, default_value_t = 128, value_parser = positive)]
     pub seq: usize,
-    #[arg(long, default_value_t = 128)]
+    #[arg(long, default_value_t = 128, value_parser = positive)]
     pub new_tokens: usize,
     /// Timed training steps (after a warm-up step).
     #[arg(long, default_value_t = 3)]
@@ -105,10 +114,12 @@ fn failed(e: anyhow::Error) -> i32 {
 }
 
 pub fn generate_command(a: GenerateArgs, g: &GlobalArgs) -> i32 {
-    let dir = match resolve_artifact(&a.model, a.pipeline.as_deref(), g) {
+    // Held until generation ends, so that `gc` cannot remove the model meanwhile.
+    let artifact = match resolve_artifact(&a.model, a.pipeline.as_deref(), g) {
         Ok(d) => d,
         Err(d) => return dagrun_engine::cli::report(Err(d)),
     };
+    let dir = artifact.path.clone();
     let device = match parse_device(&a.device) {
         Ok(d) => d,
         Err(code) => return code,

@@ -8,7 +8,7 @@
 use std::collections::HashSet;
 
 use anyhow::bail;
-use dagrun_engine::dataset::{read_parquet, write_parquet_atomic};
+use dagrun_engine::dataset::{read_checkpoint, write_parquet_atomic};
 use dagrun_engine::kind::{ArtifactType, KindSpec, ParamError, ParamSpec, ParamType, PortSpec, StageContext, StageKind};
 use dagrun_engine::Params;
 use rand::{Rng, SeedableRng};
@@ -29,7 +29,7 @@ impl StageKind for CotGenerate {
     fn spec(&self) -> KindSpec {
         KindSpec {
             name: "cot_generate",
-            version: 1,
+            version: 2,
             doc: "generate verifiable problems (train/test) and chain-of-thought chats for the train split",
             inputs: vec![],
             outputs: vec![
@@ -75,13 +75,18 @@ impl StageKind for CotGenerate {
 
         // The test split first: train must avoid its prompts.
         let test_file = resume.join("test.parquet");
-        let test = if test_file.exists() {
-            ctx.mark_resumed();
-            crate::tables::read_problems(&read_parquet(&test_file)?.1)?
-        } else {
-            let test = plan.test_split(n_test)?;
-            write_parquet_atomic(&test_file, &problems_batch(&test.iter().map(|(p, _)| p.clone()).collect::<Vec<_>>())?)?;
-            test.into_iter().map(|(p, _)| p).collect()
+        // A checkpoint that cannot be read (a truncated file) is made again, not fatal.
+        let saved = if test_file.exists() { read_checkpoint(&test_file).map(|b| crate::tables::read_problems(&b)).transpose()? } else { None };
+        let test = match saved {
+            Some(test) => {
+                ctx.mark_resumed();
+                test
+            }
+            None => {
+                let test = plan.test_split(n_test)?;
+                write_parquet_atomic(&test_file, &problems_batch(&test.iter().map(|(p, _)| p.clone()).collect::<Vec<_>>())?)?;
+                test.into_iter().map(|(p, _)| p).collect()
+            }
         };
         progress.inc(n_test as u64);
         let test_prompts: HashSet<String> = test.iter().map(|p| p.prompt.clone()).collect();
@@ -92,10 +97,14 @@ impl StageKind for CotGenerate {
             let (problems_file, cot_file) = (resume.join(format!("train-{shard:05}.parquet")), resume.join(format!("cot-{shard:05}.parquet")));
             let range = shard * SHARD_ROWS..((shard + 1) * SHARD_ROWS).min(n_train);
             let rows = range.len() as u64;
-            if problems_file.exists() && cot_file.exists() {
+            let saved = match problems_file.exists() && cot_file.exists() {
+                true => read_checkpoint(&problems_file).zip(read_checkpoint(&cot_file)),
+                false => None,
+            };
+            if let Some((problems, chats)) = saved {
                 ctx.mark_resumed();
-                train_batches.extend(read_parquet(&problems_file)?.1);
-                cot_batches.extend(read_parquet(&cot_file)?.1);
+                train_batches.extend(problems);
+                cot_batches.extend(chats);
             } else {
                 let (problems, chats) = plan.train_shard(range, &test_prompts)?;
                 let (problems, chats) = (problems_batch(&problems)?, chat_batch(&chats)?);

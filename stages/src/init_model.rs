@@ -112,7 +112,8 @@ fn import(from: &Path, out: &Path, ctx: &StageContext) -> anyhow::Result<()> {
         let entry = entry?;
         let name = entry.file_name();
         let keep = name.to_str().is_some_and(|n| n.ends_with(".json") || n.ends_with(".safetensors") || n.ends_with(".jinja") || n == "tokenizer.model");
-        if keep && entry.file_type()?.is_file() {
+        // `is_file` follows symlinks: a Hugging Face snapshot's files link into `blobs/`.
+        if keep && entry.path().is_file() {
             std::fs::copy(entry.path(), out.join(&name))?;
             copied += 1;
         }

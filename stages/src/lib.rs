@@ -36,5 +36,6 @@ pub fn registry() -> Registry {
     r.add(mix::Mix);
     r.add(rejection_filter::RejectionFilter);
     r.add(sft::Sft);
+    r.set_device_check(dagrun_model::cuda_probe::check_device);
     r
 }

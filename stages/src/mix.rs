@@ -10,7 +10,8 @@ use arrow::array::{Array, AsArray, RecordBatch, UInt32Array};
 use arrow::compute::{concat_batches, take_record_batch};
 use arrow::datatypes::{Int32Type, Schema};
 use dagrun_engine::dataset::read_parquet;
-use dagrun_engine::kind::{ArtifactType, KindSpec, ParamError, ParamSpec, ParamType, PortSpec, StageContext, StageKind};
+use dagrun_engine::diag::did_you_mean;
+use dagrun_engine::kind::{ArtifactType, KindSpec, ParamError, ParamSpec, ParamType, PortSpec, StageContext, StageKind, WiringError};
 use dagrun_engine::Params;
 use rand::seq::SliceRandom;
 use rand::SeedableRng;
@@ -23,7 +24,7 @@ impl StageKind for Mix {
     fn spec(&self) -> KindSpec {
         KindSpec {
             name: "mix",
-            version: 1,
+            version: 2,
             doc: "combine datasets of one schema: per-input counts or weights, task/difficulty filters, dedupe, shuffle, limit",
             inputs: vec![PortSpec::one("a", ArtifactType::Dataset(None), "a dataset; name further inputs freely (b, c, reasoning, …)")],
             outputs: vec![PortSpec::one("data", ArtifactType::Dataset(None), "the mixed rows, same schema as the inputs")],
@@ -57,15 +58,24 @@ impl StageKind for Mix {
         Ok(())
     }
 
-    fn run(&self, ctx: &mut StageContext) -> anyhow::Result<()> {
-        let ports: Vec<String> = ctx.input_ports().into_iter().map(str::to_string).collect();
+    fn check_wiring(&self, wired: &[&str], params: &Params) -> Result<(), WiringError> {
+        let mut ports = wired.to_vec();
+        ports.sort_unstable();
         for key in ["counts", "weights"] {
-            if let Some(m) = ctx.params.get(key).as_object() {
-                if let Some(bad) = m.keys().find(|k| !ports.contains(k)) {
-                    bail!("param `{key}` names `{bad}`, which is not an input (inputs: {})", ports.join(", "));
+            if let Some(m) = params.get(key).as_object() {
+                if let Some(bad) = m.keys().find(|k| !ports.contains(&k.as_str())) {
+                    let hint = did_you_mean(bad, &ports).map(|p| format!("; did you mean `{p}`?")).unwrap_or_default();
+                    let message = format!("param `{key}` names `{bad}`, which is not an input (inputs: {}){hint}", ports.join(", "));
+                    return Err(WiringError::at(&["params", key, bad], message));
                 }
             }
         }
+        Ok(())
+    }
+
+    fn run(&self, ctx: &mut StageContext) -> anyhow::Result<()> {
+        // Sorted port names: the key does not see the order they are written in.
+        let ports: Vec<String> = ctx.input_ports().into_iter().map(str::to_string).collect();
         let tasks: Option<HashSet<String>> = ctx.params.get_as::<Option<Vec<String>>>("tasks")?.map(|v| v.into_iter().collect());
         let difficulty: Option<Vec<i64>> = ctx.params.get_as("difficulty")?;
         let limit = ctx.params.opt_i64("limit").map(|l| l as usize);

@@ -39,7 +39,7 @@ pub struct ShowArgs {
 
 #[derive(Debug, Args)]
 pub struct ExportArgs {
-    /// `node.output`.
+    /// `node.output`, or `node` when it has one output.
     pub target: String,
     /// Where to copy it.
     pub dest: PathBuf,
@@ -95,19 +95,33 @@ fn find_record(records: &Records, pipeline: Option<&Path>, node: &str) -> Option
     candidates.into_iter().max_by(|a, b| a.run.cmp(&b.run))
 }
 
-pub(crate) fn resolve(target: &str, pipeline: Option<&Path>, g: &GlobalArgs, need_output: bool) -> Result<Vec<(String, PathBuf)>, Diagnostics> {
+/// A stage's recorded outputs, resolved to paths in the cache.
+pub(crate) struct Resolved {
+    pub outputs: Vec<(String, PathBuf)>,
+    /// What made them (from the action record), if known.
+    pub provenance: Option<serde_json::Value>,
+    pub record: StageRecord,
+    /// Held while the caller reads the objects, so that `gc` cannot remove them meanwhile.
+    pub _lock: dagrun_cache::Lock,
+}
+
+/// Finds `node` or `node.output`; with `one`, the target must name a single output (a node
+/// with one output may leave its name out).
+pub(crate) fn resolve(target: &str, pipeline: Option<&Path>, g: &GlobalArgs, one: bool) -> Result<Resolved, Diagnostics> {
     let root = find_cache_root(g, pipeline)?;
     let store = open_store(&root)?;
+    let lock = super::lock_store_shared(&store)?;
     let records = Records::new(&root);
     let (node, output) = match target.split_once('.') {
         Some((n, o)) => (n, Some(o)),
         None => (target, None),
     };
-    if need_output && output.is_none() {
-        return Err(Diagnostic::at_field(target, "name the output: `node.output`").into());
-    }
     let rec = find_record(&records, pipeline, node)
         .ok_or_else(|| Diagnostic::at_field(target, format!("no recorded run of stage `{node}` in {}", root.display())))?;
+    if one && output.is_none() && rec.outputs.len() > 1 {
+        let names: Vec<&str> = rec.outputs.keys().map(String::as_str).collect();
+        return Err(Diagnostic::at_field(target, format!("stage `{node}` has {} outputs; name one: {}", names.len(), names.iter().map(|n| format!("`{node}.{n}`")).collect::<Vec<_>>().join(", "))).into());
+    }
     let mut out = Vec::new();
     for (name, digest) in &rec.outputs {
         if output.is_some_and(|o| o != name) {
@@ -120,11 +134,37 @@ pub(crate) fn resolve(target: &str, pipeline: Option<&Path>, g: &GlobalArgs, nee
         let names: Vec<&str> = rec.outputs.keys().map(String::as_str).collect();
         return Err(Diagnostic::at_field(target, format!("stage `{node}` has no output `{}`; its outputs are: {}", output.unwrap_or(""), names.join(", "))).into());
     }
-    Ok(out)
+    let provenance = rec.key.as_deref().and_then(|k| store.action(k)).and_then(|a| a.extra.get("provenance").cloned());
+    Ok(Resolved { outputs: out, provenance, record: rec, _lock: lock })
+}
+
+/// Provenance as Parquet footer entries (`dagrun.node`, `dagrun.key`, …) for an exported file.
+fn footer_entries(r: &Resolved) -> Vec<(String, String)> {
+    let mut kv = vec![("dagrun.node".to_string(), r.record.name.clone())];
+    if let Some(key) = &r.record.key {
+        kv.push(("dagrun.key".into(), key.clone()));
+    }
+    if let Some(serde_json::Value::Object(p)) = &r.provenance {
+        for (k, v) in p {
+            let text = match v {
+                serde_json::Value::String(s) => s.clone(),
+                other => crate::key::canonical_json(other),
+            };
+            kv.push((format!("dagrun.{k}"), text));
+        }
+    }
+    kv
 }
 
 pub fn show(a: ShowArgs, g: &GlobalArgs) -> Result<i32, Diagnostics> {
-    for (name, path) in resolve(&a.target, a.pipeline.as_deref(), g, false)? {
+    let found = resolve(&a.target, a.pipeline.as_deref(), g, false)?;
+    println!("stage: {} ({}), key {}", found.record.name, found.record.kind, found.record.key.as_deref().unwrap_or("-"));
+    if let Some(p) = &found.provenance {
+        println!("params: {}", crate::key::canonical_json(&p["params"]));
+        println!("inputs: {}", crate::key::canonical_json(&p["inputs"]));
+    }
+    for (name, path) in &found.outputs {
+        let path = path.clone();
         println!("== {name}: {}", path.display());
         if path.is_dir() {
             show_model_dir(&path);
@@ -142,10 +182,8 @@ fn show_dataset(path: &Path, rows: usize) -> anyhow::Result<()> {
     for f in schema.fields() {
         println!("  {}: {}", f.name(), f.data_type());
     }
-    for key in ["dagrun.node", "dagrun.kind", "dagrun.schema", "dagrun.params"] {
-        if let Some(v) = meta.get(key) {
-            println!("{key}: {v}");
-        }
+    if let Some(v) = meta.get("dagrun.schema") {
+        println!("dagrun.schema: {v}");
     }
     let (_, batches) = dataset::read_parquet(path)?;
     let mut head = Vec::new();
@@ -181,8 +219,22 @@ fn show_model_dir(path: &Path) {
 
 pub fn export(a: ExportArgs, g: &GlobalArgs) -> Result<i32, Diagnostics> {
     let found = resolve(&a.target, a.pipeline.as_deref(), g, true)?;
-    let (_, src) = &found[0];
-    copy_out(src, &a.dest).map_err(|e| Diagnostic::at_field(&a.dest.display().to_string(), format!("cannot export: {e}")))?;
+    let (_, src) = &found.outputs[0];
+    let dest_err = |e: String| Diagnostic::at_field(&a.dest.display().to_string(), format!("cannot export: {e}"));
+    if src.is_file() {
+        // A dataset leaves the cache with its provenance in the footer.
+        let (schema, batches) = dataset::read_parquet(src).map_err(|e| dest_err(format!("{e:#}")))?;
+        let (mut kv, _, _) = dataset::footer(src).map_err(|e| dest_err(format!("{e:#}")))?.into();
+        let mut entries: Vec<(String, String)> = kv.drain().collect();
+        entries.sort();
+        entries.extend(footer_entries(&found));
+        if let Some(parent) = a.dest.parent().filter(|p| !p.as_os_str().is_empty()) {
+            std::fs::create_dir_all(parent).map_err(|e| dest_err(e.to_string()))?;
+        }
+        dataset::write_parquet(&a.dest, schema, &batches, &entries).map_err(|e| dest_err(format!("{e:#}")))?;
+    } else {
+        copy_out(src, &a.dest).map_err(|e| dest_err(e.to_string()))?;
+    }
     eprintln!("exported {} to {}", a.target, a.dest.display());
     Ok(EXIT_OK)
 }

@@ -18,6 +18,9 @@ pub struct GcArgs {
     /// The pipeline whose cache to clean (default: --cache-dir, ./.dagrun or ./pipelines/.dagrun).
     #[arg(short, long)]
     pub pipeline: Option<PathBuf>,
+    /// How long to wait for runs using the cache to finish before giving up, in seconds.
+    #[arg(long, default_value_t = 3600)]
+    pub timeout: u64,
 }
 
 #[derive(Debug, Args)]
@@ -29,10 +32,15 @@ pub struct VerifyArgs {
 pub fn gc(a: GcArgs, g: &GlobalArgs) -> Result<i32, Diagnostics> {
     let root = find_cache_root(g, a.pipeline.as_deref())?;
     let store = open_store(&root)?;
-    let Some(_lock) = store.try_lock_store(LockMode::Exclusive).map_err(|e| Diagnostic::at_field("--cache-dir", e.to_string()))? else {
-        return Err(Diagnostic::at_field("gc", format!("a run is using {}; try again when it ends", root.display())).into());
-    };
+    let _lock = wait_for_exclusive(&store, a.timeout)?;
     let records = Records::new(&root);
+    // Checkpoints of keys that some kept run was working on stay; the rest belong to work
+    // nobody will resume (its pipeline changed since).
+    let resume_keys: HashSet<String> = {
+        let runs = records.runs();
+        let kept = a.keep_runs.unwrap_or(runs.len());
+        runs.iter().rev().take(kept).flat_map(|r| r.stages.iter().filter_map(|s| s.key.clone())).collect()
+    };
     let keep = a.keep_runs.map(|n| {
         let runs = records.runs();
         let mut keep: HashSet<String> = HashSet::new();
@@ -48,7 +56,7 @@ pub fn gc(a: GcArgs, g: &GlobalArgs) -> Result<i32, Diagnostics> {
         }
         keep
     });
-    let report = store.gc(keep.as_ref()).map_err(|e| Diagnostic::at_field("gc", e.to_string()))?;
+    let report = store.gc(keep.as_ref(), &resume_keys).map_err(|e| Diagnostic::at_field("gc", e.to_string()))?;
     println!(
         "removed {} objects, {} action records, {} leftovers; freed {:.1} MiB",
         report.removed_objects,
@@ -59,9 +67,30 @@ pub fn gc(a: GcArgs, g: &GlobalArgs) -> Result<i32, Diagnostics> {
     Ok(EXIT_OK)
 }
 
+/// The store lock, exclusively: waits for running work (polling, so the wait can end).
+fn wait_for_exclusive(store: &dagrun_cache::Store, timeout_secs: u64) -> Result<dagrun_cache::Lock, Diagnostic> {
+    let err = |e: dagrun_cache::Error| Diagnostic::at_field("--cache-dir", e.to_string());
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(timeout_secs);
+    let mut said = false;
+    loop {
+        if let Some(lock) = store.try_lock_store(LockMode::Exclusive).map_err(err)? {
+            return Ok(lock);
+        }
+        if std::time::Instant::now() >= deadline {
+            return Err(Diagnostic::at_field("--timeout", format!("runs were still using {} after {timeout_secs}s; gc removed nothing", store.root().display())));
+        }
+        if !said {
+            eprintln!("gc: waiting for the runs using {} to finish (at most {timeout_secs}s; see --timeout)", store.root().display());
+            said = true;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(200));
+    }
+}
+
 pub fn verify(a: VerifyArgs, g: &GlobalArgs) -> Result<i32, Diagnostics> {
     let root = find_cache_root(g, a.pipeline.as_deref())?;
     let store = open_store(&root)?;
+    let _lock = super::lock_store_shared(&store)?;
     let report = store.verify().map_err(|e| Diagnostic::at_field("verify", e.to_string()))?;
     for d in &report.corrupt {
         println!("corrupt: {d} (moved to quarantine; the next run recomputes it)");

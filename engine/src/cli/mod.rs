@@ -168,13 +168,33 @@ pub fn find_cache_root(g: &GlobalArgs, pipeline: Option<&Path>) -> Result<PathBu
     Err(Diagnostic::at_field("--cache-dir", "no cache found here (looked for .dagrun/ and pipelines/.dagrun/); pass --cache-dir or --pipeline"))
 }
 
-/// The path of `node.output` in the cache (from the latest recorded run of that stage), or
-/// `target` itself when it is an existing directory: for commands that take `NODE.model|DIR`.
-pub fn resolve_artifact(target: &str, pipeline: Option<&Path>, g: &GlobalArgs) -> Result<PathBuf, Diagnostics> {
+/// An artifact a command reads: its path, and for one in the cache the store lock that keeps
+/// `gc` from removing it while it is read.
+pub struct Artifact {
+    pub path: PathBuf,
+    _lock: Option<dagrun_cache::Lock>,
+}
+
+/// The path of `node.output` (or `node` with one output) in the cache, from the latest
+/// recorded run of that stage, or `target` itself when it is an existing directory: for
+/// commands that take `NODE.model|DIR`.
+pub fn resolve_artifact(target: &str, pipeline: Option<&Path>, g: &GlobalArgs) -> Result<Artifact, Diagnostics> {
     if Path::new(target).is_dir() {
-        return Ok(PathBuf::from(target));
+        return Ok(Artifact { path: PathBuf::from(target), _lock: None });
     }
-    Ok(inspect::resolve(target, pipeline, g, true)?.remove(0).1)
+    let mut found = inspect::resolve(target, pipeline, g, true)?;
+    Ok(Artifact { path: found.outputs.remove(0).1, _lock: Some(found._lock) })
+}
+
+/// The store lock in shared mode, as runs and readers hold it; waits (saying so) while `gc`
+/// holds it exclusively.
+pub(crate) fn lock_store_shared(store: &dagrun_cache::Store) -> Result<dagrun_cache::Lock, Diagnostic> {
+    let busy = |e: dagrun_cache::Error| Diagnostic::at_field("--cache-dir", e.to_string());
+    if let Some(lock) = store.try_lock_store(dagrun_cache::LockMode::Shared).map_err(busy)? {
+        return Ok(lock);
+    }
+    tracing::info!("waiting for `dagrun gc` to finish with {}", store.root().display());
+    store.lock_store(dagrun_cache::LockMode::Shared).map_err(busy)
 }
 
 pub(crate) fn open_store(root: &Path) -> Result<dagrun_cache::Store, Diagnostic> {

@@ -119,8 +119,12 @@ pub fn run(a: RunArgs, g: &GlobalArgs, registry: &Registry, progress: ProgressMo
 
 fn summary_line(record: &crate::records::RunRecord) -> String {
     let count = |s: Status| record.stages.iter().filter(|x| x.status == s).count();
+    let not_run = match count(Status::NotRun) {
+        0 => String::new(),
+        n => format!(", {n} not run"),
+    };
     format!(
-        "run {}: {} ran, {} cached, {} skipped, {} failed in {:.1}s",
+        "run {}: {} ran, {} cached, {} skipped, {} failed{not_run} in {:.1}s",
         record.run,
         count(Status::Ran),
         count(Status::Cached),

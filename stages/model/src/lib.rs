@@ -5,7 +5,7 @@
 //! random init (`init`), checkpoint directories in the transformers layout (`hf_dir`), parameters
 //! by name (`params`), tokenizers and chat templates (`tokenizer`), sampling (`generate`),
 //! scoring (`score`), LoRA (`lora`), AdamW with schedules, clipping and accumulation (`optim`),
-//! backend selection (`device`), fused CPU kernels with a plain fallback (`fused`, `kernels`) and
+//! backend selection (`device`) and the up-front device probe (`cuda_probe`), fused CPU kernels with a plain fallback (`fused`, `kernels`) and
 //! the runtime benchmark (`bench`).
 //!
 //! Typical use from a stage:
@@ -26,6 +26,7 @@
 mod attention_kernel;
 pub mod bench;
 pub mod config;
+pub mod cuda_probe;
 pub mod device;
 pub mod fused;
 pub mod generate;

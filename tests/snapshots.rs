@@ -1,0 +1,108 @@
+//! Same key, same bytes — across builds, runs and core counts.
+//!
+//! A key holds each kind's `version`, not dagrun's build: a change to what a kind writes that
+//! forgets to bump the version would make every existing cache serve the old bytes. So the
+//! output digests of every kind on a tiny fixed pipeline are committed in
+//! `tests/snapshots/kind_digests.json`; when a stage's key is unchanged but its bytes are not,
+//! the test names the kind whose `version` must be bumped. Regenerate the file after a bump
+//! with `DAGRUN_UPDATE_SNAPSHOT=1 cargo test --release --test snapshots`.
+
+mod common;
+
+use std::collections::BTreeMap;
+use std::path::Path;
+
+use common::Project;
+use serde_json::{json, Value};
+
+/// Every stage kind, as small as each can be and still do its work.
+const EVERY_KIND: &str = "\
+seed: 3
+stages:
+  problems:
+    kind: cot_generate
+    params: { families: [addition, arithmetic], difficulty: [1, 1], n_train: 64, n_test: 6 }
+  data:
+    kind: mix
+    inputs: { a: problems.cot }
+    params: { limit: 32 }
+  base:
+    kind: init_model
+    params: { preset: nano, config: { hidden_size: 32, intermediate_size: 64, num_hidden_layers: 1, num_attention_heads: 2, num_key_value_heads: 2 } }
+  tune:
+    kind: sft
+    inputs: { model: base, data: data }
+    params: { max_steps: 4, batch_size: 4, lr: 1e-3, log_every: 1, checkpoint_every: 2 }
+  rl:
+    kind: grpo
+    inputs: { model: tune, problems: problems.train }
+    params: { steps: 2, batch_prompts: 2, group_size: 2, max_new_tokens: 12, micro_batch: 2, checkpoint_every: 1 }
+  rejection:
+    kind: rejection_filter
+    inputs: { model: rl.model, problems: problems.train }
+    params: { num_samples: 2, limit: 4, max_new_tokens: 12 }
+  scores:
+    kind: eval
+    inputs: { models: [tune.model, rl.model], problems: problems.test }
+    params: { k: 2, max_new_tokens: 12 }
+";
+
+fn run_with_threads(p: &Project, threads: &str) -> common::Run {
+    p.write("p.yaml", EVERY_KIND);
+    let out = p.command(&["run", "p.yaml", "--json"]).env("RAYON_NUM_THREADS", threads).output().unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    common::Run::parse(&out)
+}
+
+/// stage → {kind, key, outputs}.
+fn stages(run: &common::Run) -> BTreeMap<String, Value> {
+    run.0["stages"].as_array().unwrap().iter().map(|s| (s["name"].as_str().unwrap().to_string(), json!({ "kind": s["kind"], "key": s["key"], "outputs": s["outputs"] }))).collect()
+}
+
+#[test]
+fn every_kind_writes_the_committed_bytes_for_its_version() {
+    let p = Project::new("snapshot");
+    let now = stages(&run_with_threads(&p, "2"));
+    let kinds: Vec<&str> = now.values().map(|s| s["kind"].as_str().unwrap()).collect();
+    for kind in ["cot_generate", "mix", "init_model", "sft", "grpo", "rejection_filter", "eval"] {
+        assert!(kinds.contains(&kind), "the snapshot pipeline lacks kind `{kind}`");
+    }
+    let file = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/snapshots/kind_digests.json");
+    if std::env::var_os("DAGRUN_UPDATE_SNAPSHOT").is_some() {
+        std::fs::create_dir_all(file.parent().unwrap()).unwrap();
+        std::fs::write(&file, serde_json::to_string_pretty(&now).unwrap() + "\n").unwrap();
+        return;
+    }
+    let committed: BTreeMap<String, Value> = serde_json::from_str(&std::fs::read_to_string(&file).unwrap()).unwrap();
+    let mut stale = Vec::new();
+    for (stage, got) in &now {
+        let Some(want) = committed.get(stage) else {
+            stale.push(format!("{stage}: not in the snapshot"));
+            continue;
+        };
+        if got["key"] == want["key"] && got["outputs"] != want["outputs"] {
+            panic!(
+                "stage `{stage}`: kind `{}` now writes other bytes under the same key; bump its `version` (then regenerate the snapshot)",
+                got["kind"].as_str().unwrap()
+            );
+        }
+        if got["key"] != want["key"] {
+            stale.push(format!("{stage} ({}): key changed", got["kind"].as_str().unwrap()));
+        }
+    }
+    assert!(
+        stale.is_empty(),
+        "the snapshot is out of date ({}); regenerate: DAGRUN_UPDATE_SNAPSHOT=1 cargo test --release --test snapshots",
+        stale.join("; ")
+    );
+}
+
+#[test]
+fn two_clean_runs_with_one_and_two_threads_write_identical_bytes() {
+    let one = stages(&run_with_threads(&Project::new("threads-1"), "1"));
+    let two = stages(&run_with_threads(&Project::new("threads-2"), "2"));
+    for (stage, a) in &one {
+        assert_eq!(a["key"], two[stage]["key"], "{stage}");
+        assert_eq!(a["outputs"], two[stage]["outputs"], "stage `{stage}` ({}): every output, metrics included", a["kind"]);
+    }
+}
