@@ -1,6 +1,7 @@
 //! The `eval` and `rejection_filter` stages on a tiny pipeline: the results follow the
-//! contract scripts read, the summary reaches `summary.md`, rejection-sampled chats verify,
-//! and a killed eval resumes from its checkpointed chunks to the same results.
+//! contract scripts read, the summary reaches `summary.md`, rejection-sampled chats verify
+//! and were not cut off, both write `metrics`, and a killed eval resumes from its
+//! checkpointed chunks to the same results. (Wiring errors are in tests/malformed/.)
 
 mod common;
 
@@ -8,7 +9,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::path::Path;
 
 use arrow::array::{Array, AsArray, RecordBatch};
-use arrow::datatypes::Int32Type;
+use arrow::datatypes::{Int32Type, Int64Type};
 use common::{batches, floats, strings, Project};
 
 const PIPELINE: &str = "\
@@ -27,7 +28,7 @@ stages:
   eval:
     kind: eval
     inputs: { models: [base, cold_start], problems: problems.test }
-    params: { k: 2, limit: 20, max_new_tokens: 96 }
+    params: { k: 2, n: 4, limit: 20, max_new_tokens: 96 }
   filter:
     kind: rejection_filter
     inputs: { model: cold_start, problems: problems.train }
@@ -35,8 +36,20 @@ stages:
   refilter:
     kind: rejection_filter
     inputs: { samples: filter.samples }
-    params: { rewards: { correctness: 1.0, format: 0.5 }, min_reward: 0.0, keep: best }
+    params: { rewards: { format: 0.5, correctness: 1.0 }, min_reward: 0.0, keep: best, require_correct: false }
 ";
+
+/// (step, metric, value) of every row of a `metrics` table.
+fn metrics(cache: &Path, digest: &str) -> Vec<(i64, String, f64)> {
+    let mut out = Vec::new();
+    for b in batches(cache, digest) {
+        let steps = b.column_by_name("step").unwrap().as_primitive::<Int64Type>();
+        for ((i, metric), value) in strings(&b, "metric").into_iter().enumerate().zip(floats(&b, "value")) {
+            out.push((steps.value(i), metric, value));
+        }
+    }
+    out
+}
 
 /// (user, assistant, answer, task) of every chat row.
 fn chats(cache: &Path, digest: &str) -> Vec<(String, String, String, String)> {
@@ -72,7 +85,14 @@ fn eval_and_rejection_filter_on_a_tiny_pipeline() {
         let correct = b.column_by_name("correct").unwrap().as_boolean();
         let difficulty = b.column_by_name("difficulty").unwrap().as_primitive::<Int32Type>();
         let (pass1, passk) = (floats(b, "pass1"), floats(b, "passk"));
+        let (k, n, n_correct) = (b.column_by_name("k").unwrap().as_primitive::<Int32Type>(), b.column_by_name("n").unwrap().as_primitive::<Int32Type>(), b.column_by_name("n_correct").unwrap().as_primitive::<Int32Type>());
         for i in 0..b.num_rows() {
+            assert_eq!((k.value(i), n.value(i)), (2, 4), "pass@2 from 4 samples");
+            // The unbiased estimator from n = 4: 1 − C(4−c, 2)/C(4, 2).
+            let c = n_correct.value(i);
+            let expected = [0.0, 0.5, 5.0 / 6.0, 1.0, 1.0][c as usize];
+            assert!((passk[i] - expected).abs() < 1e-12, "pass@2 {} with {c} of 4 correct", passk[i]);
+            assert_eq!(pass1[i], c as f64 / 4.0);
             assert!(per_model.entry(models[i].clone()).or_default().insert(ids[i].clone()), "duplicate row {} {}", models[i], ids[i]);
             assert_eq!(tasks[i], "arithmetic");
             assert!((1..=2).contains(&difficulty.value(i)));
@@ -88,13 +108,29 @@ fn eval_and_rejection_filter_on_a_tiny_pipeline() {
 
     // The summary is in the run's summary.md (and printed at the end of the run).
     let summary = std::fs::read_to_string(cache.join("runs").join(run.0["run"].as_str().unwrap()).join("summary.md")).unwrap();
-    for needle in ["## eval", "| base |", "| cold_start |", "pass@1", "maj@2", "| cold_start | arithmetic | 2 |", "Paired differences from `base`", "## filter", "## refilter"] {
+    for needle in ["## eval", "| base |", "| cold_start |", "pass@1", "maj@2", "of n = 4 samples", "| cold_start | arithmetic | 2 |", "Paired differences from `base`", "## filter", "## refilter"] {
         assert!(summary.contains(needle), "summary.md lacks {needle:?}:\n{summary}");
     }
 
-    // rejection_filter: every completion is in `samples`; every kept chat verifies.
+    // eval's metrics: the summary's means per model, by position in `models`.
+    let eval_metrics = metrics(&cache, &run.output("eval", "metrics"));
+    let pass1 = |step: i64| eval_metrics.iter().find(|m| m.0 == step && m.1 == "pass1").map(|m| m.2).unwrap();
+    let all_pass1: Vec<f64> = results.iter().flat_map(|b| floats(b, "pass1")).collect();
+    assert!((pass1(0) - all_pass1[..20].iter().sum::<f64>() / 20.0).abs() < 1e-12);
+    assert!((pass1(1) - all_pass1[20..].iter().sum::<f64>() / 20.0).abs() < 1e-12);
+    assert!(eval_metrics.iter().any(|m| m.0 == 1 && m.1 == "arithmetic/majk"));
+
+    // rejection_filter: every completion is in `samples`; every kept chat verifies and was not
+    // cut off at the length limit.
     let samples = batches(&cache, &run.output("filter", "samples"));
     assert_eq!(samples.iter().map(RecordBatch::num_rows).sum::<usize>(), 20 * 2);
+    let completions: Vec<(String, bool)> = samples
+        .iter()
+        .flat_map(|b| {
+            let truncated = b.column_by_name("truncated").unwrap().as_boolean();
+            strings(b, "completion").into_iter().enumerate().map(|(i, c)| (c, truncated.value(i))).collect::<Vec<_>>()
+        })
+        .collect();
     let rewards: Vec<f64> = samples.iter().flat_map(|b| floats(b, "reward")).collect();
     let passing = rewards.iter().filter(|&&r| r >= 1.0).count();
     let kept = chats(&cache, &run.output("filter", "data"));
@@ -102,47 +138,31 @@ fn eval_and_rejection_filter_on_a_tiny_pipeline() {
     for (user, assistant, answer, task) in &kept {
         assert!(user.contains('='), "{user}");
         assert!(dagrun_stages::tasks::verify(task, answer, assistant), "kept a wrong completion {assistant:?} for {user} = {answer}");
+        assert!(completions.iter().any(|(c, truncated)| c == assistant && !truncated), "kept a truncated completion {assistant:?}");
     }
+    let filter_metrics = metrics(&cache, &run.output("filter", "metrics"));
+    let get = |name: &str| filter_metrics.iter().find(|m| m.1 == name).map(|m| m.2);
+    assert_eq!(get("samples"), Some(40.0));
+    assert_eq!(get("kept"), Some(kept.len() as f64));
+    assert!(get("rewards/correctness/mean").is_some());
 
-    // Filtering the samples again with other rewards: one chat per problem (keep: best,
-    // min_reward 0 lets everything pass), the samples re-scored.
+    // Filtering the samples again with other rewards and without require_correct: one chat per
+    // problem that has a completion not cut off (keep: best, min_reward 0 lets the rest
+    // pass), the samples re-scored.
     let again = chats(&cache, &run.output("refilter", "data"));
-    assert_eq!(again.len(), 20);
+    let mut whole: BTreeSet<String> = BTreeSet::new();
+    for b in &samples {
+        let truncated = b.column_by_name("truncated").unwrap().as_boolean();
+        for (i, id) in strings(b, "id").into_iter().enumerate() {
+            if !truncated.value(i) {
+                whole.insert(id);
+            }
+        }
+    }
+    assert_eq!(again.len(), whole.len());
     let rescored = batches(&cache, &run.output("refilter", "samples"));
     assert_eq!(rescored.iter().map(RecordBatch::num_rows).sum::<usize>(), 40);
     assert!(rescored.iter().flat_map(|b| floats(b, "reward")).all(|r| (0.0..=1.5).contains(&r)));
-}
-
-#[test]
-fn wiring_both_a_model_and_samples_is_a_clear_error() {
-    let p = Project::new("reject-wiring");
-    p.write(
-        "p.yaml",
-        "\
-stages:
-  problems:
-    kind: cot_generate
-    params: { n_train: 20, n_test: 5 }
-  base:
-    kind: init_model
-    params: { preset: nano }
-  first:
-    kind: rejection_filter
-    inputs: { model: base, problems: problems.test }
-    params: { num_samples: 1, max_new_tokens: 4 }
-  both:
-    kind: rejection_filter
-    inputs: { model: base, problems: problems.test, samples: first.samples }
-  neither:
-    kind: rejection_filter
-    inputs: {}
-",
-    );
-    let out = p.output(&["run", "p.yaml", "--keep-going"]);
-    assert!(!out.status.success());
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(stderr.contains("wire either `model` (with `problems`) or `samples`, not both"), "{stderr}");
-    assert!(stderr.contains("needs `model` and `problems` to sample from, or an existing `samples` dataset"), "{stderr}");
 }
 
 const RESUME: &str = "\
@@ -174,4 +194,5 @@ fn a_killed_eval_resumes_from_its_chunks_to_the_same_results() {
     assert_eq!(resumed.status("eval"), "ran");
     assert_eq!(resumed.stage("eval")["resumed"], true);
     assert_eq!(resumed.output("eval", "results"), expected.output("eval", "results"), "eval is deterministic across a resume");
+    assert_eq!(resumed.output("eval", "metrics"), expected.output("eval", "metrics"), "eval's metrics hold nothing that varies between runs");
 }

@@ -153,8 +153,8 @@ pub fn metrics() -> TableSchema {
 pub fn eval() -> TableSchema {
     TableSchema {
         name: "eval",
-        version: 2,
-        doc: "model, id, task, difficulty, correct (greedy), pass1 (share of k samples correct), k, n_correct, passk, majk, format (share of samples in format), length (mean sampled tokens), greedy_answer, greedy_format, greedy_length, greedy_completion",
+        version: 3,
+        doc: "model, id, task, difficulty, correct (greedy), pass1 (share of n samples correct), k, n (samples, ≥ k), n_correct, passk (unbiased, from n), majk (majority by value of k samples), format (share of samples in format), length (mean sampled tokens), greedy_answer, greedy_format, greedy_length, greedy_completion",
         schema: Arc::new(Schema::new(vec![
             utf8("model"),
             utf8("id"),
@@ -163,6 +163,7 @@ pub fn eval() -> TableSchema {
             Field::new("correct", DataType::Boolean, false),
             Field::new("pass1", DataType::Float64, false),
             Field::new("k", DataType::Int32, false),
+            Field::new("n", DataType::Int32, false),
             Field::new("n_correct", DataType::Int32, false),
             Field::new("passk", DataType::Float64, false),
             Field::new("majk", DataType::Boolean, false),

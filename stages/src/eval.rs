@@ -1,11 +1,15 @@
 //! Stage kind `eval`: every model on held-out problems, measured the way DeepSeek-R1 reports.
 //!
-//! Per model and problem: one greedy completion (`correct`) and `k` samples at `temperature` /
-//! `top_p` (`pass1` = the share of samples that verify, `passk` = unbiased pass@k, `majk` =
-//! whether the majority answer verifies), the share of samples in the R1 format and their mean
-//! length. The summary table (per model, then per task family and difficulty) is the stage's
-//! report. Sampling seeds depend on the stage seed and the problem chunk only, so every model
-//! is evaluated with the same random streams. Results are checkpointed per model and chunk of
+//! Per model and problem: one greedy completion (`correct`) and `n` ≥ `k` samples at
+//! `temperature` / `top_p` (`pass1` = the share of samples that verify, `passk` = pass@k by
+//! the unbiased estimator of Chen et al. from the `n` samples, `majk` = whether the majority
+//! answer of the first `k` samples, voting by value, verifies), the share of samples in the
+//! R1 format and their mean length. Answers are read from `<answer>` blocks only unless
+//! `answer_fallback` is set. The summary table (per model, then per task family and
+//! difficulty) is the stage's report; the `metrics` output holds the same means per model
+//! (`step` = the model's position in `models`) and nothing that varies between runs.
+//! Sampling seeds depend on the stage seed and the problem chunk only, so every model is
+//! evaluated with the same random streams. Results are checkpointed per model and chunk of
 //! [`CHUNK`](crate::sampling::CHUNK) problems in the resume directory.
 
 use std::collections::{BTreeMap, HashMap};
@@ -15,8 +19,8 @@ use std::path::PathBuf;
 use anyhow::{bail, Context};
 use burn::tensor::backend::AutodiffBackend;
 use dagrun_engine::dataset::read_parquet;
-use dagrun_engine::kind::{ArtifactType, KindSpec, ParamSpec, ParamType, PortSpec, StageContext, StageKind};
-use dagrun_engine::Progress;
+use dagrun_engine::kind::{ArtifactType, KindSpec, ParamError, ParamSpec, ParamType, PortSpec, StageContext, StageKind};
+use dagrun_engine::{Params, Progress};
 use dagrun_model::device::{run_on, BackendTask, DeviceSpec};
 use dagrun_model::generate::SamplingParams;
 use dagrun_model::load_model;
@@ -25,26 +29,34 @@ use serde_json::json;
 use crate::chat::ChatFormat;
 use crate::eval_math::{estimate, majority_vote, mean, pass_at_k};
 use crate::sampling::{chunk, mix_seed, prompts_of, sample_groups, Shards};
-use crate::tables::{eval_batch, read_eval, read_problems, EvalRow, ProblemRow};
+use crate::tables::{eval_batch, metrics_batch, read_eval, read_problems, EvalRow, ProblemRow};
 use crate::tasks;
-
-/// Problems per checkpoint shard (and per sampling seed).
 
 pub struct Eval;
 
 impl StageKind for Eval {
+    /// The `model` column names each model by the stage that made it.
+    fn labels_outputs_with_producers(&self) -> bool {
+        true
+    }
+
     fn spec(&self) -> KindSpec {
         KindSpec {
             name: "eval",
-            version: 1,
-            doc: "greedy accuracy, pass@1 over k samples, pass@k, maj@k, format rate and length of each model on held-out problems",
+            version: 2,
+            doc: "greedy accuracy, pass@1 over n samples, pass@k, maj@k, format rate and length of each model on held-out problems",
             inputs: vec![
                 PortSpec::list("models", ArtifactType::Model, "the models to compare (named by the stage that made each)"),
                 PortSpec::one("problems", ArtifactType::Dataset(Some("problems")), "held-out problems"),
             ],
-            outputs: vec![PortSpec::one("results", ArtifactType::Dataset(Some("eval")), "one row per model × problem")],
+            outputs: vec![
+                PortSpec::one("results", ArtifactType::Dataset(Some("eval")), "one row per model × problem"),
+                PortSpec::one("metrics", ArtifactType::Dataset(Some("metrics")), "greedy, pass1, passk, majk, format, length per model (step = its position in `models`), overall and per task"),
+            ],
             params: vec![
-                ParamSpec::new("k", ParamType::Int { min: 1, max: 4096 }, json!(8), "samples per problem for pass@1, pass@k and maj@k"),
+                ParamSpec::new("k", ParamType::Int { min: 1, max: 4096 }, json!(8), "the k of pass@k and maj@k"),
+                ParamSpec::unset("n", ParamType::Int { min: 1, max: 4096 }, "samples per problem, at least k (unset: k); pass@k is estimated from them without bias"),
+                ParamSpec::new("answer_fallback", ParamType::Bool, json!(false), "read the last number of a completion without an <answer> block as its answer"),
                 ParamSpec::new("temperature", ParamType::Float { min: 0.0, max: 100.0 }, json!(0.6), "sampling temperature of the k samples"),
                 ParamSpec::new("top_p", ParamType::Float { min: 1e-6, max: 1.0 }, json!(0.95), "nucleus sampling of the k samples"),
                 ParamSpec::new("max_new_tokens", ParamType::Int { min: 1, max: 1_000_000 }, json!(256), "completion length limit"),
@@ -53,6 +65,14 @@ impl StageKind for Eval {
             ],
             device_dependent: true,
             variadic_inputs: false,
+        }
+    }
+
+    fn check(&self, params: &Params) -> Result<(), ParamError> {
+        let k = params.i64("k");
+        match params.opt_i64("n") {
+            Some(n) if n < k => Err(ParamError { param: "n".into(), message: format!("param `n` ({n}) must be at least `k` ({k}): pass@k draws k of the n samples") }),
+            _ => Ok(()),
         }
     }
 
@@ -70,8 +90,11 @@ impl StageKind for Eval {
             bail!("input `models` lists no model");
         }
         let p = &ctx.params;
+        let k = p.i64("k") as usize;
         let cfg = Config {
-            k: p.i64("k") as usize,
+            k,
+            n: p.opt_i64("n").map_or(k, |n| n as usize),
+            fallback: p.bool("answer_fallback"),
             batch_size: p.i64("batch_size") as usize,
             greedy: SamplingParams { temperature: 0.0, top_k: 0, top_p: 1.0, max_new_tokens: p.i64("max_new_tokens") as usize, stop_strings: vec![], seed: 0 },
             sampled: SamplingParams { temperature: p.f64("temperature") as f32, top_k: 0, top_p: p.f64("top_p") as f32, max_new_tokens: p.i64("max_new_tokens") as usize, stop_strings: vec![], seed: ctx.seed },
@@ -100,6 +123,7 @@ impl StageKind for Eval {
             ctx.info("resumed from checkpointed chunks");
         }
         ctx.write_dataset("results", &[eval_batch(&rows)?])?;
+        ctx.write_dataset("metrics", &[metrics_batch(&metrics(&rows, &names))?])?;
         let report = summary(&rows, &names, &cfg);
         ctx.set_report(report);
         Ok(())
@@ -108,6 +132,10 @@ impl StageKind for Eval {
 
 struct Config {
     k: usize,
+    /// Samples per problem, ≥ k.
+    n: usize,
+    /// Read untagged answers (see `tasks::extract_answer_with`).
+    fallback: bool,
     batch_size: usize,
     greedy: SamplingParams,
     sampled: SamplingParams,
@@ -136,27 +164,29 @@ impl BackendTask for EvalTask<'_> {
             let prompts = prompts_of(&format, chunk)?;
             let greedy = sample_groups(&model, &format, &prompts, 1, &cfg.greedy, cfg.batch_size)?;
             let sampled_params = SamplingParams { seed: mix_seed(cfg.sampled.seed, &[c as u64]), ..cfg.sampled.clone() };
-            let sampled = sample_groups(&model, &format, &prompts, cfg.k, &sampled_params, cfg.batch_size)?;
+            let sampled = sample_groups(&model, &format, &prompts, cfg.n, &sampled_params, cfg.batch_size)?;
             let mut rows = Vec::with_capacity(chunk.len());
             for ((problem, greedy), samples) in chunk.iter().zip(greedy).zip(sampled) {
                 let g = &greedy[0];
+                let (task, answer) = (problem.task.as_str(), problem.answer.as_str());
                 let texts: Vec<&str> = samples.iter().map(|s| s.text.as_str()).collect();
-                let n_correct = texts.iter().filter(|t| tasks::verify(&problem.task, &problem.answer, t)).count();
-                let k = texts.len();
+                let n_correct = texts.iter().filter(|t| tasks::verify_with(task, answer, t, cfg.fallback)).count();
+                let n = texts.len();
                 rows.push(EvalRow {
                     model: self.name.clone(),
                     id: problem.id.clone(),
                     task: problem.task.clone(),
                     difficulty: problem.difficulty,
-                    correct: tasks::verify(&problem.task, &problem.answer, &g.text),
-                    pass1: n_correct as f64 / k as f64,
-                    k: k as i32,
+                    correct: tasks::verify_with(task, answer, &g.text, cfg.fallback),
+                    pass1: n_correct as f64 / n as f64,
+                    k: cfg.k as i32,
+                    n: n as i32,
                     n_correct: n_correct as i32,
-                    passk: pass_at_k(k, n_correct, k).unwrap_or(0.0),
-                    majk: majority_vote(&problem.task, &problem.answer, &texts).correct,
-                    format: texts.iter().filter(|t| tasks::has_format(t)).count() as f64 / k as f64,
-                    length: samples.iter().map(|s| s.token_ids.len() as f64).sum::<f64>() / k as f64,
-                    greedy_answer: tasks::extract_answer(&problem.task, &g.text).unwrap_or_default(),
+                    passk: pass_at_k(n, n_correct, cfg.k).unwrap_or(0.0),
+                    majk: majority_vote(task, answer, &texts[..cfg.k.min(n)], cfg.fallback).correct,
+                    format: texts.iter().filter(|t| tasks::has_format(t)).count() as f64 / n as f64,
+                    length: samples.iter().map(|s| s.token_ids.len() as f64).sum::<f64>() / n as f64,
+                    greedy_answer: tasks::extract_answer_with(task, &g.text, cfg.fallback).unwrap_or_default(),
                     greedy_format: tasks::has_format(&g.text),
                     greedy_length: g.token_ids.len() as i32,
                     greedy_completion: g.text.clone(),
@@ -213,12 +243,13 @@ fn show(values: Vec<f64>, signed: bool) -> String {
 
 /// The Markdown report: one row per model, then per model, task family and difficulty.
 fn summary(rows: &[EvalRow], names: &[String], cfg: &Config) -> String {
-    let k = cfg.k;
+    let (k, n) = (cfg.k, cfg.n);
     let n_problems = rows.len() / names.len().max(1);
     let mut out = String::new();
+    let answers = if cfg.fallback { "answers from <answer> blocks, else the last number" } else { "answers from <answer> blocks" };
     let _ = writeln!(
         out,
-        "{n_problems} held-out problems; greedy accuracy; pass@1 = mean correctness of k = {k} samples at T = {}, top_p = {} (± standard error over problems); pass@{k} unbiased; maj@{k} majority vote; format = share of samples in the R1 format; length = mean sampled tokens.\n",
+        "{n_problems} held-out problems; {answers}; greedy accuracy; pass@1 = mean correctness of n = {n} samples at T = {}, top_p = {} (± standard error over problems); pass@{k} unbiased from the {n} samples; maj@{k} majority vote by value of the first {k}; format = share of samples in the R1 format; length = mean sampled tokens.\n",
         cfg.sampled.temperature, cfg.sampled.top_p
     );
     let _ = writeln!(out, "| model | n | greedy | pass@1 | pass@{k} | maj@{k} | format | length |");
@@ -253,4 +284,103 @@ fn summary(rows: &[EvalRow], names: &[String], cfg: &Config) -> String {
         }
     }
     out
+}
+
+/// The `metrics` rows: per model (`step` = its position in `models`), the means of the
+/// summary and their standard errors, then per task family; nothing that varies between
+/// runs of one key.
+fn metrics(rows: &[EvalRow], names: &[String]) -> Vec<(i64, String, f64)> {
+    let mut out = Vec::new();
+    for (m, name) in names.iter().enumerate() {
+        let step = m as i64;
+        let mine: Vec<&EvalRow> = rows.iter().filter(|r| &r.model == name).collect();
+        let mut push = |metric: String, values: Vec<f64>, with_stderr: bool| {
+            if let Some(e) = estimate(&values) {
+                out.push((step, metric.clone(), e.mean));
+                if let (true, Some(se)) = (with_stderr, e.stderr) {
+                    out.push((step, format!("{metric}_stderr"), se));
+                }
+            }
+        };
+        let figures = |rows: &[&EvalRow]| -> [(&'static str, Vec<f64>, bool); 6] {
+            let of = |f: fn(&EvalRow) -> f64| rows.iter().map(|r| f(r)).collect::<Vec<f64>>();
+            [
+                ("greedy", of(|r| r.correct as u8 as f64), true),
+                ("pass1", of(|r| r.pass1), true),
+                ("passk", of(|r| r.passk), true),
+                ("majk", of(|r| r.majk as u8 as f64), true),
+                ("format", of(|r| r.format), false),
+                ("length", of(|r| r.length), false),
+            ]
+        };
+        push("problems".into(), vec![mine.len() as f64], false);
+        for (metric, values, with_stderr) in figures(&mine) {
+            push(metric.into(), values, with_stderr);
+        }
+        let mut by_task: BTreeMap<&str, Vec<&EvalRow>> = BTreeMap::new();
+        for r in &mine {
+            by_task.entry(r.task.as_str()).or_default().push(r);
+        }
+        for (task, group) in by_task {
+            for (metric, values, _) in figures(&group).into_iter().take(4) {
+                push(format!("{task}/{metric}"), values, false);
+            }
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn row(model: &str, task: &str, correct: bool, pass1: f64) -> EvalRow {
+        EvalRow {
+            model: model.into(),
+            id: format!("{task}-{pass1}"),
+            task: task.into(),
+            difficulty: 1,
+            correct,
+            pass1,
+            k: 2,
+            n: 4,
+            n_correct: (pass1 * 4.0) as i32,
+            passk: pass_at_k(4, (pass1 * 4.0) as usize, 2).unwrap(),
+            majk: pass1 > 0.5,
+            format: 1.0,
+            length: 10.0,
+            greedy_answer: String::new(),
+            greedy_format: true,
+            greedy_length: 10,
+            greedy_completion: String::new(),
+        }
+    }
+
+    #[test]
+    fn metrics_hold_each_models_means_by_position() {
+        let rows = vec![row("a", "linear", true, 0.5), row("a", "word", false, 0.25), row("b", "linear", true, 1.0), row("b", "word", true, 0.75)];
+        let names = vec!["a".to_string(), "b".to_string()];
+        let metrics = metrics(&rows, &names);
+        let get = |step: i64, name: &str| metrics.iter().find(|m| m.0 == step && m.1 == name).map(|m| m.2);
+        assert_eq!(get(0, "problems"), Some(2.0));
+        assert_eq!(get(0, "greedy"), Some(0.5));
+        assert_eq!(get(0, "pass1"), Some(0.375));
+        assert_eq!(get(1, "pass1"), Some(0.875));
+        assert_eq!(get(1, "majk"), Some(1.0));
+        assert_eq!(get(0, "word/pass1"), Some(0.25));
+        assert_eq!(get(1, "linear/passk"), Some(1.0));
+        assert!(get(0, "pass1_stderr").is_some());
+        assert_eq!(metrics, super::metrics(&rows, &names), "deterministic");
+    }
+
+    #[test]
+    fn n_must_be_at_least_k() {
+        let spec = Eval.spec();
+        let params = |raw: serde_json::Value| dagrun_engine::params::resolve(&spec, raw.as_object().unwrap()).unwrap();
+        assert!(Eval.check(&params(json!({"k": 4}))).is_ok());
+        assert!(Eval.check(&params(json!({"k": 4, "n": 4}))).is_ok());
+        let err = Eval.check(&params(json!({"k": 4, "n": 3}))).unwrap_err();
+        assert_eq!(err.param, "n");
+        assert!(err.message.contains("must be at least `k` (4)"), "{}", err.message);
+    }
 }

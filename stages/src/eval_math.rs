@@ -5,8 +5,6 @@
 //! least one of `k` samples drawn without replacement is correct. maj@k is DeepSeek-R1's
 //! majority vote: the most common extracted answer among the samples, then verified.
 
-use std::collections::HashMap;
-
 use crate::tasks;
 
 /// Unbiased pass@k, `1 − C(n−c, k) / C(n, k)`, computed as a running product so it never
@@ -37,33 +35,55 @@ pub struct MajorityVote {
 }
 
 /// maj@k over `completions` (normally the k samples): answers are extracted with
-/// [`tasks::extract_answer`] and compared as trimmed text; completions without one do not
-/// vote; a tie goes to the answer that appeared first. The winner is verified by wrapping it
-/// in an `<answer>` block, so [`tasks::verify`] judges exactly the voted text.
+/// [`tasks::extract_answer_with`] (`fallback` as there) and vote by value
+/// ([`tasks::canonical_answer`]: `1,234` with `1234`, `x = 5` with `5`, countdown expressions
+/// with every expression of the same value), else by their trimmed text; completions without
+/// an answer do not vote. A tie goes to the value that appeared first. The winning value is
+/// represented by its most common spelling (the first on a tie), which is verified by
+/// wrapping it in an `<answer>` block, so [`tasks::verify`] judges exactly the voted text.
 pub fn majority_vote<S: AsRef<str>>(
     task: &str,
     reference: &str,
     completions: &[S],
+    fallback: bool,
 ) -> MajorityVote {
-    let mut votes: HashMap<String, (usize, usize)> = HashMap::new(); // answer -> (count, first index)
-    for (index, completion) in completions.iter().enumerate() {
-        if let Some(answer) = tasks::extract_answer(task, completion.as_ref()) {
-            let entry = votes.entry(answer.trim().to_owned()).or_insert((0, index));
-            entry.0 += 1;
+    // value -> (first index, spellings with their counts in order of appearance)
+    let mut votes: Vec<(String, Vec<(String, usize)>)> = Vec::new();
+    for completion in completions {
+        let Some(answer) = tasks::extract_answer_with(task, completion.as_ref(), fallback) else {
+            continue;
+        };
+        let answer = answer.trim().to_owned();
+        let value = tasks::canonical_answer(task, &answer).unwrap_or_else(|| answer.clone());
+        let spellings = match votes.iter_mut().find(|(v, _)| *v == value) {
+            Some((_, spellings)) => spellings,
+            None => {
+                votes.push((value, Vec::new()));
+                &mut votes.last_mut().expect("just pushed").1
+            }
+        };
+        match spellings.iter_mut().find(|(s, _)| *s == answer) {
+            Some((_, count)) => *count += 1,
+            None => spellings.push((answer, 1)),
         }
     }
+    let total = |spellings: &[(String, usize)]| spellings.iter().map(|(_, c)| c).sum::<usize>();
+    // Most votes; `max_by_key` keeps the last maximum, so scan in reverse for the first.
     let winner = votes
-        .into_iter()
-        // Most votes; among equal counts the smaller first index wins, hence reversed.
-        .max_by(|(_, (count_a, first_a)), (_, (count_b, first_b))| {
-            count_a.cmp(count_b).then(first_b.cmp(first_a))
-        });
+        .iter()
+        .rev()
+        .max_by_key(|(_, spellings)| total(spellings));
     match winner {
-        Some((answer, (count, _))) => {
+        Some((_, spellings)) => {
+            let (answer, _) = spellings
+                .iter()
+                .rev()
+                .max_by_key(|(_, c)| *c)
+                .expect("a value has a spelling");
             let correct = tasks::verify(task, reference, &format!("<answer>{answer}</answer>"));
             MajorityVote {
-                answer: Some(answer),
-                votes: count,
+                answer: Some(answer.clone()),
+                votes: total(spellings),
                 correct,
             }
         }
@@ -167,11 +187,11 @@ mod tests {
             completion("5"),
             completion("7"),
         ];
-        let vote = majority_vote("arithmetic", "7", &samples);
+        let vote = majority_vote("arithmetic", "7", &samples, false);
         assert_eq!(vote.answer.as_deref(), Some("7"));
         assert_eq!(vote.votes, 3);
         assert!(vote.correct);
-        assert!(!majority_vote("arithmetic", "5", &samples).correct);
+        assert!(!majority_vote("arithmetic", "5", &samples, false).correct);
     }
 
     #[test]
@@ -182,7 +202,7 @@ mod tests {
             completion("7"),
             completion(" 9 "),
         ];
-        let vote = majority_vote("arithmetic", "7", &samples);
+        let vote = majority_vote("arithmetic", "7", &samples, false);
         assert_eq!(vote.answer.as_deref(), Some("9"));
         assert_eq!(vote.votes, 2);
         assert!(!vote.correct);
@@ -190,12 +210,12 @@ mod tests {
 
     #[test]
     fn majority_vote_ignores_unanswered_and_handles_empty() {
-        let samples = ["", "no digits here", "<answer>12</answer>"];
-        let vote = majority_vote("arithmetic", "12", &samples);
+        let samples = ["", "no digits here", "13", "<answer>12</answer>"];
+        let vote = majority_vote("arithmetic", "12", &samples, false);
         assert_eq!(vote.answer.as_deref(), Some("12"));
         assert!(vote.correct);
         let none: [&str; 0] = [];
-        let vote = majority_vote("arithmetic", "12", &none);
+        let vote = majority_vote("arithmetic", "12", &none, false);
         assert_eq!(
             vote,
             MajorityVote {
@@ -204,6 +224,45 @@ mod tests {
                 correct: false
             }
         );
+    }
+
+    #[test]
+    fn majority_vote_counts_values_not_spellings() {
+        // "1,234", "1234" and "x = 1234" are one answer with three votes, beating two "99".
+        let samples = [
+            completion("99"),
+            completion("1,234"),
+            completion("1234"),
+            completion("99"),
+            completion("x = 1234"),
+        ];
+        let vote = majority_vote("arithmetic", "1234", &samples, false);
+        assert_eq!(
+            (vote.answer.as_deref(), vote.votes, vote.correct),
+            (Some("1,234"), 3, true)
+        );
+        // Countdown expressions vote by value; the most common spelling represents them.
+        let samples = [
+            completion("5*7-3"),
+            completion("4*9"),
+            completion("7*5-3"),
+            completion("7*5-3"),
+            completion("4*9"),
+        ];
+        let vote = majority_vote("countdown", "5*7-3", &samples, false);
+        assert_eq!(
+            (vote.answer.as_deref(), vote.votes, vote.correct),
+            (Some("7*5-3"), 3, true)
+        );
+        // Untagged answers vote only with the fallback.
+        let samples = ["the answer is 7", "7", "<answer>8</answer>"];
+        assert_eq!(
+            majority_vote("arithmetic", "7", &samples, false)
+                .answer
+                .as_deref(),
+            Some("8")
+        );
+        assert!(majority_vote("arithmetic", "7", &samples, true).correct);
     }
 
     #[test]

@@ -8,7 +8,12 @@
 //! (1 − `diversity_lambda`)·similarity, dropping candidates more than `max_similarity` similar
 //! to a pick by character 5-gram Jaccard): one for `keep: best`, up to `top_k` for `top_k`,
 //! every one that is not a near-duplicate for `all_passing`; never more than
-//! `max_per_problem`. Sampling is checkpointed per chunk of [`CHUNK`] problems.
+//! `max_per_problem`. Whatever the rewards, a truncated completion is never kept, nor (with
+//! `require_correct`, the default) one whose answer does not verify. Sampling is
+//! checkpointed per chunk of [`CHUNK`] problems.
+//!
+//! Which inputs go together is checked when the graph is built ([`wiring`]), before anything
+//! runs.
 
 use std::collections::HashMap;
 use std::fmt::Write as _;
@@ -17,7 +22,7 @@ use std::path::PathBuf;
 use anyhow::bail;
 use burn::tensor::backend::AutodiffBackend;
 use dagrun_engine::dataset::read_parquet;
-use dagrun_engine::kind::{ArtifactType, KindSpec, ParamError, ParamSpec, ParamType, PortSpec, StageContext, StageKind};
+use dagrun_engine::kind::{ArtifactType, KindSpec, ParamError, ParamSpec, ParamType, PortSpec, StageContext, StageKind, WiringError};
 use dagrun_engine::{Params, Progress};
 use dagrun_model::device::{run_on, BackendTask, DeviceSpec};
 use dagrun_model::generate::SamplingParams;
@@ -28,9 +33,8 @@ use crate::chat::ChatFormat;
 use crate::dedupe::{select_diverse, Diversity};
 use crate::rewards::{Judged, RewardSet};
 use crate::sampling::{chunk, mix_seed, prompts_of, reward_set, sample_groups, think_steps, Shards, CHUNK, REWARD_NAMES};
-use crate::tables::{chat_batch, read_problems, read_samples, samples_batch, ChatRow, Message, ProblemRow, SampleRow};
-
-/// Problems per checkpoint shard (and per sampling seed).
+use crate::tables::{chat_batch, metrics_batch, read_problems, read_samples, samples_batch, ChatRow, Message, ProblemRow, SampleRow};
+use crate::tasks;
 
 pub struct RejectionFilter;
 
@@ -38,7 +42,7 @@ impl StageKind for RejectionFilter {
     fn spec(&self) -> KindSpec {
         KindSpec {
             name: "rejection_filter",
-            version: 1,
+            version: 2,
             doc: "sample N completions per problem (or take existing samples), keep the best-rewarded distinct ones as SFT chats",
             inputs: vec![
                 PortSpec::optional("model", ArtifactType::Model, "the model to sample from (with `problems`)"),
@@ -48,6 +52,7 @@ impl StageKind for RejectionFilter {
             outputs: vec![
                 PortSpec::one("data", ArtifactType::Dataset(Some("chat")), "the kept completions as user/assistant chats"),
                 PortSpec::one("samples", ArtifactType::Dataset(Some("samples")), "every completion with its rewards"),
+                PortSpec::one("metrics", ArtifactType::Dataset(Some("metrics")), "counts and shares (correct, truncated, passing, solved, kept), reward means and stds, as one step"),
             ],
             params: vec![
                 ParamSpec::new("num_samples", ParamType::Int { min: 1, max: 4096 }, json!(8), "completions sampled per problem"),
@@ -56,6 +61,8 @@ impl StageKind for RejectionFilter {
                 ParamSpec::new("max_new_tokens", ParamType::Int { min: 1, max: 1_000_000 }, json!(256), "completion length limit"),
                 ParamSpec::new("rewards", ParamType::Weights { keys: REWARD_NAMES }, json!({"correctness": 1.0, "format": 0.2}), "reward functions and their weights"),
                 ParamSpec::new("min_reward", ParamType::Float { min: -1e12, max: 1e12 }, json!(1.0), "keep only completions whose weighted reward is at least this"),
+                ParamSpec::new("require_correct", ParamType::Bool, json!(true), "keep only completions whose answer verifies, whatever the rewards (truncated ones are never kept)"),
+                ParamSpec::new("answer_fallback", ParamType::Bool, json!(false), "read the last number of a completion without an <answer> block as its answer"),
                 ParamSpec::new("keep", ParamType::Str { choices: &["best", "all_passing", "top_k"] }, json!("all_passing"), "per problem: the best, every passing one, or the top_k"),
                 ParamSpec::new("top_k", ParamType::Int { min: 1, max: 4096 }, json!(2), "completions kept per problem with `keep: top_k`"),
                 ParamSpec::new("max_per_problem", ParamType::Int { min: 1, max: 4096 }, json!(4), "cap on kept completions per problem"),
@@ -73,10 +80,16 @@ impl StageKind for RejectionFilter {
         reward_set(&params.weights("rewards"), params.i64("max_new_tokens") as usize).map(|_| ()).map_err(|e| ParamError { param: "rewards".into(), message: e.to_string() })
     }
 
+    fn check_wiring(&self, wired: &[&str], _params: &Params) -> Result<(), WiringError> {
+        let has = |port: &str| wired.contains(&port);
+        wiring(has("model"), has("problems"), has("samples"))
+    }
+
     fn run(&self, ctx: &mut StageContext) -> anyhow::Result<()> {
         let p = ctx.params.clone();
         let max_new_tokens = p.i64("max_new_tokens") as usize;
-        let rewards = reward_set(&p.weights("rewards"), max_new_tokens)?;
+        let fallback = p.bool("answer_fallback");
+        let rewards = reward_set(&p.weights("rewards"), max_new_tokens)?.with_answer_fallback(fallback);
         let limit = p.opt_i64("limit").map(|l| l as usize).unwrap_or(usize::MAX);
         let (model, problems, given) = (ctx.input_opt("model").cloned(), ctx.input_opt("problems").cloned(), ctx.input_opt("samples").cloned());
         let samples = match (model, problems, given) {
@@ -103,10 +116,11 @@ impl StageKind for RejectionFilter {
                 }
                 rows
             }
-            (Some(_), _, Some(_)) => bail!("stage `{}`: wire either `model` (with `problems`) or `samples`, not both", ctx.node),
-            (Some(_), None, None) => bail!("stage `{}`: input `model` needs `problems` to sample for", ctx.node),
-            (None, Some(_), _) => bail!("stage `{}`: input `problems` is only used with `model`; wire `model` to sample, or only `samples` to filter existing samples", ctx.node),
-            (None, None, None) => bail!("stage `{}` needs `model` and `problems` to sample from, or an existing `samples` dataset", ctx.node),
+            // The graph rejects these before anything runs; this covers callers that skip it.
+            (model, problems, given) => {
+                let message = wiring(model.is_some(), problems.is_some(), given.is_some()).err().map(|e| e.message).unwrap_or_default();
+                bail!("stage `{}`: {message}", ctx.node)
+            }
         };
         let cap = p.i64("max_per_problem") as usize;
         let k = match p.str("keep") {
@@ -115,10 +129,12 @@ impl StageKind for RejectionFilter {
             _ => cap,
         };
         let diversity = Diversity { k, lambda: p.f64("diversity_lambda"), max_similarity: p.f64("max_similarity"), ..Diversity::default() };
-        let (data, report) = select(&samples, p.f64("min_reward"), &diversity);
+        let filter = Filter { min_reward: p.f64("min_reward"), require_correct: p.bool("require_correct"), fallback };
+        let (data, tally) = select(&samples, &filter, &diversity);
         ctx.write_dataset("data", &[chat_batch(&data)?])?;
         ctx.write_dataset("samples", &[samples_batch(&samples)?])?;
-        ctx.set_report(report);
+        ctx.write_dataset("metrics", &[metrics_batch(&tally.metrics(&samples, &rewards.names()))?])?;
+        ctx.set_report(tally.report(&filter));
         Ok(())
     }
 }
@@ -214,9 +230,53 @@ impl BackendTask for SampleTask<'_> {
     }
 }
 
-/// The kept completions of every problem (problems in order of first appearance), and a
-/// Markdown report of how many passed and were kept.
-fn select(samples: &[SampleRow], min_reward: f64, diversity: &Diversity) -> (Vec<ChatRow>, String) {
+/// Which combinations of inputs make sense: `model` with `problems` (sample), or `samples`
+/// alone (filter existing samples). Errors name the port to fix.
+pub fn wiring(model: bool, problems: bool, samples: bool) -> Result<(), WiringError> {
+    match (model, problems, samples) {
+        (true, true, false) | (false, false, true) => Ok(()),
+        (true, _, true) => Err(WiringError::at(&["inputs", "samples"], "wire either `model` (with `problems`) or `samples`, not both")),
+        (true, false, false) => Err(WiringError::at(&["inputs", "model"], "input `model` needs `problems` to sample for")),
+        (false, true, _) => Err(WiringError::at(&["inputs", "problems"], "input `problems` is only used with `model`; wire `model` to sample, or only `samples` to filter existing samples")),
+        (false, false, false) => Err(WiringError::at(&["inputs"], "needs `model` and `problems` to sample from, or an existing `samples` dataset")),
+    }
+}
+
+/// Which completions may be kept, before diversity picks among them.
+struct Filter {
+    min_reward: f64,
+    require_correct: bool,
+    /// Read untagged answers when checking correctness.
+    fallback: bool,
+}
+
+impl Filter {
+    fn correct(&self, s: &SampleRow) -> bool {
+        tasks::verify_with(&s.task, &s.answer, &s.completion, self.fallback)
+    }
+
+    fn passes(&self, s: &SampleRow) -> bool {
+        // Rewards are sums of floats (1.0 + 0.2·1.0): allow rounding at the threshold.
+        let rewarded = s.reward.is_finite() && s.reward >= self.min_reward - 1e-9;
+        rewarded && !s.truncated && (!self.require_correct || self.correct(s))
+    }
+}
+
+/// What [`select`] saw and kept.
+struct Tally {
+    problems: usize,
+    samples: usize,
+    correct: usize,
+    truncated: usize,
+    passing: usize,
+    solved: usize,
+    kept: usize,
+    mean_reward: f64,
+}
+
+/// The kept completions of every problem (problems in order of first appearance), and counts
+/// of how many were correct, passed and were kept.
+fn select(samples: &[SampleRow], filter: &Filter, diversity: &Diversity) -> (Vec<ChatRow>, Tally) {
     let mut order: Vec<&str> = Vec::new();
     let mut groups: HashMap<&str, Vec<&SampleRow>> = HashMap::new();
     for s in samples {
@@ -228,12 +288,10 @@ fn select(samples: &[SampleRow], min_reward: f64, diversity: &Diversity) -> (Vec
             })
             .push(s);
     }
-    // Rewards are sums of floats (1.0 + 0.2·1.0): allow rounding at the threshold.
-    let passes = |r: f64| r.is_finite() && r >= min_reward - 1e-9;
     let (mut data, mut passing, mut solved) = (Vec::new(), 0usize, 0usize);
     for id in &order {
         let group = &groups[id];
-        let candidates: Vec<&SampleRow> = group.iter().copied().filter(|s| passes(s.reward)).collect();
+        let candidates: Vec<&SampleRow> = group.iter().copied().filter(|s| filter.passes(s)).collect();
         passing += candidates.len();
         solved += usize::from(!candidates.is_empty());
         let scored: Vec<(&str, f64)> = candidates.iter().map(|s| (s.completion.as_str(), s.reward)).collect();
@@ -249,19 +307,166 @@ fn select(samples: &[SampleRow], min_reward: f64, diversity: &Diversity) -> (Vec
         }
     }
     let rewards: Vec<f64> = samples.iter().map(|s| s.reward).filter(|r| r.is_finite()).collect();
-    let mean_reward = rewards.iter().sum::<f64>() / rewards.len().max(1) as f64;
-    let mut report = String::new();
-    let _ = writeln!(report, "| problems | samples | mean reward | passing (reward ≥ {min_reward}) | problems with a pass | kept |");
-    let _ = writeln!(report, "|---:|---:|---:|---:|---:|---:|");
-    let share = |a: usize, b: usize| 100.0 * a as f64 / b.max(1) as f64;
-    let _ = writeln!(
-        report,
-        "| {} | {} | {mean_reward:.3} | {passing} ({:.1}%) | {solved} ({:.1}%) | {} |",
-        order.len(),
-        samples.len(),
-        share(passing, samples.len()),
-        share(solved, order.len()),
-        data.len()
-    );
-    (data, report)
+    let tally = Tally {
+        problems: order.len(),
+        samples: samples.len(),
+        correct: samples.iter().filter(|s| filter.correct(s)).count(),
+        truncated: samples.iter().filter(|s| s.truncated).count(),
+        passing,
+        solved,
+        kept: data.len(),
+        mean_reward: rewards.iter().sum::<f64>() / rewards.len().max(1) as f64,
+    };
+    (data, tally)
+}
+
+/// Mean and sample standard deviation (`None` below two values), over the finite values.
+fn mean_std(values: impl Iterator<Item = f64>) -> Option<(f64, Option<f64>)> {
+    let values: Vec<f64> = values.filter(|v| v.is_finite()).collect();
+    let mean = crate::eval_math::mean(&values)?;
+    let std = (values.len() >= 2).then(|| (values.iter().map(|v| (v - mean).powi(2)).sum::<f64>() / (values.len() - 1) as f64).sqrt());
+    Some((mean, std))
+}
+
+impl Tally {
+    /// A Markdown table of the counts.
+    fn report(&self, filter: &Filter) -> String {
+        let share = |a: usize, b: usize| 100.0 * a as f64 / b.max(1) as f64;
+        let correct = if filter.require_correct { ", correct" } else { "" };
+        let mut report = String::new();
+        let _ = writeln!(report, "| problems | samples | mean reward | correct | truncated | passing (reward ≥ {}{correct}, not truncated) | problems with a pass | kept |", filter.min_reward);
+        let _ = writeln!(report, "|---:|---:|---:|---:|---:|---:|---:|---:|");
+        let _ = writeln!(
+            report,
+            "| {} | {} | {:.3} | {} ({:.1}%) | {} ({:.1}%) | {} ({:.1}%) | {} ({:.1}%) | {} |",
+            self.problems,
+            self.samples,
+            self.mean_reward,
+            self.correct,
+            share(self.correct, self.samples),
+            self.truncated,
+            share(self.truncated, self.samples),
+            self.passing,
+            share(self.passing, self.samples),
+            self.solved,
+            share(self.solved, self.problems),
+            self.kept
+        );
+        report
+    }
+
+    /// The `metrics` rows (all at step 0): counts, shares, and the mean and std of the total
+    /// reward and of each component (`rewards/NAME/mean`, `rewards/NAME/std`, as TRL logs them).
+    fn metrics(&self, samples: &[SampleRow], names: &[&str]) -> Vec<(i64, String, f64)> {
+        let share = |a: usize, b: usize| a as f64 / b.max(1) as f64;
+        let mut rows: Vec<(String, f64)> = vec![
+            ("problems".into(), self.problems as f64),
+            ("samples".into(), self.samples as f64),
+            ("correct".into(), share(self.correct, self.samples)),
+            ("truncated".into(), share(self.truncated, self.samples)),
+            ("passing".into(), share(self.passing, self.samples)),
+            ("solved".into(), share(self.solved, self.problems)),
+            ("kept".into(), self.kept as f64),
+        ];
+        let mut stats = |name: &str, values: Vec<f64>| {
+            if let Some((mean, std)) = mean_std(values.into_iter()) {
+                rows.push((format!("{name}/mean"), mean));
+                if let Some(std) = std {
+                    rows.push((format!("{name}/std"), std));
+                }
+            }
+        };
+        stats("reward", samples.iter().map(|s| s.reward).collect());
+        for name in names {
+            let values = samples.iter().filter_map(|s| s.components.iter().find(|(n, _)| n == name).and_then(|(_, v)| *v)).collect();
+            stats(&format!("rewards/{name}"), values);
+        }
+        rows.into_iter().map(|(metric, value)| (0, metric, value)).collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sample(id: &str, completion: &str, reward: f64, truncated: bool) -> SampleRow {
+        SampleRow {
+            step: 0,
+            id: id.into(),
+            task: "arithmetic".into(),
+            prompt: "3+4=".into(),
+            answer: "7".into(),
+            completion: completion.into(),
+            reward,
+            components: vec![("format".into(), Some(reward)), ("length".into(), None)],
+            advantage: 0.0,
+            length: 10,
+            truncated,
+        }
+    }
+
+    fn kept(samples: &[SampleRow], filter: &Filter) -> Vec<String> {
+        let diversity = Diversity { k: 8, ..Diversity::default() };
+        select(samples, filter, &diversity).0.into_iter().map(|c| c.messages[1].content.clone()).collect()
+    }
+
+    #[test]
+    fn only_correct_untruncated_completions_are_kept_whatever_the_rewards() {
+        let right = "<think>\n3+4=7 write 7\n</think>\n<answer>7</answer>";
+        let samples = vec![
+            sample("a", right, 1.0, false),
+            sample("a", "<think>\n3+4=8 write 8\n</think>\n<answer>8</answer>", 1.0, false),
+            sample("a", "<think>\n3+4=7\n</think>\n<answer>7</answer> and on", 1.0, true),
+            sample("b", "the answer is 7", 1.0, false),
+        ];
+        // Format alone pays every one of them, and every one clears min_reward.
+        let strict = Filter { min_reward: 0.0, require_correct: true, fallback: false };
+        assert_eq!(kept(&samples, &strict), [right]);
+        // With the fallback the untagged answer counts as correct.
+        let lenient = Filter { fallback: true, ..strict };
+        assert_eq!(kept(&samples, &lenient), [right, "the answer is 7"]);
+        // Without require_correct the wrong answer may stay; a truncated one never does.
+        let any = Filter { min_reward: 0.0, require_correct: false, fallback: false };
+        let all = kept(&samples, &any);
+        assert_eq!(all.len(), 3);
+        assert!(all.iter().all(|c| !c.ends_with("and on")));
+        // The reward threshold still applies.
+        let high = Filter { min_reward: 2.0, require_correct: false, fallback: false };
+        assert!(kept(&samples, &high).is_empty());
+    }
+
+    #[test]
+    fn metrics_count_and_average_without_timings() {
+        let right = "<think>\n3+4=7\n</think>\n<answer>7</answer>";
+        let samples = vec![sample("a", right, 1.0, false), sample("a", right, 0.0, true), sample("b", "x", 0.5, false)];
+        let filter = Filter { min_reward: 0.0, require_correct: true, fallback: false };
+        let (_, tally) = select(&samples, &filter, &Diversity::default());
+        let metrics = tally.metrics(&samples, &["format", "length"]);
+        let get = |name: &str| metrics.iter().find(|m| m.1 == name).map(|m| m.2);
+        assert_eq!(get("problems"), Some(2.0));
+        assert_eq!(get("correct"), Some(2.0 / 3.0));
+        assert_eq!(get("truncated"), Some(1.0 / 3.0));
+        assert_eq!(get("passing"), Some(1.0 / 3.0));
+        assert_eq!(get("solved"), Some(0.5));
+        assert_eq!(get("kept"), Some(1.0));
+        assert_eq!(get("reward/mean"), Some(0.5));
+        assert_eq!(get("rewards/format/mean"), Some(0.5));
+        assert_eq!(get("rewards/format/std"), Some(0.5));
+        assert_eq!(get("rewards/length/mean"), None, "never judged");
+        assert!(metrics.iter().all(|m| m.0 == 0 && !m.1.contains("per_s") && !m.1.contains("time")));
+        assert_eq!(metrics, tally.metrics(&samples, &["format", "length"]));
+    }
+
+    #[test]
+    fn wiring_names_the_port_to_fix() {
+        assert!(wiring(true, true, false).is_ok());
+        assert!(wiring(false, false, true).is_ok());
+        let at = |m, p, s| wiring(m, p, s).unwrap_err().at;
+        assert_eq!(at(true, true, true), ["inputs", "samples"]);
+        assert_eq!(at(true, false, true), ["inputs", "samples"]);
+        assert_eq!(at(true, false, false), ["inputs", "model"]);
+        assert_eq!(at(false, true, false), ["inputs", "problems"]);
+        assert_eq!(at(false, true, true), ["inputs", "problems"]);
+        assert_eq!(at(false, false, false), ["inputs"]);
+    }
 }

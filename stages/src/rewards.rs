@@ -9,12 +9,18 @@
 //!
 //! | name          | value                                                                   |
 //! |---------------|-------------------------------------------------------------------------|
-//! | `correctness` | 1.0 if [`crate::tasks::verify`] accepts the answer, else 0.0            |
+//! | `consistency` | 1.0 if the answer equals the result the `<think>` reasoning reached     |
+//! | `correctness` | 1.0 if [`crate::tasks::verify_with`] accepts the answer, else 0.0       |
 //! | `format`      | 1.0 if [`crate::tasks::has_format`], else 0.0                           |
-//! | `steps`       | non-empty lines inside `<think>…</think>` ÷ `steps_cap`, at most 1.0    |
 //! | `length`      | DAPO soft overlong penalty in `[-1, 0]`                                 |
-//! | `repetition`  | n-gram repetition penalty in `[max_penalty, 0]`                         |
+//! | `repetition`  | n-gram repetition beyond the reference solution's, in `[max_penalty, 0]`|
+//! | `steps`       | share of the reference steps the reasoning states correctly             |
+//!
+//! The rewards are applied in name order whatever order they are given in, so the
+//! components of a score (and every table holding them) do not depend on the order a
+//! pipeline writes its `rewards` map in, which its key ignores.
 
+use std::collections::HashMap;
 use std::fmt;
 
 use crate::tasks;
@@ -22,30 +28,34 @@ use crate::tasks;
 /// One reward function, by the name pipelines use for it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum RewardKind {
+    Consistency,
     Correctness,
     Format,
-    Steps,
     Length,
     Repetition,
+    Steps,
 }
 
 impl RewardKind {
-    pub const ALL: [RewardKind; 5] = [
+    /// Every reward, in name order.
+    pub const ALL: [RewardKind; 6] = [
+        RewardKind::Consistency,
         RewardKind::Correctness,
         RewardKind::Format,
-        RewardKind::Steps,
         RewardKind::Length,
         RewardKind::Repetition,
+        RewardKind::Steps,
     ];
 
     /// The name used in pipeline params, metrics and sample columns.
     pub fn name(self) -> &'static str {
         match self {
+            RewardKind::Consistency => "consistency",
             RewardKind::Correctness => "correctness",
             RewardKind::Format => "format",
-            RewardKind::Steps => "steps",
             RewardKind::Length => "length",
             RewardKind::Repetition => "repetition",
+            RewardKind::Steps => "steps",
         }
     }
 
@@ -67,8 +77,6 @@ pub enum NgramUnit {
 /// Tuning of the rewards that have any. The defaults follow TRL/open-r1 where they exist.
 #[derive(Debug, Clone, PartialEq)]
 pub struct RewardParams {
-    /// `steps` reaches 1.0 at this many reasoning lines.
-    pub steps_cap: usize,
     /// `length`: the longest completion, in tokens, before the full penalty (DAPO's L_max);
     /// normally the stage's `max_completion_length`.
     pub max_completion_len: usize,
@@ -81,17 +89,21 @@ pub struct RewardParams {
     pub max_penalty: f64,
     /// `repetition`: what an n-gram is made of.
     pub ngram_unit: NgramUnit,
+    /// `correctness`: read the last number of a completion without an answer block as its
+    /// answer ([`crate::tasks::extract_answer_with`]). Off by default: it pays unformatted and
+    /// truncated completions.
+    pub answer_fallback: bool,
 }
 
 impl Default for RewardParams {
     fn default() -> Self {
         Self {
-            steps_cap: 3,
             max_completion_len: 256,
             soft_punish_cache: 64,
             ngram_size: 3,
             max_penalty: -1.0,
             ngram_unit: NgramUnit::Chars,
+            answer_fallback: false,
         }
     }
 }
@@ -143,18 +155,26 @@ pub struct Judged<'a> {
     pub truncated: bool,
 }
 
+impl Judged<'_> {
+    /// The reference solution's reasoning steps; empty when unknown.
+    fn steps(&self) -> &[String] {
+        &[]
+    }
+}
+
 /// The rewards of one completion.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Scored {
     /// Weighted sum of the components that judged; `None` iff every component is `None`.
     pub total: Option<f64>,
-    /// Each chosen reward's own (unweighted) value, in the order they were chosen.
+    /// Each chosen reward's own (unweighted) value, in name order.
     pub components: Vec<(&'static str, Option<f64>)>,
 }
 
 /// The weighted rewards a stage scores completions with.
 #[derive(Debug, Clone, PartialEq)]
 pub struct RewardSet {
+    /// In name order.
     weighted: Vec<(RewardKind, f64)>,
     params: RewardParams,
 }
@@ -165,7 +185,8 @@ impl RewardSet {
         Self::with_params(weights, RewardParams::default())
     }
 
-    /// Rewards by name and weight, with the given tuning.
+    /// Rewards by name and weight, with the given tuning. The order of `weights` does not
+    /// matter.
     pub fn with_params(
         weights: &[(String, f64)],
         params: RewardParams,
@@ -188,11 +209,18 @@ impl RewardSet {
             }
             weighted.push((kind, *weight));
         }
+        weighted.sort_by_key(|(kind, _)| kind.name());
         validate(&params)?;
         Ok(Self { weighted, params })
     }
 
-    /// The chosen rewards' names, in order.
+    /// The same rewards, reading untagged answers as `answer_fallback` says.
+    pub fn with_answer_fallback(mut self, answer_fallback: bool) -> Self {
+        self.params.answer_fallback = answer_fallback;
+        self
+    }
+
+    /// The chosen rewards' names, in name order.
     pub fn names(&self) -> Vec<&'static str> {
         self.weighted.iter().map(|(kind, _)| kind.name()).collect()
     }
@@ -201,7 +229,7 @@ impl RewardSet {
         &self.params
     }
 
-    /// Every chosen reward of `judged`, and their weighted sum.
+    /// Every chosen reward of `judged`, and their weighted sum (added in name order).
     pub fn score(&self, judged: &Judged) -> Scored {
         let mut total: Option<f64> = None;
         let mut components = Vec::with_capacity(self.weighted.len());
@@ -218,9 +246,6 @@ impl RewardSet {
 
 fn validate(params: &RewardParams) -> Result<(), RewardError> {
     let bad = |message: String| Err(RewardError::BadParam(message));
-    if params.steps_cap == 0 {
-        return bad("steps_cap must be at least 1".into());
-    }
     if params.ngram_size == 0 {
         return bad("ngram_size must be at least 1".into());
     }
@@ -242,21 +267,33 @@ fn validate(params: &RewardParams) -> Result<(), RewardError> {
 /// One reward of one completion.
 pub fn reward(kind: RewardKind, judged: &Judged, params: &RewardParams) -> Option<f64> {
     match kind {
-        RewardKind::Correctness => correctness(judged.task, judged.answer, judged.completion),
+        RewardKind::Consistency => Some(consistency(judged.task, judged.completion)),
+        RewardKind::Correctness => correctness(
+            judged.task,
+            judged.answer,
+            judged.completion,
+            params.answer_fallback,
+        ),
         RewardKind::Format => Some(indicator(tasks::has_format(judged.completion))),
-        RewardKind::Steps => Some(steps(judged.completion, params.steps_cap)),
+        RewardKind::Steps => steps(judged.steps(), judged.completion),
         RewardKind::Length => Some(soft_overlong_penalty(
             judged.completion_tokens,
             judged.truncated,
             params.max_completion_len,
             params.soft_punish_cache,
         )),
-        RewardKind::Repetition => Some(repetition_penalty(
-            judged.completion,
-            params.ngram_size,
-            params.max_penalty,
-            params.ngram_unit,
-        )),
+        RewardKind::Repetition => {
+            // The reference solution's own repeats are allowed: without it, TRL's penalty.
+            let reference = (!judged.steps().is_empty())
+                .then(|| tasks::format_completion(judged.steps(), judged.answer));
+            Some(repetition_beyond(
+                judged.completion,
+                reference.as_deref().unwrap_or(""),
+                params.ngram_size,
+                params.max_penalty,
+                params.ngram_unit,
+            ))
+        }
     }
 }
 
@@ -264,39 +301,109 @@ fn indicator(yes: bool) -> f64 {
     if yes { 1.0 } else { 0.0 }
 }
 
-/// 1.0 if the completion's answer verifies against `reference`; `None` when there is no
-/// reference to check against (the only case the verifier cannot judge).
-pub fn correctness(task: &str, reference: &str, completion: &str) -> Option<f64> {
+/// 1.0 if the completion's answer verifies against `reference` (reading an untagged answer
+/// only with `fallback`); `None` when there is no reference to check against (the only case
+/// the verifier cannot judge).
+pub fn correctness(task: &str, reference: &str, completion: &str, fallback: bool) -> Option<f64> {
     if reference.trim().is_empty() {
         return None;
     }
-    Some(indicator(tasks::verify(task, reference, completion)))
+    Some(indicator(tasks::verify_with(
+        task, reference, completion, fallback,
+    )))
 }
 
-/// Number of non-blank lines between the first `<think>` and the `</think>` after it,
-/// divided by `cap` and capped at 1.0.
+/// 1.0 when the completion's answer block states the value its reasoning reached
+/// ([`tasks::reasoning_result`]), compared as values ([`tasks::canonical_answer`]: `0741`
+/// equals `741`, a countdown expression equals its value); else 0.0, also when either is
+/// missing. Whether that value is right is `correctness`'s business.
+pub fn consistency(task: &str, completion: &str) -> f64 {
+    let reached =
+        tasks::reasoning_result(completion).and_then(|r| tasks::canonical_answer(task, &r));
+    let answered =
+        tasks::extract_answer(task, completion).and_then(|a| tasks::canonical_answer(task, &a));
+    indicator(reached.is_some() && reached == answered)
+}
+
+/// A process reward: the share of the reference solution's `steps` whose claim the
+/// reasoning inside `<think>…</think>` states, each at most as often as the reference has
+/// it. A step's claim is its equation (`7+5+9=21` of `7+5+9=21 write 1 carry 2`,
+/// `3x=22-7=15`); a reasoning line states it when it contains it with nothing that would
+/// change it on either side (spaces and `×`/`÷`/`−` spellings aside), so lines that are
+/// merely present ("a", "b", "c") or equations with a wrong result earn nothing.
 ///
-/// A completion without a closed think block scores 0.0, not `None`: "no visible reasoning"
-/// is a judgement. `None` would take such completions out of the group baseline (when
-/// `steps` is the only reward) and give them advantage 0 instead of the negative advantage
-/// they earn. An unclosed block (usually a truncated completion) also scores 0.0, so
-/// rambling until the length limit is not rewarded.
-pub fn steps(completion: &str, cap: usize) -> f64 {
-    let Some(lines) = think_block(completion).map(count_nonblank_lines) else {
-        return 0.0;
+/// `None` without reference steps (nothing to judge against). 0.0 without a closed think
+/// block, so rambling until the length limit is not rewarded. Being a comparison with one
+/// worked solution, it does not pay for a different correct route (another countdown
+/// expression): pair it with `correctness`.
+pub fn steps(reference: &[String], completion: &str) -> Option<f64> {
+    if reference.is_empty() {
+        return None;
+    }
+    let Some(think) = tasks::think_block(completion) else {
+        return Some(0.0);
     };
-    (lines as f64 / cap.max(1) as f64).min(1.0)
+    let lines: Vec<Vec<char>> = think.lines().map(normalize).collect();
+    let mut wanted: Vec<(Vec<char>, usize)> = Vec::new();
+    for step in reference {
+        let claim = claim_of(step);
+        match wanted.iter_mut().find(|(c, _)| *c == claim) {
+            Some((_, count)) => *count += 1,
+            None => wanted.push((claim, 1)),
+        }
+    }
+    let stated: usize = wanted
+        .iter()
+        .map(|(claim, count)| {
+            let found: usize = lines.iter().map(|line| occurrences(line, claim)).sum();
+            found.min(*count)
+        })
+        .sum();
+    Some(stated as f64 / reference.len() as f64)
 }
 
-/// The text between the first `<think>` and the `</think>` after it.
-pub(crate) fn think_block(completion: &str) -> Option<&str> {
-    let (_, after_open) = completion.split_once("<think>")?;
-    let (inside, _) = after_open.split_once("</think>")?;
-    Some(inside)
+/// Without whitespace, with the typographic operators as ASCII.
+fn normalize(text: &str) -> Vec<char> {
+    text.chars()
+        .filter(|c| !c.is_whitespace())
+        .map(|c| match c {
+            '\u{00d7}' | '\u{00b7}' => '*',
+            '\u{00f7}' => '/',
+            '\u{2212}' => '-',
+            c => c,
+        })
+        .collect()
 }
 
-fn count_nonblank_lines(text: &str) -> usize {
-    text.lines().filter(|line| !line.trim().is_empty()).count()
+/// The equation a reference step claims: its first word holding `=`, else the whole step.
+fn claim_of(step: &str) -> Vec<char> {
+    normalize(
+        step.split_whitespace()
+            .find(|word| word.contains('='))
+            .unwrap_or(step),
+    )
+}
+
+/// How often `claim` stands in `line` as a whole: not continued by a digit (`=21` in `=210`)
+/// nor preceded by part of a longer expression (`2+3=5` in `12+3=5`, `x=5` in `2x=5`).
+fn occurrences(line: &[char], claim: &[char]) -> usize {
+    if claim.is_empty() || claim.len() > line.len() {
+        return 0;
+    }
+    let continues = |c: char| c.is_alphanumeric() || ".,+-*/()=".contains(c);
+    (0..=line.len() - claim.len())
+        .filter(|&at| line[at..at + claim.len()] == *claim)
+        .filter(|&at| at == 0 || !continues(line[at - 1]))
+        .filter(|&at| {
+            let after = &line[at + claim.len()..];
+            match after {
+                [] => true,
+                [c, ..] if c.is_ascii_digit() => false,
+                ['.' | ',', d, ..] if d.is_ascii_digit() => false,
+                _ => true,
+            }
+        })
+        .count()
 }
 
 /// DAPO's soft overlong punishment (Eq. 13; TRL's `get_soft_overlong_punishment`):
@@ -318,14 +425,33 @@ pub fn soft_overlong_penalty(tokens: usize, truncated: bool, max_len: usize, cac
 /// TRL's `get_repetition_penalty_reward`: `max_penalty × (1 − unique/total n-grams)`,
 /// 0.0 for completions shorter than `n` units. `max_penalty` is non-positive.
 pub fn repetition_penalty(completion: &str, n: usize, max_penalty: f64, unit: NgramUnit) -> f64 {
+    repetition_beyond(completion, "", n, max_penalty, unit)
+}
+
+/// [`repetition_penalty`] that allows each n-gram as many repeats as `reference` (the
+/// reference solution) has: `max_penalty × Σ max(0, count − max(1, count in reference)) /
+/// total`. Worked solutions repeat short n-grams by nature (`write`, `carry`, the tags, a
+/// column of zeros), which TRL's penalty charges: −0.24 for a correct 3-digit sum. With its
+/// reference a correct solution scores 0; with an empty reference this is TRL's penalty.
+pub fn repetition_beyond(
+    completion: &str,
+    reference: &str,
+    n: usize,
+    max_penalty: f64,
+    unit: NgramUnit,
+) -> f64 {
     let fraction = match unit {
         NgramUnit::Chars => {
-            let chars: Vec<char> = completion.chars().collect();
-            repeated_fraction(&chars, n)
+            let (units, allowed): (Vec<char>, Vec<char>) =
+                (completion.chars().collect(), reference.chars().collect());
+            repeated_fraction(&units, &allowed, n)
         }
         NgramUnit::Words => {
-            let words: Vec<&str> = completion.split_whitespace().collect();
-            repeated_fraction(&words, n)
+            let (units, allowed): (Vec<&str>, Vec<&str>) = (
+                completion.split_whitespace().collect(),
+                reference.split_whitespace().collect(),
+            );
+            repeated_fraction(&units, &allowed, n)
         }
     };
     // Spelled out so a completion without repeats scores +0.0, never -0.0.
@@ -336,19 +462,37 @@ pub fn repetition_penalty(completion: &str, n: usize, max_penalty: f64, unit: Ng
     }
 }
 
-/// `1 − unique/total` over the n-grams of `units`; 0.0 when there is no n-gram.
-fn repeated_fraction<T: Eq + std::hash::Hash>(units: &[T], n: usize) -> f64 {
+/// The share of the n-grams of `units` that repeat one beyond what `allowed` has (at least
+/// one occurrence each); 0.0 when there is no n-gram.
+fn repeated_fraction<T: Eq + std::hash::Hash>(units: &[T], allowed: &[T], n: usize) -> f64 {
     if n == 0 || units.len() < n {
         return 0.0;
     }
-    let ngrams: Vec<&[T]> = units.windows(n).collect();
-    let unique: std::collections::HashSet<&[T]> = ngrams.iter().copied().collect();
-    1.0 - unique.len() as f64 / ngrams.len() as f64
+    let (seen, allowed) = (ngram_counts(units, n), ngram_counts(allowed, n));
+    let excess: usize = seen
+        .iter()
+        .map(|(gram, &c)| c.saturating_sub(allowed.get(gram).copied().unwrap_or(0).max(1)))
+        .sum();
+    excess as f64 / (units.len() - n + 1) as f64
+}
+
+fn ngram_counts<T: Eq + std::hash::Hash>(units: &[T], n: usize) -> HashMap<&[T], usize> {
+    let mut counts: HashMap<&[T], usize> = HashMap::new();
+    if units.len() >= n {
+        for gram in units.windows(n) {
+            *counts.entry(gram).or_default() += 1;
+        }
+    }
+    counts
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use rand::SeedableRng;
+    use rand_chacha::ChaCha8Rng;
+
+    use crate::tasks::Family;
 
     const GOOD: &str =
         "<think>\n7+5=12 write 2 carry 1\n1+1=2 write 2\n</think>\n<answer>22</answer>";
@@ -369,6 +513,10 @@ mod tests {
         RewardSet::from_weights(&weights).unwrap()
     }
 
+    fn lines(steps: &[&str]) -> Vec<String> {
+        steps.iter().map(|s| s.to_string()).collect()
+    }
+
     #[test]
     fn weighted_sum_of_correctness_and_format() {
         let rewards = set(&[("correctness", 1.0), ("format", 0.2)]);
@@ -382,7 +530,64 @@ mod tests {
         let wrong = rewards.score(&judged("<think>\nx\n</think>\n<answer>23</answer>"));
         assert_eq!(wrong.total, Some(0.2));
         let unformatted = rewards.score(&judged("the answer is 22"));
-        assert_eq!(unformatted.total, Some(1.0));
+        assert_eq!(unformatted.total, Some(0.0), "no answer block, no fallback");
+        let lenient = rewards.clone().with_answer_fallback(true);
+        assert_eq!(lenient.score(&judged("the answer is 22")).total, Some(1.0));
+        assert_eq!(lenient.score(&judged("<think>\n20+2=22")).total, Some(1.0));
+        assert_eq!(
+            rewards.score(&judged("<think>\n20+2=22")).total,
+            Some(0.0),
+            "truncated"
+        );
+    }
+
+    #[test]
+    fn the_order_rewards_are_given_in_does_not_matter() {
+        let names = [
+            "repetition",
+            "correctness",
+            "steps",
+            "length",
+            "format",
+            "consistency",
+        ];
+        let weights: Vec<(String, f64)> = names
+            .iter()
+            .enumerate()
+            .map(|(i, n)| (n.to_string(), 0.1 + i as f64))
+            .collect();
+        let mut reversed = weights.clone();
+        reversed.reverse();
+        let mut rotated = weights.clone();
+        rotated.rotate_left(2);
+        let (a, b, c) = (
+            RewardSet::from_weights(&weights).unwrap(),
+            RewardSet::from_weights(&reversed).unwrap(),
+            RewardSet::from_weights(&rotated).unwrap(),
+        );
+        assert_eq!(a, b);
+        assert_eq!(a, c);
+        assert_eq!(
+            a.names(),
+            [
+                "consistency",
+                "correctness",
+                "format",
+                "length",
+                "repetition",
+                "steps"
+            ]
+        );
+        for completion in [
+            GOOD,
+            "<think>\n1+1=3\n</think>\n<answer>5</answer>",
+            "eeeeeeee",
+        ] {
+            let (x, y) = (a.score(&judged(completion)), b.score(&judged(completion)));
+            assert_eq!(x.components, y.components);
+            // Same bits, not just close: the sum is taken in one order.
+            assert_eq!(x.total.map(f64::to_bits), y.total.map(f64::to_bits));
+        }
     }
 
     #[test]
@@ -391,7 +596,7 @@ mod tests {
         assert_eq!(err, RewardError::Unknown("accuracy".into()));
         assert!(
             err.to_string()
-                .contains("correctness, format, steps, length, repetition")
+                .contains("consistency, correctness, format, length, repetition, steps")
         );
         let dup = [("format".to_string(), 1.0), ("format".to_string(), 2.0)];
         assert_eq!(
@@ -430,15 +635,99 @@ mod tests {
     }
 
     #[test]
-    fn steps_counts_nonblank_think_lines_up_to_the_cap() {
-        assert_eq!(steps(GOOD, 3), 2.0 / 3.0);
-        assert_eq!(steps(GOOD, 2), 1.0);
-        assert_eq!(steps(GOOD, 1), 1.0);
-        assert_eq!(steps("<think>\n a \n\n  \nb\n</think>", 4), 0.5);
-        assert_eq!(steps("<think></think><answer>1</answer>", 3), 0.0);
-        assert_eq!(steps("no think at all", 3), 0.0);
-        assert_eq!(steps("<think>\na\nb\nc (truncated", 3), 0.0);
-        assert_eq!(steps("<think>\na\n</think>", 0), 1.0); // cap 0 treated as 1, no division by zero
+    fn steps_pays_for_reference_steps_stated_correctly() {
+        let reference = lines(&["7+5=12 write 2 carry 1", "1+1=2 write 2"]);
+        assert_eq!(steps(&reference, GOOD), Some(1.0));
+        // Lines that are merely present earn nothing.
+        assert_eq!(
+            steps(
+                &reference,
+                "<think>\na\nb\nc\n</think>\n<answer>22</answer>"
+            ),
+            Some(0.0)
+        );
+        // A wrong intermediate result does not count; the right one still does.
+        let half = "<think>\n7+5=13 write 3 carry 1\n1+1=2 write 2\n</think>\n<answer>23</answer>";
+        assert_eq!(steps(&reference, half), Some(0.5));
+        // Spaces and typographic operators do not matter; what surrounds the claim does.
+        assert_eq!(
+            steps(
+                &reference,
+                "<think>\n7 + 5 = 12, write 2\n1+1 = 2\n</think>"
+            ),
+            Some(1.0)
+        );
+        assert_eq!(
+            steps(&reference, "<think>\n17+5=12\n1+1=21\n</think>"),
+            Some(0.0)
+        );
+        // Unclosed (truncated) reasoning earns nothing; no reference, no judgement.
+        assert_eq!(
+            steps(
+                &reference,
+                "<think>\n7+5=12 write 2 carry 1\n1+1=2 write 2\n"
+            ),
+            Some(0.0)
+        );
+        assert_eq!(steps(&[], GOOD), None);
+        // A repeated reference step must be stated as often as the reference has it.
+        let zeros = lines(&["0+0=0 write 0", "0+0=0 write 0", "1+2=3 write 3"]);
+        assert_eq!(
+            steps(&zeros, "<think>\n0+0=0 write 0\n1+2=3 write 3\n</think>"),
+            Some(2.0 / 3.0)
+        );
+        assert_eq!(
+            steps(&zeros, "<think>\n0+0=0\n0+0=0\n0+0=0\n0+0=0\n</think>"),
+            Some(2.0 / 3.0)
+        );
+        // Linear and countdown steps: the whole chain is the claim.
+        let linear = lines(&["3x=22-7=15", "x=15/3=5"]);
+        assert_eq!(
+            steps(&linear, "<think>\n3x = 22 − 7 = 15\nx = 15/3 = 5\n</think>"),
+            Some(1.0)
+        );
+        assert_eq!(
+            steps(&linear, "<think>\n3x=22-7=15\n2x=15/3=5\n</think>"),
+            Some(0.5)
+        );
+    }
+
+    #[test]
+    fn consistency_compares_the_answer_with_the_reasoning_result() {
+        assert_eq!(consistency("arithmetic", GOOD), 1.0);
+        let column = "<think>\n7+5+9=21 write 1 carry 2\n4+8+0+2=14 write 4 carry 1\n3+2+1+1=7 write 7\n</think>\n<answer>741</answer>";
+        assert_eq!(consistency("addition", column), 1.0);
+        assert_eq!(
+            consistency("addition", &column.replace("741<", "742<")),
+            0.0
+        );
+        assert_eq!(
+            consistency(
+                "linear",
+                "<think>\n3x=22-7=15\nx=15/3=5\n</think>\n<answer>x = 5</answer>"
+            ),
+            1.0
+        );
+        assert_eq!(
+            consistency(
+                "linear",
+                "<think>\n3x=22-7=15\nx=15/3=5\n</think>\n<answer>6</answer>"
+            ),
+            0.0
+        );
+        let countdown = "<think>\n5*7=35\n35-3=32\n5*7-3=32\n</think>\n<answer>7*5-3</answer>";
+        assert_eq!(consistency("countdown", countdown), 1.0);
+        assert_eq!(
+            consistency("countdown", &countdown.replace("7*5-3<", "7*5+3<")),
+            0.0
+        );
+        // Without an answer block or a result in the reasoning there is nothing consistent.
+        assert_eq!(consistency("word", "<think>\n3*4=12\n</think>\n12"), 0.0);
+        assert_eq!(
+            consistency("word", "<think>\nthink hard\n</think>\n<answer>12</answer>"),
+            0.0
+        );
+        assert_eq!(consistency("word", "<answer>12</answer>"), 0.0);
     }
 
     #[test]
@@ -486,6 +775,94 @@ mod tests {
     }
 
     #[test]
+    fn repetition_allows_what_the_reference_repeats() {
+        // "abab" repeats "ab" once; a reference with two "ab" allows it.
+        assert_eq!(
+            repetition_beyond("abab", "abab", 2, -1.0, NgramUnit::Chars),
+            0.0
+        );
+        assert_eq!(
+            repetition_beyond("abab", "xy", 2, -1.0, NgramUnit::Chars),
+            repetition_penalty("abab", 2, -1.0, NgramUnit::Chars)
+        );
+        // Looping past the reference is charged for the excess only: "ab" ×4 of 7 bigrams,
+        // "ba" ×3; the reference allows 2 and 1 (at least 1): excess 2 + 2 = 4.
+        let value = repetition_beyond("abababab", "abab", 2, -1.0, NgramUnit::Chars);
+        assert!((value - (-4.0 / 7.0)).abs() < 1e-12, "{value}");
+        assert_eq!(
+            repetition_beyond("a a a", "a a a", 1, -1.0, NgramUnit::Words),
+            0.0
+        );
+    }
+
+    /// Every family and difficulty: the reference solution (the chat `cot_generate` writes)
+    /// scores full marks on every reward and no penalty, where TRL's character 3-gram
+    /// penalty charged it (−0.24 for a correct 3-digit sum).
+    #[test]
+    fn reference_solutions_earn_every_reward_and_no_penalty() {
+        let mut rng = ChaCha8Rng::seed_from_u64(14);
+        let rewards = set(&[
+            ("consistency", 1.0),
+            ("correctness", 1.0),
+            ("format", 1.0),
+            ("length", 1.0),
+            ("repetition", 1.0),
+            ("steps", 1.0),
+        ]);
+        let mut trl_charged = 0;
+        for family in Family::ALL {
+            let (low, high) = tasks::difficulty_range(family);
+            for difficulty in low..=high {
+                for _ in 0..100 {
+                    let problem = tasks::generate(family, difficulty, &mut rng);
+                    let completion = problem.completion();
+                    let judged = Judged {
+                        task: family.as_str(),
+                        answer: &problem.answer,
+                        completion: &completion,
+                        completion_tokens: completion.chars().count().min(100),
+                        truncated: false,
+                    };
+                    let reference = tasks::format_completion(&problem.steps, &problem.answer);
+                    let p = RewardParams::default();
+                    assert_eq!(
+                        repetition_beyond(
+                            &completion,
+                            &reference,
+                            p.ngram_size,
+                            p.max_penalty,
+                            p.ngram_unit
+                        ),
+                        0.0,
+                        "{completion}"
+                    );
+                    assert_eq!(
+                        steps(&problem.steps, &completion),
+                        Some(1.0),
+                        "{completion}"
+                    );
+                    assert_eq!(
+                        consistency(family.as_str(), &completion),
+                        1.0,
+                        "{completion}"
+                    );
+                    let scored = rewards.score(&judged);
+                    assert_eq!(scored.components[1], ("correctness", Some(1.0)));
+                    assert_eq!(scored.components[2], ("format", Some(1.0)));
+                    assert_eq!(scored.components[3], ("length", Some(0.0)));
+                    trl_charged += usize::from(
+                        repetition_penalty(&completion, p.ngram_size, p.max_penalty, p.ngram_unit)
+                            < 0.0,
+                    );
+                }
+            }
+        }
+        assert!(trl_charged > 0, "TRL's penalty charges worked solutions");
+        let sum = "<think>\n7+5=12 write 2 carry 1\n4+8+1=13 write 3 carry 1\n3+2+1=6 write 6\n</think>\n<answer>632</answer>";
+        assert!(repetition_penalty(sum, 3, -1.0, NgramUnit::Chars) < -0.2);
+    }
+
+    #[test]
     fn length_and_repetition_through_the_set() {
         let params = RewardParams {
             max_completion_len: 100,
@@ -493,7 +870,7 @@ mod tests {
             ngram_size: 2,
             ..RewardParams::default()
         };
-        let weights = [("length".to_string(), 1.0), ("repetition".to_string(), 2.0)];
+        let weights = [("repetition".to_string(), 2.0), ("length".to_string(), 1.0)];
         let rewards = RewardSet::with_params(&weights, params).unwrap();
         let long = Judged {
             completion_tokens: 90,

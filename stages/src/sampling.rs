@@ -30,7 +30,7 @@ use crate::tables::ProblemRow;
 
 /// The names of the reward functions of [`crate::rewards`], for a `rewards` weights param
 /// (`ParamType::Weights { keys: REWARD_NAMES }`).
-pub const REWARD_NAMES: &[&str] = &["correctness", "format", "steps", "length", "repetition"];
+pub const REWARD_NAMES: &[&str] = &["consistency", "correctness", "format", "length", "repetition", "steps"];
 
 /// A seed derived from `seed` and a path of indices (chunk, batch, …), independent for every
 /// distinct path.
@@ -88,7 +88,7 @@ pub fn reward_set(weights: &[(String, f64)], max_new_tokens: usize) -> anyhow::R
 /// The non-blank lines inside a completion's first `<think>…</think>` block, trimmed; none
 /// when there is no closed block.
 pub fn think_steps(completion: &str) -> Vec<String> {
-    let Some(inside) = crate::rewards::think_block(completion) else { return Vec::new() };
+    let Some(inside) = crate::tasks::think_block(completion) else { return Vec::new() };
     inside.lines().map(str::trim).filter(|l| !l.is_empty()).map(str::to_string).collect()
 }
 

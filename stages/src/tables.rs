@@ -181,13 +181,16 @@ pub struct EvalRow {
     pub difficulty: i32,
     /// The greedy answer verifies.
     pub correct: bool,
-    /// Share of the `k` samples whose answer verifies.
+    /// Share of the `n` samples whose answer verifies.
     pub pass1: f64,
+    /// The k of pass@k and maj@k.
     pub k: i32,
+    /// Samples drawn (≥ k).
+    pub n: i32,
     pub n_correct: i32,
-    /// Unbiased pass@k from the `k` samples.
+    /// Unbiased pass@k from the `n` samples.
     pub passk: f64,
-    /// The majority answer of the samples verifies.
+    /// The majority answer (by value) of the first `k` samples verifies.
     pub majk: bool,
     /// Share of the samples in the `<think>…</think><answer>…</answer>` format.
     pub format: f64,
@@ -211,6 +214,7 @@ pub fn eval_batch(rows: &[EvalRow]) -> anyhow::Result<RecordBatch> {
         bools(|r| r.correct),
         floats(|r| r.pass1),
         ints(|r| r.k),
+        ints(|r| r.n),
         ints(|r| r.n_correct),
         floats(|r| r.passk),
         bools(|r| r.majk),
@@ -231,7 +235,7 @@ pub fn read_eval(batches: &[RecordBatch]) -> anyhow::Result<Vec<EvalRow>> {
         let (model, id, task, greedy_answer, greedy_completion) = (s("model")?, s("id")?, s("task")?, s("greedy_answer")?, s("greedy_completion")?);
         let i32c = |n: &str| column(b, n).and_then(|c| c.as_primitive_opt::<Int32Type>().with_context(|| format!("column `{n}` is not int32")));
         let boolc = |n: &str| column(b, n).and_then(|c| c.as_boolean_opt().with_context(|| format!("column `{n}` is not bool")));
-        let (difficulty, k, n_correct, greedy_length) = (i32c("difficulty")?, i32c("k")?, i32c("n_correct")?, i32c("greedy_length")?);
+        let (difficulty, k, n, n_correct, greedy_length) = (i32c("difficulty")?, i32c("k")?, i32c("n")?, i32c("n_correct")?, i32c("greedy_length")?);
         let (correct, majk, greedy_format) = (boolc("correct")?, boolc("majk")?, boolc("greedy_format")?);
         let (pass1, passk, format, length) = (f64_column(b, "pass1")?, f64_column(b, "passk")?, f64_column(b, "format")?, f64_column(b, "length")?);
         for i in 0..b.num_rows() {
@@ -243,6 +247,7 @@ pub fn read_eval(batches: &[RecordBatch]) -> anyhow::Result<Vec<EvalRow>> {
                 correct: correct.value(i),
                 pass1: pass1.value(i),
                 k: k.value(i),
+                n: n.value(i),
                 n_correct: n_correct.value(i),
                 passk: passk.value(i),
                 majk: majk.value(i),
@@ -374,6 +379,7 @@ mod tests {
             correct: true,
             pass1: 0.5,
             k: 4,
+            n: 8,
             n_correct: 2,
             passk: 1.0,
             majk: false,

@@ -3,9 +3,11 @@
 //! It reads model output, so it is total: any string, however long or malformed, gives an
 //! answer without panicking. It is lenient about presentation (whitespace, `+5`, `x=5`,
 //! `5.0`, `1,000`, `26 dollars`) and strict about content: an answer that hedges between
-//! several numbers or expressions is wrong.
+//! several numbers or expressions is wrong. The answer is the content of an
+//! `<answer>…</answer>` block; reading the last number of an untagged response instead is
+//! opt-in (`fallback`), since it lets unformatted and truncated completions count as correct.
 
-use super::countdown;
+use super::{countdown, expr};
 
 const THINK_OPEN: &str = "<think>";
 const THINK_CLOSE: &str = "</think>";
@@ -14,32 +16,99 @@ const ANSWER_CLOSE: &str = "</answer>";
 const COUNTDOWN: &str = "countdown";
 
 /// The answer a response gives: the trimmed content of its last complete
-/// `<answer>…</answer>` block; without one, the last number in the response (for
-/// `countdown`, the last expression). `None` when there is nothing to extract.
+/// `<answer>…</answer>` block. `None` when there is none or it is empty.
 pub fn extract_answer(task: &str, response: &str) -> Option<String> {
+    extract_answer_with(task, response, false)
+}
+
+/// [`extract_answer`]; with `fallback`, a response without an answer block gives its last
+/// number instead (for `countdown`, its last expression).
+pub fn extract_answer_with(task: &str, response: &str, fallback: bool) -> Option<String> {
     if let Some(content) = last_answer_block(response) {
         let content = content.trim();
         return (!content.is_empty()).then(|| content.to_owned());
     }
-    if task == COUNTDOWN {
+    if !fallback {
+        None
+    } else if task == COUNTDOWN {
         last_expression(response).map(str::to_owned)
     } else {
         numbers_in(response).pop()
     }
 }
 
-/// Whether `response` answers a problem of `task` whose reference answer is `reference`.
-/// Numeric tasks compare numbers; `countdown` evaluates the response's expression against
-/// the reference expression's value and numbers (see `countdown::verify_solution`).
-/// Unknown tasks are compared as numbers, or as trimmed text when the reference is not one.
+/// Whether `response` answers a problem of `task` whose reference answer is `reference`, by
+/// its answer block (see [`extract_answer`]). Numeric tasks compare numbers; `countdown`
+/// evaluates the response's expression against the reference expression's value and numbers
+/// (see `countdown::verify_solution`). Unknown tasks are compared as numbers, or as trimmed
+/// text when the reference is not one.
 pub fn verify(task: &str, reference: &str, response: &str) -> bool {
-    let Some(answer) = extract_answer(task, response) else {
+    verify_with(task, reference, response, false)
+}
+
+/// [`verify`], reading the answer as [`extract_answer_with`] does.
+pub fn verify_with(task: &str, reference: &str, response: &str, fallback: bool) -> bool {
+    let Some(answer) = extract_answer_with(task, response, fallback) else {
         return false;
     };
     if task == COUNTDOWN {
         return countdown_matches(reference, &answer);
     }
     numbers_match(reference, &answer)
+}
+
+/// The value an extracted answer stands for, as text that is equal exactly for equal values:
+/// a number in canonical form (`1,234`, `1234.0` and `x = 1234` give `1234`; `26 dollars`
+/// gives `26`), for `countdown` the value of the expression (`5*7-3` and `7*5-3` give `32`).
+/// `None` when the answer states no single value.
+pub fn canonical_answer(task: &str, answer: &str) -> Option<String> {
+    if task == COUNTDOWN {
+        return countdown_value(answer).map(|value| value.to_string());
+    }
+    single_number(answer)
+}
+
+/// The text between the first `<think>` and the `</think>` after it.
+pub fn think_block(response: &str) -> Option<&str> {
+    let (_, after_open) = response.split_once(THINK_OPEN)?;
+    let (inside, _) = after_open.split_once(THINK_CLOSE)?;
+    Some(inside)
+}
+
+/// The result the reasoning in a response's `<think>` block reaches. For column work
+/// (`4+8+2=14 write 4 carry 1` lines, as the `arithmetic` and `addition` solutions are
+/// written) that is the written digits read from the last column back; otherwise the number
+/// after the last `=` of the last line that has one (`x=15/3=5` gives `5`). `None` without a
+/// closed think block or a result in it.
+pub fn reasoning_result(response: &str) -> Option<String> {
+    let lines: Vec<&str> = think_block(response)?
+        .lines()
+        .map(str::trim)
+        .filter(|l| l.contains('='))
+        .collect();
+    let last = *lines.last()?;
+    if written_digits(last).is_some() {
+        let mut digits = String::new();
+        for line in lines.iter().rev() {
+            match written_digits(line) {
+                Some(written) => digits.push_str(written),
+                None => break,
+            }
+        }
+        return Some(digits);
+    }
+    let (_, after) = last.rsplit_once('=')?;
+    numbers_in(after).into_iter().next()
+}
+
+/// The digits a column step writes: `d` in `…=n write d [carry|borrow c]`.
+fn written_digits(line: &str) -> Option<&str> {
+    let (_, after) = line.split_once(" write ")?;
+    let written = after.split_whitespace().next()?;
+    written
+        .bytes()
+        .all(|b| b.is_ascii_digit())
+        .then_some(written)
 }
 
 /// Whether `response` is exactly `<think>…</think>` then `<answer>…</answer>` (surrounding
@@ -75,16 +144,33 @@ fn numbers_match(reference: &str, answer: &str) -> bool {
     let Some(expected) = canonical_number(reference) else {
         return reference.trim() == answer.trim();
     };
-    let given = canonical_number(answer).or_else(|| {
-        // Tolerates units and words around a single number ("26 dollars").
+    single_number(answer).as_deref() == Some(expected.as_str())
+}
+
+/// `answer` as a canonical number; tolerates units and words around a single number
+/// ("26 dollars"), not several.
+fn single_number(answer: &str) -> Option<String> {
+    canonical_number(answer).or_else(|| {
         let mut numbers = numbers_in(answer);
         if numbers.len() == 1 {
             numbers.pop().and_then(|number| canonical_number(&number))
         } else {
             None
         }
-    });
-    given.as_deref() == Some(expected.as_str())
+    })
+}
+
+/// The value of a countdown answer: its expression before any `=`, or the one expression
+/// among words ("it is 5*7-3").
+fn countdown_value(answer: &str) -> Option<i128> {
+    let before_equals = answer.split('=').next().unwrap_or_default();
+    if let Some(evaluated) = expr::evaluate(before_equals) {
+        return Some(evaluated.value);
+    }
+    match expression_runs(before_equals).as_slice() {
+        [only] => expr::evaluate(only).map(|evaluated| evaluated.value),
+        _ => None,
+    }
 }
 
 fn countdown_matches(reference: &str, answer: &str) -> bool {
@@ -260,38 +346,51 @@ mod tests {
     }
 
     #[test]
-    fn falls_back_to_the_last_number() {
+    fn falls_back_to_the_last_number_only_when_asked() {
+        let fallback = |task, text| extract_answer_with(task, text, true);
         assert_eq!(
-            extract_answer("arithmetic", "7+5=12 so the total is 1,234."),
+            fallback("arithmetic", "7+5=12 so the total is 1,234."),
             Some("1234".into())
         );
-        assert_eq!(extract_answer("linear", "so x = -5"), Some("-5".into()));
-        assert_eq!(extract_answer("linear", "x=-5"), Some("-5".into()));
-        assert_eq!(extract_answer("arithmetic", "10-5"), Some("5".into()));
+        assert_eq!(fallback("linear", "so x = -5"), Some("-5".into()));
+        assert_eq!(fallback("linear", "x=-5"), Some("-5".into()));
+        assert_eq!(fallback("arithmetic", "10-5"), Some("5".into()));
         assert_eq!(
-            extract_answer("word", "it costs 2.50 dollars"),
+            fallback("word", "it costs 2.50 dollars"),
             Some("2.50".into())
         );
         assert_eq!(
-            extract_answer("word", "<answer>7 (unterminated"),
+            fallback("word", "<answer>7 (unterminated"),
             Some("7".into())
         );
-        assert_eq!(extract_answer("word", "no numbers here"), None);
-        assert_eq!(extract_answer("word", ""), None);
+        assert_eq!(fallback("word", "no numbers here"), None);
+        assert_eq!(fallback("word", ""), None);
+        // By default an untagged or truncated response has no answer.
+        for text in [
+            "the total is 1,234.",
+            "x=-5",
+            "<answer>7 (unterminated",
+            "<think>\n3+4=7\n",
+        ] {
+            assert_eq!(extract_answer("arithmetic", text), None, "{text:?}");
+        }
+        assert_eq!(
+            extract_answer("arithmetic", "x <answer> 7 </answer>"),
+            Some("7".into())
+        );
     }
 
     #[test]
     fn falls_back_to_the_last_expression_for_countdown() {
+        let fallback = |text| extract_answer_with("countdown", text, true);
+        assert_eq!(fallback("5*7=35\n35-3=32\n5*7-3=32"), Some("5*7-3".into()));
+        assert_eq!(fallback("use (9-4)*3 here"), Some("(9-4)*3".into()));
+        assert_eq!(fallback("just 15"), Some("15".into()));
+        assert_eq!(fallback("nothing"), None);
         assert_eq!(
             extract_answer("countdown", "5*7=35\n35-3=32\n5*7-3=32"),
-            Some("5*7-3".into())
+            None
         );
-        assert_eq!(
-            extract_answer("countdown", "use (9-4)*3 here"),
-            Some("(9-4)*3".into())
-        );
-        assert_eq!(extract_answer("countdown", "just 15"), Some("15".into()));
-        assert_eq!(extract_answer("countdown", "nothing"), None);
     }
 
     #[test]
@@ -330,9 +429,14 @@ mod tests {
         assert!(verify("word", "1234567", &answered("1,234,567")));
         assert!(!verify("word", "1234567", &answered("1234,567,")));
         assert!(
-            verify("word", "26", "I think the answer is 26."),
-            "no tags: last number"
+            !verify("word", "26", "I think the answer is 26."),
+            "no tags: no answer"
         );
+        assert!(
+            verify_with("word", "26", "I think the answer is 26.", true),
+            "no tags, with the fallback: last number"
+        );
+        assert!(!verify("word", "26", "<think>\n20+6=26\n"), "truncated");
         let huge = "123456789012345678901234567890123456789012345678901234567890";
         assert!(verify("arithmetic", huge, &answered(huge)));
         assert!(!verify("arithmetic", huge, &answered(&format!("{huge}1"))));
@@ -349,7 +453,17 @@ mod tests {
         assert!(verify("countdown", "5*7-3", &answered("7*5-3")));
         assert!(verify("countdown", "5*7-3", &answered("5 × 7 − 3 = 32")));
         assert!(verify("countdown", "5*7-3", &answered("it is 5*7-3")));
-        assert!(verify("countdown", "5*7-3", "so 35-3=32, that is 7*5-3=32"));
+        assert!(!verify(
+            "countdown",
+            "5*7-3",
+            "so 35-3=32, that is 7*5-3=32"
+        ));
+        assert!(verify_with(
+            "countdown",
+            "5*7-3",
+            "so 35-3=32, that is 7*5-3=32",
+            true
+        ));
         assert!(!verify("countdown", "5*7-3", &answered("32")));
         assert!(
             !verify("countdown", "5*7-3", &answered("3+5 or 5*7-3")),
@@ -377,6 +491,75 @@ mod tests {
         ] {
             assert!(!has_format(bad), "{bad:?}");
         }
+    }
+
+    #[test]
+    fn canonical_answers_are_values() {
+        for (text, want) in [
+            ("1,234", "1234"),
+            ("1234", "1234"),
+            ("1234.0", "1234"),
+            ("x = 5", "5"),
+            ("5", "5"),
+            ("+5", "5"),
+            ("26 dollars", "26"),
+            ("-0", "0"),
+        ] {
+            assert_eq!(
+                canonical_answer("arithmetic", text).as_deref(),
+                Some(want),
+                "{text:?}"
+            );
+        }
+        for text in ["", "5 or 6", "five", "1,23"] {
+            assert_eq!(canonical_answer("word", text), None, "{text:?}");
+        }
+        for (text, want) in [
+            ("5*7-3", "32"),
+            ("7*5-3", "32"),
+            ("32", "32"),
+            ("5 × 7 − 3 = 32", "32"),
+            ("it is (9-4)*3", "15"),
+        ] {
+            assert_eq!(
+                canonical_answer("countdown", text).as_deref(),
+                Some(want),
+                "{text:?}"
+            );
+        }
+        assert_eq!(canonical_answer("countdown", "3+5 or 5*7-3"), None);
+        assert_eq!(
+            canonical_answer("countdown", "7/2"),
+            None,
+            "inexact division"
+        );
+    }
+
+    #[test]
+    fn reasoning_results_follow_the_worked_solutions() {
+        let think = |lines: &str| format!("<think>\n{lines}\n</think>\n<answer>0</answer>");
+        let column = "7+5+9=21 write 1 carry 2\n4+8+0+2=14 write 4 carry 1\n3+2+1+1=7 write 7";
+        assert_eq!(reasoning_result(&think(column)).as_deref(), Some("741"));
+        let borrowing = "15-8=7 write 7 borrow 1\n10-9-1=0 write 0 borrow 1\n1-0-1=0 write 0";
+        assert_eq!(reasoning_result(&think(borrowing)).as_deref(), Some("007"));
+        assert_eq!(
+            reasoning_result(&think("3x=22-7=15\nx=15/3=5")).as_deref(),
+            Some("5")
+        );
+        assert_eq!(
+            reasoning_result(&think("x=-15/3=-5")).as_deref(),
+            Some("-5")
+        );
+        assert_eq!(
+            reasoning_result(&think("5*7=35\n35-3=32\n5*7-3=32")).as_deref(),
+            Some("32")
+        );
+        assert_eq!(
+            reasoning_result(&think("3*4=12\nso the total is\n")).as_deref(),
+            Some("12")
+        );
+        assert_eq!(reasoning_result(&think("no equations")), None);
+        assert_eq!(reasoning_result("<think>\n3+4=7\n"), None, "unclosed");
     }
 
     #[test]
@@ -434,15 +617,18 @@ mod tests {
             }
             let task = tasks[rng.random_range(0..tasks.len())];
             let reference = references[rng.random_range(0..references.len())];
-            let _ = extract_answer(task, &text);
+            let _ = extract_answer_with(task, &text, true);
+            let _ = canonical_answer(task, &text);
+            let _ = reasoning_result(&text);
             let _ = has_format(&text);
             let _ = verify(task, reference, &text);
-            let _ = verify(task, &text, &text);
+            let _ = verify_with(task, &text, &text, true);
         }
         let long = "(".repeat(100_000) + &"9".repeat(100_000);
         for task in tasks {
-            assert!(!verify(task, "1", &long));
+            assert!(!verify_with(task, "1", &long, true));
             assert!(!verify(task, &long, "1"));
+            let _ = canonical_answer(task, &long);
         }
     }
 }
