@@ -2,28 +2,64 @@
 //! (the model, the optimizer state and the stage's [`TrainState`]), the seeded per-epoch
 //! shuffle, and the wrap-up that turns a trained model into the stage's outputs.
 //!
-//! `ckpt/` is always complete: a new checkpoint is written beside it and swapped in by renames,
-//! so a kill at any moment leaves a usable one.
+//! A checkpoint is written to `ckpt.tmp/`, fsynced (files and directories), and swapped in by
+//! renames: the newest is `ckpt/`, the one before it stays as `ckpt.old/`. A LoRA run keeps its
+//! adapters unmerged (the frozen base is the stage's input model), so a resumed run continues on
+//! the very adapters its optimizer moments belong to. A checkpoint that cannot be read (say, a
+//! truncated file) never breaks its key: it is removed with a warning, and the run falls back
+//! to the previous checkpoint, or starts the stage over.
 
+use std::fmt;
 use std::path::{Path, PathBuf};
 
 use burn::module::AutodiffModule;
 use burn::tensor::backend::AutodiffBackend;
 use dagrun_engine::{Params, StageContext};
+use dagrun_model::lora::{LoraConfig, add_lora, load_adapters, lora_param_count, save_adapters};
 use dagrun_model::optim::{AdamW, AdamWConfig};
-use dagrun_model::{load_model, save_model, CausalLm};
+use dagrun_model::{CausalLm, load_model, save_model};
 use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
-use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 
 use crate::tables::metrics_batch;
+
+/// The file of a LoRA checkpoint's unmerged adapters (in place of a `model/` directory).
+const ADAPTERS: &str = "adapters.safetensors";
 
 /// A training stage's own progress: the step reached and the metrics recorded so far.
 #[derive(Debug, Default, Serialize, Deserialize)]
 pub struct TrainState {
     pub step: u64,
+    /// Stored bit-exact, so a resumed run writes the same `metrics` bytes as an uninterrupted one.
+    #[serde(with = "exact")]
     pub metrics: Vec<(i64, String, f64)>,
+    /// Running sums a stage carries between two metrics rows (bit-exact too).
+    #[serde(default, with = "exact")]
+    pub window: Vec<(i64, String, f64)>,
+}
+
+/// `f64` values as their bit patterns: JSON's decimal text does not round-trip every `f64`
+/// through serde_json's default parser, and cannot hold NaN.
+mod exact {
+    use serde::{Deserialize, Deserializer, Serialize, Serializer};
+
+    pub fn serialize<S: Serializer>(rows: &[(i64, String, f64)], s: S) -> Result<S::Ok, S::Error> {
+        rows.iter()
+            .map(|(step, name, value)| (*step, name.as_str(), value.to_bits()))
+            .collect::<Vec<_>>()
+            .serialize(s)
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(
+        d: D,
+    ) -> Result<Vec<(i64, String, f64)>, D::Error> {
+        let rows = Vec::<(i64, String, u64)>::deserialize(d)?;
+        Ok(rows
+            .into_iter()
+            .map(|(step, name, bits)| (step, name, f64::from_bits(bits)))
+            .collect())
+    }
 }
 
 /// The random generator of epoch `epoch`'s shuffle: the same for a resumed run.
@@ -35,77 +71,231 @@ pub struct Checkpoint {
     root: PathBuf,
 }
 
-/// What a checkpoint restores.
-pub struct Restored<B: AutodiffBackend, S> {
+/// Where a training loop starts: a checkpoint or the input model.
+pub struct Start<B: AutodiffBackend> {
     pub model: CausalLm<B>,
     pub optimizer: AdamW<B::InnerBackend>,
-    pub state: S,
+    pub state: TrainState,
+    /// Warnings about checkpoints that could not be used, for the stage log.
+    pub notes: Vec<String>,
+}
+
+/// LoRA adapters to train: their config and the seed of their initialisation.
+#[derive(Debug, Clone, Copy)]
+pub struct Lora<'a> {
+    pub config: &'a LoraConfig,
+    pub seed: u64,
 }
 
 impl Checkpoint {
     pub fn new(resume_dir: &Path) -> Checkpoint {
-        Checkpoint { root: resume_dir.to_path_buf() }
+        Checkpoint {
+            root: resume_dir.to_path_buf(),
+        }
     }
 
-    fn latest(&self) -> Option<PathBuf> {
-        ["ckpt", "ckpt.old"].iter().map(|n| self.root.join(n)).find(|d| d.join("state.json").is_file())
-    }
-
-    /// The newest complete checkpoint, if any.
-    pub fn restore<B: AutodiffBackend, S: DeserializeOwned>(&self, device: &B::Device) -> anyhow::Result<Option<Restored<B, S>>> {
-        let Some(dir) = self.latest() else { return Ok(None) };
-        let model = load_model::<B>(&dir.join("model"), device)?;
-        let optimizer = AdamW::<B::InnerBackend>::load(&dir.join("optimizer"), device)?;
-        let state = serde_json::from_slice(&std::fs::read(dir.join("state.json"))?)?;
-        Ok(Some(Restored { model, optimizer, state }))
-    }
-
-    /// The newest checkpoint, or a fresh start: the model in `model_dir`, an AdamW configured by
-    /// the stage's `weight_decay` and `max_grad_norm` params (0: no clipping), step 0.
-    pub fn restore_or_start<B: AutodiffBackend>(&self, model_dir: &Path, params: &Params, device: &B::Device) -> anyhow::Result<(CausalLm<B>, AdamW<B::InnerBackend>, TrainState)> {
-        if let Some(r) = self.restore::<B, TrainState>(device)? {
-            return Ok((r.model, r.optimizer, r.state));
+    /// The newest usable checkpoint, or a fresh start: the model in `model_dir` (with fresh
+    /// `lora` adapters, if given), an AdamW configured by the stage's `weight_decay` and
+    /// `max_grad_norm` params (0: no clipping), step 0. Unusable checkpoints are removed, each
+    /// with a note.
+    pub fn restore_or_start<B: AutodiffBackend>(
+        &self,
+        model_dir: &Path,
+        params: &Params,
+        device: &B::Device,
+        lora: Option<Lora>,
+    ) -> anyhow::Result<Start<B>> {
+        let mut notes = Vec::new();
+        // The frozen base of a LoRA run is the input model, never a checkpoint's.
+        let base = match lora {
+            Some(l) => Some(add_lora(
+                load_model::<B>(model_dir, device)?,
+                l.config,
+                l.seed,
+            )?),
+            None => None,
+        };
+        let candidates: Vec<PathBuf> = ["ckpt", "ckpt.old"]
+            .iter()
+            .map(|n| self.root.join(n))
+            .filter(|d| d.exists())
+            .collect();
+        for (i, dir) in candidates.iter().enumerate() {
+            match self.load::<B>(dir, base.clone(), device) {
+                Ok((model, optimizer, state)) => {
+                    return Ok(Start {
+                        model,
+                        optimizer,
+                        state,
+                        notes,
+                    });
+                }
+                Err(e) => {
+                    let next = if i + 1 < candidates.len() {
+                        "falling back to the previous checkpoint"
+                    } else {
+                        "starting this stage over"
+                    };
+                    let note = format!(
+                        "warning: checkpoint {} cannot be used ({e:#}); {next}",
+                        dir.display()
+                    );
+                    notes.push(note);
+                    std::fs::remove_dir_all(dir).map_err(|e| {
+                        anyhow::anyhow!("removing the unusable checkpoint {}: {e}", dir.display())
+                    })?;
+                }
+            }
         }
         let clip = params.f64("max_grad_norm");
-        let config = AdamWConfig { weight_decay: params.f64("weight_decay"), max_grad_norm: (clip > 0.0).then_some(clip), ..AdamWConfig::default() };
-        Ok((load_model::<B>(model_dir, device)?, AdamW::new(config), TrainState::default()))
+        let config = AdamWConfig {
+            weight_decay: params.f64("weight_decay"),
+            max_grad_norm: (clip > 0.0).then_some(clip),
+            ..AdamWConfig::default()
+        };
+        let model = match base {
+            Some(model) => model,
+            None => load_model::<B>(model_dir, device)?,
+        };
+        Ok(Start {
+            model,
+            optimizer: AdamW::new(config),
+            state: TrainState::default(),
+            notes,
+        })
     }
 
-    /// The step recorded in the newest checkpoint (0 when there is none), for messages.
-    pub fn saved_step(&self) -> u64 {
-        self.latest()
-            .and_then(|d| std::fs::read(d.join("state.json")).ok())
-            .and_then(|b| serde_json::from_slice::<serde_json::Value>(&b).ok())
-            .and_then(|v| v["step"].as_u64())
-            .unwrap_or(0)
+    /// Reads the checkpoint in `dir`; `lora_base` is the model with fresh adapters that a LoRA
+    /// checkpoint's adapters go into.
+    fn load<B: AutodiffBackend>(
+        &self,
+        dir: &Path,
+        lora_base: Option<CausalLm<B>>,
+        device: &B::Device,
+    ) -> anyhow::Result<(CausalLm<B>, AdamW<B::InnerBackend>, TrainState)> {
+        let state_path = dir.join("state.json");
+        let bytes = std::fs::read(&state_path)
+            .map_err(|e| anyhow::anyhow!("reading {}: {e}", state_path.display()))?;
+        let state: TrainState = serde_json::from_slice(&bytes)
+            .map_err(|e| anyhow::anyhow!("parsing {}: {e}", state_path.display()))?;
+        let model = match lora_base {
+            Some(base) => load_adapters(base, &dir.join(ADAPTERS))?,
+            None => load_model::<B>(&dir.join("model"), device)?,
+        };
+        let optimizer = AdamW::<B::InnerBackend>::load(&dir.join("optimizer"), device)?;
+        Ok((model, optimizer, state))
     }
 
-    pub fn save<B: AutodiffBackend, S: Serialize>(&self, model: &CausalLm<B>, opt: &AdamW<B::InnerBackend>, state: &S) -> anyhow::Result<()> {
+    pub fn save<B: AutodiffBackend>(
+        &self,
+        model: &CausalLm<B>,
+        opt: &AdamW<B::InnerBackend>,
+        state: &TrainState,
+    ) -> anyhow::Result<()> {
         let tmp = self.root.join("ckpt.tmp");
         let _ = std::fs::remove_dir_all(&tmp);
-        save_model(&model.valid(), &tmp.join("model"))?;
+        std::fs::create_dir_all(&tmp)?;
+        let model = model.valid();
+        if lora_param_count(&model) > 0 {
+            save_adapters(&model, &tmp.join(ADAPTERS))?;
+        } else {
+            save_model(&model, &tmp.join("model"))?;
+        }
         opt.save(&tmp.join("optimizer"))?;
         std::fs::write(tmp.join("state.json"), serde_json::to_vec(state)?)?;
+        // On disk before the renames publish it: a power loss cannot leave a renamed checkpoint
+        // with empty files.
+        sync_tree(&tmp)?;
         let (cur, old) = (self.root.join("ckpt"), self.root.join("ckpt.old"));
-        let _ = std::fs::remove_dir_all(&old);
         if cur.exists() {
+            if old.exists() {
+                std::fs::remove_dir_all(&old)?;
+            }
             std::fs::rename(&cur, &old)?;
         }
         std::fs::rename(&tmp, &cur)?;
-        let _ = std::fs::remove_dir_all(&old);
-        Ok(())
+        sync_path(&self.root)
+    }
+}
+
+/// Fsyncs a file, or a directory's entries.
+pub fn sync_path(path: &Path) -> anyhow::Result<()> {
+    std::fs::File::open(path)
+        .and_then(|f| f.sync_all())
+        .map_err(|e| anyhow::anyhow!("syncing {}: {e}", path.display()))
+}
+
+/// Fsyncs every file and directory under `dir`, and `dir`.
+fn sync_tree(dir: &Path) -> anyhow::Result<()> {
+    for entry in std::fs::read_dir(dir)? {
+        let entry = entry?;
+        if entry.file_type()?.is_dir() {
+            sync_tree(&entry.path())?;
+        } else {
+            sync_path(&entry.path())?;
+        }
+    }
+    sync_path(dir)
+}
+
+/// Tokens processed and the seconds they took, for the stage log only: wall-clock time differs
+/// between two runs of one key, so it never reaches an output.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct Speed {
+    tokens: f64,
+    secs: f64,
+    last: (f64, f64),
+}
+
+impl Speed {
+    pub fn add(&mut self, tokens: f64, secs: f64) {
+        self.tokens += tokens;
+        self.secs += secs;
+        self.last = (tokens, secs);
+    }
+
+    /// Tokens per second of the last [`Speed::add`].
+    pub fn last_rate(&self) -> f64 {
+        self.last.0 / self.last.1.max(1e-9)
+    }
+}
+
+impl fmt::Display for Speed {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "{:.0} tokens in {:.1} s ({:.0} tokens/s)",
+            self.tokens,
+            self.secs,
+            self.tokens / self.secs.max(1e-9)
+        )
     }
 }
 
 /// After a training stage's loop: notes a resume, gives the `model` output the input model's
 /// tokenizer and generation files, and writes the `metrics` output.
-pub fn finish_training(ctx: &mut StageContext, resumed_from: u64, metrics: &[(i64, String, f64)]) -> anyhow::Result<()> {
+pub fn finish_training(
+    ctx: &mut StageContext,
+    resumed_from: u64,
+    metrics: &[(i64, String, f64)],
+) -> anyhow::Result<()> {
     if resumed_from > 0 {
         ctx.mark_resumed();
-        ctx.info(format!("resumed from the checkpoint at step {resumed_from}"));
+        ctx.info(format!(
+            "resumed from the checkpoint at step {resumed_from}"
+        ));
     }
-    let (from, to) = (ctx.input("model")?.path.clone(), ctx.output_path("model")?.to_path_buf());
-    for name in ["tokenizer.json", "tokenizer_config.json", "generation_config.json", "chat_template.jinja", "special_tokens_map.json"] {
+    let (from, to) = (
+        ctx.input("model")?.path.clone(),
+        ctx.output_path("model")?.to_path_buf(),
+    );
+    for name in [
+        "tokenizer.json",
+        "tokenizer_config.json",
+        "generation_config.json",
+        "chat_template.jinja",
+        "special_tokens_map.json",
+    ] {
         let src = from.join(name);
         if src.is_file() {
             std::fs::copy(&src, to.join(name))?;
@@ -116,5 +306,10 @@ pub fn finish_training(ctx: &mut StageContext, resumed_from: u64, metrics: &[(i6
 
 /// A one-element tensor's value on the host (NaN if it cannot be read).
 pub fn scalar<B: burn::tensor::backend::Backend>(t: burn::tensor::Tensor<B, 1>) -> f32 {
-    t.into_data().convert::<f32>().to_vec::<f32>().ok().and_then(|v| v.first().copied()).unwrap_or(f32::NAN)
+    t.into_data()
+        .convert::<f32>()
+        .to_vec::<f32>()
+        .ok()
+        .and_then(|v| v.first().copied())
+        .unwrap_or(f32::NAN)
 }

@@ -2,6 +2,11 @@
 //! schedule, gradient accumulation, global-norm clipping (burn's clipping is per parameter), and
 //! optimizer state saved to / resumed from a directory.
 //!
+//! Accumulation *sums* the micro-batches' gradients and the optimizer applies that sum as it is:
+//! a caller splitting a batch scales each micro-batch's loss so that the losses add up to the
+//! whole batch's (e.g. divides a token sum by the whole batch's token count). The gradient, its
+//! logged norm and the clip threshold are then those of the whole batch, however it was split.
+//!
 //! Gradients and moments are kept per parameter *name* (the transformers tensor name), flattened
 //! to 1-D on the inner backend. Keying by name rather than burn's random `ParamId` is what lets a
 //! resumed run find its state again.
@@ -18,7 +23,7 @@ use serde::{Deserialize, Serialize};
 
 type Inner<B> = <B as AutodiffBackend>::InnerBackend;
 
-/// Gradients summed over micro-batches, by parameter name.
+/// Gradients summed over micro-batches, by parameter name (never averaged: see the module doc).
 pub struct GradAccumulator<B: AutodiffBackend> {
     grads: BTreeMap<String, Tensor<Inner<B>, 1>>,
     /// Number of micro-batches accumulated.
@@ -54,7 +59,10 @@ impl<B: AutodiffBackend> ModuleVisitor<B> for GradCollector<'_, B> {
 
 impl<B: AutodiffBackend> Default for GradAccumulator<B> {
     fn default() -> Self {
-        GradAccumulator { grads: BTreeMap::new(), micro_batches: 0 }
+        GradAccumulator {
+            grads: BTreeMap::new(),
+            micro_batches: 0,
+        }
     }
 }
 
@@ -66,7 +74,11 @@ impl<B: AutodiffBackend> GradAccumulator<B> {
     /// Adds the gradients of `loss` (back-propagated here) for every trainable parameter.
     pub fn backward<M: AutodiffModule<B>>(&mut self, loss: Tensor<B, 1>, module: &M) {
         let grads = loss.backward();
-        module.visit(&mut GradCollector::<B> { path: Vec::new(), grads: &grads, out: &mut self.grads });
+        module.visit(&mut GradCollector::<B> {
+            path: Vec::new(),
+            grads: &grads,
+            out: &mut self.grads,
+        });
         self.micro_batches += 1;
     }
 
@@ -92,7 +104,13 @@ pub struct AdamWConfig {
 
 impl Default for AdamWConfig {
     fn default() -> Self {
-        AdamWConfig { beta1: 0.9, beta2: 0.999, eps: 1e-8, weight_decay: 0.0, max_grad_norm: Some(1.0) }
+        AdamWConfig {
+            beta1: 0.9,
+            beta2: 0.999,
+            eps: 1e-8,
+            weight_decay: 0.0,
+            max_grad_norm: Some(1.0),
+        }
     }
 }
 
@@ -129,24 +147,46 @@ impl<B: AutodiffBackend> ModuleMapper<B> for Updater<'_, B> {
     }
     fn map_float<const D: usize>(&mut self, param: Param<Tensor<B, D>>) -> Param<Tensor<B, D>> {
         let name = self.path.join(".");
-        let Some(grad) = self.grads.get(&name) else { return param };
+        let Some(grad) = self.grads.get(&name) else {
+            return param;
+        };
         let (id, tensor, mapper) = param.consume();
         let shape: [usize; D] = tensor.dims();
         let flat = tensor.inner().reshape([shape.iter().product::<usize>()]);
-        let updated = self.opt.update(&name, flat, grad.clone(), self.lr, self.grad_scale).reshape(shape);
+        let updated = self
+            .opt
+            .update(&name, flat, grad.clone(), self.lr, self.grad_scale)
+            .reshape(shape);
         Param::from_mapped_value(id, Tensor::from_inner(updated).require_grad(), mapper)
     }
 }
 
 impl<B: Backend> AdamW<B> {
     pub fn new(config: AdamWConfig) -> Self {
-        AdamW { config, step: 0, moments: HashMap::new() }
+        AdamW {
+            config,
+            step: 0,
+            moments: HashMap::new(),
+        }
     }
 
     /// One AdamW update of a flattened parameter (step counter already advanced); the gradient
     /// is multiplied by `grad_scale` first.
-    fn update(&mut self, name: &str, p: Tensor<B, 1>, g: Tensor<B, 1>, lr: f64, grad_scale: f64) -> Tensor<B, 1> {
-        let AdamWConfig { beta1, beta2, eps, weight_decay, .. } = self.config;
+    fn update(
+        &mut self,
+        name: &str,
+        p: Tensor<B, 1>,
+        g: Tensor<B, 1>,
+        lr: f64,
+        grad_scale: f64,
+    ) -> Tensor<B, 1> {
+        let AdamWConfig {
+            beta1,
+            beta2,
+            eps,
+            weight_decay,
+            ..
+        } = self.config;
         let (m, v) = match self.moments.remove(name) {
             Some(mv) => mv,
             None => (g.zeros_like(), g.zeros_like()),
@@ -167,18 +207,28 @@ impl<B: Backend> AdamW<B> {
         p
     }
 
-    /// Applies the accumulated gradients (averaged over micro-batches, then clipped to the global
+    /// Applies the accumulated gradients (their sum over micro-batches, clipped to the global
     /// norm) to `module` with learning rate `lr`, and clears the accumulator.
-    pub fn step<AB, M>(&mut self, module: M, acc: &mut GradAccumulator<AB>, lr: f64) -> Result<(M, StepStats)>
+    pub fn step<AB, M>(
+        &mut self,
+        module: M,
+        acc: &mut GradAccumulator<AB>,
+        lr: f64,
+    ) -> Result<(M, StepStats)>
     where
         AB: AutodiffBackend<InnerBackend = B>,
         M: AutodiffModule<AB>,
     {
-        ensure!(acc.micro_batches > 0, "optimizer step without any accumulated gradients");
-        // Averaging and clipping scale the gradients inside the update, not as extra passes.
-        let average = 1.0 / acc.micro_batches as f64;
-        let grad_norm = acc.global_norm() * average;
-        ensure!(grad_norm.is_finite(), "gradient norm is {grad_norm}: the loss diverged");
+        ensure!(
+            acc.micro_batches > 0,
+            "optimizer step without any accumulated gradients"
+        );
+        let grad_norm = acc.global_norm();
+        ensure!(
+            grad_norm.is_finite(),
+            "gradient norm is {grad_norm}: the loss diverged"
+        );
+        // Clipping scales the gradients inside the update, not as an extra pass.
         let clip = match self.config.max_grad_norm {
             Some(max) if grad_norm > max => max / (grad_norm + 1e-6),
             _ => 1.0,
@@ -186,8 +236,21 @@ impl<B: Backend> AdamW<B> {
         self.step += 1;
         let grads = std::mem::take(&mut acc.grads);
         acc.micro_batches = 0;
-        let module = module.map(&mut Updater::<AB> { path: Vec::new(), grads: &grads, opt: self, lr, grad_scale: average * clip });
-        Ok((module, StepStats { lr, grad_norm, step: self.step }))
+        let module = module.map(&mut Updater::<AB> {
+            path: Vec::new(),
+            grads: &grads,
+            opt: self,
+            lr,
+            grad_scale: clip,
+        });
+        Ok((
+            module,
+            StepStats {
+                lr,
+                grad_norm,
+                step: self.step,
+            },
+        ))
     }
 
     /// Writes `optimizer.safetensors` (moments) and `optimizer.json` (step, config) into `dir`.
@@ -196,49 +259,78 @@ impl<B: Backend> AdamW<B> {
         let mut buffers: BTreeMap<String, (usize, Vec<u8>)> = BTreeMap::new();
         for (name, (m, v)) in &self.moments {
             for (kind, t) in [("exp_avg", m), ("exp_avg_sq", v)] {
-                let values = t.to_data().convert::<f32>().to_vec::<f32>().map_err(|e| anyhow::anyhow!("{e:?}"))?;
+                let values = t
+                    .to_data()
+                    .convert::<f32>()
+                    .to_vec::<f32>()
+                    .map_err(|e| anyhow::anyhow!("{e:?}"))?;
                 let bytes = values.iter().flat_map(|x| x.to_le_bytes()).collect();
                 buffers.insert(format!("{name}.{kind}"), (values.len(), bytes));
             }
         }
         let views = buffers
             .iter()
-            .map(|(k, (n, bytes))| Ok((k.clone(), safetensors::tensor::TensorView::new(Dtype::F32, vec![*n], bytes)?)))
+            .map(|(k, (n, bytes))| {
+                Ok((
+                    k.clone(),
+                    safetensors::tensor::TensorView::new(Dtype::F32, vec![*n], bytes)?,
+                ))
+            })
             .collect::<Result<Vec<_>>>()?;
         let path = dir.join("optimizer.safetensors");
-        safetensors::serialize_to_file(views, None, &path).with_context(|| format!("writing {}", path.display()))?;
+        safetensors::serialize_to_file(views, None, &path)
+            .with_context(|| format!("writing {}", path.display()))?;
         let meta = serde_json::json!({ "step": self.step, "config": self.config });
         let path = dir.join("optimizer.json");
-        std::fs::write(&path, serde_json::to_string_pretty(&meta)?).with_context(|| format!("writing {}", path.display()))
+        std::fs::write(&path, serde_json::to_string_pretty(&meta)?)
+            .with_context(|| format!("writing {}", path.display()))
     }
 
     /// Restores what [`AdamW::save`] wrote.
     pub fn load(dir: &Path, device: &B::Device) -> Result<Self> {
         let path = dir.join("optimizer.json");
-        let text = std::fs::read_to_string(&path).with_context(|| format!("reading {}", path.display()))?;
-        let meta: serde_json::Value = serde_json::from_str(&text).with_context(|| format!("parsing {}", path.display()))?;
-        let step = meta["step"].as_u64().with_context(|| format!("{}: no `step`", path.display()))?;
-        let config: AdamWConfig =
-            serde_json::from_value(meta["config"].clone()).with_context(|| format!("{}: bad `config`", path.display()))?;
+        let text = std::fs::read_to_string(&path)
+            .with_context(|| format!("reading {}", path.display()))?;
+        let meta: serde_json::Value =
+            serde_json::from_str(&text).with_context(|| format!("parsing {}", path.display()))?;
+        let step = meta["step"]
+            .as_u64()
+            .with_context(|| format!("{}: no `step`", path.display()))?;
+        let config: AdamWConfig = serde_json::from_value(meta["config"].clone())
+            .with_context(|| format!("{}: bad `config`", path.display()))?;
         let path = dir.join("optimizer.safetensors");
         let bytes = std::fs::read(&path).with_context(|| format!("reading {}", path.display()))?;
-        let st = SafeTensors::deserialize(&bytes).with_context(|| format!("parsing {}", path.display()))?;
+        let st = SafeTensors::deserialize(&bytes)
+            .with_context(|| format!("parsing {}", path.display()))?;
         let mut moments = HashMap::new();
         let read = |key: &str| -> Result<Tensor<B, 1>> {
-            let view = st.tensor(key).with_context(|| format!("{}: missing {key}", path.display()))?;
+            let view = st
+                .tensor(key)
+                .with_context(|| format!("{}: missing {key}", path.display()))?;
             if view.dtype() != Dtype::F32 {
                 bail!("{}: {key} is not f32", path.display());
             }
-            let values: Vec<f32> = view.data().chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect();
+            let values: Vec<f32> = view
+                .data()
+                .chunks_exact(4)
+                .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+                .collect();
             let n = values.len();
             Ok(Tensor::from_data(TensorData::new(values, [n]), device))
         };
         for key in st.names() {
             if let Some(name) = key.strip_suffix(".exp_avg") {
-                moments.insert(name.to_string(), (read(key)?, read(&format!("{name}.exp_avg_sq"))?));
+                moments.insert(
+                    name.to_string(),
+                    (read(key)?, read(&format!("{name}.exp_avg_sq"))?),
+                );
             }
         }
-        Ok(AdamW { config, step, moments })
+        Ok(AdamW {
+            config,
+            step,
+            moments,
+        })
     }
 }
 
@@ -256,7 +348,12 @@ pub struct LrSchedule {
 
 impl LrSchedule {
     pub fn constant(lr: f64) -> Self {
-        LrSchedule { peak_lr: lr, warmup_steps: 0, total_steps: 0, min_lr_ratio: 1.0 }
+        LrSchedule {
+            peak_lr: lr,
+            warmup_steps: 0,
+            total_steps: 0,
+            min_lr_ratio: 1.0,
+        }
     }
 
     /// Learning rate for the step with 0-based index `step`.
@@ -267,7 +364,9 @@ impl LrSchedule {
         if self.total_steps <= self.warmup_steps {
             return self.peak_lr;
         }
-        let progress = ((step - self.warmup_steps) as f64 / (self.total_steps - self.warmup_steps) as f64).min(1.0);
+        let progress = ((step - self.warmup_steps) as f64
+            / (self.total_steps - self.warmup_steps) as f64)
+            .min(1.0);
         let cosine = 0.5 * (1.0 + (std::f64::consts::PI * progress).cos());
         self.peak_lr * (self.min_lr_ratio + (1.0 - self.min_lr_ratio) * cosine)
     }
@@ -279,7 +378,12 @@ mod tests {
 
     #[test]
     fn schedule_warms_up_then_decays() {
-        let s = LrSchedule { peak_lr: 1.0, warmup_steps: 4, total_steps: 14, min_lr_ratio: 0.1 };
+        let s = LrSchedule {
+            peak_lr: 1.0,
+            warmup_steps: 4,
+            total_steps: 14,
+            min_lr_ratio: 0.1,
+        };
         assert!((s.lr(0) - 0.25).abs() < 1e-12);
         assert!((s.lr(3) - 1.0).abs() < 1e-12);
         assert!((s.lr(4) - 1.0).abs() < 1e-12);

@@ -7,6 +7,10 @@
 //!
 //! Only the positions that predict completion tokens go through the LM head, which saves most of
 //! its cost when prompts are long or the vocabulary is large.
+//!
+//! [`score_with`] and [`score_host`] take a sampling temperature: logits are divided by it before
+//! the log-softmax, for log-probs and entropy alike, as TRL's GRPOTrainer scores the policy, the
+//! old policy and the reference at the temperature the completions were sampled at.
 
 use anyhow::{Result, ensure};
 use burn::module::AutodiffModule;
@@ -59,23 +63,59 @@ pub enum Entropy {
     Tracked,
 }
 
-/// Scores `items` with `model`. `pad_id` fills padding (its value never matters).
+/// Scores `items` with `model` at temperature 1. `pad_id` fills padding (its value never matters).
 /// `with_entropy` adds per-token entropy with gradients ([`Entropy::Tracked`]).
-pub fn score<B: Backend>(model: &CausalLm<B>, items: &[ScoreItem], pad_id: u32, with_entropy: bool) -> Result<TokenScores<B>> {
-    score_with(model, items, pad_id, if with_entropy { Entropy::Tracked } else { Entropy::None })
+pub fn score<B: Backend>(
+    model: &CausalLm<B>,
+    items: &[ScoreItem],
+    pad_id: u32,
+    with_entropy: bool,
+) -> Result<TokenScores<B>> {
+    score_with(
+        model,
+        items,
+        pad_id,
+        if with_entropy {
+            Entropy::Tracked
+        } else {
+            Entropy::None
+        },
+        1.0,
+    )
 }
 
-/// [`score`] with a choice of how entropy is computed.
-pub fn score_with<B: Backend>(model: &CausalLm<B>, items: &[ScoreItem], pad_id: u32, entropy: Entropy) -> Result<TokenScores<B>> {
+/// [`score`] with a choice of how entropy is computed, at sampling temperature `temperature`
+/// (logits ÷ temperature before the log-softmax).
+pub fn score_with<B: Backend>(
+    model: &CausalLm<B>,
+    items: &[ScoreItem],
+    pad_id: u32,
+    entropy: Entropy,
+    temperature: f64,
+) -> Result<TokenScores<B>> {
     ensure!(!items.is_empty(), "score: no items");
+    ensure!(
+        temperature.is_finite() && temperature > 0.0,
+        "score: temperature is {temperature}; it must be above 0"
+    );
     for (i, item) in items.iter().enumerate() {
-        ensure!(!item.prompt.is_empty(), "score: item {i} has an empty prompt");
+        ensure!(
+            !item.prompt.is_empty(),
+            "score: item {i} has an empty prompt"
+        );
     }
     let device = model.device();
-    let sequences: Vec<Vec<u32>> =
-        items.iter().map(|it| it.prompt.iter().chain(&it.completion).copied().collect()).collect();
+    let sequences: Vec<Vec<u32>> = items
+        .iter()
+        .map(|it| it.prompt.iter().chain(&it.completion).copied().collect())
+        .collect();
     let batch = TokenBatch::right_padded(&sequences, pad_id);
-    let width = items.iter().map(|it| it.completion.len()).max().unwrap_or(0).max(1);
+    let width = items
+        .iter()
+        .map(|it| it.completion.len())
+        .max()
+        .unwrap_or(0)
+        .max(1);
     let n = items.len();
 
     // Hidden state at position p predicts token p+1: completion token k of item i is predicted
@@ -86,7 +126,11 @@ pub fn score_with<B: Backend>(model: &CausalLm<B>, items: &[ScoreItem], pad_id: 
     for (i, item) in items.iter().enumerate() {
         for k in 0..width {
             let real = k < item.completion.len();
-            rows.push(if real { (i * batch.seq + item.prompt.len() - 1 + k) as i64 } else { 0 });
+            rows.push(if real {
+                (i * batch.seq + item.prompt.len() - 1 + k) as i64
+            } else {
+                0
+            });
             targets.push(if real { item.completion[k] } else { 0 });
             mask.push(if real { 1.0f32 } else { 0.0 });
         }
@@ -94,32 +138,88 @@ pub fn score_with<B: Backend>(model: &CausalLm<B>, items: &[ScoreItem], pad_id: 
     let input = model.step_input(&batch, 0, None)?;
     let hidden = model.hidden(&input, None);
     let rows = Tensor::<B, 1, Int>::from_data(TensorData::new(rows, [n * width]), &device);
-    let logits = model.logits(hidden.select(0, rows));
+    let logits = tempered(model.logits(hidden.select(0, rows)), temperature);
     let mask = Tensor::<B, 2>::from_data(TensorData::new(mask, [n, width]), &device);
     let entropy = (entropy != Entropy::None).then(|| {
-        let logits = if entropy == Entropy::Detached { logits.clone().detach() } else { logits.clone() };
-        let logp = log_softmax(logits, 1);
-        let h = (logp.clone().exp() * logp).sum_dim(1).neg();
-        h.reshape([n, width]) * mask.clone()
+        let logits = if entropy == Entropy::Detached {
+            logits.clone().detach()
+        } else {
+            logits.clone()
+        };
+        entropies(logits, 1.0).reshape([n, width]) * mask.clone()
     });
     let logprobs = fused::token_logprobs(logits, &targets).reshape([n, width]) * mask.clone();
-    Ok(TokenScores { logprobs, entropy, mask })
+    Ok(TokenScores {
+        logprobs,
+        entropy,
+        mask,
+    })
+}
+
+fn tempered<B: Backend>(logits: Tensor<B, 2>, temperature: f64) -> Tensor<B, 2> {
+    // Exactly 1 is the common case: no extra op in the graph.
+    if temperature == 1.0 {
+        logits
+    } else {
+        logits.div_scalar(temperature)
+    }
+}
+
+/// `log_softmax(logits / temperature)[row, targets[row]]` for `logits` `[rows, vocab]` → `[rows]`:
+/// what [`score_with`] computes per completion token (exposed for golden tests).
+pub fn token_logprobs<B: Backend>(
+    logits: Tensor<B, 2>,
+    targets: &[u32],
+    temperature: f64,
+) -> Tensor<B, 1> {
+    fused::token_logprobs(tempered(logits, temperature), targets)
+}
+
+/// Entropy (nats) of `softmax(logits / temperature)` per row, `[rows, vocab]` → `[rows]`.
+pub fn entropies<B: Backend>(logits: Tensor<B, 2>, temperature: f64) -> Tensor<B, 1> {
+    let logp = log_softmax(tempered(logits, temperature), 1);
+    let rows = logp.dims()[0];
+    (logp.clone().exp() * logp).sum_dim(1).neg().reshape([rows])
 }
 
 fn rows_to_host<B: Backend>(t: Tensor<B, 2>, items: &[ScoreItem]) -> Result<Vec<Vec<f32>>> {
     let [_, width] = t.dims();
-    let flat = t.into_data().convert::<f32>().to_vec::<f32>().map_err(|e| anyhow::anyhow!("{e:?}"))?;
-    Ok(items.iter().enumerate().map(|(i, it)| flat[i * width..i * width + it.completion.len()].to_vec()).collect())
+    let flat = t
+        .into_data()
+        .convert::<f32>()
+        .to_vec::<f32>()
+        .map_err(|e| anyhow::anyhow!("{e:?}"))?;
+    Ok(items
+        .iter()
+        .enumerate()
+        .map(|(i, it)| flat[i * width..i * width + it.completion.len()].to_vec())
+        .collect())
 }
 
 /// Scores without building an autodiff graph, for frozen models; returns host vectors.
-pub fn score_frozen<B: AutodiffBackend>(model: &CausalLm<B>, items: &[ScoreItem], pad_id: u32, with_entropy: bool) -> Result<HostScores> {
-    score_host(&model.valid(), items, pad_id, with_entropy)
+pub fn score_frozen<B: AutodiffBackend>(
+    model: &CausalLm<B>,
+    items: &[ScoreItem],
+    pad_id: u32,
+    with_entropy: bool,
+) -> Result<HostScores> {
+    score_host(&model.valid(), items, pad_id, with_entropy, 1.0)
 }
 
-/// Scores on a non-autodiff model and copies the results to the host.
-pub fn score_host<B: Backend>(model: &CausalLm<B>, items: &[ScoreItem], pad_id: u32, with_entropy: bool) -> Result<HostScores> {
-    let scores = score(model, items, pad_id, with_entropy)?;
+/// Scores on a non-autodiff model at `temperature` and copies the results to the host.
+pub fn score_host<B: Backend>(
+    model: &CausalLm<B>,
+    items: &[ScoreItem],
+    pad_id: u32,
+    with_entropy: bool,
+    temperature: f64,
+) -> Result<HostScores> {
+    let entropy = if with_entropy {
+        Entropy::Tracked
+    } else {
+        Entropy::None
+    };
+    let scores = score_with(model, items, pad_id, entropy, temperature)?;
     Ok(HostScores {
         logprobs: rows_to_host(scores.logprobs, items)?,
         entropy: scores.entropy.map(|e| rows_to_host(e, items)).transpose()?,

@@ -90,7 +90,7 @@ pub fn compute_advantages(
     if group_size == 0 {
         return Err(AdvantageError::ZeroGroupSize);
     }
-    if rewards.len() % group_size != 0 {
+    if !rewards.len().is_multiple_of(group_size) {
         return Err(AdvantageError::Ragged {
             rewards: rewards.len(),
             group_size,

@@ -17,13 +17,18 @@ pub enum LossType {
     Bnpo,
     /// Sum ÷ (sequences × `max_completion_length`) (Dr. GRPO).
     DrGrpo,
-    /// Sum ÷ tokens in the whole accumulated batch (DAPO; TRL's default).
+    /// Sum ÷ tokens in the whole batch (DAPO; TRL's default).
     #[default]
     Dapo,
 }
 
 impl LossType {
-    pub const ALL: [LossType; 4] = [LossType::Grpo, LossType::Bnpo, LossType::DrGrpo, LossType::Dapo];
+    pub const ALL: [LossType; 4] = [
+        LossType::Grpo,
+        LossType::Bnpo,
+        LossType::DrGrpo,
+        LossType::Dapo,
+    ];
 }
 
 impl FromStr for LossType {
@@ -42,6 +47,17 @@ impl FromStr for LossType {
     }
 }
 
+/// The batch that one optimizer step is taken on, when a [`grpo_loss`] call sees only a
+/// micro-batch of it.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct WholeBatch {
+    /// Completions in the whole batch.
+    pub sequences: usize,
+    /// Completion tokens in the whole batch that count, after truncation masking (TRL's
+    /// `num_items_in_batch`).
+    pub tokens: f64,
+}
+
 /// Loss settings, named as TRL's `GRPOConfig` names them. Defaults are TRL's.
 #[derive(Debug, Clone, PartialEq)]
 pub struct LossConfig {
@@ -54,13 +70,11 @@ pub struct LossConfig {
     pub beta: f64,
     /// `dr_grpo`'s constant length.
     pub max_completion_length: usize,
-    /// `dapo`'s divisor: completion tokens in the whole batch that this call's micro-batch
-    /// is a part of (TRL's `num_items_in_batch`, counted after truncation masking). `None`:
-    /// this call's own token count, which is right without gradient accumulation.
-    pub num_items_in_batch: Option<f64>,
-    /// `grpo`, `bnpo` and `dr_grpo` divide by this, as TRL does under gradient accumulation;
-    /// `dapo` does not, its divisor already spans the accumulated batch.
-    pub gradient_accumulation_steps: usize,
+    /// The whole batch this call's micro-batch is part of; `None`: the call is the whole batch.
+    /// Every loss type divides by the whole batch's count (sequences or tokens), so the
+    /// micro-batches' losses, and so their gradients, add up to the whole batch's: the loss
+    /// TRL computes for the batch in one piece, whatever the split (a memory setting only).
+    pub whole_batch: Option<WholeBatch>,
 }
 
 impl Default for LossConfig {
@@ -71,14 +85,13 @@ impl Default for LossConfig {
             epsilon_high: 0.2,
             beta: 0.0,
             max_completion_length: 256,
-            num_items_in_batch: None,
-            gradient_accumulation_steps: 1,
+            whole_batch: None,
         }
     }
 }
 
 impl LossConfig {
-    fn validate(&self) -> Result<(), LossError> {
+    fn validate(&self, rows: usize) -> Result<(), LossError> {
         let bad = |message: String| Err(LossError::BadConfig(message));
         for (name, value) in [
             ("epsilon", self.epsilon_low),
@@ -94,23 +107,43 @@ impl LossConfig {
         if self.loss_type == LossType::DrGrpo && self.max_completion_length == 0 {
             return bad("dr_grpo needs max_completion_length of at least 1".into());
         }
-        if self.gradient_accumulation_steps == 0 {
-            return bad("gradient_accumulation_steps must be at least 1".into());
-        }
-        if let Some(items) = self.num_items_in_batch
-            && !(items.is_finite() && items >= 0.0)
-        {
-            return bad(format!("num_items_in_batch is {items}"));
+        if let Some(whole) = self.whole_batch {
+            if whole.sequences < rows {
+                return bad(format!(
+                    "the whole batch has {} sequences, fewer than this micro-batch's {rows}",
+                    whole.sequences
+                ));
+            }
+            if !(whole.tokens.is_finite() && whole.tokens >= 0.0) {
+                return bad(format!("the whole batch's token count is {}", whole.tokens));
+            }
         }
         Ok(())
     }
 
-    /// What TRL divides the masked sum (or, for `grpo`, the mean) by, besides its own
-    /// per-type normaliser: gradient accumulation for every type but `dapo`.
-    fn accumulation(&self) -> f64 {
+    /// Sum of `masked` `[rows, width]` (per-token values, zero outside the mask), normalised
+    /// over the whole batch as `loss_type` says; `tokens` is this call's mask sum.
+    fn normalise<B: Backend>(
+        &self,
+        masked: Tensor<B, 2>,
+        mask: Tensor<B, 2>,
+        tokens: f64,
+    ) -> Tensor<B, 1> {
+        let rows = masked.dims()[0];
+        let whole = self.whole_batch.unwrap_or(WholeBatch {
+            sequences: rows,
+            tokens,
+        });
         match self.loss_type {
-            LossType::Dapo => 1.0,
-            _ => self.gradient_accumulation_steps as f64,
+            LossType::Grpo => {
+                let lengths = mask.sum_dim(1).clamp_min(1.0);
+                divide((masked.sum_dim(1) / lengths).sum(), whole.sequences as f64)
+            }
+            LossType::Bnpo | LossType::Dapo => divide(masked.sum(), whole.tokens.max(1.0)),
+            LossType::DrGrpo => divide(
+                masked.sum(),
+                (whole.sequences * self.max_completion_length) as f64,
+            ),
         }
     }
 }
@@ -142,11 +175,10 @@ impl fmt::Display for LossError {
 
 impl std::error::Error for LossError {}
 
-/// Figures about one loss computation, as TRL logs them (token means over the mask).
+/// Figures about one loss computation, as TRL logs them (token means over this call's mask:
+/// weight them by `tokens` to combine micro-batches).
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct LossStats {
-    /// The loss before gradient-accumulation scaling (TRL's `policy_loss`).
-    pub policy_loss: f64,
     /// Mean k3 KL to the reference; `None` when no reference was given.
     pub kl: Option<f64>,
     /// Tokens whose ratio fell below `1 − epsilon_low` with a negative advantage.
@@ -159,7 +191,8 @@ pub struct LossStats {
     pub tokens: f64,
 }
 
-/// The GRPO loss of a micro-batch, a one-element tensor to call `backward` on.
+/// The GRPO loss of a micro-batch, a one-element tensor to call `backward` on: its share of the
+/// whole batch's loss (see [`LossConfig::whole_batch`]).
 ///
 /// `logp`, `old_logp`, `ref_logp` and `mask` are `[sequences, positions]`; `advantages`
 /// is `[sequences]`. `old_logp` is the sampling policy's log-probabilities (with one
@@ -194,7 +227,7 @@ pub fn grpo_loss<B: Backend>(
     if rows == 0 || width == 0 {
         return Err(LossError::Empty);
     }
-    cfg.validate()?;
+    cfg.validate(rows)?;
     if cfg.beta != 0.0 && ref_logp.is_none() {
         return Err(LossError::MissingReference);
     }
@@ -226,32 +259,14 @@ pub fn grpo_loss<B: Backend>(
     let masked = per_token * mask.clone();
 
     let tokens = host.mask.iter().sum::<f64>();
-    let accumulation = cfg.accumulation();
-    let loss = match cfg.loss_type {
-        LossType::Grpo => {
-            let lengths = mask.sum_dim(1).clamp_min(1.0);
-            (masked.sum_dim(1) / lengths).mean()
-        }
-        LossType::Bnpo => divide(masked.sum(), tokens.max(1.0)),
-        LossType::DrGrpo => divide(masked.sum(), (rows * cfg.max_completion_length) as f64),
-        LossType::Dapo => divide(
-            masked.sum(),
-            cfg.num_items_in_batch.unwrap_or(tokens).max(1.0),
-        ),
-    };
-    let policy_loss = scalar(&loss);
-    let loss = if accumulation == 1.0 {
-        loss
-    } else {
-        divide(loss, accumulation)
-    };
-    Ok((loss, host.stats(cfg, policy_loss, tokens)))
+    let loss = cfg.normalise(masked, mask, tokens);
+    Ok((loss, host.stats(cfg, tokens)))
 }
 
-/// The entropy bonus term, normalised as TRL normalises it for `cfg.loss_type`, times
-/// `coef`: subtract it from [`grpo_loss`]'s loss (`loss − bonus`) to reward exploration.
-/// `entropies` is the per-token entropy of the policy, `[sequences, positions]`, with its
-/// graph, so the bonus has gradients.
+/// The entropy bonus term: the per-token entropies aggregated over the whole batch exactly as
+/// [`grpo_loss`] aggregates per-token losses for `cfg.loss_type`, times `coef`. Subtract it from
+/// the loss (`loss − bonus`) to reward exploration. `entropies` is the per-token entropy of the
+/// policy, `[sequences, positions]`, with its graph, so the bonus has gradients.
 pub fn entropy_bonus<B: Backend>(
     entropies: Tensor<B, 2>,
     mask: Tensor<B, 2>,
@@ -263,26 +278,17 @@ pub fn entropy_bonus<B: Backend>(
     if rows == 0 || width == 0 {
         return Err(LossError::Empty);
     }
-    cfg.validate()?;
+    cfg.validate(rows)?;
     let tokens = scalar(&mask.clone().sum());
     let padding = mask.clone().equal_elem(0.0);
-    let total = (zero_padding(entropies, &padding) * mask).sum();
-    // dapo's divisor spans the accumulated batch, so summing keeps the bonus the global mean
-    // per-token entropy across micro-batches; the other types average, then scale.
-    let term = match cfg.loss_type {
-        LossType::Dapo => divide(total, cfg.num_items_in_batch.unwrap_or(tokens).max(1.0)),
-        _ => divide(
-            divide(total, tokens.max(1.0)),
-            cfg.gradient_accumulation_steps as f64,
-        ),
-    };
-    Ok(term.mul_scalar(coef))
+    let masked = zero_padding(entropies, &padding) * mask.clone();
+    Ok(cfg.normalise(masked, mask, tokens).mul_scalar(coef))
 }
 
 /// The loss mask of a batch, row-major `[completions, width]`: 1.0 on each completion's
 /// first `length` positions (at most `width`), 0.0 after. With `mask_truncated`, the rows
 /// of truncated completions are all 0.0 (TRL's `mask_truncated_completions`). Its sum is
-/// the batch's `num_items_in_batch`.
+/// the batch's `num_items_in_batch` ([`WholeBatch::tokens`]).
 pub fn completion_mask(
     completions: &[(usize, bool)],
     width: usize,
@@ -353,7 +359,7 @@ impl HostCopy {
         }
     }
 
-    fn stats(&self, cfg: &LossConfig, policy_loss: f64, tokens: f64) -> LossStats {
+    fn stats(&self, cfg: &LossConfig, tokens: f64) -> LossStats {
         let (mut low, mut high, mut region, mut kl) = (0.0, 0.0, 0.0, 0.0);
         for (index, &weight) in self.mask.iter().enumerate() {
             // Skipped rather than multiplied by 0, so padding values never matter.
@@ -374,7 +380,6 @@ impl HostCopy {
         }
         let per_token = |sum: f64| sum / tokens.max(1.0);
         LossStats {
-            policy_loss,
             kl: self.ref_logp.as_ref().map(|_| per_token(kl)),
             clip_ratio_low: per_token(low),
             clip_ratio_high: per_token(high),
@@ -440,7 +445,6 @@ mod tests {
         }
         assert_eq!(stats.kl, None);
         assert_eq!((stats.clip_ratio_region, stats.tokens), (0.0, 3.0));
-        assert!((stats.policy_loss - 0.5).abs() < 1e-6);
     }
 
     #[test]
@@ -565,17 +569,23 @@ mod tests {
     fn entropy_bonus_hand_values() {
         let entropies = matrix(&[[1.0, 2.0], [3.0, 99.0]]).require_grad();
         let mask = matrix(&[[1.0, 1.0], [1.0, 0.0]]);
-        // Mean over the 3 tokens is 2; ×coef 0.5 = 1; grpo with accumulation 2 halves it.
+        // grpo: sequence means 1.5 and 3, over a whole batch of 4 sequences: 1.125; ×coef 0.5.
         let cfg = LossConfig {
             loss_type: LossType::Grpo,
-            gradient_accumulation_steps: 2,
+            whole_batch: Some(WholeBatch {
+                sequences: 4,
+                tokens: 12.0,
+            }),
             ..LossConfig::default()
         };
         let bonus = entropy_bonus(entropies.clone(), mask.clone(), 0.5, &cfg).unwrap();
-        assert!((values(&bonus)[0] - 0.5).abs() < 1e-6);
-        // dapo: sum 6 over a 12-token global batch, ×0.5.
+        assert!((values(&bonus)[0] - 0.5625).abs() < 1e-6);
+        // dapo: sum 6 over a 12-token whole batch, ×0.5.
         let dapo = LossConfig {
-            num_items_in_batch: Some(12.0),
+            whole_batch: Some(WholeBatch {
+                sequences: 4,
+                tokens: 12.0,
+            }),
             ..LossConfig::default()
         };
         let bonus = entropy_bonus(entropies.clone(), mask, 0.5, &dapo).unwrap();
@@ -585,5 +595,26 @@ mod tests {
         for (got, want) in grad.iter().zip([step, step, step, 0.0]) {
             assert!((got - want).abs() < 1e-7);
         }
+    }
+
+    #[test]
+    fn a_whole_batch_smaller_than_the_call_is_an_error() {
+        let logp = matrix(&[[-1.0], [-1.0]]);
+        let cfg = LossConfig {
+            whole_batch: Some(WholeBatch {
+                sequences: 1,
+                tokens: 2.0,
+            }),
+            ..LossConfig::default()
+        };
+        let result = grpo_loss(
+            logp.clone(),
+            logp,
+            None,
+            vector(&[1.0, 1.0]),
+            matrix(&[[1.0], [1.0]]),
+            &cfg,
+        );
+        assert!(matches!(result, Err(LossError::BadConfig(_))));
     }
 }

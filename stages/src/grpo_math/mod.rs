@@ -15,5 +15,6 @@ mod golden_tests;
 
 pub use advantages::{AdvantageError, Advantages, ScaleRewards, compute_advantages};
 pub use loss::{
-    LossConfig, LossError, LossStats, LossType, completion_mask, entropy_bonus, grpo_loss,
+    LossConfig, LossError, LossStats, LossType, WholeBatch, completion_mask, entropy_bonus,
+    grpo_loss,
 };
