@@ -362,26 +362,41 @@ pub fn steps(reference: &[String], completion: &str) -> Option<f64> {
     Some(stated as f64 / reference.len() as f64)
 }
 
-/// Without whitespace, with the typographic operators as ASCII.
+/// With the typographic operators as ASCII and without the spaces around operators (`7 + 5 =
+/// 12` reads `7+5=12`); other runs of whitespace become one space, so a word before an
+/// equation stays apart from it.
 fn normalize(text: &str) -> Vec<char> {
-    text.chars()
-        .filter(|c| !c.is_whitespace())
-        .map(|c| match c {
+    let is_operator = |c: char| "+-*/=()".contains(c);
+    let mut out: Vec<char> = Vec::with_capacity(text.len());
+    let mut gap = false;
+    for c in text.chars() {
+        let c = match c {
             '\u{00d7}' | '\u{00b7}' => '*',
             '\u{00f7}' => '/',
             '\u{2212}' => '-',
             c => c,
-        })
-        .collect()
+        };
+        if c.is_whitespace() {
+            gap = true;
+            continue;
+        }
+        if gap && out.last().is_some_and(|&last| !is_operator(last)) && !is_operator(c) {
+            out.push(' ');
+        }
+        gap = false;
+        out.push(c);
+    }
+    out
 }
 
 /// The equation a reference step claims: its first word holding `=`, else the whole step.
 fn claim_of(step: &str) -> Vec<char> {
-    normalize(
-        step.split_whitespace()
-            .find(|word| word.contains('='))
-            .unwrap_or(step),
-    )
+    let step = normalize(step);
+    let claim = step
+        .split(|&c| c == ' ')
+        .find(|word| word.contains(&'='))
+        .map(<[char]>::to_vec);
+    claim.unwrap_or(step)
 }
 
 /// How often `claim` stands in `line` as a whole: not continued by a digit (`=21` in `=210`)
@@ -661,6 +676,9 @@ mod tests {
             steps(&reference, "<think>\n17+5=12\n1+1=21\n</think>"),
             Some(0.0)
         );
+        let worded = "<think>\nfirst 7 + 5 = 12\nthen 1+1=2\n</think>";
+        assert_eq!(steps(&reference, worded), Some(1.0));
+        assert_eq!(steps(&reference, "<think>\n7+5=1 2\n</think>"), Some(0.0));
         // Unclosed (truncated) reasoning earns nothing; no reference, no judgement.
         assert_eq!(
             steps(
