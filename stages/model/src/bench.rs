@@ -4,7 +4,7 @@
 
 use std::time::Instant;
 
-use anyhow::Result;
+use anyhow::{Result, bail, ensure};
 use burn::module::AutodiffModule;
 use burn::tensor::backend::AutodiffBackend;
 use rand::{Rng, SeedableRng};
@@ -12,7 +12,7 @@ use rand_chacha::ChaCha8Rng;
 use serde::{Deserialize, Serialize};
 
 use crate::config::ModelConfig;
-use crate::device::{BackendTask, DeviceSpec, run_on};
+use crate::device::{BackendTask, DeviceSpec, available_memory, human_bytes, run_on};
 use crate::generate::{SamplingParams, generate};
 use crate::llama::CausalLm;
 use crate::optim::{AdamW, AdamWConfig, GradAccumulator};
@@ -55,9 +55,87 @@ impl Default for BenchShape {
 
 impl BenchShape {
     pub fn config(&self) -> ModelConfig {
-        let mut config = ModelConfig::llama(self.vocab, self.hidden, self.ffn, self.layers, self.heads, self.kv_heads, 4096);
+        let mut config = ModelConfig::llama(
+            self.vocab,
+            self.hidden,
+            self.ffn,
+            self.layers,
+            self.heads,
+            self.kv_heads,
+            4096,
+        );
         config.tie_word_embeddings = false;
         config
+    }
+
+    /// Checks the shape before anything is allocated: a one-line error naming the `dagrun bench`
+    /// flag at fault, instead of a panic or an out-of-memory abort mid-run.
+    pub fn check(&self) -> Result<()> {
+        let positive = [
+            ("--layers", self.layers),
+            ("--hidden", self.hidden),
+            ("--heads", self.heads),
+            ("--kv-heads", self.kv_heads),
+            ("--ffn", self.ffn),
+            ("--vocab", self.vocab),
+            ("--batch", self.batch),
+            ("--new-tokens", self.new_tokens),
+            ("--steps", self.train_steps),
+            ("prompt length", self.prompt_len),
+        ];
+        for (flag, value) in positive {
+            ensure!(value > 0, "{flag} must be at least 1");
+        }
+        // Each training sequence is one prompt token and at least one completion token.
+        ensure!(self.seq >= 2, "--seq must be at least 2 (got {})", self.seq);
+        ensure!(
+            self.hidden.is_multiple_of(self.heads),
+            "--hidden {} is not a multiple of --heads {}",
+            self.hidden,
+            self.heads
+        );
+        ensure!(
+            self.heads.is_multiple_of(self.kv_heads),
+            "--heads {} is not a multiple of --kv-heads {}",
+            self.heads,
+            self.kv_heads
+        );
+        ensure!(
+            (self.hidden / self.heads).is_multiple_of(2),
+            "--hidden / --heads = {} must be even (rotary embeddings)",
+            self.hidden / self.heads
+        );
+        let needed = self.train_bytes();
+        if let Some(available) = available_memory()
+            && needed > available as u128
+        {
+            bail!(
+                "this shape needs about {} for a training step, more than the {} of memory available; lower --batch, --seq, --vocab or the model size",
+                human_bytes(needed),
+                human_bytes(available as u128)
+            );
+        }
+        Ok(())
+    }
+
+    /// Rough peak bytes of a training step: parameters with their gradients and two AdamW
+    /// moments, plus the activations autodiff keeps per token (per layer: the projections, the
+    /// MLP's three `ffn`-wide tensors and the attention probabilities; then the logits).
+    fn train_bytes(&self) -> u128 {
+        let [layers, hidden, ffn, heads, vocab, batch, seq] = [
+            self.layers,
+            self.hidden,
+            self.ffn,
+            self.heads,
+            self.vocab,
+            self.batch,
+            self.seq,
+        ]
+        .map(|v| v as u128);
+        // At most: q, k, v, o of hidden² each, three MLP matrices, embedding and LM head.
+        let params = layers * (4 * hidden * hidden + 3 * hidden * ffn) + 2 * vocab * hidden;
+        let per_token = layers * (8 * hidden + 4 * ffn + 2 * heads * seq) + 3 * vocab;
+        4 * (4 * params + batch * seq * per_token)
     }
 
     /// Matmul FLOPs of one training step (forward + backward ≈ 3× forward): 6 per weight per
@@ -93,11 +171,19 @@ impl BackendTask for Bench {
         let config = shape.config();
         let mut rng = ChaCha8Rng::seed_from_u64(0);
         let mut model = CausalLm::<B>::init_random(&config, 0, &device)?;
-        let mut opt = AdamW::<B::InnerBackend>::new(AdamWConfig { weight_decay: 0.01, ..AdamWConfig::default() });
+        let mut opt = AdamW::<B::InnerBackend>::new(AdamWConfig {
+            weight_decay: 0.01,
+            ..AdamWConfig::default()
+        });
         let items: Vec<ScoreItem> = (0..shape.batch)
             .map(|_| {
-                let seq: Vec<u32> = (0..shape.seq).map(|_| rng.random_range(0..shape.vocab as u32)).collect();
-                ScoreItem { prompt: seq[..1].to_vec(), completion: seq[1..].to_vec() }
+                let seq: Vec<u32> = (0..shape.seq)
+                    .map(|_| rng.random_range(0..shape.vocab as u32))
+                    .collect();
+                ScoreItem {
+                    prompt: seq[..1].to_vec(),
+                    completion: seq[1..].to_vec(),
+                }
             })
             .collect();
         let mut train_step = |model: CausalLm<B>| -> Result<CausalLm<B>> {
@@ -115,10 +201,20 @@ impl BackendTask for Bench {
 
         let inference = model.valid();
         let prompts: Vec<Vec<u32>> = (0..shape.batch)
-            .map(|_| (0..shape.prompt_len).map(|_| rng.random_range(0..shape.vocab as u32)).collect())
+            .map(|_| {
+                (0..shape.prompt_len)
+                    .map(|_| rng.random_range(0..shape.vocab as u32))
+                    .collect()
+            })
             .collect();
-        let params = SamplingParams { max_new_tokens: shape.new_tokens, ..SamplingParams::default() };
-        let warm = SamplingParams { max_new_tokens: 2, ..params.clone() };
+        let params = SamplingParams {
+            max_new_tokens: shape.new_tokens,
+            ..SamplingParams::default()
+        };
+        let warm = SamplingParams {
+            max_new_tokens: 2,
+            ..params.clone()
+        };
         generate(&inference, None, &prompts, &[], &warm)?;
         let start = Instant::now();
         let out = generate(&inference, None, &prompts, &[], &params)?;
@@ -135,7 +231,85 @@ impl BackendTask for Bench {
     }
 }
 
-/// Times training and generation for `shape` on `device`.
+/// Times training and generation for `shape` on `device`; [`BenchShape::check`]s it first.
 pub fn run_bench(shape: &BenchShape, device: &DeviceSpec) -> Result<BenchReport> {
+    shape.check()?;
     run_on(device, Bench(*shape))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn err(shape: BenchShape) -> String {
+        run_bench(&shape, &DeviceSpec::Cpu).unwrap_err().to_string()
+    }
+
+    #[test]
+    fn bad_shapes_are_one_line_errors_naming_the_flag() {
+        let d = BenchShape::default();
+        assert_eq!(
+            err(BenchShape { seq: 0, ..d }),
+            "--seq must be at least 2 (got 0)"
+        );
+        assert_eq!(
+            err(BenchShape { seq: 1, ..d }),
+            "--seq must be at least 2 (got 1)"
+        );
+        assert_eq!(
+            err(BenchShape { vocab: 0, ..d }),
+            "--vocab must be at least 1"
+        );
+        assert_eq!(
+            err(BenchShape { heads: 0, ..d }),
+            "--heads must be at least 1"
+        );
+        assert_eq!(
+            err(BenchShape { kv_heads: 3, ..d }),
+            "--heads 4 is not a multiple of --kv-heads 3"
+        );
+        assert_eq!(
+            err(BenchShape {
+                hidden: 100,
+                heads: 8,
+                kv_heads: 8,
+                ..d
+            }),
+            "--hidden 100 is not a multiple of --heads 8"
+        );
+        assert_eq!(
+            err(BenchShape { new_tokens: 0, ..d }),
+            "--new-tokens must be at least 1"
+        );
+        let huge = err(BenchShape {
+            batch: 1 << 20,
+            seq: 1 << 16,
+            ..d
+        });
+        assert!(
+            huge.starts_with("this shape needs about ")
+                && huge.contains("lower --batch")
+                && !huge.contains('\n'),
+            "{huge}"
+        );
+    }
+
+    #[test]
+    fn a_small_shape_runs() {
+        let shape = BenchShape {
+            layers: 1,
+            hidden: 16,
+            heads: 2,
+            kv_heads: 1,
+            ffn: 24,
+            vocab: 11,
+            batch: 2,
+            seq: 2,
+            new_tokens: 1,
+            prompt_len: 1,
+            train_steps: 1,
+        };
+        let r = run_bench(&shape, &DeviceSpec::Cpu).unwrap();
+        assert!(r.train_tok_s > 0.0 && r.gen_tok_s > 0.0);
+    }
 }

@@ -68,9 +68,13 @@ pub struct RopeParameters {
 #[derive(Debug, Clone, PartialEq)]
 pub enum RopeKind {
     Default,
-    Linear { factor: f64 },
+    Linear {
+        factor: f64,
+    },
     /// Dynamic NTK: the base grows once positions pass `max_position_embeddings`.
-    Dynamic { factor: f64 },
+    Dynamic {
+        factor: f64,
+    },
     Yarn {
         factor: f64,
         original_max_position_embeddings: usize,
@@ -164,14 +168,15 @@ pub enum Architecture {
 
 impl ModelConfig {
     pub fn from_json_str(text: &str) -> Result<Self> {
-        let config: ModelConfig = serde_json::from_str(text).context("parsing model config JSON")?;
+        let config: ModelConfig =
+            serde_json::from_str(text).context("parsing model config JSON")?;
         config.validate()?;
         Ok(config)
     }
 
     pub fn load(path: &Path) -> Result<Self> {
-        let text = std::fs::read_to_string(path)
-            .with_context(|| format!("reading {}", path.display()))?;
+        let text =
+            std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
         Self::from_json_str(&text).with_context(|| format!("in {}", path.display()))
     }
 
@@ -188,18 +193,29 @@ impl ModelConfig {
     /// instead of a shape panic later.
     pub fn validate(&self) -> Result<()> {
         self.architecture()?;
-        ensure!(self.hidden_act == "silu", "hidden_act `{}` is not supported (only silu)", self.hidden_act);
+        ensure!(
+            self.hidden_act == "silu",
+            "hidden_act `{}` is not supported (only silu)",
+            self.hidden_act
+        );
         ensure!(self.vocab_size > 0, "vocab_size must be > 0");
         ensure!(self.hidden_size > 0, "hidden_size must be > 0");
         ensure!(self.intermediate_size > 0, "intermediate_size must be > 0");
-        ensure!(self.num_attention_heads > 0, "num_attention_heads must be > 0");
+        ensure!(
+            self.num_attention_heads > 0,
+            "num_attention_heads must be > 0"
+        );
         ensure!(
             self.head_dim.is_some() || self.hidden_size.is_multiple_of(self.num_attention_heads),
             "hidden_size {} is not divisible by num_attention_heads {} (and no head_dim given)",
             self.hidden_size,
             self.num_attention_heads
         );
-        ensure!(self.head_dim().is_multiple_of(2), "head_dim {} must be even for rotary embeddings", self.head_dim());
+        ensure!(
+            self.head_dim().is_multiple_of(2),
+            "head_dim {} must be even for rotary embeddings",
+            self.head_dim()
+        );
         let kv = self.num_kv_heads();
         ensure!(
             kv > 0 && self.num_attention_heads.is_multiple_of(kv),
@@ -222,7 +238,8 @@ impl ModelConfig {
     }
 
     pub fn head_dim(&self) -> usize {
-        self.head_dim.unwrap_or(self.hidden_size / self.num_attention_heads.max(1))
+        self.head_dim
+            .unwrap_or(self.hidden_size / self.num_attention_heads.max(1))
     }
 
     pub fn num_kv_heads(&self) -> usize {
@@ -250,7 +267,10 @@ impl ModelConfig {
     }
 
     pub fn eos_token_ids(&self) -> Vec<u32> {
-        self.eos_token_id.as_ref().map(TokenIds::to_vec).unwrap_or_default()
+        self.eos_token_id
+            .as_ref()
+            .map(TokenIds::to_vec)
+            .unwrap_or_default()
     }
 
     /// Resolves `rope_parameters` (transformers 5) or `rope_theta` + `rope_scaling` (4.x),
@@ -265,22 +285,37 @@ impl ModelConfig {
             .unwrap_or(10000.0);
         ensure!(theta > 0.0, "rope_theta must be > 0");
         let Some(p) = params else {
-            return Ok(RopeSpec { theta, kind: RopeKind::Default });
+            return Ok(RopeSpec {
+                theta,
+                kind: RopeKind::Default,
+            });
         };
         if p.partial_rotary_factor.is_some_and(|f| f != 1.0) {
             bail!("partial_rotary_factor != 1 is not supported");
         }
-        let rope_type = p.rope_type.as_deref().or(p.legacy_type.as_deref()).unwrap_or("default");
+        let rope_type = p
+            .rope_type
+            .as_deref()
+            .or(p.legacy_type.as_deref())
+            .unwrap_or("default");
         let factor = |name: &str| -> Result<f64> {
-            let f = p.factor.with_context(|| format!("rope type `{name}` needs `factor`"))?;
+            let f = p
+                .factor
+                .with_context(|| format!("rope type `{name}` needs `factor`"))?;
             ensure!(f > 0.0, "rope `factor` must be > 0");
             Ok(f)
         };
-        let original = p.original_max_position_embeddings.unwrap_or(self.max_position_embeddings);
+        let original = p
+            .original_max_position_embeddings
+            .unwrap_or(self.max_position_embeddings);
         let kind = match rope_type {
             "default" => RopeKind::Default,
-            "linear" => RopeKind::Linear { factor: factor("linear")? },
-            "dynamic" => RopeKind::Dynamic { factor: factor("dynamic")? },
+            "linear" => RopeKind::Linear {
+                factor: factor("linear")?,
+            },
+            "dynamic" => RopeKind::Dynamic {
+                factor: factor("dynamic")?,
+            },
             "yarn" => RopeKind::Yarn {
                 factor: match p.factor {
                     Some(f) => f,
@@ -296,11 +331,17 @@ impl ModelConfig {
             },
             "llama3" => RopeKind::Llama3 {
                 factor: factor("llama3")?,
-                low_freq_factor: p.low_freq_factor.context("rope type llama3 needs low_freq_factor")?,
-                high_freq_factor: p.high_freq_factor.context("rope type llama3 needs high_freq_factor")?,
+                low_freq_factor: p
+                    .low_freq_factor
+                    .context("rope type llama3 needs low_freq_factor")?,
+                high_freq_factor: p
+                    .high_freq_factor
+                    .context("rope type llama3 needs high_freq_factor")?,
                 original_max_position_embeddings: original,
             },
-            other => bail!("rope type `{other}` is not supported (default, linear, dynamic, yarn, llama3)"),
+            other => bail!(
+                "rope type `{other}` is not supported (default, linear, dynamic, yarn, llama3)"
+            ),
         };
         Ok(RopeSpec { theta, kind })
     }
@@ -308,7 +349,10 @@ impl ModelConfig {
     /// Number of parameters of the model this config builds.
     pub fn num_params(&self) -> usize {
         let (h, i, v) = (self.hidden_size, self.intermediate_size, self.vocab_size);
-        let (q, kv) = (self.num_attention_heads * self.head_dim(), self.num_kv_heads() * self.head_dim());
+        let (q, kv) = (
+            self.num_attention_heads * self.head_dim(),
+            self.num_kv_heads() * self.head_dim(),
+        );
         let qkv_bias = if self.qkv_bias() { q + 2 * kv } else { 0 };
         let o_bias = if self.o_bias() { h } else { 0 };
         let mlp_bias = if self.mlp_bias() { 2 * i + h } else { 0 };
@@ -337,7 +381,8 @@ impl ModelConfig {
             num_hidden_layers,
             num_attention_heads,
             num_key_value_heads: Some(num_key_value_heads),
-            head_dim: Some(hidden_size / num_attention_heads),
+            // None for 0 heads, which `validate` then reports (instead of dividing by zero here).
+            head_dim: hidden_size.checked_div(num_attention_heads),
             max_position_embeddings,
             rms_norm_eps: 1e-5,
             rope_theta: Some(10000.0),
@@ -369,7 +414,10 @@ pub fn preset(name: &str, vocab_size: usize) -> Result<ModelConfig> {
         "nano" => ModelConfig::llama(vocab_size, 128, 512, 2, 4, 4, 2048),
         "tiny" => ModelConfig::llama(vocab_size, 256, 688, 4, 4, 4, 2048),
         "small" => ModelConfig::llama(vocab_size, 384, 1024, 8, 6, 6, 2048),
-        other => bail!("unknown model preset `{other}` (known: {})", PRESETS.join(", ")),
+        other => bail!(
+            "unknown model preset `{other}` (known: {})",
+            PRESETS.join(", ")
+        ),
     };
     Ok(config)
 }
@@ -380,11 +428,21 @@ mod tests {
 
     #[test]
     fn presets_have_the_advertised_sizes() {
-        let sizes: Vec<usize> =
-            PRESETS.iter().map(|p| preset(p, 64).unwrap().num_params()).collect();
+        let sizes: Vec<usize> = PRESETS
+            .iter()
+            .map(|p| preset(p, 64).unwrap().num_params())
+            .collect();
         assert!((400_000..700_000).contains(&sizes[0]), "nano {}", sizes[0]);
-        assert!((2_500_000..3_500_000).contains(&sizes[1]), "tiny {}", sizes[1]);
-        assert!((13_000_000..17_000_000).contains(&sizes[2]), "small {}", sizes[2]);
+        assert!(
+            (2_500_000..3_500_000).contains(&sizes[1]),
+            "tiny {}",
+            sizes[1]
+        );
+        assert!(
+            (13_000_000..17_000_000).contains(&sizes[2]),
+            "small {}",
+            sizes[2]
+        );
         assert!(preset("huge", 64).is_err());
     }
 
@@ -404,7 +462,13 @@ mod tests {
         let config = ModelConfig::from_json_str(text).unwrap();
         assert_eq!(config.head_dim(), 64);
         assert_eq!(config.eos_token_ids(), vec![0, 2]);
-        assert_eq!(config.rope().unwrap(), RopeSpec { theta: 100000.0, kind: RopeKind::Linear { factor: 2.0 } });
+        assert_eq!(
+            config.rope().unwrap(),
+            RopeSpec {
+                theta: 100000.0,
+                kind: RopeKind::Linear { factor: 2.0 }
+            }
+        );
         assert_eq!(config.extra["pretraining_tp"], 1);
         let again = ModelConfig::from_json_str(&config.to_json_string().unwrap()).unwrap();
         assert_eq!(again, config);
@@ -428,7 +492,14 @@ mod tests {
         assert!(config.qkv_bias() && !config.o_bias());
         let rope = config.rope().unwrap();
         assert_eq!(rope.theta, 1_000_000.0);
-        assert!(matches!(rope.kind, RopeKind::Yarn { factor: 4.0, original_max_position_embeddings: 32768, .. }));
+        assert!(matches!(
+            rope.kind,
+            RopeKind::Yarn {
+                factor: 4.0,
+                original_max_position_embeddings: 32768,
+                ..
+            }
+        ));
     }
 
     #[test]
@@ -436,7 +507,10 @@ mod tests {
         let base = r#"{"model_type": "llama", "vocab_size": 10, "hidden_size": 8, "intermediate_size": 16,
             "num_hidden_layers": 1, "num_attention_heads": 2"#;
         let err = |extra: &str| {
-            format!("{:#}", ModelConfig::from_json_str(&format!("{base}{extra}}}")).unwrap_err())
+            format!(
+                "{:#}",
+                ModelConfig::from_json_str(&format!("{base}{extra}}}")).unwrap_err()
+            )
         };
         assert!(err(r#", "hidden_act": "gelu""#).contains("hidden_act"));
         assert!(err(r#", "num_key_value_heads": 3"#).contains("num_key_value_heads"));

@@ -78,7 +78,9 @@ pub fn run_on<T: BackendTask>(spec: &DeviceSpec, task: T) -> Result<T::Output> {
     match spec {
         DeviceSpec::Cpu => task.run::<CpuTrain>(Default::default()),
         #[cfg(feature = "cuda")]
-        DeviceSpec::Cuda(index) => task.run::<GpuTrain>(burn::backend::cuda::CudaDevice::new(*index)),
+        DeviceSpec::Cuda(index) => {
+            task.run::<GpuTrain>(burn::backend::cuda::CudaDevice::new(*index))
+        }
         #[cfg(not(feature = "cuda"))]
         DeviceSpec::Cuda(_) => bail!(
             "device `{spec}` requested, but this dagrun was built without CUDA support \
@@ -108,6 +110,42 @@ pub fn keep_freed_memory() {
     });
 }
 
+/// Memory the kernel says can be allocated without swapping (`MemAvailable`), where known.
+/// Allocations past it abort the process (or wake the OOM killer) instead of returning an error,
+/// so work that can size its buffers up front checks against this first.
+pub fn available_memory() -> Option<u64> {
+    let meminfo = std::fs::read_to_string("/proc/meminfo").ok()?;
+    let line = meminfo.lines().find(|l| l.starts_with("MemAvailable:"))?;
+    let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kib.saturating_mul(1024))
+}
+
+/// Bytes that work on backend `B` may allocate: [`available_memory`] on the CPU backend; on
+/// others (whose memory burn does not report) 1 TiB, more than any one device holds, which
+/// still stops absurd sizes. 1 TiB too where `MemAvailable` cannot be read.
+pub fn memory_limit<B: burn::tensor::backend::Backend>() -> u128 {
+    use std::any::TypeId;
+    let host = [TypeId::of::<Cpu>(), TypeId::of::<CpuTrain>()].contains(&TypeId::of::<B>());
+    let limit = if host { available_memory() } else { None };
+    limit.map_or(1 << 40, u128::from)
+}
+
+/// `3.2 TiB`, `512 MiB`, `12 B`: a byte count for messages.
+pub fn human_bytes(bytes: u128) -> String {
+    const UNITS: [&str; 7] = ["B", "KiB", "MiB", "GiB", "TiB", "PiB", "EiB"];
+    let mut value = bytes as f64;
+    let mut unit = 0;
+    while value >= 1024.0 && unit + 1 < UNITS.len() {
+        value /= 1024.0;
+        unit += 1;
+    }
+    if unit == 0 {
+        format!("{bytes} B")
+    } else {
+        format!("{value:.1} {}", UNITS[unit])
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -121,6 +159,16 @@ mod tests {
         assert!("tpu".parse::<DeviceSpec>().is_err());
     }
 
+    #[test]
+    fn memory_figures() {
+        assert_eq!(human_bytes(12), "12 B");
+        assert_eq!(human_bytes(3 << 29), "1.5 GiB");
+        assert_eq!(human_bytes(3_518_437_208_883), "3.2 TiB");
+        if cfg!(target_os = "linux") {
+            assert!(available_memory().is_some_and(|m| m > 0));
+        }
+    }
+
     #[cfg(not(feature = "cuda"))]
     #[test]
     fn cuda_without_the_feature_is_a_clear_error() {
@@ -131,7 +179,9 @@ mod tests {
                 Ok(())
             }
         }
-        let err = run_on(&DeviceSpec::Cuda(0), Nothing).unwrap_err().to_string();
+        let err = run_on(&DeviceSpec::Cuda(0), Nothing)
+            .unwrap_err()
+            .to_string();
         assert!(err.contains("without CUDA support"), "{err}");
         assert!(run_on(&DeviceSpec::Cpu, Nothing).is_ok());
     }

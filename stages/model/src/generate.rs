@@ -21,6 +21,8 @@ use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use serde::{Deserialize, Serialize};
 
+use crate::config::ModelConfig;
+use crate::device::{human_bytes, memory_limit};
 use crate::llama::{CausalLm, KvCache, TokenBatch};
 use crate::tokenizer::Tokenizer;
 
@@ -41,7 +43,14 @@ pub struct SamplingParams {
 
 impl Default for SamplingParams {
     fn default() -> Self {
-        SamplingParams { temperature: 0.0, top_k: 0, top_p: 1.0, max_new_tokens: 128, stop_strings: Vec::new(), seed: 0 }
+        SamplingParams {
+            temperature: 0.0,
+            top_k: 0,
+            top_p: 1.0,
+            max_new_tokens: 128,
+            stop_strings: Vec::new(),
+            seed: 0,
+        }
     }
 }
 
@@ -86,13 +95,30 @@ pub fn generate<B: Backend>(
     params: &SamplingParams,
 ) -> Result<Vec<Completion>> {
     ensure!(params.temperature >= 0.0, "temperature must be >= 0");
-    ensure!(params.top_p > 0.0 && params.top_p <= 1.0, "top_p must be in (0, 1]");
-    ensure!(params.stop_strings.is_empty() || tokenizer.is_some(), "stop strings need a tokenizer");
-    ensure!(prompts.iter().all(|p| !p.is_empty()), "every prompt needs at least one token");
+    ensure!(
+        params.top_p > 0.0 && params.top_p <= 1.0,
+        "top_p must be in (0, 1]"
+    );
+    ensure!(
+        params.stop_strings.is_empty() || tokenizer.is_some(),
+        "stop strings need a tokenizer"
+    );
+    ensure!(
+        prompts.iter().all(|p| !p.is_empty()),
+        "every prompt needs at least one token"
+    );
     let mut results: Vec<Option<Completion>> = vec![None; prompts.len()];
     if prompts.is_empty() {
         return Ok(Vec::new());
     }
+    let longest = prompts.iter().map(Vec::len).max().unwrap_or(0);
+    check_memory(
+        &model.config,
+        prompts.len(),
+        longest,
+        params.max_new_tokens,
+        memory_limit::<B>(),
+    )?;
     let batch = TokenBatch::left_padded(prompts, 0);
     let capacity = batch.seq + params.max_new_tokens;
     let mut cache = KvCache::<B>::new(&model.config, batch.batch, capacity, &model.device());
@@ -101,7 +127,9 @@ pub fn generate<B: Backend>(
         .enumerate()
         .map(|(index, p)| Row {
             index,
-            rng: ChaCha8Rng::seed_from_u64(params.seed ^ (index as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15)),
+            rng: ChaCha8Rng::seed_from_u64(
+                params.seed ^ (index as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15),
+            ),
             next_position: p.len(),
             tokens: Vec::new(),
             logprobs: Vec::new(),
@@ -113,7 +141,10 @@ pub fn generate<B: Backend>(
             let index = row.index;
             results[index] = Some(finish(row, tokenizer, FinishReason::Length, None)?);
         }
-        return Ok(results.into_iter().map(|r| r.expect("every row finished")).collect());
+        return Ok(results
+            .into_iter()
+            .map(|r| r.expect("every row finished"))
+            .collect());
     }
 
     let mut logits = model.forward_cached(&batch, &mut cache)?;
@@ -153,27 +184,125 @@ pub fn generate<B: Backend>(
         let step = TokenBatch {
             batch: rows.len(),
             seq: 1,
-            ids: rows.iter().map(|r| *r.tokens.last().expect("a token was just pushed")).collect(),
+            ids: rows
+                .iter()
+                .map(|r| *r.tokens.last().expect("a token was just pushed"))
+                .collect(),
             mask: vec![true; rows.len()],
             positions: Some(rows.iter().map(|r| r.next_position - 1).collect()),
         };
         logits = model.forward_cached(&step, &mut cache)?;
     }
-    Ok(results.into_iter().map(|r| r.expect("every row finished")).collect())
+    Ok(results
+        .into_iter()
+        .map(|r| r.expect("every row finished"))
+        .collect())
+}
+
+/// A generation call whose buffers would not fit in memory. Allocating them would abort the
+/// process (an allocation failure is not a panic), so [`generate`] returns this first.
+#[derive(Debug, Clone, PartialEq)]
+pub struct TooLarge {
+    pub sequences: usize,
+    pub longest_prompt: usize,
+    pub max_new_tokens: usize,
+    /// Estimated peak bytes, and the KV cache's share of them.
+    pub needed: u128,
+    pub kv_cache: u128,
+    pub limit: u128,
+}
+
+impl std::fmt::Display for TooLarge {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "max_new_tokens {} × batch {} (longest prompt {} tokens) needs about {} ({} of KV cache), more than the {} of memory available; lower `max_new_tokens` or `batch_size`",
+            self.max_new_tokens,
+            self.sequences,
+            self.longest_prompt,
+            human_bytes(self.needed),
+            human_bytes(self.kv_cache),
+            human_bytes(self.limit)
+        )
+    }
+}
+
+impl std::error::Error for TooLarge {}
+
+/// Fails with [`TooLarge`] when generating `sequences` rows from prompts of up to `longest`
+/// tokens plus `max_new_tokens` needs more than `limit` bytes: the KV cache, the prefill's
+/// activations (attention scores and probabilities, MLP and hidden states of every prompt
+/// token) or a decoding step's (its attention row over the whole cache, the padding bias), and
+/// the last position's logits. A rough upper bound; it errs on the large side.
+fn check_memory(
+    config: &ModelConfig,
+    sequences: usize,
+    longest: usize,
+    max_new_tokens: usize,
+    limit: u128,
+) -> Result<()> {
+    let capacity = longest as u128 + max_new_tokens as u128;
+    let kv_cache = KvCache::<burn::backend::Flex>::bytes(
+        config,
+        sequences,
+        longest.saturating_add(max_new_tokens),
+    );
+    let [b, t, heads, hidden, ffn, vocab] = [
+        sequences,
+        longest,
+        config.num_attention_heads,
+        config.hidden_size,
+        config.intermediate_size,
+        config.vocab_size,
+    ]
+    .map(|v| v as u128);
+    let layer = kv_cache / (config.num_hidden_layers.max(1) as u128); // a layer's K and V copied once
+    let prefill = 4 * b * t * ((2 * heads + 1) * t + 3 * ffn + 6 * hidden);
+    let decode = 4 * b * (2 * heads + 1) * capacity;
+    let masks = 2 * b * capacity;
+    let needed = kv_cache + layer + masks + prefill.max(decode) + 4 * 3 * b * vocab;
+    if needed > limit {
+        return Err(TooLarge {
+            sequences,
+            longest_prompt: longest,
+            max_new_tokens,
+            needed,
+            kv_cache,
+            limit,
+        }
+        .into());
+    }
+    Ok(())
 }
 
 /// Chooses the next token of every row from `logits` `[rows, vocab]`; returns (id, log-prob).
-fn pick_tokens<B: Backend>(logits: Tensor<B, 2>, rows: &mut [Row], params: &SamplingParams) -> Result<Vec<(u32, f32)>> {
+fn pick_tokens<B: Backend>(
+    logits: Tensor<B, 2>,
+    rows: &mut [Row],
+    params: &SamplingParams,
+) -> Result<Vec<(u32, f32)>> {
     let [n, vocab] = logits.dims();
     let logp = log_softmax(logits, 1);
     if params.temperature == 0.0 {
         let ids: Tensor<B, 2, Int> = logp.clone().argmax(1);
         let chosen = logp.gather(1, ids.clone());
-        let ids = ids.into_data().convert::<i64>().to_vec::<i64>().map_err(|e| anyhow::anyhow!("{e:?}"))?;
-        let lps = chosen.into_data().convert::<f32>().to_vec::<f32>().map_err(|e| anyhow::anyhow!("{e:?}"))?;
+        let ids = ids
+            .into_data()
+            .convert::<i64>()
+            .to_vec::<i64>()
+            .map_err(|e| anyhow::anyhow!("{e:?}"))?;
+        let lps = chosen
+            .into_data()
+            .convert::<f32>()
+            .to_vec::<f32>()
+            .map_err(|e| anyhow::anyhow!("{e:?}"))?;
         return Ok(ids.into_iter().map(|i| i as u32).zip(lps).collect());
     }
-    let all = logp.into_data().convert::<f32>().to_vec::<f32>().map_err(|e| anyhow::anyhow!("{e:?}"))?;
+    let all = logp
+        .into_data()
+        .convert::<f32>()
+        .to_vec::<f32>()
+        .map_err(|e| anyhow::anyhow!("{e:?}"))?;
     let mut out = Vec::with_capacity(n);
     for (r, row) in rows.iter_mut().enumerate() {
         let lp = &all[r * vocab..(r + 1) * vocab];
@@ -192,7 +321,10 @@ fn sample(logp: &[f32], params: &SamplingParams, rng: &mut ChaCha8Rng) -> usize 
     }
     let max = logp[order[0]] as f64;
     let t = params.temperature as f64;
-    let weights: Vec<f64> = order.iter().map(|&i| ((logp[i] as f64 - max) / t).exp()).collect();
+    let weights: Vec<f64> = order
+        .iter()
+        .map(|&i| ((logp[i] as f64 - max) / t).exp())
+        .collect();
     let total: f64 = weights.iter().sum();
     let mut keep = weights.len();
     if params.top_p < 1.0 {
@@ -218,13 +350,24 @@ fn sample(logp: &[f32], params: &SamplingParams, rng: &mut ChaCha8Rng) -> usize 
 }
 
 /// Byte offset in the completion text where a stop string starts, if one has appeared.
-fn stop_string_cut(row: &Row, tokenizer: Option<&Tokenizer>, stops: &[String]) -> Result<Option<usize>> {
-    let (Some(tok), false) = (tokenizer, stops.is_empty()) else { return Ok(None) };
+fn stop_string_cut(
+    row: &Row,
+    tokenizer: Option<&Tokenizer>,
+    stops: &[String],
+) -> Result<Option<usize>> {
+    let (Some(tok), false) = (tokenizer, stops.is_empty()) else {
+        return Ok(None);
+    };
     let text = tok.decode(&row.tokens, true)?;
     Ok(stops.iter().filter_map(|s| text.find(s.as_str())).min())
 }
 
-fn finish(row: Row, tokenizer: Option<&Tokenizer>, reason: FinishReason, cut: Option<usize>) -> Result<Completion> {
+fn finish(
+    row: Row,
+    tokenizer: Option<&Tokenizer>,
+    reason: FinishReason,
+    cut: Option<usize>,
+) -> Result<Completion> {
     let mut text = match tokenizer {
         Some(tok) => tok.decode(&row.tokens, true)?,
         None => String::new(),
@@ -239,4 +382,55 @@ fn finish(row: Row, tokenizer: Option<&Tokenizer>, reason: FinishReason, cut: Op
         truncated: reason == FinishReason::Length,
         finish_reason: reason,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn tiny() -> ModelConfig {
+        ModelConfig::llama(16, 8, 16, 1, 2, 1, 64)
+    }
+
+    #[test]
+    fn oversized_generation_is_refused_before_allocating() {
+        let config = tiny();
+        // The largest values the stages' params allow: petabytes, refused without an abort.
+        let model =
+            CausalLm::<burn::backend::Flex>::init_random(&config, 0, &Default::default()).unwrap();
+        let prompts = vec![vec![1u32, 2, 3]; 65_536];
+        let params = SamplingParams {
+            max_new_tokens: 1_000_000,
+            ..SamplingParams::default()
+        };
+        let err = generate(&model, None, &prompts, &[], &params).unwrap_err();
+        let too_large = err.downcast_ref::<TooLarge>().expect("a TooLarge error");
+        assert_eq!(
+            (
+                too_large.sequences,
+                too_large.longest_prompt,
+                too_large.max_new_tokens
+            ),
+            (65_536, 3, 1_000_000)
+        );
+        assert_eq!(too_large.kv_cache, 2 * 65_536 * 1_000_003 * 4 * 4);
+        let msg = err.to_string();
+        assert!(
+            msg.starts_with(
+                "max_new_tokens 1000000 × batch 65536 (longest prompt 3 tokens) needs about "
+            ),
+            "{msg}"
+        );
+        assert!(
+            msg.contains("TiB of KV cache")
+                && msg.ends_with("lower `max_new_tokens` or `batch_size`"),
+            "{msg}"
+        );
+
+        // Against a fixed limit: the same call fits in a terabyte-sized one and not in 1 GiB.
+        assert!(check_memory(&config, 64, 3, 1000, 1 << 30).is_ok());
+        assert!(check_memory(&config, 65_536, 3, 1000, 1 << 30).is_err());
+        // A long prompt's prefill counts even when few tokens are generated.
+        assert!(check_memory(&config, 4096, 4096, 1, 1 << 30).is_err());
+    }
 }

@@ -9,7 +9,9 @@ use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 
 use crate::config::ModelConfig;
-use crate::llama::{Attention, CausalLm, DecoderLayer, Embedding, Linear, LlamaModel, Mlp, RmsNorm};
+use crate::llama::{
+    Attention, CausalLm, DecoderLayer, Embedding, Linear, LlamaModel, Mlp, RmsNorm,
+};
 use burn::module::Param;
 
 /// Supplies the tensor named `name` (transformers naming) with the given shape, as f32.
@@ -36,41 +38,93 @@ impl<B: Backend> Builder<'_, B> {
             "tensor {name}: got {} values for shape {shape:?}",
             data.len()
         );
-        Ok(Tensor::from_data(TensorData::new(data, shape), &self.device))
+        Ok(Tensor::from_data(
+            TensorData::new(data, shape),
+            &self.device,
+        ))
     }
 
     /// Reads a `[out, in]` checkpoint weight and stores it transposed (see `llama::Linear`).
     fn linear(&mut self, name: &str, out: usize, inp: usize, bias: bool) -> Result<Linear<B>> {
         let key = format!("{name}.weight");
         let data = self.source.tensor(&key, &[out, inp])?;
-        ensure!(data.len() == out * inp, "tensor {key}: got {} values for shape [{out}, {inp}]", data.len());
-        let weight = Tensor::from_data(TensorData::new(transpose(&data, out, inp), [inp, out]), &self.device);
-        let bias = if bias { Some(self.tensor(&format!("{name}.bias"), [out])?) } else { None };
+        ensure!(
+            data.len() == out * inp,
+            "tensor {key}: got {} values for shape [{out}, {inp}]",
+            data.len()
+        );
+        let weight = Tensor::from_data(
+            TensorData::new(transpose(&data, out, inp), [inp, out]),
+            &self.device,
+        );
+        let bias = if bias {
+            Some(self.tensor(&format!("{name}.bias"), [out])?)
+        } else {
+            None
+        };
         Ok(Linear::new(weight, bias))
     }
 
     fn norm(&mut self, name: &str, size: usize, eps: f64) -> Result<RmsNorm<B>> {
-        Ok(RmsNorm { weight: Param::from_tensor(self.tensor(&format!("{name}.weight"), [size])?), eps })
+        Ok(RmsNorm {
+            weight: Param::from_tensor(self.tensor(&format!("{name}.weight"), [size])?),
+            eps,
+        })
     }
 }
 
 impl<B: Backend> CausalLm<B> {
     /// Builds the model asking `source` for every tensor by its transformers name.
-    pub fn from_source(config: &ModelConfig, source: &mut dyn TensorSource, device: &B::Device) -> Result<Self> {
+    pub fn from_source(
+        config: &ModelConfig,
+        source: &mut dyn TensorSource,
+        device: &B::Device,
+    ) -> Result<Self> {
         config.validate()?;
-        let mut b = Builder::<B> { source, device: device.clone() };
-        let (h, i, v) = (config.hidden_size, config.intermediate_size, config.vocab_size);
-        let (heads, kvh, d) = (config.num_attention_heads, config.num_kv_heads(), config.head_dim());
+        let mut b = Builder::<B> {
+            source,
+            device: device.clone(),
+        };
+        let (h, i, v) = (
+            config.hidden_size,
+            config.intermediate_size,
+            config.vocab_size,
+        );
+        let (heads, kvh, d) = (
+            config.num_attention_heads,
+            config.num_kv_heads(),
+            config.head_dim(),
+        );
         let eps = config.rms_norm_eps;
         let embed = b.tensor("model.embed_tokens.weight", [v, h])?;
         let mut layers = Vec::with_capacity(config.num_hidden_layers);
         for l in 0..config.num_hidden_layers {
             let p = format!("model.layers.{l}");
             let self_attn = Attention {
-                q_proj: b.linear(&format!("{p}.self_attn.q_proj"), heads * d, h, config.qkv_bias())?,
-                k_proj: b.linear(&format!("{p}.self_attn.k_proj"), kvh * d, h, config.qkv_bias())?,
-                v_proj: b.linear(&format!("{p}.self_attn.v_proj"), kvh * d, h, config.qkv_bias())?,
-                o_proj: b.linear(&format!("{p}.self_attn.o_proj"), h, heads * d, config.o_bias())?,
+                q_proj: b.linear(
+                    &format!("{p}.self_attn.q_proj"),
+                    heads * d,
+                    h,
+                    config.qkv_bias(),
+                )?,
+                k_proj: b.linear(
+                    &format!("{p}.self_attn.k_proj"),
+                    kvh * d,
+                    h,
+                    config.qkv_bias(),
+                )?,
+                v_proj: b.linear(
+                    &format!("{p}.self_attn.v_proj"),
+                    kvh * d,
+                    h,
+                    config.qkv_bias(),
+                )?,
+                o_proj: b.linear(
+                    &format!("{p}.self_attn.o_proj"),
+                    h,
+                    heads * d,
+                    config.o_bias(),
+                )?,
                 num_heads: heads,
                 num_kv_heads: kvh,
                 head_dim: d,
@@ -84,13 +138,27 @@ impl<B: Backend> CausalLm<B> {
                 self_attn,
                 mlp,
                 input_layernorm: b.norm(&format!("{p}.input_layernorm"), h, eps)?,
-                post_attention_layernorm: b.norm(&format!("{p}.post_attention_layernorm"), h, eps)?,
+                post_attention_layernorm: b.norm(
+                    &format!("{p}.post_attention_layernorm"),
+                    h,
+                    eps,
+                )?,
             });
         }
         let norm = b.norm("model.norm", h, eps)?;
-        let lm_head = if config.tie_word_embeddings { None } else { Some(b.linear("lm_head", v, h, false)?) };
+        let lm_head = if config.tie_word_embeddings {
+            None
+        } else {
+            Some(b.linear("lm_head", v, h, false)?)
+        };
         Ok(CausalLm {
-            model: LlamaModel { embed_tokens: Embedding { weight: Param::from_tensor(embed) }, layers, norm },
+            model: LlamaModel {
+                embed_tokens: Embedding {
+                    weight: Param::from_tensor(embed),
+                },
+                layers,
+                norm,
+            },
             lm_head,
             config: config.clone(),
         })
@@ -98,7 +166,11 @@ impl<B: Backend> CausalLm<B> {
 
     /// Random initialisation as transformers does it, reproducible from `seed`.
     pub fn init_random(config: &ModelConfig, seed: u64, device: &B::Device) -> Result<Self> {
-        let std = config.extra.get("initializer_range").and_then(|v| v.as_f64()).unwrap_or(0.02);
+        let std = config
+            .extra
+            .get("initializer_range")
+            .and_then(|v| v.as_f64())
+            .unwrap_or(0.02);
         let mut rng = ChaCha8Rng::seed_from_u64(seed);
         let mut source = |name: &str, shape: &[usize]| -> Result<Vec<f32>> {
             let n = shape.iter().product();

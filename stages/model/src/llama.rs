@@ -43,7 +43,11 @@ pub struct Linear<B: Backend> {
 impl<B: Backend> Linear<B> {
     /// `weight` is `[in, out]`.
     pub fn new(weight: Tensor<B, 2>, bias: Option<Tensor<B, 1>>) -> Self {
-        Linear { weight: Param::from_tensor(weight), bias: bias.map(Param::from_tensor), lora: None }
+        Linear {
+            weight: Param::from_tensor(weight),
+            bias: bias.map(Param::from_tensor),
+            lora: None,
+        }
     }
 
     /// `x`: `[tokens, in]` → `[tokens, out]`.
@@ -181,7 +185,13 @@ impl TokenBatch {
                 mask.extend(std::iter::repeat_n(false, pad));
             }
         }
-        TokenBatch { batch: seqs.len(), seq, ids, mask, positions: None }
+        TokenBatch {
+            batch: seqs.len(),
+            seq,
+            ids,
+            mask,
+            positions: None,
+        }
     }
 
     /// Position ids as transformers' `generate` derives them: `cumsum(mask) - 1`, with padding
@@ -206,10 +216,19 @@ impl TokenBatch {
     }
 
     pub fn validate(&self, vocab_size: usize) -> Result<()> {
-        ensure!(self.ids.len() == self.batch * self.seq, "token batch: ids length != batch * seq");
-        ensure!(self.mask.len() == self.ids.len(), "token batch: mask length != ids length");
+        ensure!(
+            self.ids.len() == self.batch * self.seq,
+            "token batch: ids length != batch * seq"
+        );
+        ensure!(
+            self.mask.len() == self.ids.len(),
+            "token batch: mask length != ids length"
+        );
         if let Some(p) = &self.positions {
-            ensure!(p.len() == self.ids.len(), "token batch: positions length != ids length");
+            ensure!(
+                p.len() == self.ids.len(),
+                "token batch: positions length != ids length"
+            );
         }
         if let Some(bad) = self.ids.iter().find(|&&id| id as usize >= vocab_size) {
             bail!("token id {bad} is outside the vocabulary (size {vocab_size})");
@@ -227,12 +246,18 @@ pub struct Rope {
 
 impl Rope {
     pub fn new(config: &ModelConfig) -> Result<Self> {
-        Ok(Rope { spec: config.rope()?, dim: config.head_dim(), max_position_embeddings: config.max_position_embeddings })
+        Ok(Rope {
+            spec: config.rope()?,
+            dim: config.head_dim(),
+            max_position_embeddings: config.max_position_embeddings,
+        })
     }
 
     fn default_inv_freq(&self, base: f64) -> Vec<f64> {
         let d = self.dim as f64;
-        (0..self.dim / 2).map(|i| 1.0 / base.powf((2 * i) as f64 / d)).collect()
+        (0..self.dim / 2)
+            .map(|i| 1.0 / base.powf((2 * i) as f64 / d))
+            .collect()
     }
 
     /// `(inv_freq, attention_factor)` for sequences whose largest position is `max_pos`.
@@ -241,14 +266,19 @@ impl Rope {
         let dim = self.dim as f64;
         match &self.spec.kind {
             RopeKind::Default => (self.default_inv_freq(base), 1.0),
-            RopeKind::Linear { factor } => {
-                (self.default_inv_freq(base).into_iter().map(|f| f / factor).collect(), 1.0)
-            }
+            RopeKind::Linear { factor } => (
+                self.default_inv_freq(base)
+                    .into_iter()
+                    .map(|f| f / factor)
+                    .collect(),
+                1.0,
+            ),
             RopeKind::Dynamic { factor } => {
                 // transformers recomputes the base once the sequence outgrows the trained length.
                 let seq_len = (max_pos + 1).max(self.max_position_embeddings) as f64;
                 let max = self.max_position_embeddings as f64;
-                let scaled = base * ((factor * seq_len / max) - (factor - 1.0)).powf(dim / (dim - 2.0));
+                let scaled =
+                    base * ((factor * seq_len / max) - (factor - 1.0)).powf(dim / (dim - 2.0));
                 (self.default_inv_freq(scaled), 1.0)
             }
             RopeKind::Yarn {
@@ -261,7 +291,13 @@ impl Rope {
                 mscale_all_dim,
                 truncate,
             } => {
-                let get_mscale = |scale: f64, m: f64| if scale <= 1.0 { 1.0 } else { 0.1 * m * scale.ln() + 1.0 };
+                let get_mscale = |scale: f64, m: f64| {
+                    if scale <= 1.0 {
+                        1.0
+                    } else {
+                        0.1 * m * scale.ln() + 1.0
+                    }
+                };
                 let attention = attention_factor.unwrap_or(match (mscale, mscale_all_dim) {
                     (Some(m), Some(all)) if *m != 0.0 && *all != 0.0 => {
                         get_mscale(*factor, *m) / get_mscale(*factor, *all)
@@ -286,12 +322,18 @@ impl Rope {
                         let pos_freq = base.powf((2 * i) as f64 / dim);
                         let ramp = ((i as f64 - low) / (high - low)).clamp(0.0, 1.0);
                         let extrapolation = 1.0 - ramp;
-                        (1.0 / (factor * pos_freq)) * (1.0 - extrapolation) + (1.0 / pos_freq) * extrapolation
+                        (1.0 / (factor * pos_freq)) * (1.0 - extrapolation)
+                            + (1.0 / pos_freq) * extrapolation
                     })
                     .collect();
                 (inv, attention)
             }
-            RopeKind::Llama3 { factor, low_freq_factor, high_freq_factor, original_max_position_embeddings } => {
+            RopeKind::Llama3 {
+                factor,
+                low_freq_factor,
+                high_freq_factor,
+                original_max_position_embeddings,
+            } => {
                 let old = *original_max_position_embeddings as f64;
                 let (low_wavelen, high_wavelen) = (old / low_freq_factor, old / high_freq_factor);
                 let inv = self
@@ -304,7 +346,8 @@ impl Rope {
                         } else if wavelen > low_wavelen {
                             f / factor
                         } else {
-                            let smooth = (old / wavelen - low_freq_factor) / (high_freq_factor - low_freq_factor);
+                            let smooth = (old / wavelen - low_freq_factor)
+                                / (high_freq_factor - low_freq_factor);
                             (1.0 - smooth) * f / factor + smooth * f
                         }
                     })
@@ -356,6 +399,13 @@ pub struct KvCache<B: Backend> {
 }
 
 impl<B: Backend> KvCache<B> {
+    /// Bytes of the keys and values [`KvCache::new`] allocates for `batch` rows of `capacity`
+    /// positions (f32; u128 so absurd sizes cannot overflow).
+    pub fn bytes(config: &ModelConfig, batch: usize, capacity: usize) -> u128 {
+        let per_position = (config.num_kv_heads() * config.head_dim()) as u128 * 4;
+        2 * config.num_hidden_layers as u128 * batch as u128 * capacity as u128 * per_position
+    }
+
     pub fn new(config: &ModelConfig, batch: usize, capacity: usize, device: &B::Device) -> Self {
         let shape = [batch, config.num_kv_heads(), capacity, config.head_dim()];
         let layers = config.num_hidden_layers;
@@ -394,7 +444,12 @@ impl<B: Backend> KvCache<B> {
 impl<B: Backend> Attention<B> {
     /// `x`: `[batch*seq, hidden]` → `[batch*seq, hidden]`. With a cache, the new keys/values are
     /// written at columns `cache.len..cache.len+seq` and attention runs over all filled columns.
-    fn forward(&self, x: Tensor<B, 2>, input: &StepInput<B>, cache: Option<(&mut Tensor<B, 4>, &mut Tensor<B, 4>, usize)>) -> Tensor<B, 2> {
+    fn forward(
+        &self,
+        x: Tensor<B, 2>,
+        input: &StepInput<B>,
+        cache: Option<(&mut Tensor<B, 4>, &mut Tensor<B, 4>, usize)>,
+    ) -> Tensor<B, 2> {
         let (b, t) = (input.batch, input.seq);
         let (h, kvh, d) = (self.num_heads, self.num_kv_heads, self.head_dim);
         let q = input.rope.apply(self.q_proj.forward(x.clone()), h);
@@ -424,12 +479,22 @@ impl<B: Backend> Attention<B> {
                 // place, a shared one would be copied whole on every token.
                 let device = k.device();
                 let placeholder = || Tensor::<B, 4>::empty([1, 1, 1, 1], &device);
-                *k_cache = fused::write_cache(std::mem::replace(k_cache, placeholder()), heads(k, kvh), cols.start);
-                *v_cache = fused::write_cache(std::mem::replace(v_cache, placeholder()), heads(v, kvh), cols.start);
+                *k_cache = fused::write_cache(
+                    std::mem::replace(k_cache, placeholder()),
+                    heads(k, kvh),
+                    cols.start,
+                );
+                *v_cache = fused::write_cache(
+                    std::mem::replace(v_cache, placeholder()),
+                    heads(v, kvh),
+                    cols.start,
+                );
                 let keys = past + t;
                 let k = k_cache.clone().slice([0..b, 0..kvh, 0..keys, 0..d]);
                 let v = v_cache.clone().slice([0..b, 0..kvh, 0..keys, 0..d]);
-                attend(heads(q, h), k, v, input.bias.clone(), kvh).swap_dims(1, 2).reshape([b * t, h * d])
+                attend(heads(q, h), k, v, input.bias.clone(), kvh)
+                    .swap_dims(1, 2)
+                    .reshape([b * t, h * d])
             }
         };
         self.o_proj.forward(out)
@@ -449,7 +514,13 @@ pub struct RopeTables<B: Backend> {
 }
 
 impl<B: Backend> RopeTables<B> {
-    fn new(cos_half: Vec<f32>, sin_half: Vec<f32>, tokens: usize, d: usize, device: &B::Device) -> Self {
+    fn new(
+        cos_half: Vec<f32>,
+        sin_half: Vec<f32>,
+        tokens: usize,
+        d: usize,
+        device: &B::Device,
+    ) -> Self {
         let half = d / 2;
         let full = |src: &[f32]| -> Vec<f32> {
             let mut out = Vec::with_capacity(tokens * d);
@@ -468,7 +539,11 @@ impl<B: Backend> RopeTables<B> {
             cos: Tensor::from_data(TensorData::new(full(&cos_half), [tokens, 1, d]), device),
             sin: Tensor::from_data(TensorData::new(full(&sin_half), [tokens, 1, d]), device),
             rotate: Tensor::from_data(TensorData::new(rotate, [d, d]), device),
-            host: fused::RopeHost { cos: Arc::new(cos_half), sin: Arc::new(sin_half), half },
+            host: fused::RopeHost {
+                cos: Arc::new(cos_half),
+                sin: Arc::new(sin_half),
+                half,
+            },
         }
     }
 
@@ -480,13 +555,20 @@ impl<B: Backend> RopeTables<B> {
     fn apply_plain(&self, x: Tensor<B, 2>, heads: usize) -> Tensor<B, 2> {
         let [tokens, width] = x.dims();
         let d = width / heads;
-        let rotated = x.clone().reshape([tokens * heads, d]).matmul(self.rotate.clone()).reshape([tokens, heads, d]);
+        let rotated = x
+            .clone()
+            .reshape([tokens * heads, d])
+            .matmul(self.rotate.clone())
+            .reshape([tokens, heads, d]);
         let x = x.reshape([tokens, heads, d]);
         let (cos, sin) = if heads == 1 {
             (self.cos.clone(), self.sin.clone())
         } else {
             // Same-shape elementwise ops are much faster than broadcasting ones on the CPU backend.
-            (self.cos.clone().repeat_dim(1, heads), self.sin.clone().repeat_dim(1, heads))
+            (
+                self.cos.clone().repeat_dim(1, heads),
+                self.sin.clone().repeat_dim(1, heads),
+            )
         };
         (x * cos + rotated * sin).reshape([tokens, width])
     }
@@ -494,22 +576,41 @@ impl<B: Backend> RopeTables<B> {
 
 /// Grouped-query attention without materialising repeated K/V: the `g = heads/kv_heads` query
 /// heads sharing a KV head are stacked along the sequence axis, so one batched matmul serves them.
-fn attend<B: Backend>(q: Tensor<B, 4>, k: Tensor<B, 4>, v: Tensor<B, 4>, bias: Option<Tensor<B, 4>>, kvh: usize) -> Tensor<B, 4> {
+fn attend<B: Backend>(
+    q: Tensor<B, 4>,
+    k: Tensor<B, 4>,
+    v: Tensor<B, 4>,
+    bias: Option<Tensor<B, 4>>,
+    kvh: usize,
+) -> Tensor<B, 4> {
     let [b, h, t, d] = q.dims();
     let keys = k.dims()[2];
     let g = h / kvh;
     let scale = 1.0 / (d as f64).sqrt();
-    let q = if g == 1 { q } else { q.reshape([b, kvh, g * t, d]) };
+    let q = if g == 1 {
+        q
+    } else {
+        q.reshape([b, kvh, g * t, d])
+    };
     let scores = q.matmul(k.transpose()).reshape([b, h, t, keys]);
     let probs = fused::scaled_softmax(scores, scale, bias).reshape([b, kvh, g * t, keys]);
     probs.matmul(v).reshape([b, h, t, d])
 }
 
 impl<B: Backend> DecoderLayer<B> {
-    fn forward(&self, x: Tensor<B, 2>, input: &StepInput<B>, cache: Option<(&mut Tensor<B, 4>, &mut Tensor<B, 4>, usize)>) -> Tensor<B, 2> {
-        let attn = self.self_attn.forward(self.input_layernorm.forward(x.clone()), input, cache);
+    fn forward(
+        &self,
+        x: Tensor<B, 2>,
+        input: &StepInput<B>,
+        cache: Option<(&mut Tensor<B, 4>, &mut Tensor<B, 4>, usize)>,
+    ) -> Tensor<B, 2> {
+        let attn = self
+            .self_attn
+            .forward(self.input_layernorm.forward(x.clone()), input, cache);
         let x = x + attn;
-        let mlp = self.mlp.forward(self.post_attention_layernorm.forward(x.clone()));
+        let mlp = self
+            .mlp
+            .forward(self.post_attention_layernorm.forward(x.clone()));
         x + mlp
     }
 }
@@ -525,14 +626,21 @@ impl<B: Backend> CausalLm<B> {
 
     /// Device inputs for `batch`, whose tokens occupy columns `past..past+seq` after `past`
     /// cached columns whose padding mask is `past_mask` (row-major `[batch, past]`).
-    pub fn step_input(&self, batch: &TokenBatch, past: usize, past_mask: Option<&[bool]>) -> Result<StepInput<B>> {
+    pub fn step_input(
+        &self,
+        batch: &TokenBatch,
+        past: usize,
+        past_mask: Option<&[bool]>,
+    ) -> Result<StepInput<B>> {
         batch.validate(self.config.vocab_size)?;
         let (b, t) = (batch.batch, batch.seq);
         let device = self.device();
         let rope = Rope::new(&self.config)?;
         let (cos, sin) = rope.tables(&batch.positions());
         let keys = past + t;
-        let needs_bias = t > 1 || batch.mask.iter().any(|m| !m) || past_mask.is_some_and(|m| m.iter().any(|m| !m));
+        let needs_bias = t > 1
+            || batch.mask.iter().any(|m| !m)
+            || past_mask.is_some_and(|m| m.iter().any(|m| !m));
         let bias = needs_bias.then(|| {
             let mut bias = vec![0f32; b * t * keys];
             for row in 0..b {
@@ -565,8 +673,11 @@ impl<B: Backend> CausalLm<B> {
     pub fn hidden(&self, input: &StepInput<B>, mut cache: Option<&mut KvCache<B>>) -> Tensor<B, 2> {
         let (b, t) = (input.batch, input.seq);
         let hidden = self.config.hidden_size;
-        let mut x = burn::tensor::module::embedding(self.model.embed_tokens.weight.val(), input.ids.clone())
-            .reshape([b * t, hidden]);
+        let mut x = burn::tensor::module::embedding(
+            self.model.embed_tokens.weight.val(),
+            input.ids.clone(),
+        )
+        .reshape([b * t, hidden]);
         let past = cache.as_ref().map_or(0, |c| c.len);
         for (i, layer) in self.model.layers.iter().enumerate() {
             let layer_cache = cache.as_mut().map(|c| {
@@ -598,8 +709,17 @@ impl<B: Backend> CausalLm<B> {
 
     /// Feeds `batch` through the model on top of `cache` and returns the logits of each row's
     /// last column `[batch, vocab]` (left padding puts every row's newest token there).
-    pub fn forward_cached(&self, batch: &TokenBatch, cache: &mut KvCache<B>) -> Result<Tensor<B, 2>> {
-        ensure!(batch.batch == cache.batch, "batch of {} rows does not match the cache's {}", batch.batch, cache.batch);
+    pub fn forward_cached(
+        &self,
+        batch: &TokenBatch,
+        cache: &mut KvCache<B>,
+    ) -> Result<Tensor<B, 2>> {
+        ensure!(
+            batch.batch == cache.batch,
+            "batch of {} rows does not match the cache's {}",
+            batch.batch,
+            cache.batch
+        );
         ensure!(
             cache.len + batch.seq <= cache.capacity,
             "KV cache full: {} + {} tokens > capacity {}",
@@ -608,7 +728,11 @@ impl<B: Backend> CausalLm<B> {
             cache.capacity
         );
         let past_mask: Vec<bool> = (0..batch.batch)
-            .flat_map(|r| cache.key_mask[r * cache.capacity..r * cache.capacity + cache.len].iter().copied())
+            .flat_map(|r| {
+                cache.key_mask[r * cache.capacity..r * cache.capacity + cache.len]
+                    .iter()
+                    .copied()
+            })
             .collect();
         let input = self.step_input(batch, cache.len, Some(&past_mask))?;
         for r in 0..batch.batch {
@@ -617,8 +741,12 @@ impl<B: Backend> CausalLm<B> {
             }
         }
         let (b, t) = (batch.batch, batch.seq);
-        let hidden = self.hidden(&input, Some(cache)).reshape([b, t, self.config.hidden_size]);
-        let last = hidden.slice([0..b, t - 1..t]).reshape([b, self.config.hidden_size]);
+        let hidden = self
+            .hidden(&input, Some(cache))
+            .reshape([b, t, self.config.hidden_size]);
+        let last = hidden
+            .slice([0..b, t - 1..t])
+            .reshape([b, self.config.hidden_size]);
         Ok(self.logits(last))
     }
 }
