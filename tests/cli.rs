@@ -61,7 +61,7 @@ fn show_export_and_dag_describe_artifacts_and_the_graph() {
 fn stages_lists_every_kind_with_ports_and_params() {
     let p = Project::new("stages");
     let text = stdout(&p.output(&["stages"]));
-    for needle in ["cot_generate (v1)", "out  cot            dataset<chat>", "param n_train", "mix (v1)", "param limit"] {
+    for needle in ["cot_generate (v2)", "out  cot            dataset<chat>", "param n_train", "mix (v2)", "param limit"] {
         assert!(text.contains(needle), "missing {needle:?} in\n{text}");
     }
 }

@@ -32,7 +32,7 @@ stages:
   filter:
     kind: rejection_filter
     inputs: { model: cold_start, problems: problems.train }
-    params: { num_samples: 2, limit: 20, max_new_tokens: 96, rewards: { correctness: 1.0 }, min_reward: 1.0 }
+    params: { num_samples: 2, limit: 20, max_new_tokens: 96, rewards: { correctness: 1.0, steps: 0.0 }, min_reward: 1.0 }
   refilter:
     kind: rejection_filter
     inputs: { samples: filter.samples }
@@ -139,6 +139,21 @@ fn eval_and_rejection_filter_on_a_tiny_pipeline() {
         assert!(user.contains('='), "{user}");
         assert!(dagrun_stages::tasks::verify(task, answer, assistant), "kept a wrong completion {assistant:?} for {user} = {answer}");
         assert!(completions.iter().any(|(c, truncated)| c == assistant && !truncated), "kept a truncated completion {assistant:?}");
+    }
+    // The problems carry their reference steps, which the `steps` reward judges against.
+    for b in batches(&cache, &run.output("problems", "test")) {
+        let steps = b.column_by_name("steps").unwrap().as_list::<i32>();
+        assert!((0..b.num_rows()).all(|i| !steps.value(i).is_empty()), "a problem without reference steps");
+    }
+    for b in &samples {
+        let components = b.column_by_name("reward_components").unwrap().as_list::<i32>();
+        for i in 0..b.num_rows() {
+            let c = components.value(i);
+            let c = c.as_struct();
+            let (names, values) = (c.column_by_name("name").unwrap().as_string::<i32>(), c.column_by_name("value").unwrap());
+            let at = (0..c.len()).find(|&j| names.value(j) == "steps").expect("a steps component");
+            assert!(!values.is_null(at), "`steps` judged every sampled completion");
+        }
     }
     let filter_metrics = metrics(&cache, &run.output("filter", "metrics"));
     let get = |name: &str| filter_metrics.iter().find(|m| m.1 == name).map(|m| m.2);

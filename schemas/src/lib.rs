@@ -79,18 +79,20 @@ pub fn message_fields() -> Fields {
     Fields::from(vec![utf8("role"), utf8("content")])
 }
 
-/// Problems with a verifiable reference answer.
+/// Problems with a verifiable reference answer and the reference solution's reasoning steps
+/// (which process rewards check a completion against; empty when unknown).
 pub fn problems() -> TableSchema {
     TableSchema {
         name: "problems",
-        version: 1,
-        doc: "id, task, difficulty, prompt, answer: problems a verifier can check",
+        version: 2,
+        doc: "id, task, difficulty, prompt, answer, steps list<string>: problems a verifier can check, with reference steps",
         schema: Arc::new(Schema::new(vec![
             utf8("id"),
             utf8("task"),
             Field::new("difficulty", DataType::Int32, false),
             utf8("prompt"),
             utf8("answer"),
+            list_of("steps", DataType::Utf8),
         ])),
     }
 }

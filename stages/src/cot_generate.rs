@@ -211,6 +211,6 @@ impl Plan {
 }
 
 fn row(split: &str, i: usize, p: &tasks::Problem) -> ProblemRow {
-    ProblemRow { id: format!("{split}-{i:07}"), task: p.task.as_str().to_string(), difficulty: p.difficulty as i32, prompt: p.prompt.clone(), answer: p.answer.clone() }
+    ProblemRow { id: format!("{split}-{i:07}"), task: p.task.as_str().to_string(), difficulty: p.difficulty as i32, prompt: p.prompt.clone(), answer: p.answer.clone(), steps: p.steps.clone() }
 }
 

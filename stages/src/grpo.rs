@@ -110,6 +110,7 @@ impl StageKind for Grpo {
                     json!({"correctness": 1.0, "format": 0.1}),
                     "weighted reward functions",
                 ),
+                ParamSpec::new("answer_fallback", ParamType::Bool, json!(false), "read the last number of a completion without an <answer> block as its answer"),
                 ParamSpec::new(
                     "lr",
                     ParamType::Float {
@@ -295,7 +296,8 @@ impl StageKind for Grpo {
         let rewards = crate::sampling::reward_set(
             &params.weights("rewards"),
             params.i64("max_new_tokens") as usize,
-        )?;
+        )?
+        .with_answer_fallback(params.bool("answer_fallback"));
         let progress = ctx.progress(params.i64("steps") as u64, "steps");
         let task = GrpoTask {
             params,
@@ -474,6 +476,7 @@ impl BackendTask for GrpoTask {
                     self.rewards.score(&Judged {
                         task: &prob.task,
                         answer: &prob.answer,
+                        steps: &prob.steps,
                         completion: &c.text,
                         completion_tokens: c.token_ids.len(),
                         truncated: c.truncated,

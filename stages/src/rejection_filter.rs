@@ -109,7 +109,9 @@ impl StageKind for RejectionFilter {
                     *ids.entry(r.id.clone()).or_insert(next) < limit
                 });
                 for r in &mut rows {
-                    let scored = rewards.score(&Judged { task: &r.task, answer: &r.answer, completion: &r.completion, completion_tokens: r.length.max(0) as usize, truncated: r.truncated });
+                    // Samples carry no reference steps: `steps` cannot judge them and
+                    // `repetition` is TRL's.
+                    let scored = rewards.score(&Judged { task: &r.task, answer: &r.answer, steps: &[], completion: &r.completion, completion_tokens: r.length.max(0) as usize, truncated: r.truncated });
                     r.reward = scored.total.unwrap_or(f64::NAN);
                     r.components = scored.components.into_iter().map(|(n, v)| (n.to_string(), v)).collect();
                     r.advantage = 0.0;
@@ -206,7 +208,7 @@ impl BackendTask for SampleTask<'_> {
             for (problem, group) in chunk.iter().zip(groups) {
                 for completion in group {
                     let length = completion.token_ids.len();
-                    let judged = Judged { task: &problem.task, answer: &problem.answer, completion: &completion.text, completion_tokens: length, truncated: completion.truncated };
+                    let judged = Judged { task: &problem.task, answer: &problem.answer, steps: &problem.steps, completion: &completion.text, completion_tokens: length, truncated: completion.truncated };
                     let scored = self.rewards.score(&judged);
                     rows.push(SampleRow {
                         step: 0,

@@ -148,18 +148,13 @@ pub struct Judged<'a> {
     pub task: &'a str,
     /// The reference answer; empty when there is none.
     pub answer: &'a str,
+    /// The reference solution's reasoning steps (a problem's `steps`); empty when unknown.
+    pub steps: &'a [String],
     pub completion: &'a str,
     /// Length of the completion in model tokens.
     pub completion_tokens: usize,
     /// Whether generation stopped at the length limit rather than at end-of-sequence.
     pub truncated: bool,
-}
-
-impl Judged<'_> {
-    /// The reference solution's reasoning steps; empty when unknown.
-    fn steps(&self) -> &[String] {
-        &[]
-    }
 }
 
 /// The rewards of one completion.
@@ -275,7 +270,7 @@ pub fn reward(kind: RewardKind, judged: &Judged, params: &RewardParams) -> Optio
             params.answer_fallback,
         ),
         RewardKind::Format => Some(indicator(tasks::has_format(judged.completion))),
-        RewardKind::Steps => steps(judged.steps(), judged.completion),
+        RewardKind::Steps => steps(judged.steps, judged.completion),
         RewardKind::Length => Some(soft_overlong_penalty(
             judged.completion_tokens,
             judged.truncated,
@@ -284,8 +279,8 @@ pub fn reward(kind: RewardKind, judged: &Judged, params: &RewardParams) -> Optio
         )),
         RewardKind::Repetition => {
             // The reference solution's own repeats are allowed: without it, TRL's penalty.
-            let reference = (!judged.steps().is_empty())
-                .then(|| tasks::format_completion(judged.steps(), judged.answer));
+            let reference = (!judged.steps.is_empty())
+                .then(|| tasks::format_completion(judged.steps, judged.answer));
             Some(repetition_beyond(
                 judged.completion,
                 reference.as_deref().unwrap_or(""),
@@ -516,6 +511,7 @@ mod tests {
         Judged {
             task: "arithmetic",
             answer: "22",
+            steps: &[],
             completion,
             completion_tokens: completion.chars().count(),
             truncated: false,
@@ -837,37 +833,26 @@ mod tests {
                     let judged = Judged {
                         task: family.as_str(),
                         answer: &problem.answer,
+                        steps: &problem.steps,
                         completion: &completion,
                         completion_tokens: completion.chars().count().min(100),
                         truncated: false,
                     };
-                    let reference = tasks::format_completion(&problem.steps, &problem.answer);
                     let p = RewardParams::default();
-                    assert_eq!(
-                        repetition_beyond(
-                            &completion,
-                            &reference,
-                            p.ngram_size,
-                            p.max_penalty,
-                            p.ngram_unit
-                        ),
-                        0.0,
-                        "{completion}"
-                    );
-                    assert_eq!(
-                        steps(&problem.steps, &completion),
-                        Some(1.0),
-                        "{completion}"
-                    );
-                    assert_eq!(
-                        consistency(family.as_str(), &completion),
-                        1.0,
-                        "{completion}"
-                    );
                     let scored = rewards.score(&judged);
-                    assert_eq!(scored.components[1], ("correctness", Some(1.0)));
-                    assert_eq!(scored.components[2], ("format", Some(1.0)));
-                    assert_eq!(scored.components[3], ("length", Some(0.0)));
+                    assert_eq!(
+                        scored.components,
+                        [
+                            ("consistency", Some(1.0)),
+                            ("correctness", Some(1.0)),
+                            ("format", Some(1.0)),
+                            ("length", Some(0.0)),
+                            ("repetition", Some(0.0)),
+                            ("steps", Some(1.0)),
+                        ],
+                        "{completion}"
+                    );
+                    assert!(scored.components[4].1.unwrap().is_sign_positive());
                     trl_charged += usize::from(
                         repetition_penalty(&completion, p.ngram_size, p.max_penalty, p.ngram_unit)
                             < 0.0,
@@ -878,6 +863,32 @@ mod tests {
         assert!(trl_charged > 0, "TRL's penalty charges worked solutions");
         let sum = "<think>\n7+5=12 write 2 carry 1\n4+8+1=13 write 3 carry 1\n3+2+1=6 write 6\n</think>\n<answer>632</answer>";
         assert!(repetition_penalty(sum, 3, -1.0, NgramUnit::Chars) < -0.2);
+    }
+
+    #[test]
+    fn steps_and_repetition_read_the_reference_steps_of_judged() {
+        let rewards = set(&[("steps", 1.0), ("repetition", 1.0)]);
+        let reference = lines(&["7+5=12 write 2 carry 1", "1+1=2 write 2"]);
+        let with = Judged {
+            steps: &reference,
+            ..judged(GOOD)
+        };
+        assert_eq!(
+            rewards.score(&with).components,
+            [("repetition", Some(0.0)), ("steps", Some(1.0))]
+        );
+        // Without reference steps, `steps` cannot judge and `repetition` is TRL's.
+        let without = rewards.score(&judged(GOOD));
+        assert_eq!(without.components[1], ("steps", None));
+        let trl = repetition_penalty(GOOD, 3, -1.0, NgramUnit::Chars);
+        assert!(trl < 0.0);
+        assert_eq!(without.components[0], ("repetition", Some(trl)));
+        // "a/b/c" against the reference: nothing.
+        let listed = Judged {
+            steps: &reference,
+            ..judged("<think>\na\nb\nc\n</think>\n<answer>22</answer>")
+        };
+        assert_eq!(rewards.score(&listed).components[1], ("steps", Some(0.0)));
     }
 
     #[test]

@@ -15,6 +15,8 @@ pub struct ProblemRow {
     pub difficulty: i32,
     pub prompt: String,
     pub answer: String,
+    /// The reference solution's reasoning steps, one line each; empty when unknown.
+    pub steps: Vec<String>,
 }
 
 /// One chat message.
@@ -40,12 +42,14 @@ fn strings<'a>(it: impl Iterator<Item = &'a str>) -> ArrayRef {
 
 pub fn problems_batch(rows: &[ProblemRow]) -> anyhow::Result<RecordBatch> {
     let schema = dagrun_schemas::problems().schema;
+    let steps = list_array(rows.iter().map(|r| r.steps.len()), strings(rows.iter().flat_map(|r| r.steps.iter().map(String::as_str))))?;
     let columns: Vec<ArrayRef> = vec![
         strings(rows.iter().map(|r| r.id.as_str())),
         strings(rows.iter().map(|r| r.task.as_str())),
         Arc::new(Int32Array::from_iter_values(rows.iter().map(|r| r.difficulty))),
         strings(rows.iter().map(|r| r.prompt.as_str())),
         strings(rows.iter().map(|r| r.answer.as_str())),
+        Arc::new(steps),
     ];
     Ok(RecordBatch::try_new(schema, columns)?)
 }
@@ -289,13 +293,17 @@ pub fn read_problems(batches: &[RecordBatch]) -> anyhow::Result<Vec<ProblemRow>>
     for b in batches {
         let (id, task, prompt, answer) = (str_column(b, "id")?, str_column(b, "task")?, str_column(b, "prompt")?, str_column(b, "answer")?);
         let difficulty = column(b, "difficulty")?.as_primitive_opt::<Int32Type>().context("column `difficulty` is not int32")?;
+        let steps = column(b, "steps")?.as_list_opt::<i32>().context("column `steps` is not a list")?;
         for i in 0..b.num_rows() {
+            let s = steps.value(i);
+            let s = s.as_string_opt::<i32>().context("`steps` items are not strings")?;
             out.push(ProblemRow {
                 id: str_at(id, i),
                 task: str_at(task, i),
                 difficulty: difficulty.value(i),
                 prompt: str_at(prompt, i),
                 answer: str_at(answer, i),
+                steps: (0..s.len()).map(|j| str_at(s, j)).collect(),
             });
         }
     }
@@ -397,7 +405,12 @@ mod tests {
 
     #[test]
     fn problem_rows_round_trip_through_arrow() {
-        let rows = vec![ProblemRow { id: "x".into(), task: "countdown".into(), difficulty: 3, prompt: "p".into(), answer: "1+2".into() }];
-        assert_eq!(read_problems(&[problems_batch(&rows).unwrap()]).unwrap(), rows);
+        let rows = vec![
+            ProblemRow { id: "x".into(), task: "countdown".into(), difficulty: 3, prompt: "1 2 make 3".into(), answer: "1+2".into(), steps: vec!["1+2=3".into()] },
+            ProblemRow { id: "y".into(), task: "word".into(), difficulty: 1, prompt: "p".into(), answer: "4".into(), steps: vec![] },
+        ];
+        let batch = problems_batch(&rows).unwrap();
+        assert!(dagrun_schemas::problems().check(&batch.schema()).is_ok());
+        assert_eq!(read_problems(&[batch]).unwrap(), rows);
     }
 }
