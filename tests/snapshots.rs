@@ -47,8 +47,32 @@ stages:
     params: { k: 2, max_new_tokens: 12 }
 ";
 
+/// Training at the `nano` size, big enough that kernels split their work across threads.
+const THREADED: &str = "\
+seed: 5
+stages:
+  problems:
+    kind: cot_generate
+    params: { families: [addition], difficulty: [2, 2], n_train: 128, n_test: 4 }
+  base:
+    kind: init_model
+    params: { preset: nano }
+  tune:
+    kind: sft
+    inputs: { model: base, data: problems.cot }
+    params: { max_steps: 3, batch_size: 16, lr: 1e-3, log_every: 1 }
+  rl:
+    kind: grpo
+    inputs: { model: tune, problems: problems.train }
+    params: { steps: 1, batch_prompts: 4, group_size: 4, max_new_tokens: 24, micro_batch: 8 }
+";
+
 fn run_with_threads(p: &Project, threads: &str) -> common::Run {
-    p.write("p.yaml", EVERY_KIND);
+    run_pipeline(p, EVERY_KIND, threads)
+}
+
+fn run_pipeline(p: &Project, text: &str, threads: &str) -> common::Run {
+    p.write("p.yaml", text);
     let out = p.command(&["run", "p.yaml", "--json"]).env("RAYON_NUM_THREADS", threads).output().unwrap();
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     common::Run::parse(&out)
@@ -99,8 +123,8 @@ fn every_kind_writes_the_committed_bytes_for_its_version() {
 
 #[test]
 fn two_clean_runs_with_one_and_two_threads_write_identical_bytes() {
-    let one = stages(&run_with_threads(&Project::new("threads-1"), "1"));
-    let two = stages(&run_with_threads(&Project::new("threads-2"), "2"));
+    let one = stages(&run_pipeline(&Project::new("threads-1"), THREADED, "1"));
+    let two = stages(&run_pipeline(&Project::new("threads-2"), THREADED, "2"));
     for (stage, a) in &one {
         assert_eq!(a["key"], two[stage]["key"], "{stage}");
         assert_eq!(a["outputs"], two[stage]["outputs"], "stage `{stage}` ({}): every output, metrics included", a["kind"]);
