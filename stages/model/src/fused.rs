@@ -697,9 +697,11 @@ pub fn sum_of_squares<'a, B: Backend>(tensors: impl IntoIterator<Item = &'a Tens
             .map(|t| kernels::sum_of_squares(&values(&to_flex(t.clone()))))
             .sum();
     }
+    // `sum_dim`, not `sum`: flex sums 4M+ elements with a rayon reduction whose rounding
+    // depends on the thread count; a one-axis sum runs in order.
     let total = tensors
         .into_iter()
-        .map(|t| t.clone().square().sum())
+        .map(|t| t.clone().square().sum_dim(0))
         .reduce(|a, b| a + b);
     total.map_or(0.0, |t| {
         t.into_data()
@@ -1263,6 +1265,33 @@ mod tests {
                     "fused {fused}: updated parameter {i} differs between 1 and 2 threads"
                 );
             }
+        }
+    }
+
+    /// The gradient norm on the plain path too: 4M+ elements are past flex's parallel `sum`.
+    #[test]
+    fn plain_sum_of_squares_does_not_depend_on_the_thread_count() {
+        let n = (1u32 << 23) + 3;
+        for seed in 1..=4u32 {
+            let values: Vec<f32> = (0..n)
+                .map(|i| ((i.wrapping_mul(2_654_435_761) ^ seed) % 4001) as f32 / 1000.0 - 2.0)
+                .collect();
+            let t = Tensor::<Flex, 1>::from_data(
+                TensorData::new(values, [n as usize]),
+                &Default::default(),
+            );
+            let run = |threads| {
+                let pool = rayon::ThreadPoolBuilder::new()
+                    .num_threads(threads)
+                    .build()
+                    .unwrap();
+                pool.install(|| with_fused(false, || sum_of_squares([&t]).to_bits()))
+            };
+            let one = run(1);
+            assert!(
+                run(2) == one && run(3) == one,
+                "seed {seed}: the sum differs with the thread count"
+            );
         }
     }
 
