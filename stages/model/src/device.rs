@@ -1,8 +1,9 @@
 //! Device strings (`cpu`, `cuda`, `cuda:N`) → a burn backend, and a way for stage code to run
 //! backend-generic work on the chosen one.
 //!
-//! CPU is burn's `flex` backend (threaded through rayon). CUDA exists only in builds with the
-//! `cuda` feature; asking for it otherwise is an error that says so.
+//! CPU is burn's `flex` backend, threaded through rayon's global pool (`RAYON_NUM_THREADS` sets
+//! its size; results are the same bits whatever it is, see `kernels.rs`). CUDA exists only in
+//! builds with the `cuda` feature; asking for it otherwise is an error that says so.
 //!
 //! Generic code is written once as a [`BackendTask`] and dispatched with [`run_on`]:
 //!
