@@ -4,7 +4,11 @@ use clap::{Parser, Subcommand};
 use dagrun_engine::cli::{self, GlobalArgs};
 
 #[derive(Parser)]
-#[command(name = "dagrun", version, about = "Declarative DAG pipelines for training reasoning models, cached by content")]
+#[command(
+    name = "dagrun",
+    version,
+    about = "Declarative DAG pipelines for training reasoning models, cached by content"
+)]
 struct Cli {
     #[command(flatten)]
     globals: GlobalArgs,

@@ -5,7 +5,7 @@ mod common;
 
 use std::collections::BTreeMap;
 
-use common::{batches, strings, Project};
+use common::{Project, batches, strings};
 
 /// Generation and mixing only: seconds.
 const MIXED: &str = "\
@@ -25,7 +25,10 @@ fn digests(run: &common::Run) -> BTreeMap<String, String> {
     let mut out = BTreeMap::new();
     for s in run.0["stages"].as_array().unwrap() {
         for (name, d) in s["outputs"].as_object().unwrap() {
-            out.insert(format!("{}.{name}", s["name"].as_str().unwrap()), d.as_str().unwrap().to_string());
+            out.insert(
+                format!("{}.{name}", s["name"].as_str().unwrap()),
+                d.as_str().unwrap().to_string(),
+            );
         }
     }
     out
@@ -38,7 +41,10 @@ fn reordering_a_list_a_map_or_input_ports_gives_the_same_key_and_the_same_bytes(
     let first = p.run("p.yaml", &[]);
     let permuted = [
         MIXED.replace("[arithmetic, linear, word]", "[word, arithmetic, linear]"),
-        MIXED.replace("{ a: gen.train, b: gen.test }", "{ b: gen.test, a: gen.train }"),
+        MIXED.replace(
+            "{ a: gen.train, b: gen.test }",
+            "{ b: gen.test, a: gen.train }",
+        ),
         MIXED.replace("{ a: 30, b: 10 }", "{ b: 10, a: 30 }"),
     ];
     for (i, text) in permuted.iter().enumerate() {
@@ -47,12 +53,22 @@ fn reordering_a_list_a_map_or_input_ports_gives_the_same_key_and_the_same_bytes(
         q.write("p.yaml", text);
         let run = q.run("p.yaml", &[]);
         for stage in ["gen", "both"] {
-            assert_eq!(run.stage(stage)["key"], first.stage(stage)["key"], "permutation {i}, {stage}");
+            assert_eq!(
+                run.stage(stage)["key"],
+                first.stage(stage)["key"],
+                "permutation {i}, {stage}"
+            );
         }
         assert_eq!(digests(&run), digests(&first), "permutation {i}");
         // And in the first cache, the permuted file is all cached.
         p.write("p.yaml", text);
-        assert!(p.run("p.yaml", &[]).statuses().iter().all(|(_, s)| s == "cached"), "permutation {i}");
+        assert!(
+            p.run("p.yaml", &[])
+                .statuses()
+                .iter()
+                .all(|(_, s)| s == "cached"),
+            "permutation {i}"
+        );
     }
 }
 
@@ -79,7 +95,11 @@ stages:
     let second = p.run("p.yaml", &[]);
     assert_eq!(second.status("capped"), "ran");
     assert_ne!(second.stage("capped")["key"], first.stage("capped")["key"]);
-    assert_eq!(second.output("capped", "data"), first.output("capped", "data"), "same rows, same bytes");
+    assert_eq!(
+        second.output("capped", "data"),
+        first.output("capped", "data"),
+        "same rows, same bytes"
+    );
     assert_eq!(second.status("after"), "cached", "early cutoff");
 }
 
@@ -97,24 +117,45 @@ stages:
     params: { families: [arithmetic, word], difficulty: [3, 5], n_train: 600000, n_test: 100 }
 ";
     p.write("p.yaml", text);
-    common::kill_when(&p, &["run", "p.yaml", "--json"], || common::resume_has(&p.cache(), "train-00001.parquet"));
+    common::kill_when(&p, &["run", "p.yaml", "--json"], || {
+        common::resume_has(&p.cache(), "train-00001.parquet")
+    });
     let out = p.output(&["gc", "--keep-runs", "1"]);
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-    assert!(common::resume_has(&p.cache(), "train-00001.parquet"), "the killed stage's checkpoints stay");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        common::resume_has(&p.cache(), "train-00001.parquet"),
+        "the killed stage's checkpoints stay"
+    );
     let run = p.run("p.yaml", &[]);
-    assert_eq!(run.status("quick"), "cached", "finished before the kill, kept by gc");
+    assert_eq!(
+        run.status("quick"),
+        "cached",
+        "finished before the kill, kept by gc"
+    );
     assert_eq!(run.status("slow"), "ran");
     assert_eq!(run.stage("slow")["resumed"], true);
 
     // Checkpoints of a key that no kept run uses any more are removed: a run killed under one
     // key, then the file edited and run to the end under another.
-    p.write("p.yaml", &text.replace("n_train: 600000", "n_train: 600001"));
-    common::kill_when(&p, &["run", "p.yaml", "--json"], || common::resume_has(&p.cache(), "train-00001.parquet"));
+    p.write(
+        "p.yaml",
+        &text.replace("n_train: 600000", "n_train: 600001"),
+    );
+    common::kill_when(&p, &["run", "p.yaml", "--json"], || {
+        common::resume_has(&p.cache(), "train-00001.parquet")
+    });
     p.write("p.yaml", &text.replace("n_train: 600000", "n_train: 3000"));
     p.run("p.yaml", &[]);
     let out = p.output(&["gc", "--keep-runs", "1"]);
     assert!(out.status.success());
-    assert!(!common::resume_has(&p.cache(), "train-00001.parquet"), "orphaned checkpoints go");
+    assert!(
+        !common::resume_has(&p.cache(), "train-00001.parquet"),
+        "orphaned checkpoints go"
+    );
 }
 
 #[test]
@@ -137,16 +178,33 @@ fn show_and_export_take_a_node_with_one_output_and_export_carries_provenance() {
     p.write("p.yaml", "stages:\n  gen:\n    kind: cot_generate\n    params: { n_train: 20, n_test: 5 }\n  picked:\n    kind: mix\n    inputs: { a: gen.cot }\n    params: { limit: 7 }\n");
     let run = p.run("p.yaml", &[]);
     let out = p.output(&["export", "picked", "picked.parquet"]);
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let file = std::fs::File::open(p.dir.join("picked.parquet")).unwrap();
-    let reader = parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder::try_new(file).unwrap();
-    let kv: BTreeMap<String, String> =
-        reader.metadata().file_metadata().key_value_metadata().unwrap().iter().map(|e| (e.key.clone(), e.value.clone().unwrap_or_default())).collect();
+    let reader =
+        parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder::try_new(file).unwrap();
+    let kv: BTreeMap<String, String> = reader
+        .metadata()
+        .file_metadata()
+        .key_value_metadata()
+        .unwrap()
+        .iter()
+        .map(|e| (e.key.clone(), e.value.clone().unwrap_or_default()))
+        .collect();
     assert_eq!(kv["dagrun.node"], "picked");
-    assert_eq!(kv["dagrun.key"], run.stage("picked")["key"].as_str().unwrap());
+    assert_eq!(
+        kv["dagrun.key"],
+        run.stage("picked")["key"].as_str().unwrap()
+    );
     assert_eq!(kv["dagrun.kind"], "mix");
     assert!(kv["dagrun.params"].contains("\"limit\":7"), "{kv:?}");
-    assert!(kv["dagrun.inputs"].contains(&run.output("gen", "cot")), "{kv:?}");
+    assert!(
+        kv["dagrun.inputs"].contains(&run.output("gen", "cot")),
+        "{kv:?}"
+    );
     let n: usize = reader.build().unwrap().map(|b| b.unwrap().num_rows()).sum();
     assert_eq!(n, 7);
     let shown = p.output(&["show", "picked"]);
@@ -154,7 +212,11 @@ fn show_and_export_take_a_node_with_one_output_and_export_carries_provenance() {
     // A node with several outputs still needs the output named.
     let out = p.output(&["export", "gen", "gen.parquet"]);
     assert_eq!(out.status.code(), Some(2));
-    assert!(String::from_utf8_lossy(&out.stderr).contains("`gen.train`"), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("`gen.train`"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
 }
 
 #[test]
@@ -162,9 +224,14 @@ fn a_full_disk_fails_the_stage_in_one_line_naming_the_path_and_loses_nothing() {
     let p = Project::new("full-disk");
     let mount = p.dir.join("small-disk");
     std::fs::create_dir_all(&mount).unwrap();
-    let mounted = std::process::Command::new("mount").args(["-t", "tmpfs", "-o", "size=3m", "tmpfs"]).arg(&mount).status();
+    let mounted = std::process::Command::new("mount")
+        .args(["-t", "tmpfs", "-o", "size=3m", "tmpfs"])
+        .arg(&mount)
+        .status();
     if !mounted.is_ok_and(|s| s.success()) {
-        eprintln!("SKIPPED a_full_disk_fails_the_stage…: cannot mount a small tmpfs here (needs root)");
+        eprintln!(
+            "SKIPPED a_full_disk_fails_the_stage…: cannot mount a small tmpfs here (needs root)"
+        );
         return;
     }
     struct Unmount(std::path::PathBuf);
@@ -177,19 +244,50 @@ fn a_full_disk_fails_the_stage_in_one_line_naming_the_path_and_loses_nothing() {
     let cache = mount.join("cache");
     let text = "stages:\n  small:\n    kind: cot_generate\n    params: { n_train: 50, n_test: 5 }\n  big:\n    kind: cot_generate\n    params: { families: [word], difficulty: [5, 5], n_train: 200000, n_test: 5 }\n";
     p.write("p.yaml", text);
-    let out = p.output(&["run", "p.yaml", "--json", "--keep-going", "--cache-dir", cache.to_str().unwrap()]);
-    assert_eq!(out.status.code(), Some(1), "{}", String::from_utf8_lossy(&out.stderr));
+    let out = p.output(&[
+        "run",
+        "p.yaml",
+        "--json",
+        "--keep-going",
+        "--cache-dir",
+        cache.to_str().unwrap(),
+    ]);
+    assert_eq!(
+        out.status.code(),
+        Some(1),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let run = common::Run::parse(&out);
     assert_eq!(run.status("small"), "ran");
     assert_eq!(run.status("big"), "failed");
     let error = run.stage("big")["error"].as_str().unwrap().to_string();
-    assert_eq!(error.matches("No space left on device").count(), 1, "{error}");
-    assert!(error.contains(cache.to_str().unwrap()), "names the path: {error}");
+    assert_eq!(
+        error.matches("No space left on device").count(),
+        1,
+        "{error}"
+    );
+    assert!(
+        error.contains(cache.to_str().unwrap()),
+        "names the path: {error}"
+    );
     assert!(!error.contains('\n'));
     // What finished is intact and still served.
     let verify = p.output(&["verify", "--cache-dir", cache.to_str().unwrap()]);
-    assert!(verify.status.success(), "{}", String::from_utf8_lossy(&verify.stdout));
-    let again = p.output(&["run", "p.yaml", "--json", "--only", "small", "--cache-dir", cache.to_str().unwrap()]);
+    assert!(
+        verify.status.success(),
+        "{}",
+        String::from_utf8_lossy(&verify.stdout)
+    );
+    let again = p.output(&[
+        "run",
+        "p.yaml",
+        "--json",
+        "--only",
+        "small",
+        "--cache-dir",
+        cache.to_str().unwrap(),
+    ]);
     assert_eq!(common::Run::parse(&again).status("small"), "cached");
 }
 
@@ -200,14 +298,25 @@ fn gc_waits_for_a_running_run_instead_of_refusing() {
     let run = p.spawn(&["run", "p.yaml", "--json"]);
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(120);
     while !common::resume_has(&p.cache(), "test.parquet") {
-        assert!(std::time::Instant::now() < deadline, "the run never started");
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the run never started"
+        );
         std::thread::sleep(std::time::Duration::from_millis(5));
     }
     let gc = p.output(&["gc"]);
     let run = run.wait_with_output().unwrap();
     assert!(run.status.success());
-    assert!(gc.status.success(), "{}", String::from_utf8_lossy(&gc.stderr));
-    assert!(String::from_utf8_lossy(&gc.stderr).contains("waiting for the runs"), "{}", String::from_utf8_lossy(&gc.stderr));
+    assert!(
+        gc.status.success(),
+        "{}",
+        String::from_utf8_lossy(&gc.stderr)
+    );
+    assert!(
+        String::from_utf8_lossy(&gc.stderr).contains("waiting for the runs"),
+        "{}",
+        String::from_utf8_lossy(&gc.stderr)
+    );
     // The run's result survived the gc that waited for it.
     assert_eq!(p.run("p.yaml", &[]).status("slow"), "cached");
 }
@@ -230,12 +339,25 @@ stages:
 ";
     p.write("p.yaml", text);
     p.run("p.yaml", &[]);
-    p.write("p.yaml", &text.replace("  base:", "  start:").replace("models: [base]", "models: [start]"));
+    p.write(
+        "p.yaml",
+        &text
+            .replace("  base:", "  start:")
+            .replace("models: [base]", "models: [start]"),
+    );
     let run = p.run("p.yaml", &[]);
-    assert_eq!(run.status("start"), "cached", "the model itself did not change");
+    assert_eq!(
+        run.status("start"),
+        "cached",
+        "the model itself did not change"
+    );
     assert_eq!(run.status("score"), "ran", "its table names the model");
     let table = batches(&p.cache(), &run.output("score", "results"));
-    assert!(strings(&table[0], "model").iter().all(|m| m == "start"), "{:?}", strings(&table[0], "model"));
+    assert!(
+        strings(&table[0], "model").iter().all(|m| m == "start"),
+        "{:?}",
+        strings(&table[0], "model")
+    );
 }
 
 #[cfg(unix)]
@@ -245,18 +367,39 @@ fn a_hugging_face_snapshot_of_symlinks_imports_like_the_plain_directory() {
     p.write("make.yaml", "stages:\n  base:\n    kind: init_model\n    params: { preset: nano, config: { hidden_size: 32, intermediate_size: 64, num_hidden_layers: 1, num_attention_heads: 2, num_key_value_heads: 2 } }\n");
     p.run("make.yaml", &[]);
     let out = p.output(&["export", "base.model", "plain"]);
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     // The hub cache layout: snapshots/<rev>/<file> → ../../blobs/<hash>.
     let (blobs, snap) = (p.dir.join("hub/blobs"), p.dir.join("hub/snapshots/abc123"));
     std::fs::create_dir_all(&blobs).unwrap();
     std::fs::create_dir_all(&snap).unwrap();
     for e in std::fs::read_dir(p.dir.join("plain")).unwrap() {
         let e = e.unwrap();
-        let blob = blobs.join(blake3::hash(e.file_name().as_encoded_bytes()).to_hex().as_str());
+        let blob = blobs.join(
+            blake3::hash(e.file_name().as_encoded_bytes())
+                .to_hex()
+                .as_str(),
+        );
         std::fs::copy(e.path(), &blob).unwrap();
-        std::os::unix::fs::symlink(format!("../../blobs/{}", blob.file_name().unwrap().to_str().unwrap()), snap.join(e.file_name())).unwrap();
+        std::os::unix::fs::symlink(
+            format!(
+                "../../blobs/{}",
+                blob.file_name().unwrap().to_str().unwrap()
+            ),
+            snap.join(e.file_name()),
+        )
+        .unwrap();
     }
-    let hash = |dir: &str| String::from_utf8_lossy(&p.output(&["hash", dir]).stdout).split_whitespace().next().unwrap_or_default().to_string();
+    let hash = |dir: &str| {
+        String::from_utf8_lossy(&p.output(&["hash", dir]).stdout)
+            .split_whitespace()
+            .next()
+            .unwrap_or_default()
+            .to_string()
+    };
     assert_eq!(hash("hub/snapshots/abc123"), hash("plain"));
     let import = "stages:\n  imported:\n    kind: init_model\n    params: { from: DIR }\n";
     p.write("a.yaml", &import.replace("DIR", "plain"));
@@ -264,6 +407,15 @@ fn a_hugging_face_snapshot_of_symlinks_imports_like_the_plain_directory() {
     let (a, b) = (p.run("a.yaml", &[]), p.run("b.yaml", &[]));
     assert_eq!(a.stage("imported")["key"], b.stage("imported")["key"]);
     assert_eq!(a.output("imported", "model"), b.output("imported", "model"));
-    let files = std::fs::read_dir(common::object_path(&p.cache(), &b.output("imported", "model"))).unwrap().count();
-    assert_eq!(files, std::fs::read_dir(p.dir.join("plain")).unwrap().count(), "every file imported");
+    let files = std::fs::read_dir(common::object_path(
+        &p.cache(),
+        &b.output("imported", "model"),
+    ))
+    .unwrap()
+    .count();
+    assert_eq!(
+        files,
+        std::fs::read_dir(p.dir.join("plain")).unwrap().count(),
+        "every file imported"
+    );
 }

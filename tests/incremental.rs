@@ -48,14 +48,29 @@ fn changing_one_param_reruns_that_stage_and_its_dependents_only() {
     p.write("p.yaml", &PIPELINE.replace("limit: 40", "limit: 30"));
     let plan = p.output(&["plan", "p.yaml", "--json"]);
     let plan: serde_json::Value = serde_json::from_slice(&plan.stdout).unwrap();
-    let small = plan["stages"].as_array().unwrap().iter().find(|s| s["name"] == "small").unwrap();
+    let small = plan["stages"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|s| s["name"] == "small")
+        .unwrap();
     assert_eq!(small["action"], "run");
     assert_eq!(small["reasons"][0], "params.limit: 40 → 30", "{plan}");
-    let fin = plan["stages"].as_array().unwrap().iter().find(|s| s["name"] == "final").unwrap();
+    let fin = plan["stages"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|s| s["name"] == "final")
+        .unwrap();
     assert_eq!(fin["reasons"][0], "input a: changed (node small)", "{plan}");
 
     let run = p.run("p.yaml", &[]);
-    let want = [("gen", "cached"), ("small", "ran"), ("train_only", "cached"), ("final", "ran")];
+    let want = [
+        ("gen", "cached"),
+        ("small", "ran"),
+        ("train_only", "cached"),
+        ("final", "ran"),
+    ];
     for (stage, status) in want {
         assert_eq!(run.status(stage), status, "{stage}: {:?}", run.statuses());
     }
@@ -110,7 +125,11 @@ fn forcing_a_stage_that_writes_the_same_bytes_keeps_its_consumers_cached() {
     let run = p.run("p.yaml", &["--force", "small"]);
     assert_eq!(run.status("small"), "ran");
     assert_eq!(run.output("small", "data"), first.output("small", "data"));
-    assert_eq!(run.status("final"), "cached", "early cutoff: same bytes, same key downstream");
+    assert_eq!(
+        run.status("final"),
+        "cached",
+        "early cutoff: same bytes, same key downstream"
+    );
 }
 
 #[test]
@@ -118,7 +137,10 @@ fn skip_passes_the_input_through_and_rewiring_reruns_the_consumer() {
     let p = Project::new("skip");
     p.write("p.yaml", PIPELINE);
     let first = p.run("p.yaml", &[]);
-    let skipped = PIPELINE.replace("    inputs: { a: gen.cot }\n", "    skip: true\n    inputs: { a: gen.cot }\n");
+    let skipped = PIPELINE.replace(
+        "    inputs: { a: gen.cot }\n",
+        "    skip: true\n    inputs: { a: gen.cot }\n",
+    );
     p.write("p.yaml", &skipped);
     let run = p.run("p.yaml", &[]);
     assert_eq!(run.status("small"), "skipped");
@@ -127,20 +149,36 @@ fn skip_passes_the_input_through_and_rewiring_reruns_the_consumer() {
     let rewired = PIPELINE.replace("inputs: { a: small }", "inputs: { a: gen.cot }");
     p.write("p.yaml", &rewired);
     let direct = p.run("p.yaml", &[]);
-    assert_eq!(direct.status("final"), "cached", "skip and a direct wire give the same key");
+    assert_eq!(
+        direct.status("final"),
+        "cached",
+        "skip and a direct wire give the same key"
+    );
     assert_eq!(direct.output("final", "data"), run.output("final", "data"));
-    assert_ne!(direct.output("final", "data"), first.output("final", "data"));
+    assert_ne!(
+        direct.output("final", "data"),
+        first.output("final", "data")
+    );
 }
 
 #[test]
 fn skipping_a_stage_with_nothing_to_pass_on_names_its_consumers() {
     let p = Project::new("skiperr");
-    p.write("p.yaml", &PIPELINE.replace("    kind: cot_generate\n", "    kind: cot_generate\n    skip: true\n"));
+    p.write(
+        "p.yaml",
+        &PIPELINE.replace(
+            "    kind: cot_generate\n",
+            "    kind: cot_generate\n    skip: true\n",
+        ),
+    );
     let out = p.output(&["run", "p.yaml"]);
     assert_eq!(out.status.code(), Some(2));
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("p.yaml:5:5: stage `gen` is skipped"), "{err}");
-    assert!(err.contains("`small`") && err.contains("`train_only`"), "{err}");
+    assert!(
+        err.contains("`small`") && err.contains("`train_only`"),
+        "{err}"
+    );
 }
 
 #[test]
@@ -151,7 +189,16 @@ fn only_until_and_from_select_stages() {
     let names: Vec<String> = run.statuses().into_iter().map(|(n, _)| n).collect();
     assert_eq!(names, vec!["gen", "small"]);
     let run = p.run("p.yaml", &["--only", "final"]);
-    assert_eq!(run.statuses(), vec![("final".to_string(), "ran".to_string())]);
+    assert_eq!(
+        run.statuses(),
+        vec![("final".to_string(), "ran".to_string())]
+    );
     let run = p.run("p.yaml", &["--from", "small"]);
-    assert_eq!(run.statuses(), vec![("small".to_string(), "cached".to_string()), ("final".to_string(), "cached".to_string())]);
+    assert_eq!(
+        run.statuses(),
+        vec![
+            ("small".to_string(), "cached".to_string()),
+            ("final".to_string(), "cached".to_string())
+        ]
+    );
 }

@@ -13,7 +13,7 @@ use std::collections::BTreeMap;
 use std::path::Path;
 
 use common::Project;
-use serde_json::{json, Value};
+use serde_json::{Value, json};
 
 /// Every stage kind, as small as each can be and still do its work.
 const EVERY_KIND: &str = "\
@@ -73,14 +73,32 @@ fn run_with_threads(p: &Project, threads: &str) -> common::Run {
 
 fn run_pipeline(p: &Project, text: &str, threads: &str) -> common::Run {
     p.write("p.yaml", text);
-    let out = p.command(&["run", "p.yaml", "--json"]).env("RAYON_NUM_THREADS", threads).output().unwrap();
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let out = p
+        .command(&["run", "p.yaml", "--json"])
+        .env("RAYON_NUM_THREADS", threads)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     common::Run::parse(&out)
 }
 
 /// stage → {kind, key, outputs}.
 fn stages(run: &common::Run) -> BTreeMap<String, Value> {
-    run.0["stages"].as_array().unwrap().iter().map(|s| (s["name"].as_str().unwrap().to_string(), json!({ "kind": s["kind"], "key": s["key"], "outputs": s["outputs"] }))).collect()
+    run.0["stages"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|s| {
+            (
+                s["name"].as_str().unwrap().to_string(),
+                json!({ "kind": s["kind"], "key": s["key"], "outputs": s["outputs"] }),
+            )
+        })
+        .collect()
 }
 
 #[test]
@@ -88,8 +106,19 @@ fn every_kind_writes_the_committed_bytes_for_its_version() {
     let p = Project::new("snapshot");
     let now = stages(&run_with_threads(&p, "2"));
     let kinds: Vec<&str> = now.values().map(|s| s["kind"].as_str().unwrap()).collect();
-    for kind in ["cot_generate", "mix", "init_model", "sft", "grpo", "rejection_filter", "eval"] {
-        assert!(kinds.contains(&kind), "the snapshot pipeline lacks kind `{kind}`");
+    for kind in [
+        "cot_generate",
+        "mix",
+        "init_model",
+        "sft",
+        "grpo",
+        "rejection_filter",
+        "eval",
+    ] {
+        assert!(
+            kinds.contains(&kind),
+            "the snapshot pipeline lacks kind `{kind}`"
+        );
     }
     let file = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/snapshots/kind_digests.json");
     if std::env::var_os("DAGRUN_UPDATE_SNAPSHOT").is_some() {
@@ -97,7 +126,8 @@ fn every_kind_writes_the_committed_bytes_for_its_version() {
         std::fs::write(&file, serde_json::to_string_pretty(&now).unwrap() + "\n").unwrap();
         return;
     }
-    let committed: BTreeMap<String, Value> = serde_json::from_str(&std::fs::read_to_string(&file).unwrap()).unwrap();
+    let committed: BTreeMap<String, Value> =
+        serde_json::from_str(&std::fs::read_to_string(&file).unwrap()).unwrap();
     let mut stale = Vec::new();
     for (stage, got) in &now {
         let Some(want) = committed.get(stage) else {
@@ -111,7 +141,10 @@ fn every_kind_writes_the_committed_bytes_for_its_version() {
             );
         }
         if got["key"] != want["key"] {
-            stale.push(format!("{stage} ({}): key changed", got["kind"].as_str().unwrap()));
+            stale.push(format!(
+                "{stage} ({}): key changed",
+                got["kind"].as_str().unwrap()
+            ));
         }
     }
     assert!(
@@ -127,6 +160,10 @@ fn two_clean_runs_with_one_and_two_threads_write_identical_bytes() {
     let two = stages(&run_pipeline(&Project::new("threads-2"), THREADED, "2"));
     for (stage, a) in &one {
         assert_eq!(a["key"], two[stage]["key"], "{stage}");
-        assert_eq!(a["outputs"], two[stage]["outputs"], "stage `{stage}` ({}): every output, metrics included", a["kind"]);
+        assert_eq!(
+            a["outputs"], two[stage]["outputs"],
+            "stage `{stage}` ({}): every output, metrics included",
+            a["kind"]
+        );
     }
 }

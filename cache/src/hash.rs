@@ -35,7 +35,10 @@ pub fn hash_dir(dir: &Path) -> Result<(Digest, Vec<ManifestEntry>)> {
 
 /// The directory digest with each file's digest from `file_digest(path, metadata)`, so a
 /// caller can reuse digests it remembers.
-pub fn manifest(dir: &Path, mut file_digest: impl FnMut(&Path, &std::fs::Metadata) -> Result<(Digest, u64)>) -> Result<(Digest, Vec<ManifestEntry>)> {
+pub fn manifest(
+    dir: &Path,
+    mut file_digest: impl FnMut(&Path, &std::fs::Metadata) -> Result<(Digest, u64)>,
+) -> Result<(Digest, Vec<ManifestEntry>)> {
     let mut files = Vec::new();
     let mut visiting = vec![std::fs::canonicalize(dir).at(dir)?];
     collect_files(dir, dir, &mut files, &mut visiting)?;
@@ -47,20 +50,36 @@ pub fn manifest(dir: &Path, mut file_digest: impl FnMut(&Path, &std::fs::Metadat
         let meta = std::fs::metadata(&path).at(&path)?;
         let (digest, size) = file_digest(&path, &meta)?;
         manifest.push_str(&format!("{digest}  {rel}\n"));
-        entries.push(ManifestEntry { path: rel, digest, size });
+        entries.push(ManifestEntry {
+            path: rel,
+            digest,
+            size,
+        });
     }
-    Ok((blake3::hash(manifest.as_bytes()).to_hex().to_string(), entries))
+    Ok((
+        blake3::hash(manifest.as_bytes()).to_hex().to_string(),
+        entries,
+    ))
 }
 
 /// Hashes a file or a directory, whichever `path` is.
 pub fn hash_path(path: &Path) -> Result<Digest> {
     let meta = std::fs::metadata(path).at(path)?;
-    if meta.is_dir() { Ok(hash_dir(path)?.0) } else { Ok(hash_file(path)?.0) }
+    if meta.is_dir() {
+        Ok(hash_dir(path)?.0)
+    } else {
+        Ok(hash_file(path)?.0)
+    }
 }
 
 /// `visiting` holds the canonical paths of the directories being walked, so a symlink back up
 /// the tree is an error rather than endless recursion.
-fn collect_files(root: &Path, dir: &Path, out: &mut Vec<String>, visiting: &mut Vec<PathBuf>) -> Result<()> {
+fn collect_files(
+    root: &Path,
+    dir: &Path,
+    out: &mut Vec<String>,
+    visiting: &mut Vec<PathBuf>,
+) -> Result<()> {
     for entry in std::fs::read_dir(dir).at(dir)? {
         let entry = entry.at(dir)?;
         let path: PathBuf = entry.path();
@@ -134,7 +153,10 @@ mod tests {
         assert_eq!(entries.len(), 1, "the link is hashed, not skipped");
         assert_eq!(digest, hash_dir(&plain).unwrap().0);
         std::os::unix::fs::symlink(&base, snapshot.join("loop")).unwrap();
-        assert!(hash_dir(&snapshot).is_err(), "a link back up the tree is an error");
+        assert!(
+            hash_dir(&snapshot).is_err(),
+            "a link back up the tree is an error"
+        );
         std::fs::remove_dir_all(&base).unwrap();
     }
 }

@@ -21,10 +21,13 @@ mod lock;
 mod memo;
 mod store;
 
-pub use hash::{hash_dir, hash_file, hash_path, manifest, Digest};
-pub use memo::DigestMemo;
+pub use hash::{Digest, hash_dir, hash_file, hash_path, manifest};
 pub use lock::{Lock, LockMode};
-pub use store::{sync_dir, sync_file, write_json_atomic, write_synced, ActionRecord, GcReport, ObjectKind, ObjectRecord, Store, VerifyReport};
+pub use memo::DigestMemo;
+pub use store::{
+    ActionRecord, GcReport, ObjectKind, ObjectRecord, Store, VerifyReport, sync_dir, sync_file,
+    write_json_atomic, write_synced,
+};
 
 /// Errors of the store. I/O failures carry the path they happened on.
 #[derive(Debug, thiserror::Error)]
@@ -47,6 +50,9 @@ pub(crate) trait IoContext<T> {
 
 impl<T> IoContext<T> for std::io::Result<T> {
     fn at(self, path: &std::path::Path) -> Result<T> {
-        self.map_err(|source| Error::Io { path: path.to_path_buf(), source })
+        self.map_err(|source| Error::Io {
+            path: path.to_path_buf(),
+            source,
+        })
     }
 }

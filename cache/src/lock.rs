@@ -28,7 +28,10 @@ impl Lock {
             LockMode::Exclusive => file.lock(),
         }
         .at(path)?;
-        Ok(Lock { file, path: path.to_path_buf() })
+        Ok(Lock {
+            file,
+            path: path.to_path_buf(),
+        })
     }
 
     /// Takes the lock if nobody holds a conflicting one; `None` otherwise.
@@ -39,7 +42,10 @@ impl Lock {
             LockMode::Exclusive => file.try_lock(),
         };
         match attempt {
-            Ok(()) => Ok(Some(Lock { file, path: path.to_path_buf() })),
+            Ok(()) => Ok(Some(Lock {
+                file,
+                path: path.to_path_buf(),
+            })),
             Err(std::fs::TryLockError::WouldBlock) => Ok(None),
             Err(std::fs::TryLockError::Error(e)) => Err(e).at(path),
         }
@@ -60,7 +66,10 @@ impl Lock {
 
     /// What the holder of the lock at `path` announced, if anything.
     pub fn holder(path: &Path) -> Option<String> {
-        std::fs::read_to_string(path).ok().map(|s| s.trim().to_string()).filter(|s| !s.is_empty())
+        std::fs::read_to_string(path)
+            .ok()
+            .map(|s| s.trim().to_string())
+            .filter(|s| !s.is_empty())
     }
 }
 
@@ -71,5 +80,10 @@ impl Drop for Lock {
 }
 
 fn open(path: &Path) -> Result<File> {
-    OpenOptions::new().create(true).truncate(false).write(true).open(path).at(path)
+    OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(path)
+        .at(path)
 }

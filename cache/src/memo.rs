@@ -10,6 +10,10 @@ use serde::{Deserialize, Serialize};
 use crate::hash::{hash_file, manifest};
 use crate::{Digest, IoContext, Result};
 
+/// How old a file's mtime must be before its digest is remembered (coarse-mtime file systems
+/// tick in whole seconds, or two for FAT).
+const SETTLED_NS: u128 = 3_000_000_000;
+
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 struct Stat {
     size: u64,
@@ -29,8 +33,15 @@ pub struct DigestMemo {
 impl DigestMemo {
     /// Opens the memo kept at `file` (empty if missing or unreadable: it is only a shortcut).
     pub fn open(file: &Path) -> DigestMemo {
-        let known = std::fs::read(file).ok().and_then(|b| serde_json::from_slice(&b).ok()).unwrap_or_default();
-        DigestMemo { file: file.to_path_buf(), known, changed: false }
+        let known = std::fs::read(file)
+            .ok()
+            .and_then(|b| serde_json::from_slice(&b).ok())
+            .unwrap_or_default();
+        DigestMemo {
+            file: file.to_path_buf(),
+            known,
+            changed: false,
+        }
     }
 
     /// The digest of a file or directory, as [`crate::hash_path`] computes it.
@@ -46,14 +57,31 @@ impl DigestMemo {
     fn file_digest(&mut self, path: &Path, meta: &std::fs::Metadata) -> Result<(Digest, u64)> {
         let abs = std::path::absolute(path).at(path)?.display().to_string();
         let stat = stat_of(path, meta)?;
-        if let Some(known) = self.known.get(&abs) {
-            if (known.size, known.mtime_ns, known.inode) == (stat.0, stat.1, stat.2) {
-                return Ok((known.digest.clone(), known.size));
-            }
+        if let Some(known) = self.known.get(&abs)
+            && (known.size, known.mtime_ns, known.inode) == (stat.0, stat.1, stat.2)
+        {
+            return Ok((known.digest.clone(), known.size));
         }
         let (digest, size) = hash_file(path)?;
-        self.known.insert(abs, Stat { size, mtime_ns: stat.1, inode: stat.2, digest: digest.clone() });
-        self.changed = true;
+        // A file modified within the last moments could change again within the same mtime
+        // tick without changing its size ("racily clean", as git calls it): remember it only
+        // once it has settled.
+        let now_ns = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_nanos())
+            .unwrap_or(0);
+        if now_ns.saturating_sub(stat.1) > SETTLED_NS {
+            self.known.insert(
+                abs,
+                Stat {
+                    size,
+                    mtime_ns: stat.1,
+                    inode: stat.2,
+                    digest: digest.clone(),
+                },
+            );
+            self.changed = true;
+        }
         Ok((digest, size))
     }
 
@@ -69,7 +97,10 @@ impl DigestMemo {
 
 fn stat_of(path: &Path, meta: &std::fs::Metadata) -> Result<(u64, u128, u64)> {
     let mtime = meta.modified().at(path)?;
-    let mtime_ns = mtime.duration_since(std::time::UNIX_EPOCH).map(|d| d.as_nanos()).unwrap_or(0);
+    let mtime_ns = mtime
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_nanos())
+        .unwrap_or(0);
     #[cfg(unix)]
     let inode = std::os::unix::fs::MetadataExt::ino(meta);
     #[cfg(not(unix))]
@@ -88,6 +119,22 @@ mod tests {
         let weights = dir.join("model/weights.bin");
         std::fs::write(&weights, b"aaaa").unwrap();
         let memo_file = dir.join("memo.json");
+        let mut fresh = DigestMemo::open(&memo_file);
+        fresh.hash_path(&dir.join("model")).unwrap();
+        assert!(
+            fresh.known.is_empty(),
+            "a file modified just now is not remembered yet"
+        );
+        let settled = |f: &Path| {
+            let old = std::time::SystemTime::now() - std::time::Duration::from_secs(60);
+            std::fs::File::options()
+                .write(true)
+                .open(f)
+                .unwrap()
+                .set_modified(old)
+                .unwrap();
+        };
+        settled(&weights);
         let mut memo = DigestMemo::open(&memo_file);
         let first = memo.hash_path(&dir.join("model")).unwrap();
         assert_eq!(first, crate::hash_path(&dir.join("model")).unwrap());
@@ -95,16 +142,19 @@ mod tests {
 
         // A memo that lies about the content is believed while the stat matches: proof that
         // the file was not read again.
-        let mut forged: BTreeMap<String, Stat> = serde_json::from_slice(&std::fs::read(&memo_file).unwrap()).unwrap();
+        let mut forged: BTreeMap<String, Stat> =
+            serde_json::from_slice(&std::fs::read(&memo_file).unwrap()).unwrap();
         forged.values_mut().for_each(|s| s.digest = "f".repeat(64));
         std::fs::write(&memo_file, serde_json::to_vec(&forged).unwrap()).unwrap();
         let mut memo = DigestMemo::open(&memo_file);
         assert_ne!(memo.hash_path(&dir.join("model")).unwrap(), first);
 
         // Any change of size or mtime and it hashes again.
-        std::thread::sleep(std::time::Duration::from_millis(20));
         std::fs::write(&weights, b"bbbbb").unwrap();
-        assert_eq!(memo.hash_path(&dir.join("model")).unwrap(), crate::hash_path(&dir.join("model")).unwrap());
+        assert_eq!(
+            memo.hash_path(&dir.join("model")).unwrap(),
+            crate::hash_path(&dir.join("model")).unwrap()
+        );
         std::fs::remove_dir_all(&dir).unwrap();
     }
 }

@@ -16,7 +16,7 @@ use std::time::{SystemTime, UNIX_EPOCH};
 
 use serde::{Deserialize, Serialize};
 
-use crate::hash::{hash_dir, hash_file, ManifestEntry};
+use crate::hash::{ManifestEntry, hash_dir, hash_file};
 use crate::lock::{Lock, LockMode};
 use crate::{Digest, Error, IoContext, Result};
 
@@ -85,7 +85,9 @@ impl Store {
             let dir = root.join(sub);
             std::fs::create_dir_all(&dir).at(&dir)?;
         }
-        Ok(Store { root: root.to_path_buf() })
+        Ok(Store {
+            root: root.to_path_buf(),
+        })
     }
 
     pub fn root(&self) -> &Path {
@@ -94,8 +96,14 @@ impl Store {
 
     /// A fresh, empty scratch directory on the store's file system.
     pub fn scratch(&self, label: &str) -> Result<PathBuf> {
-        let nanos = SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_nanos()).unwrap_or(0);
-        let dir = self.root.join("tmp").join(format!("{label}-{}-{nanos}", std::process::id()));
+        let nanos = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map(|d| d.as_nanos())
+            .unwrap_or(0);
+        let dir = self
+            .root
+            .join("tmp")
+            .join(format!("{label}-{}-{nanos}", std::process::id()));
         std::fs::create_dir_all(&dir).at(&dir)?;
         Ok(dir)
     }
@@ -120,7 +128,12 @@ impl Store {
     /// Takes the lock of `key`, waiting for another process that holds it: `waiting` is told
     /// what that process announced (its pid and `note`) before the wait. The lock then
     /// announces `note` for this process.
-    pub fn lock_key(&self, key: &str, note: &str, waiting: impl FnOnce(Option<String>)) -> Result<Lock> {
+    pub fn lock_key(
+        &self,
+        key: &str,
+        note: &str,
+        waiting: impl FnOnce(Option<String>),
+    ) -> Result<Lock> {
         let path = self.root.join("locks").join(format!("{key}.lock"));
         let lock = match Lock::try_acquire(&path, LockMode::Exclusive)? {
             Some(lock) => lock,
@@ -131,12 +144,6 @@ impl Store {
         };
         lock.announce(note);
         Ok(lock)
-    }
-
-    /// Whether some process holds the lock of `key` now.
-    pub fn key_is_locked(&self, key: &str) -> bool {
-        let path = self.root.join("locks").join(format!("{key}.lock"));
-        path.exists() && matches!(Lock::try_acquire(&path, LockMode::Exclusive), Ok(None))
     }
 
     /// Runs hold the store lock shared; `gc` holds it exclusively.
@@ -153,11 +160,17 @@ impl Store {
     }
 
     fn object_record(&self, digest: &str) -> PathBuf {
-        self.root.join("objects").join(shard(digest)).join(format!("{digest}.json"))
+        self.root
+            .join("objects")
+            .join(shard(digest))
+            .join(format!("{digest}.json"))
     }
 
     fn action_path(&self, key: &str) -> PathBuf {
-        self.root.join("actions").join(shard(key)).join(format!("{key}.json"))
+        self.root
+            .join("actions")
+            .join(shard(key))
+            .join(format!("{key}.json"))
     }
 
     /// Moves a finished file or directory into the store and returns its digest. If the store
@@ -169,12 +182,22 @@ impl Store {
             (digest, entries, ObjectKind::Dir)
         } else {
             let (digest, size) = hash_file(src)?;
-            let entry = ManifestEntry { path: String::new(), digest: digest.clone(), size };
+            let entry = ManifestEntry {
+                path: String::new(),
+                digest: digest.clone(),
+                size,
+            };
             (digest, vec![entry], ObjectKind::File)
         };
         // One publisher per digest at a time: without it, a second process could take the
         // first one's freshly renamed object, not yet recorded, for a leftover and delete it.
-        let _lock = Lock::acquire(&self.root.join("locks").join(format!("object-{digest}.lock")), LockMode::Exclusive)?;
+        let _lock = Lock::acquire(
+            &self
+                .root
+                .join("locks")
+                .join(format!("object-{digest}.lock")),
+            LockMode::Exclusive,
+        )?;
         if self.object(&digest).is_some() {
             remove_any(src)?;
             return Ok(digest);
@@ -200,7 +223,11 @@ impl Store {
             let mtime_ns = mtime_ns(&join_rel(&dest, &entry.path))?;
             files.push(StatEntry { entry, mtime_ns });
         }
-        let record = ObjectRecord { kind, size: files.iter().map(|f| f.entry.size).sum(), files };
+        let record = ObjectRecord {
+            kind,
+            size: files.iter().map(|f| f.entry.size).sum(),
+            files,
+        };
         write_json_atomic(&self.object_record(&digest), &record)?;
         Ok(digest)
     }
@@ -276,7 +303,11 @@ impl Store {
     /// finished keys and of keys not in `resume_keys`, and, when `keep` is given, every object
     /// not in it (and the action records that pointed at them). Hold the store lock
     /// exclusively while calling this.
-    pub fn gc(&self, keep: Option<&HashSet<Digest>>, resume_keys: &HashSet<String>) -> Result<GcReport> {
+    pub fn gc(
+        &self,
+        keep: Option<&HashSet<Digest>>,
+        resume_keys: &HashSet<String>,
+    ) -> Result<GcReport> {
         let mut report = GcReport::default();
         for sub in ["tmp", "quarantine"] {
             for entry in read_dir(&self.root.join(sub))? {
@@ -302,7 +333,9 @@ impl Store {
         }
         for shard_dir in read_dir(&self.root.join("actions"))? {
             for path in read_dir(&shard_dir)? {
-                let Ok(action) = read_json::<ActionRecord>(&path) else { continue };
+                let Ok(action) = read_json::<ActionRecord>(&path) else {
+                    continue;
+                };
                 if action.outputs.values().any(|d| removed.contains(d)) {
                     remove_any(&path)?;
                     report.removed_actions += 1;
@@ -310,7 +343,11 @@ impl Store {
             }
         }
         for dir in read_dir(&self.root.join("resume"))? {
-            let key = dir.file_name().and_then(|n| n.to_str()).unwrap_or_default().to_string();
+            let key = dir
+                .file_name()
+                .and_then(|n| n.to_str())
+                .unwrap_or_default()
+                .to_string();
             if self.action(&key).is_some() || !resume_keys.contains(&key) {
                 report.freed_bytes += disk_size(&dir);
                 remove_any(&dir)?;
@@ -319,7 +356,11 @@ impl Store {
         }
         // Publish locks are only held under the store lock, which gc holds exclusively now.
         for lock in read_dir(&self.root.join("locks"))? {
-            if lock.file_name().and_then(|n| n.to_str()).is_some_and(|n| n.starts_with("object-")) {
+            if lock
+                .file_name()
+                .and_then(|n| n.to_str())
+                .is_some_and(|n| n.starts_with("object-"))
+            {
                 remove_any(&lock)?;
             }
         }
@@ -331,7 +372,10 @@ impl Store {
         let mut out = Vec::new();
         for shard_dir in read_dir(&self.root.join("objects"))? {
             for path in read_dir(&shard_dir)? {
-                let name = path.file_name().and_then(|n| n.to_str()).unwrap_or_default();
+                let name = path
+                    .file_name()
+                    .and_then(|n| n.to_str())
+                    .unwrap_or_default();
                 if name.ends_with(".json") {
                     let digest = name.trim_end_matches(".json");
                     if std::fs::symlink_metadata(shard_dir.join(digest)).is_err() {
@@ -351,7 +395,11 @@ impl Store {
 
 /// `base/rel`, or `base` itself for the empty path of a file object.
 fn join_rel(base: &Path, rel: &str) -> PathBuf {
-    if rel.is_empty() { base.to_path_buf() } else { base.join(rel) }
+    if rel.is_empty() {
+        base.to_path_buf()
+    } else {
+        base.join(rel)
+    }
 }
 
 fn shard(name: &str) -> &str {
@@ -375,8 +423,7 @@ fn read_dir(dir: &Path) -> Result<Vec<PathBuf>> {
 
 fn read_json<T: serde::de::DeserializeOwned>(path: &Path) -> Result<T> {
     let bytes = std::fs::read(path).at(path)?;
-    serde_json::from_slice(&bytes)
-        .map_err(|e| Error::Invalid(format!("{}: {e}", path.display())))
+    serde_json::from_slice(&bytes).map_err(|e| Error::Invalid(format!("{}: {e}", path.display())))
 }
 
 /// Writes JSON to a temporary file beside `path`, then renames it over `path`: readers see the
@@ -386,7 +433,9 @@ pub fn write_json_atomic<T: Serialize>(path: &Path, value: &T) -> Result<()> {
     std::fs::create_dir_all(parent).at(parent)?;
     let tmp = parent.join(format!(
         ".{}.{}.tmp",
-        path.file_name().and_then(|n| n.to_str()).unwrap_or("record"),
+        path.file_name()
+            .and_then(|n| n.to_str())
+            .unwrap_or("record"),
         std::process::id()
     ));
     let bytes = serde_json::to_vec_pretty(value).map_err(|e| Error::Invalid(e.to_string()))?;
@@ -405,7 +454,9 @@ pub fn write_synced(path: &Path, bytes: &[u8]) -> Result<()> {
 
 /// Flushes a file's data to the disk.
 pub fn sync_file(path: &Path) -> Result<()> {
-    std::fs::File::open(path).and_then(|f| f.sync_all()).at(path)
+    std::fs::File::open(path)
+        .and_then(|f| f.sync_all())
+        .at(path)
 }
 
 /// Flushes a directory's entries (a rename into it) to the disk.
@@ -424,8 +475,13 @@ fn sync_tree_dirs(dir: &Path) -> Result<()> {
 }
 
 fn mtime_ns(path: &Path) -> Result<u128> {
-    let modified = std::fs::metadata(path).and_then(|m| m.modified()).at(path)?;
-    Ok(modified.duration_since(UNIX_EPOCH).map(|d| d.as_nanos()).unwrap_or(0))
+    let modified = std::fs::metadata(path)
+        .and_then(|m| m.modified())
+        .at(path)?;
+    Ok(modified
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_nanos())
+        .unwrap_or(0))
 }
 
 fn make_read_only(path: &Path) -> Result<()> {
@@ -446,7 +502,11 @@ fn remove_any(path: &Path) -> Result<()> {
 
 fn disk_size(path: &Path) -> u64 {
     match std::fs::symlink_metadata(path) {
-        Ok(m) if m.is_dir() => read_dir(path).unwrap_or_default().iter().map(|p| disk_size(p)).sum(),
+        Ok(m) if m.is_dir() => read_dir(path)
+            .unwrap_or_default()
+            .iter()
+            .map(|p| disk_size(p))
+            .sum(),
         Ok(m) => m.len(),
         Err(_) => 0,
     }
@@ -507,14 +567,22 @@ mod tests {
         std::fs::write(&f, b"x").unwrap();
         let digest = store.publish(&f).unwrap();
         let outputs = BTreeMap::from([("out".to_string(), digest.clone())]);
-        let record = ActionRecord { outputs, created_unix: 0, seconds: 0.0, extra: Default::default() };
+        let record = ActionRecord {
+            outputs,
+            created_unix: 0,
+            seconds: 0.0,
+            extra: Default::default(),
+        };
         store.put_action("k1", &record).unwrap();
         store.scratch("leftover").unwrap();
         store.resume_dir("k-live").unwrap();
         store.resume_dir("k-orphan").unwrap();
         let live = HashSet::from(["k-live".to_string()]);
         let report = store.gc(None, &live).unwrap();
-        assert_eq!(report.removed_leftovers, 3, "the two scratch dirs and the orphaned resume dir");
+        assert_eq!(
+            report.removed_leftovers, 3,
+            "the two scratch dirs and the orphaned resume dir"
+        );
         assert!(store.root().join("resume/k-live").is_dir());
         assert!(!store.root().join("resume/k-orphan").exists());
         assert!(store.object(&digest).is_some());

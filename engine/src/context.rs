@@ -49,7 +49,8 @@ pub struct StageContext {
 impl StageContext {
     /// The single artifact on input `port`.
     pub fn input(&self, port: &str) -> anyhow::Result<&InputArtifact> {
-        self.input_opt(port).ok_or_else(|| anyhow!("stage `{}` has no input `{port}`", self.node))
+        self.input_opt(port)
+            .ok_or_else(|| anyhow!("stage `{}` has no input `{port}`", self.node))
     }
 
     /// The artifact on an optional input port, if wired.
@@ -59,7 +60,11 @@ impl StageContext {
 
     /// Every artifact on input `port` (list ports), in the order written.
     pub fn inputs(&self, port: &str) -> &[InputArtifact] {
-        self.inputs.iter().find(|(p, _)| p == port).map(|(_, a)| a.as_slice()).unwrap_or(&[])
+        self.inputs
+            .iter()
+            .find(|(p, _)| p == port)
+            .map(|(_, a)| a.as_slice())
+            .unwrap_or(&[])
     }
 
     /// The names of the wired input ports, sorted (for kinds with free port names): keys ignore
@@ -71,7 +76,10 @@ impl StageContext {
     }
 
     fn slot(&self, port: &str) -> anyhow::Result<&OutputSlot> {
-        self.outputs.iter().find(|o| o.name == port).ok_or_else(|| anyhow!("stage kind `{}` declares no output `{port}`", self.kind))
+        self.outputs
+            .iter()
+            .find(|o| o.name == port)
+            .ok_or_else(|| anyhow!("stage kind `{}` declares no output `{port}`", self.kind))
     }
 
     /// Where to write output `port`: a file path for a dataset, an existing empty directory
@@ -85,7 +93,9 @@ impl StageContext {
     /// are the same bytes whatever made them.
     pub fn write_dataset(&self, port: &str, batches: &[RecordBatch]) -> anyhow::Result<()> {
         let slot = self.slot(port)?;
-        let ArtifactType::Dataset(schema_name) = slot.ty else { bail!("output `{port}` is a model, not a dataset") };
+        let ArtifactType::Dataset(schema_name) = slot.ty else {
+            bail!("output `{port}` is a model, not a dataset")
+        };
         let schema = match batches.first() {
             Some(b) => b.schema(),
             None => match schema_name.and_then(dagrun_schemas::by_name) {
@@ -95,7 +105,9 @@ impl StageContext {
         };
         let mut metadata = Vec::new();
         if let Some(table) = schema_name.and_then(dagrun_schemas::by_name) {
-            table.check(&schema).map_err(|e| anyhow!("output `{port}` (dataset<{}>): {e}", table.name))?;
+            table
+                .check(&schema)
+                .map_err(|e| anyhow!("output `{port}` (dataset<{}>): {e}", table.name))?;
             metadata.push(("dagrun.schema".to_string(), table.tag()));
         }
         dataset::write_parquet(&slot.path, strip_metadata(&schema), batches, &metadata)
@@ -120,7 +132,13 @@ impl StageContext {
 
     /// A progress counter for `total` units of work.
     pub fn progress(&self, total: u64, unit: &str) -> Progress {
-        Progress::new(&self.node, total, unit, self.progress_mode, Arc::clone(&self.log))
+        Progress::new(
+            &self.node,
+            total,
+            unit,
+            self.progress_mode,
+            Arc::clone(&self.log),
+        )
     }
 
     /// A line for the stage's log file and the run's log.
@@ -132,7 +150,13 @@ impl StageContext {
     }
 
     pub(crate) fn new_log(path: Option<&Path>) -> LogSink {
-        Arc::new(Mutex::new(path.and_then(|p| std::fs::OpenOptions::new().create(true).append(true).open(p).ok())))
+        Arc::new(Mutex::new(path.and_then(|p| {
+            std::fs::OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(p)
+                .ok()
+        })))
     }
 }
 

@@ -12,14 +12,19 @@ use std::sync::Arc;
 use anyhow::Context;
 use arrow::array::RecordBatch;
 use arrow::datatypes::SchemaRef;
-use parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
 use parquet::arrow::ArrowWriter;
+use parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
 use parquet::basic::Compression;
 use parquet::file::metadata::KeyValue;
 use parquet::file::properties::WriterProperties;
 
 /// Writes `batches` (all of `schema`) to a Parquet file with `metadata` in its footer.
-pub fn write_parquet(path: &Path, schema: SchemaRef, batches: &[RecordBatch], metadata: &[(String, String)]) -> anyhow::Result<()> {
+pub fn write_parquet(
+    path: &Path,
+    schema: SchemaRef,
+    batches: &[RecordBatch],
+    metadata: &[(String, String)],
+) -> anyhow::Result<()> {
     write_parquet_inner(path, schema, batches, metadata).map_err(|e| {
         // The innermost cause is the one a person can act on ("No space left on device");
         // parquet's own wrapper would repeat it ("External: … : …").
@@ -31,9 +36,17 @@ pub fn write_parquet(path: &Path, schema: SchemaRef, batches: &[RecordBatch], me
     })
 }
 
-fn write_parquet_inner(path: &Path, schema: SchemaRef, batches: &[RecordBatch], metadata: &[(String, String)]) -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
+fn write_parquet_inner(
+    path: &Path,
+    schema: SchemaRef,
+    batches: &[RecordBatch],
+    metadata: &[(String, String)],
+) -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
     let file = File::create(path)?;
-    let kv: Vec<KeyValue> = metadata.iter().map(|(k, v)| KeyValue::new(k.clone(), v.clone())).collect();
+    let kv: Vec<KeyValue> = metadata
+        .iter()
+        .map(|(k, v)| KeyValue::new(k.clone(), v.clone()))
+        .collect();
     let props = WriterProperties::builder()
         .set_compression(Compression::SNAPPY)
         .set_max_row_group_row_count(Some(64 * 1024))
@@ -57,7 +70,8 @@ pub fn write_parquet_atomic(path: &Path, batch: &RecordBatch) -> anyhow::Result<
     let tmp = path.with_extension("parquet.tmp");
     write_parquet(&tmp, batch.schema(), std::slice::from_ref(batch), &[])?;
     dagrun_cache::sync_file(&tmp)?;
-    std::fs::rename(&tmp, path).with_context(|| format!("cannot move {} into place", tmp.display()))?;
+    std::fs::rename(&tmp, path)
+        .with_context(|| format!("cannot move {} into place", tmp.display()))?;
     if let Some(dir) = path.parent() {
         dagrun_cache::sync_dir(dir)?;
     }
@@ -70,7 +84,10 @@ pub fn read_checkpoint(path: &Path) -> Option<Vec<RecordBatch>> {
     match read_parquet(path) {
         Ok((_, batches)) => Some(batches),
         Err(e) => {
-            tracing::warn!("checkpoint {} is unreadable ({e:#}); making it again", path.display());
+            tracing::warn!(
+                "checkpoint {} is unreadable ({e:#}); making it again",
+                path.display()
+            );
             let _ = std::fs::remove_file(path);
             None
         }
@@ -84,7 +101,9 @@ pub fn read_parquet(path: &Path) -> anyhow::Result<(SchemaRef, Vec<RecordBatch>)
         .with_context(|| format!("{} is not a readable Parquet file", path.display()))?;
     let schema = builder.schema().clone();
     let reader = builder.with_batch_size(8192).build()?;
-    let batches = reader.collect::<Result<Vec<_>, _>>().with_context(|| format!("reading {}", path.display()))?;
+    let batches = reader
+        .collect::<Result<Vec<_>, _>>()
+        .with_context(|| format!("reading {}", path.display()))?;
     Ok((schema, batches))
 }
 
@@ -96,7 +115,11 @@ pub fn footer(path: &Path) -> anyhow::Result<(HashMap<String, String>, i64, Sche
     let meta = builder.metadata().file_metadata();
     let kv = meta
         .key_value_metadata()
-        .map(|kv| kv.iter().filter_map(|e| Some((e.key.clone(), e.value.clone()?))).collect())
+        .map(|kv| {
+            kv.iter()
+                .filter_map(|e| Some((e.key.clone(), e.value.clone()?)))
+                .collect()
+        })
         .unwrap_or_default();
     Ok((kv, meta.num_rows(), Arc::clone(builder.schema())))
 }

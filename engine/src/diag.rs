@@ -12,18 +12,28 @@ pub struct Diagnostic {
 
 impl Diagnostic {
     pub fn at_file(file: &str, pos: Pos, message: impl Into<String>) -> Diagnostic {
-        Diagnostic { at: format!("{file}:{}:{}", pos.line, pos.col), message: message.into() }
+        Diagnostic {
+            at: format!("{file}:{}:{}", pos.line, pos.col),
+            message: message.into(),
+        }
     }
 
     pub fn at_field(field: &str, message: impl Into<String>) -> Diagnostic {
-        Diagnostic { at: field.to_string(), message: message.into() }
+        Diagnostic {
+            at: field.to_string(),
+            message: message.into(),
+        }
     }
 }
 
 impl fmt::Display for Diagnostic {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         // Messages are one line: newlines from underlying parsers are folded.
-        let message = self.message.split_whitespace().collect::<Vec<_>>().join(" ");
+        let message = self
+            .message
+            .split_whitespace()
+            .collect::<Vec<_>>()
+            .join(" ");
         write!(f, "{}: {}", self.at, message)
     }
 }

@@ -10,8 +10,8 @@ use dagrun_cache::{ActionRecord, Store};
 
 use crate::context::{InputArtifact, OutputSlot, StageContext};
 use crate::diag::{Diagnostic, Diagnostics};
-use crate::graph::{find_stage, Graph, Source};
-use crate::key::{device_class, InputPart, KeyParts};
+use crate::graph::{Graph, Source, find_stage};
+use crate::key::{InputPart, KeyParts, device_class};
 use crate::kind::{ArtifactType, ParamType, Registry};
 use crate::progress::ProgressMode;
 use crate::records::{Records, RunRecord, StageRecord, Status};
@@ -52,13 +52,23 @@ pub fn select(graph: &Graph, opts: &RunOptions) -> Result<BTreeSet<usize>, Diagn
     }
     if let Some(n) = &opts.until {
         match find_stage(pl, "--until", n) {
-            Ok(i) => selected = selected.intersection(&graph.ancestors(i)).copied().collect(),
+            Ok(i) => {
+                selected = selected
+                    .intersection(&graph.ancestors(i))
+                    .copied()
+                    .collect()
+            }
             Err(e) => errors.push(e),
         }
     }
     if let Some(n) = &opts.from {
         match find_stage(pl, "--from", n) {
-            Ok(i) => selected = selected.intersection(&graph.descendants(i)).copied().collect(),
+            Ok(i) => {
+                selected = selected
+                    .intersection(&graph.descendants(i))
+                    .copied()
+                    .collect()
+            }
             Err(e) => errors.push(e),
         }
     }
@@ -67,7 +77,11 @@ pub fn select(graph: &Graph, opts: &RunOptions) -> Result<BTreeSet<usize>, Diagn
             errors.push(e);
         }
     }
-    if errors.is_empty() { Ok(selected) } else { Err(Diagnostics(errors)) }
+    if errors.is_empty() {
+        Ok(selected)
+    } else {
+        Err(Diagnostics(errors))
+    }
 }
 
 /// The key components of stage `i`, if every input is available.
@@ -83,17 +97,35 @@ pub(crate) fn key_parts(
     for input in &node.inputs {
         let mut parts = Vec::new();
         for src in &input.sources {
-            let Some(a) = available.get(src) else { return Ok(None) };
-            parts.push(InputPart { digest: a.digest.clone(), producer: graph.name(src.node).to_string() });
+            let Some(a) = available.get(src) else {
+                return Ok(None);
+            };
+            parts.push(InputPart {
+                digest: a.digest.clone(),
+                producer: graph.name(src.node).to_string(),
+            });
         }
         inputs.insert(input.port.clone(), parts);
     }
     let mut params = stage.params.as_map().clone();
-    for p in node.spec.params.iter().filter(|p| matches!(p.ty, ParamType::Path)) {
-        let Some(path) = params.get(p.name).and_then(|v| v.as_str()).map(str::to_string) else { continue };
+    for p in node
+        .spec
+        .params
+        .iter()
+        .filter(|p| matches!(p.ty, ParamType::Path))
+    {
+        let Some(path) = params
+            .get(p.name)
+            .and_then(|v| v.as_str())
+            .map(str::to_string)
+        else {
+            continue;
+        };
         let digest = path_digests.digest(&path).map_err(|e| {
             let at = ["stages", &stage.name, "params", p.name].map(String::from);
-            graph.pipeline.diag(&at, false, format!("param `{}`: {e}", p.name))
+            graph
+                .pipeline
+                .diag(&at, false, format!("param `{}`: {e}", p.name))
         })?;
         // The content decides, not where it lies.
         params.insert(p.name.to_string(), serde_json::json!({ "content": digest }));
@@ -102,7 +134,9 @@ pub(crate) fn key_parts(
         .outputs
         .iter()
         .filter_map(|(n, t)| match t {
-            ArtifactType::Dataset(Some(s)) => dagrun_schemas::by_name(s).map(|t| (n.clone(), t.tag())),
+            ArtifactType::Dataset(Some(s)) => {
+                dagrun_schemas::by_name(s).map(|t| (n.clone(), t.tag()))
+            }
             _ => None,
         })
         .collect();
@@ -111,7 +145,10 @@ pub(crate) fn key_parts(
         kind_version: node.spec.version,
         params,
         seed: stage.seed,
-        device: node.spec.device_dependent.then(|| device_class(&stage.device).to_string()),
+        device: node
+            .spec
+            .device_dependent
+            .then(|| device_class(&stage.device).to_string()),
         output_schemas,
         inputs,
         producers_in_key: node.producers_in_key,
@@ -126,7 +163,10 @@ pub(crate) struct PathDigests {
 
 impl PathDigests {
     pub fn new(store: &Store) -> PathDigests {
-        PathDigests { seen: HashMap::new(), memo: store.digest_memo() }
+        PathDigests {
+            seen: HashMap::new(),
+            memo: store.digest_memo(),
+        }
     }
 
     fn digest(&mut self, path: &str) -> dagrun_cache::Result<String> {
@@ -160,10 +200,26 @@ pub(crate) fn cached(store: &Store, key: &str) -> Option<Finished> {
     let outputs = action
         .outputs
         .iter()
-        .map(|(name, digest)| Some((name.clone(), Available { digest: digest.clone(), path: store.object(digest)? })))
+        .map(|(name, digest)| {
+            Some((
+                name.clone(),
+                Available {
+                    digest: digest.clone(),
+                    path: store.object(digest)?,
+                },
+            ))
+        })
         .collect::<Option<_>>()?;
-    let report = action.extra.get("report").and_then(|r| r.as_str()).map(str::to_string);
-    Some(Finished { outputs, report, resumed: false })
+    let report = action
+        .extra
+        .get("report")
+        .and_then(|r| r.as_str())
+        .map(str::to_string);
+    Some(Finished {
+        outputs,
+        report,
+        resumed: false,
+    })
 }
 
 /// The outputs recorded for `key`, if the record exists and every object checks out.
@@ -173,7 +229,12 @@ pub(crate) fn cached_outputs(store: &Store, key: &str) -> Option<BTreeMap<String
 
 /// Executes the selected stages of `graph`. Returns the run's record; a stage failure is a
 /// `Failed` status in it, not an error. Errors are problems with the input (exit code 2).
-pub fn run(graph: &Graph, registry: &Registry, store: &Store, opts: &RunOptions) -> Result<RunRecord, Diagnostics> {
+pub fn run(
+    graph: &Graph,
+    registry: &Registry,
+    store: &Store,
+    opts: &RunOptions,
+) -> Result<RunRecord, Diagnostics> {
     let selected = select(graph, opts)?;
     let records = Records::new(store.root());
     let _store_lock = crate::cli::lock_store_shared(store)?;
@@ -181,7 +242,10 @@ pub fn run(graph: &Graph, registry: &Registry, store: &Store, opts: &RunOptions)
     let run_log = RunLog {
         run: run_id.clone(),
         started: Instant::now(),
-        started_unix: SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0),
+        started_unix: SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map(|d| d.as_secs())
+            .unwrap_or(0),
     };
     let progress = opts.progress.unwrap_or(ProgressMode::Log);
     let mut available: HashMap<Source, Available> = HashMap::new();
@@ -212,13 +276,20 @@ pub fn run(graph: &Graph, registry: &Registry, store: &Store, opts: &RunOptions)
             }
             continue;
         }
-        let parts = key_parts(graph, i, &available, &mut path_digests).map_err(Diagnostics::from)?;
+        let parts =
+            key_parts(graph, i, &available, &mut path_digests).map_err(Diagnostics::from)?;
         path_digests.save();
         if !selected.contains(&i) || stop {
             // Not ours to run, but its cached outputs may feed selected stages.
             if let Some(parts) = &parts {
                 for (name, a) in cached_outputs(store, &parts.key()).unwrap_or_default() {
-                    available.insert(Source { node: i, output: name }, a);
+                    available.insert(
+                        Source {
+                            node: i,
+                            output: name,
+                        },
+                        a,
+                    );
                 }
             }
             if selected.contains(&i) {
@@ -237,12 +308,19 @@ pub fn run(graph: &Graph, registry: &Registry, store: &Store, opts: &RunOptions)
                 .filter(|s| !available.contains_key(s))
                 .map(|s| format!("{}.{}", graph.name(s.node), s.output))
                 .collect();
-            let upstream_failed = node.inputs.iter().flat_map(|x| &x.sources).any(|s| failed.contains(&s.node));
+            let upstream_failed = node
+                .inputs
+                .iter()
+                .flat_map(|x| &x.sources)
+                .any(|s| failed.contains(&s.node));
             record.status = Status::Failed;
             record.error = Some(if upstream_failed {
                 format!("not run: its input {} failed", missing.join(", "))
             } else {
-                format!("not run: {} is not in the cache; run the stages that make it first", missing.join(", "))
+                format!(
+                    "not run: {} is not in the cache; run the stages that make it first",
+                    missing.join(", ")
+                )
             });
             tracing::error!(stage = %stage.name, "{}", record.error.as_deref().unwrap_or_default());
             failed.insert(i);
@@ -258,7 +336,11 @@ pub fn run(graph: &Graph, registry: &Registry, store: &Store, opts: &RunOptions)
         let outcome = match outcome {
             Some(found) => Ok((Status::Cached, found)),
             None => {
-                let note = format!("stage `{}` of {}", stage.name, graph.pipeline.path.display());
+                let note = format!(
+                    "stage `{}` of {}",
+                    stage.name,
+                    graph.pipeline.path.display()
+                );
                 let _lock = store
                     .lock_key(&key, &note, |holder| {
                         let who = holder.map(|h| format!("process {h}")).unwrap_or_else(|| "another process".into());
@@ -274,7 +356,11 @@ pub fn run(graph: &Graph, registry: &Registry, store: &Store, opts: &RunOptions)
                         let mut running = record.clone();
                         running.status = Status::Running;
                         run_log.save(&records, graph, &stage_records, Some(running));
-                        execute(graph, registry, store, &records, &run_id, i, &key, &available, progress).map(|made| (Status::Ran, made))
+                        execute(
+                            graph, registry, store, &records, &run_id, i, &key, &available,
+                            progress,
+                        )
+                        .map(|made| (Status::Ran, made))
                     }
                 }
             }
@@ -286,12 +372,22 @@ pub fn run(graph: &Graph, registry: &Registry, store: &Store, opts: &RunOptions)
                 record.resumed = finished.resumed;
                 for (name, a) in finished.outputs {
                     record.outputs.insert(name.clone(), a.digest.clone());
-                    available.insert(Source { node: i, output: name }, a);
+                    available.insert(
+                        Source {
+                            node: i,
+                            output: name,
+                        },
+                        a,
+                    );
                 }
                 if let Some(report) = &finished.report {
                     append_summary(&records, &run_id, &stage.name, report);
                 }
-                let verb = if status == Status::Cached { "cached" } else { "ran" };
+                let verb = if status == Status::Cached {
+                    "cached"
+                } else {
+                    "ran"
+                };
                 tracing::info!(stage = %stage.name, "{verb} in {:.2}s", record.seconds);
             }
             Err(e) => {
@@ -303,10 +399,15 @@ pub fn run(graph: &Graph, registry: &Registry, store: &Store, opts: &RunOptions)
                 stop = !opts.keep_going;
             }
         }
+        // After every stage that did work, not only at the end: a killed run keeps what it
+        // finished. (A cached stage changes nothing worth a write of its own.)
+        let did_work = record.status != Status::Cached;
         stage_records.push(record);
-        // After every stage, not only at the end: a killed run keeps what it finished.
-        run_log.save(&records, graph, &stage_records, None);
+        if did_work {
+            run_log.save(&records, graph, &stage_records, None);
+        }
     }
+    run_log.save(&records, graph, &stage_records, None);
     Ok(run_log.record(graph, stage_records))
 }
 
@@ -330,11 +431,19 @@ impl RunLog {
 
     /// Writes the record and merges it into the pipeline's index; `running` is the stage in
     /// flight, if any.
-    fn save(&self, records: &Records, graph: &Graph, done: &[StageRecord], running: Option<StageRecord>) {
+    fn save(
+        &self,
+        records: &Records,
+        graph: &Graph,
+        done: &[StageRecord],
+        running: Option<StageRecord>,
+    ) {
         let mut stages = done.to_vec();
         stages.extend(running);
         let run = self.record(graph, stages);
-        let write = records.write_run(&run).and_then(|_| records.update_index(&graph.pipeline.path, &run));
+        let write = records
+            .write_run(&run)
+            .and_then(|_| records.update_index(&graph.pipeline.path, &run));
         if let Err(e) = write {
             tracing::warn!("could not write the run record: {e:#}");
         }
@@ -356,7 +465,9 @@ fn execute(
 ) -> anyhow::Result<Finished> {
     let stage = &graph.pipeline.stages[i];
     let node = &graph.nodes[i];
-    let (_, kind) = registry.get(&stage.kind).expect("kinds are checked when the file is read");
+    let (_, kind) = registry
+        .get(&stage.kind)
+        .expect("kinds are checked when the file is read");
     let scratch = store.scratch(&stage.name)?;
     let mut outputs = Vec::new();
     for (name, ty) in &node.outputs {
@@ -368,7 +479,11 @@ fn execute(
             }
             ArtifactType::Dataset(_) => scratch.join(format!("{name}.parquet")),
         };
-        outputs.push(OutputSlot { name: name.clone(), ty: ty.clone(), path });
+        outputs.push(OutputSlot {
+            name: name.clone(),
+            ty: ty.clone(),
+            path,
+        });
     }
     let inputs = node
         .inputs
@@ -379,7 +494,12 @@ fn execute(
                 .iter()
                 .map(|s| {
                     let a = &available[s];
-                    InputArtifact { path: a.path.clone(), digest: a.digest.clone(), producer: graph.name(s.node).to_string(), ty: x.ty.clone() }
+                    InputArtifact {
+                        path: a.path.clone(),
+                        digest: a.digest.clone(),
+                        producer: graph.name(s.node).to_string(),
+                        ty: x.ty.clone(),
+                    }
                 })
                 .collect();
             (x.port.clone(), arts)
@@ -409,8 +529,14 @@ fn execute(
     let result = match result {
         Ok(r) => r,
         Err(panic) => {
-            let msg = panic.downcast_ref::<String>().cloned().or_else(|| panic.downcast_ref::<&str>().map(|s| s.to_string()));
-            Err(anyhow::anyhow!("stage panicked: {}", msg.unwrap_or_else(|| "(no message)".into())))
+            let msg = panic
+                .downcast_ref::<String>()
+                .cloned()
+                .or_else(|| panic.downcast_ref::<&str>().map(|s| s.to_string()));
+            Err(anyhow::anyhow!(
+                "stage panicked: {}",
+                msg.unwrap_or_else(|| "(no message)".into())
+            ))
         }
     };
     if let Err(e) = result {
@@ -421,20 +547,34 @@ fn execute(
     let mut published = BTreeMap::new();
     for slot in &outputs {
         let exists = match slot.ty {
-            ArtifactType::Model => std::fs::read_dir(&slot.path).map(|mut d| d.next().is_some()).unwrap_or(false),
+            ArtifactType::Model => std::fs::read_dir(&slot.path)
+                .map(|mut d| d.next().is_some())
+                .unwrap_or(false),
             ArtifactType::Dataset(_) => slot.path.is_file(),
         };
         if !exists {
             let _ = std::fs::remove_dir_all(&scratch);
-            anyhow::bail!("stage kind `{}` finished without writing its output `{}`", stage.kind, slot.name);
+            anyhow::bail!(
+                "stage kind `{}` finished without writing its output `{}`",
+                stage.kind,
+                slot.name
+            );
         }
         let digest = store.publish(&slot.path)?;
-        let path = store.object(&digest).ok_or_else(|| anyhow::anyhow!("published object {digest} is not readable"))?;
+        let path = store
+            .object(&digest)
+            .ok_or_else(|| anyhow::anyhow!("published object {digest} is not readable"))?;
         published.insert(slot.name.clone(), Available { digest, path });
     }
     let action = ActionRecord {
-        outputs: published.iter().map(|(n, a)| (n.clone(), a.digest.clone())).collect(),
-        created_unix: SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0),
+        outputs: published
+            .iter()
+            .map(|(n, a)| (n.clone(), a.digest.clone()))
+            .collect(),
+        created_unix: SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map(|d| d.as_secs())
+            .unwrap_or(0),
         seconds: 0.0,
         // Provenance lives here, not in the artifacts' bytes: an output with the same rows under
         // another key must keep its digest so that its consumers stay cached.
@@ -443,16 +583,26 @@ fn execute(
     store.put_action(key, &action)?;
     store.clear_resume(key)?;
     let _ = std::fs::remove_dir_all(&scratch);
-    Ok(Finished { outputs: published, report: ctx.report, resumed: ctx.resumed })
+    Ok(Finished {
+        outputs: published,
+        report: ctx.report,
+        resumed: ctx.resumed,
+    })
 }
 
 /// What made a result, kept in its action record; `dagrun export` writes it into an exported
 /// Parquet file's footer.
-fn provenance(graph: &Graph, i: usize, inputs: &[(String, Vec<InputArtifact>)]) -> serde_json::Value {
+fn provenance(
+    graph: &Graph,
+    i: usize,
+    inputs: &[(String, Vec<InputArtifact>)],
+) -> serde_json::Value {
     let stage = &graph.pipeline.stages[i];
     let node = &graph.nodes[i];
-    let input_digests: BTreeMap<&str, Vec<&str>> =
-        inputs.iter().map(|(p, a)| (p.as_str(), a.iter().map(|x| x.digest.as_str()).collect())).collect();
+    let input_digests: BTreeMap<&str, Vec<&str>> = inputs
+        .iter()
+        .map(|(p, a)| (p.as_str(), a.iter().map(|x| x.digest.as_str()).collect()))
+        .collect();
     serde_json::json!({
         "kind": stage.kind,
         "kind_version": node.spec.version,
@@ -485,7 +635,11 @@ fn append_summary(records: &Records, run_id: &str, stage: &str, report: &str) {
     use std::io::Write;
     let path = records.run_dir(run_id).join("summary.md");
     let _ = std::fs::create_dir_all(records.run_dir(run_id));
-    if let Ok(mut f) = std::fs::OpenOptions::new().create(true).append(true).open(&path) {
+    if let Ok(mut f) = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(&path)
+    {
         let _ = writeln!(f, "## {stage}\n\n{}\n", report.trim_end());
     }
 }

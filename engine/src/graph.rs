@@ -5,8 +5,8 @@ use std::collections::{BTreeSet, HashMap};
 
 use petgraph::graph::{DiGraph, NodeIndex};
 
-use crate::diag::{did_you_mean, Diagnostic, Diagnostics};
-use crate::kind::{ArtifactType, Arity, KindSpec, Registry};
+use crate::diag::{Diagnostic, Diagnostics, did_you_mean};
+use crate::kind::{Arity, ArtifactType, KindSpec, Registry};
 use crate::pipeline::{InputRef, Pipeline};
 
 /// A checked pipeline with its wiring resolved.
@@ -69,40 +69,76 @@ impl<'p> Graph<'p> {
         let mut todo = vec![i];
         while let Some(n) = todo.pop() {
             if seen.insert(n) {
-                todo.extend(self.edges.iter().filter(|(p, _, _)| *p == n).map(|(_, c, _)| *c));
+                todo.extend(
+                    self.edges
+                        .iter()
+                        .filter(|(p, _, _)| *p == n)
+                        .map(|(_, c, _)| *c),
+                );
             }
         }
         seen
     }
 
     fn direct_deps(&self, i: usize) -> Vec<usize> {
-        self.edges.iter().filter(|(_, c, _)| *c == i).map(|(p, _, _)| *p).collect()
+        self.edges
+            .iter()
+            .filter(|(_, c, _)| *c == i)
+            .map(|(p, _, _)| *p)
+            .collect()
     }
 }
+
+/// An input port as written: its name, type, and (producer, output, reference) per source.
+type Wire = (String, ArtifactType, Vec<(usize, String, InputRef)>);
 
 /// Checks and resolves the wiring of `pipeline`.
 pub fn build<'p>(pipeline: &'p Pipeline, registry: &Registry) -> Result<Graph<'p>, Diagnostics> {
     let mut errors = Vec::new();
-    let index: HashMap<&str, usize> = pipeline.stages.iter().enumerate().map(|(i, s)| (s.name.as_str(), i)).collect();
+    let index: HashMap<&str, usize> = pipeline
+        .stages
+        .iter()
+        .enumerate()
+        .map(|(i, s)| (s.name.as_str(), i))
+        .collect();
     let names = pipeline.stage_names();
     let specs: Vec<KindSpec> = pipeline
         .stages
         .iter()
-        .map(|s| registry.get(&s.kind).expect("kinds are checked when the file is read").0.clone())
+        .map(|s| {
+            registry
+                .get(&s.kind)
+                .expect("kinds are checked when the file is read")
+                .0
+                .clone()
+        })
         .collect();
 
     // 1. Every reference names a stage and one of its outputs; ports exist; arity holds.
-    let mut wires: Vec<Vec<(String, ArtifactType, Vec<(usize, String, InputRef)>)>> = Vec::new();
+    let mut wires: Vec<Vec<Wire>> = Vec::new();
     let mut edges = Vec::new();
     for (i, stage) in pipeline.stages.iter().enumerate() {
         let spec = &specs[i];
-        let at = |k: &str| vec!["stages".to_string(), stage.name.clone(), "inputs".to_string(), k.to_string()];
+        let at = |k: &str| {
+            vec![
+                "stages".to_string(),
+                stage.name.clone(),
+                "inputs".to_string(),
+                k.to_string(),
+            ]
+        };
         let mut ports = Vec::new();
         for (port, refs) in &stage.inputs {
             let decl = spec.inputs.iter().find(|p| p.name == port);
             let (ty, arity) = match (decl, spec.variadic_inputs) {
                 (Some(d), _) => (d.ty.clone(), d.arity),
-                (None, true) => (spec.inputs.first().map(|p| p.ty.clone()).unwrap_or(ArtifactType::Dataset(None)), Arity::One),
+                (None, true) => (
+                    spec.inputs
+                        .first()
+                        .map(|p| p.ty.clone())
+                        .unwrap_or(ArtifactType::Dataset(None)),
+                    Arity::One,
+                ),
                 (None, false) => {
                     let valid: Vec<&str> = spec.inputs.iter().map(|p| p.name).collect();
                     let hint = match did_you_mean(port, &valid) {
@@ -110,22 +146,47 @@ pub fn build<'p>(pipeline: &'p Pipeline, registry: &Registry) -> Result<Graph<'p
                         None if valid.is_empty() => "it takes no inputs".to_string(),
                         None => format!("its inputs are: {}", valid.join(", ")),
                     };
-                    errors.push(pipeline.diag(&at(port), true, format!("kind `{}` has no input `{port}`; {hint}", spec.name)));
+                    errors.push(pipeline.diag(
+                        &at(port),
+                        true,
+                        format!("kind `{}` has no input `{port}`; {hint}", spec.name),
+                    ));
                     continue;
                 }
             };
             if arity != Arity::List && refs.len() > 1 {
-                errors.push(pipeline.diag(&at(port), true, format!("input `{port}` of `{}` takes one artifact, got a list of {}", stage.name, refs.len())));
+                errors.push(pipeline.diag(
+                    &at(port),
+                    true,
+                    format!(
+                        "input `{port}` of `{}` takes one artifact, got a list of {}",
+                        stage.name,
+                        refs.len()
+                    ),
+                ));
             }
             let mut resolved = Vec::new();
             for r in refs {
                 let Some(&p) = index.get(r.node.as_str()) else {
-                    let hint = did_you_mean(&r.node, &names).map(|n| format!("; did you mean `{n}`?")).unwrap_or_default();
-                    errors.push(pipeline.diag(&r.path, false, format!("input `{port}` of `{}` refers to unknown stage `{}`{hint}", stage.name, r.node)));
+                    let hint = did_you_mean(&r.node, &names)
+                        .map(|n| format!("; did you mean `{n}`?"))
+                        .unwrap_or_default();
+                    errors.push(pipeline.diag(
+                        &r.path,
+                        false,
+                        format!(
+                            "input `{port}` of `{}` refers to unknown stage `{}`{hint}",
+                            stage.name, r.node
+                        ),
+                    ));
                     continue;
                 };
                 if p == i {
-                    errors.push(pipeline.diag(&r.path, false, format!("stage `{}` cannot take its own output as input", stage.name)));
+                    errors.push(pipeline.diag(
+                        &r.path,
+                        false,
+                        format!("stage `{}` cannot take its own output as input", stage.name),
+                    ));
                     continue;
                 }
                 match pick_output(&specs[p], r, &ty) {
@@ -142,15 +203,28 @@ pub fn build<'p>(pipeline: &'p Pipeline, registry: &Registry) -> Result<Graph<'p
             let given = stage.inputs.iter().any(|(n, _)| n == p.name);
             if !given && p.arity != Arity::Optional {
                 let path = vec!["stages".to_string(), stage.name.clone()];
-                errors.push(pipeline.diag(&path, true, format!("stage `{}` ({}) needs input `{}` ({})", stage.name, spec.name, p.name, p.ty)));
+                errors.push(pipeline.diag(
+                    &path,
+                    true,
+                    format!(
+                        "stage `{}` ({}) needs input `{}` ({})",
+                        stage.name, spec.name, p.name, p.ty
+                    ),
+                ));
             }
         }
         let wired: Vec<&str> = stage.inputs.iter().map(|(n, _)| n.as_str()).collect();
-        let (_, kind) = registry.get(&stage.kind).expect("kinds are checked when the file is read");
+        let (_, kind) = registry
+            .get(&stage.kind)
+            .expect("kinds are checked when the file is read");
         if let Err(e) = kind.check_wiring(&wired, &stage.params) {
             let mut path = vec!["stages".to_string(), stage.name.clone()];
             path.extend(e.at);
-            errors.push(pipeline.diag(&path, true, format!("stage `{}`: {}", stage.name, e.message)));
+            errors.push(pipeline.diag(
+                &path,
+                true,
+                format!("stage `{}`: {}", stage.name, e.message),
+            ));
         }
         wires.push(ports);
     }
@@ -164,9 +238,15 @@ pub fn build<'p>(pipeline: &'p Pipeline, registry: &Registry) -> Result<Graph<'p
         if stage.skip || !specs[i].device_dependent {
             continue;
         }
-        let verdict = probed.entry(stage.device.as_str()).or_insert_with(|| registry.check_device(&stage.device));
+        let verdict = probed
+            .entry(stage.device.as_str())
+            .or_insert_with(|| registry.check_device(&stage.device));
         if let Err(why) = verdict {
-            errors.push(pipeline.diag(&pipeline.device_path(&stage.name), false, format!("stage `{}`: {why}", stage.name)));
+            errors.push(pipeline.diag(
+                &pipeline.device_path(&stage.name),
+                false,
+                format!("stage `{}`: {why}", stage.name),
+            ));
         }
     }
     if !errors.is_empty() {
@@ -186,50 +266,110 @@ pub fn build<'p>(pipeline: &'p Pipeline, registry: &Registry) -> Result<Graph<'p
         for (port, want, refs) in &wires[i] {
             let mut sources: Vec<Source> = Vec::new();
             for (p, output, r) in refs {
-                let got = nodes[*p].as_ref().and_then(|n| n.outputs.iter().find(|(o, _)| o == output)).map(|(_, t)| t.clone());
+                let got = nodes[*p]
+                    .as_ref()
+                    .and_then(|n| n.outputs.iter().find(|(o, _)| o == output))
+                    .map(|(_, t)| t.clone());
                 let Some(got) = got else { continue };
                 if !compatible(want, &got) {
-                    errors.push(pipeline.diag(&r.path, false, format!(
-                        "input `{port}` of `{}` expects {want}, but `{}.{output}` is {got}", stage.name, r.node
-                    )));
+                    errors.push(pipeline.diag(
+                        &r.path,
+                        false,
+                        format!(
+                            "input `{port}` of `{}` expects {want}, but `{}.{output}` is {got}",
+                            stage.name, r.node
+                        ),
+                    ));
                     continue;
                 }
-                let src = through.get(&(*p, output.clone())).cloned().unwrap_or(Source { node: *p, output: output.clone() });
+                let src = through
+                    .get(&(*p, output.clone()))
+                    .cloned()
+                    .unwrap_or(Source {
+                        node: *p,
+                        output: output.clone(),
+                    });
                 if !sources.contains(&src) {
                     sources.push(src);
                 }
             }
             let ty = match want {
-                ArtifactType::Dataset(None) => sources.first().and_then(|s| output_type(&nodes, s)).unwrap_or(want.clone()),
+                ArtifactType::Dataset(None) => sources
+                    .first()
+                    .and_then(|s| output_type(&nodes, s))
+                    .unwrap_or(want.clone()),
                 t => t.clone(),
             };
-            inputs.push(ResolvedInput { port: port.clone(), ty, sources });
+            inputs.push(ResolvedInput {
+                port: port.clone(),
+                ty,
+                sources,
+            });
         }
         // Outputs of any schema take the schema of the inputs, which must agree.
-        let schemas: BTreeSet<&'static str> = inputs.iter().filter_map(|x| match x.ty { ArtifactType::Dataset(Some(s)) => Some(s), _ => None }).collect();
-        if spec.outputs.iter().any(|o| o.ty == ArtifactType::Dataset(None)) && schemas.len() > 1 {
-            let path = vec!["stages".to_string(), stage.name.clone(), "inputs".to_string()];
+        let schemas: BTreeSet<&'static str> = inputs
+            .iter()
+            .filter_map(|x| match x.ty {
+                ArtifactType::Dataset(Some(s)) => Some(s),
+                _ => None,
+            })
+            .collect();
+        if spec
+            .outputs
+            .iter()
+            .any(|o| o.ty == ArtifactType::Dataset(None))
+            && schemas.len() > 1
+        {
+            let path = vec![
+                "stages".to_string(),
+                stage.name.clone(),
+                "inputs".to_string(),
+            ];
             let list: Vec<_> = schemas.iter().map(|s| format!("dataset<{s}>")).collect();
-            errors.push(pipeline.diag(&path, true, format!("inputs of `{}` must share one schema, got {}", stage.name, list.join(" and "))));
+            errors.push(pipeline.diag(
+                &path,
+                true,
+                format!(
+                    "inputs of `{}` must share one schema, got {}",
+                    stage.name,
+                    list.join(" and ")
+                ),
+            ));
         }
-        let outputs: Vec<(String, ArtifactType)> = spec.outputs.iter().map(|o| {
-            let ty = match o.ty {
-                ArtifactType::Dataset(None) => schemas.iter().next().map(|s| ArtifactType::Dataset(Some(s))).unwrap_or(ArtifactType::Dataset(None)),
-                ref t => t.clone(),
-            };
-            (o.name.to_string(), ty)
-        }).collect();
+        let outputs: Vec<(String, ArtifactType)> = spec
+            .outputs
+            .iter()
+            .map(|o| {
+                let ty = match o.ty {
+                    ArtifactType::Dataset(None) => schemas
+                        .iter()
+                        .next()
+                        .map(|s| ArtifactType::Dataset(Some(s)))
+                        .unwrap_or(ArtifactType::Dataset(None)),
+                    ref t => t.clone(),
+                };
+                (o.name.to_string(), ty)
+            })
+            .collect();
         if stage.skip {
             for (out, ty) in &outputs {
-                let passed = inputs.iter().find(|x| compatible(ty, &x.ty) && compatible(&x.ty, ty)).and_then(|x| x.sources.first().cloned());
+                let passed = inputs
+                    .iter()
+                    .find(|x| compatible(ty, &x.ty) && compatible(&x.ty, ty))
+                    .and_then(|x| x.sources.first().cloned());
                 match passed {
                     Some(src) => {
                         through.insert((i, out.clone()), src);
                     }
                     None => {
-                        let consumers: BTreeSet<&str> = edges.iter().filter(|(p, _, o)| *p == i && o == out).map(|(_, c, _)| pipeline.stages[*c].name.as_str()).collect();
+                        let consumers: BTreeSet<&str> = edges
+                            .iter()
+                            .filter(|(p, _, o)| *p == i && o == out)
+                            .map(|(_, c, _)| pipeline.stages[*c].name.as_str())
+                            .collect();
                         if !consumers.is_empty() {
-                            let path = vec!["stages".to_string(), stage.name.clone(), "skip".to_string()];
+                            let path =
+                                vec!["stages".to_string(), stage.name.clone(), "skip".to_string()];
                             let list: Vec<_> = consumers.iter().map(|c| format!("`{c}`")).collect();
                             errors.push(pipeline.diag(&path, true, format!(
                                 "stage `{}` is skipped but has no input of type {ty} to pass on as `{out}`; {} would be left without input",
@@ -240,18 +380,38 @@ pub fn build<'p>(pipeline: &'p Pipeline, registry: &Registry) -> Result<Graph<'p
                 }
             }
         }
-        let producers_in_key = registry.get(&stage.kind).is_some_and(|(_, k)| k.labels_outputs_with_producers());
-        nodes[i] = Some(Node { spec, producers_in_key, inputs, outputs });
+        let producers_in_key = registry
+            .get(&stage.kind)
+            .is_some_and(|(_, k)| k.labels_outputs_with_producers());
+        nodes[i] = Some(Node {
+            spec,
+            producers_in_key,
+            inputs,
+            outputs,
+        });
     }
     if !errors.is_empty() {
         return Err(Diagnostics(errors));
     }
-    let nodes = nodes.into_iter().map(|n| n.expect("every stage is in the order")).collect();
-    Ok(Graph { pipeline, nodes, order, edges })
+    let nodes = nodes
+        .into_iter()
+        .map(|n| n.expect("every stage is in the order"))
+        .collect();
+    Ok(Graph {
+        pipeline,
+        nodes,
+        order,
+        edges,
+    })
 }
 
 fn output_type(nodes: &[Option<Node>], s: &Source) -> Option<ArtifactType> {
-    nodes[s.node].as_ref()?.outputs.iter().find(|(o, _)| *o == s.output).map(|(_, t)| t.clone())
+    nodes[s.node]
+        .as_ref()?
+        .outputs
+        .iter()
+        .find(|(o, _)| *o == s.output)
+        .map(|(_, t)| t.clone())
 }
 
 /// Whether an artifact of type `got` may feed a port of type `want`.
@@ -272,19 +432,43 @@ fn pick_output(producer: &KindSpec, r: &InputRef, want: &ArtifactType) -> Result
         return if outs.contains(&o.as_str()) {
             Ok(o.clone())
         } else {
-            let hint = did_you_mean(o, &outs).map(|n| format!("did you mean `{}.{n}`?", r.node)).unwrap_or_else(|| format!("its outputs are: {}", outs.join(", ")));
-            Err(format!("stage `{}` ({}) has no output `{o}`; {hint}", r.node, producer.name))
+            let hint = did_you_mean(o, &outs)
+                .map(|n| format!("did you mean `{}.{n}`?", r.node))
+                .unwrap_or_else(|| format!("its outputs are: {}", outs.join(", ")));
+            Err(format!(
+                "stage `{}` ({}) has no output `{o}`; {hint}",
+                r.node, producer.name
+            ))
         };
     }
-    let matching: Vec<&str> = producer.outputs.iter().filter(|o| compatible(want, &o.ty)).map(|o| o.name).collect();
+    let matching: Vec<&str> = producer
+        .outputs
+        .iter()
+        .filter(|o| compatible(want, &o.ty))
+        .map(|o| o.name)
+        .collect();
     match matching.as_slice() {
         [one] => Ok(one.to_string()),
-        [] => Err(format!("stage `{}` ({}) has no output of type {want}; its outputs are: {}", r.node, producer.name, outs.join(", "))),
-        many => Err(format!("stage `{}` has several outputs of type {want} ({}); write `{}.{}`", r.node, many.join(", "), r.node, many[0])),
+        [] => Err(format!(
+            "stage `{}` ({}) has no output of type {want}; its outputs are: {}",
+            r.node,
+            producer.name,
+            outs.join(", ")
+        )),
+        many => Err(format!(
+            "stage `{}` has several outputs of type {want} ({}); write `{}.{}`",
+            r.node,
+            many.join(", "),
+            r.node,
+            many[0]
+        )),
     }
 }
 
-fn topo_order(pipeline: &Pipeline, edges: &[(usize, usize, String)]) -> Result<Vec<usize>, Diagnostics> {
+fn topo_order(
+    pipeline: &Pipeline,
+    edges: &[(usize, usize, String)],
+) -> Result<Vec<usize>, Diagnostics> {
     let n = pipeline.stages.len();
     let mut g: DiGraph<usize, ()> = DiGraph::new();
     let ids: Vec<NodeIndex> = (0..n).map(|i| g.add_node(i)).collect();
@@ -292,13 +476,33 @@ fn topo_order(pipeline: &Pipeline, edges: &[(usize, usize, String)]) -> Result<V
         g.update_edge(ids[*p], ids[*c], ());
     }
     if petgraph::algo::toposort(&g, None).is_err() {
-        let scc = petgraph::algo::tarjan_scc(&g).into_iter().find(|c| c.len() > 1).unwrap_or_default();
+        let scc = petgraph::algo::tarjan_scc(&g)
+            .into_iter()
+            .find(|c| c.len() > 1)
+            .unwrap_or_default();
         let members: BTreeSet<usize> = scc.iter().map(|x| g[*x]).collect();
         let cycle = walk_cycle(&members, edges);
-        let names: Vec<&str> = cycle.iter().map(|i| pipeline.stages[*i].name.as_str()).collect();
+        let names: Vec<&str> = cycle
+            .iter()
+            .map(|i| pipeline.stages[*i].name.as_str())
+            .collect();
         let first = cycle.first().copied().unwrap_or(0);
-        let path = vec!["stages".to_string(), pipeline.stages[first].name.clone(), "inputs".to_string()];
-        return Err(pipeline.diag(&path, true, format!("cycle: {} → {}", names.join(" → "), names.first().unwrap_or(&""))).into());
+        let path = vec![
+            "stages".to_string(),
+            pipeline.stages[first].name.clone(),
+            "inputs".to_string(),
+        ];
+        return Err(pipeline
+            .diag(
+                &path,
+                true,
+                format!(
+                    "cycle: {} → {}",
+                    names.join(" → "),
+                    names.first().unwrap_or(&"")
+                ),
+            )
+            .into());
     }
     // Kahn's algorithm, always taking the earliest ready stage in file order.
     let mut indegree = vec![0usize; n];
@@ -322,11 +526,17 @@ fn topo_order(pipeline: &Pipeline, edges: &[(usize, usize, String)]) -> Result<V
 
 /// A cycle through `members` (a strongly connected set), as a list of stages in edge order.
 fn walk_cycle(members: &BTreeSet<usize>, edges: &[(usize, usize, String)]) -> Vec<usize> {
-    let Some(&start) = members.iter().next() else { return Vec::new() };
+    let Some(&start) = members.iter().next() else {
+        return Vec::new();
+    };
     let mut path = vec![start];
     let mut cur = start;
     loop {
-        let next = edges.iter().filter(|(p, c, _)| *p == cur && members.contains(c)).map(|(_, c, _)| *c).min();
+        let next = edges
+            .iter()
+            .filter(|(p, c, _)| *p == cur && members.contains(c))
+            .map(|(_, c, _)| *c)
+            .min();
         match next {
             Some(nx) if nx == start => return path,
             Some(nx) if path.contains(&nx) => {
@@ -344,8 +554,20 @@ fn walk_cycle(members: &BTreeSet<usize>, edges: &[(usize, usize, String)]) -> Ve
 
 /// Diagnostic helper for callers that name stages on the command line (`--only x`).
 pub fn find_stage(pipeline: &Pipeline, flag: &str, name: &str) -> Result<usize, Diagnostic> {
-    pipeline.stages.iter().position(|s| s.name == name).ok_or_else(|| {
-        let hint = did_you_mean(name, &pipeline.stage_names()).map(|n| format!("; did you mean `{n}`?")).unwrap_or_default();
-        Diagnostic::at_field(&format!("{flag} {name}"), format!("no stage named `{name}` in {}{hint}", pipeline.path.display()))
-    })
+    pipeline
+        .stages
+        .iter()
+        .position(|s| s.name == name)
+        .ok_or_else(|| {
+            let hint = did_you_mean(name, &pipeline.stage_names())
+                .map(|n| format!("; did you mean `{n}`?"))
+                .unwrap_or_default();
+            Diagnostic::at_field(
+                &format!("{flag} {name}"),
+                format!(
+                    "no stage named `{name}` in {}{hint}",
+                    pipeline.path.display()
+                ),
+            )
+        })
 }

@@ -44,8 +44,17 @@ impl KeyParts {
             .inputs
             .iter()
             .map(|(port, parts)| {
-                let part = |p: &InputPart| if self.producers_in_key { Value::from(vec![p.digest.clone(), p.producer.clone()]) } else { Value::from(p.digest.clone()) };
-                (port.clone(), Value::from(parts.iter().map(part).collect::<Vec<_>>()))
+                let part = |p: &InputPart| {
+                    if self.producers_in_key {
+                        Value::from(vec![p.digest.clone(), p.producer.clone()])
+                    } else {
+                        Value::from(p.digest.clone())
+                    }
+                };
+                (
+                    port.clone(),
+                    Value::from(parts.iter().map(part).collect::<Vec<_>>()),
+                )
             })
             .collect();
         let hashed = serde_json::json!({
@@ -58,7 +67,9 @@ impl KeyParts {
             "output_schemas": self.output_schemas,
             "inputs": inputs,
         });
-        blake3::hash(canonical_json(&hashed).as_bytes()).to_hex().to_string()
+        blake3::hash(canonical_json(&hashed).as_bytes())
+            .to_hex()
+            .to_string()
     }
 
     /// What differs from `old`, one human-readable line per component.
@@ -67,9 +78,13 @@ impl KeyParts {
         if self.kind != old.kind {
             out.push(format!("kind: {} → {}", old.kind, self.kind));
         } else if self.kind_version != old.kind_version {
-            out.push(format!("{} implementation: v{} → v{}", self.kind, old.kind_version, self.kind_version));
+            out.push(format!(
+                "{} implementation: v{} → v{}",
+                self.kind, old.kind_version, self.kind_version
+            ));
         }
-        let names: std::collections::BTreeSet<&String> = self.params.keys().chain(old.params.keys()).collect();
+        let names: std::collections::BTreeSet<&String> =
+            self.params.keys().chain(old.params.keys()).collect();
         for name in names {
             let (a, b) = (old.params.get(name), self.params.get(name));
             if a != b {
@@ -80,20 +95,36 @@ impl KeyParts {
             out.push(format!("seed: {} → {}", old.seed, self.seed));
         }
         if self.device != old.device {
-            out.push(format!("device: {} → {}", old.device.as_deref().unwrap_or("-"), self.device.as_deref().unwrap_or("-")));
+            out.push(format!(
+                "device: {} → {}",
+                old.device.as_deref().unwrap_or("-"),
+                self.device.as_deref().unwrap_or("-")
+            ));
         }
         if self.output_schemas != old.output_schemas {
             out.push("output schema changed".to_string());
         }
-        let ports: std::collections::BTreeSet<&String> = self.inputs.keys().chain(old.inputs.keys()).collect();
+        let ports: std::collections::BTreeSet<&String> =
+            self.inputs.keys().chain(old.inputs.keys()).collect();
         for port in ports {
             let (a, b) = (old.inputs.get(port), self.inputs.get(port));
-            let digests = |x: Option<&Vec<InputPart>>| x.map(|v| v.iter().map(|p| p.digest.clone()).collect::<Vec<_>>());
-            let names = |x: Option<&Vec<InputPart>>| x.map(|v| v.iter().map(|p| p.producer.clone()).collect::<Vec<_>>());
+            let digests = |x: Option<&Vec<InputPart>>| {
+                x.map(|v| v.iter().map(|p| p.digest.clone()).collect::<Vec<_>>())
+            };
+            let names = |x: Option<&Vec<InputPart>>| {
+                x.map(|v| v.iter().map(|p| p.producer.clone()).collect::<Vec<_>>())
+            };
             if digests(a) != digests(b) {
-                out.push(format!("input {port}: changed (node {})", names(b).unwrap_or_default().join(", ")));
+                out.push(format!(
+                    "input {port}: changed (node {})",
+                    names(b).unwrap_or_default().join(", ")
+                ));
             } else if self.producers_in_key && names(a) != names(b) {
-                out.push(format!("input {port}: renamed {} → {}", names(a).unwrap_or_default().join(", "), names(b).unwrap_or_default().join(", ")));
+                out.push(format!(
+                    "input {port}: renamed {} → {}",
+                    names(a).unwrap_or_default().join(", "),
+                    names(b).unwrap_or_default().join(", ")
+                ));
             }
         }
         out
@@ -158,11 +189,20 @@ mod tests {
         KeyParts {
             kind: "mix".into(),
             kind_version: 1,
-            params: json!({"b": 1, "a": [1.5, "x"]}).as_object().unwrap().clone(),
+            params: json!({"b": 1, "a": [1.5, "x"]})
+                .as_object()
+                .unwrap()
+                .clone(),
             seed: 3,
             device: None,
             output_schemas: BTreeMap::new(),
-            inputs: BTreeMap::from([("a".to_string(), vec![InputPart { digest: "d1".into(), producer: "gen".into() }])]),
+            inputs: BTreeMap::from([(
+                "a".to_string(),
+                vec![InputPart {
+                    digest: "d1".into(),
+                    producer: "gen".into(),
+                }],
+            )]),
             producers_in_key: false,
         }
     }
@@ -174,14 +214,20 @@ mod tests {
         let mut b = a.clone();
         b.inputs.get_mut("a").unwrap()[0].producer = "renamed".into();
         assert_ne!(a.key(), b.key());
-        assert_eq!(b.changes_from(&a), vec!["input a: renamed gen → renamed".to_string()]);
+        assert_eq!(
+            b.changes_from(&a),
+            vec!["input a: renamed gen → renamed".to_string()]
+        );
     }
 
     #[test]
     fn key_ignores_param_order_and_producer_names() {
         let a = parts();
         let mut b = parts();
-        b.params = json!({"a": [1.5, "x"], "b": 1}).as_object().unwrap().clone();
+        b.params = json!({"a": [1.5, "x"], "b": 1})
+            .as_object()
+            .unwrap()
+            .clone();
         b.inputs.get_mut("a").unwrap()[0].producer = "renamed".into();
         assert_eq!(a.key(), b.key());
         b.seed = 4;
@@ -194,6 +240,12 @@ mod tests {
         let mut b = parts();
         b.params.insert("b".into(), json!(2));
         b.inputs.get_mut("a").unwrap()[0].digest = "d2".into();
-        assert_eq!(b.changes_from(&a), vec!["params.b: 1 → 2".to_string(), "input a: changed (node gen)".to_string()]);
+        assert_eq!(
+            b.changes_from(&a),
+            vec![
+                "params.b: 1 → 2".to_string(),
+                "input a: changed (node gen)".to_string()
+            ]
+        );
     }
 }

@@ -53,29 +53,54 @@ pub struct PortSpec {
 
 impl PortSpec {
     pub fn one(name: &'static str, ty: ArtifactType, doc: &'static str) -> PortSpec {
-        PortSpec { name, ty, arity: Arity::One, doc }
+        PortSpec {
+            name,
+            ty,
+            arity: Arity::One,
+            doc,
+        }
     }
     pub fn optional(name: &'static str, ty: ArtifactType, doc: &'static str) -> PortSpec {
-        PortSpec { name, ty, arity: Arity::Optional, doc }
+        PortSpec {
+            name,
+            ty,
+            arity: Arity::Optional,
+            doc,
+        }
     }
     pub fn list(name: &'static str, ty: ArtifactType, doc: &'static str) -> PortSpec {
-        PortSpec { name, ty, arity: Arity::List, doc }
+        PortSpec {
+            name,
+            ty,
+            arity: Arity::List,
+            doc,
+        }
     }
 }
 
 /// The type of a param value, with its valid range.
 #[derive(Debug, Clone)]
 pub enum ParamType {
-    Int { min: i64, max: i64 },
-    Float { min: f64, max: f64 },
+    Int {
+        min: i64,
+        max: i64,
+    },
+    Float {
+        min: f64,
+        max: f64,
+    },
     Bool,
     /// A string; when `choices` is non-empty, one of them.
-    Str { choices: &'static [&'static str] },
+    Str {
+        choices: &'static [&'static str],
+    },
     /// A list of values of one type.
     List(Box<ParamType>),
     /// Named non-negative weights: `{a: 2, b: 1}`, or a list of names meaning weight 1 each.
     /// When `keys` is non-empty, names must be among them.
-    Weights { keys: &'static [&'static str] },
+    Weights {
+        keys: &'static [&'static str],
+    },
     /// A map from free-form names to values of one type.
     Map(Box<ParamType>),
     /// A path relative to the pipeline file. The engine resolves it and puts the content digest
@@ -89,7 +114,7 @@ impl fmt::Display for ParamType {
             ParamType::Int { .. } => write!(f, "int"),
             ParamType::Float { .. } => write!(f, "float"),
             ParamType::Bool => write!(f, "bool"),
-            ParamType::Str { choices } if choices.is_empty() => write!(f, "string"),
+            ParamType::Str { choices: [] } => write!(f, "string"),
             ParamType::Str { choices } => write!(f, "{}", choices.join("|")),
             ParamType::List(item) => write!(f, "list<{item}>"),
             ParamType::Weights { .. } => write!(f, "weights"),
@@ -119,13 +144,28 @@ pub struct ParamSpec {
 
 impl ParamSpec {
     pub fn new(name: &'static str, ty: ParamType, default: Value, doc: &'static str) -> ParamSpec {
-        ParamSpec { name, ty, default: Default::Value(default), doc }
+        ParamSpec {
+            name,
+            ty,
+            default: Default::Value(default),
+            doc,
+        }
     }
     pub fn required(name: &'static str, ty: ParamType, doc: &'static str) -> ParamSpec {
-        ParamSpec { name, ty, default: Default::Required, doc }
+        ParamSpec {
+            name,
+            ty,
+            default: Default::Required,
+            doc,
+        }
     }
     pub fn unset(name: &'static str, ty: ParamType, doc: &'static str) -> ParamSpec {
-        ParamSpec { name, ty, default: Default::Unset, doc }
+        ParamSpec {
+            name,
+            ty,
+            default: Default::Unset,
+            doc,
+        }
     }
 }
 
@@ -163,7 +203,10 @@ pub struct WiringError {
 
 impl WiringError {
     pub fn at(at: &[&str], message: impl Into<String>) -> WiringError {
-        WiringError { at: at.iter().map(|s| s.to_string()).collect(), message: message.into() }
+        WiringError {
+            at: at.iter().map(|s| s.to_string()).collect(),
+            message: message.into(),
+        }
     }
 }
 

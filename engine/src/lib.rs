@@ -28,6 +28,8 @@ pub mod records;
 pub mod schema;
 
 pub use context::{InputArtifact, StageContext};
-pub use kind::{ArtifactType, KindSpec, ParamSpec, ParamType, PortSpec, Registry, StageKind, WiringError};
+pub use kind::{
+    ArtifactType, KindSpec, ParamSpec, ParamType, PortSpec, Registry, StageKind, WiringError,
+};
 pub use params::Params;
 pub use progress::Progress;

@@ -47,7 +47,11 @@ impl Locator {
     fn nearest(&self, path: &[String], prefer_key: bool) -> Pos {
         let mut p = path.to_vec();
         loop {
-            let (first, second) = if prefer_key { (&self.keys, &self.values) } else { (&self.values, &self.keys) };
+            let (first, second) = if prefer_key {
+                (&self.keys, &self.values)
+            } else {
+                (&self.values, &self.keys)
+            };
             if let Some(pos) = first.get(&p).or_else(|| second.get(&p)) {
                 return *pos;
             }
@@ -59,8 +63,13 @@ impl Locator {
 }
 
 enum Frame {
-    Map { next_is_key: bool, key: Option<String> },
-    Seq { index: usize },
+    Map {
+        next_is_key: bool,
+        key: Option<String>,
+    },
+    Seq {
+        index: usize,
+    },
 }
 
 #[derive(Default)]
@@ -111,8 +120,14 @@ impl Builder {
 }
 
 impl MarkedEventReceiver for Builder {
+    // Each arm calls `begin_node` for its side effect; folding the calls into match guards
+    // would hide that.
+    #[allow(clippy::collapsible_match)]
     fn on_event(&mut self, ev: Event, mark: Marker) {
-        let pos = Pos { line: mark.line(), col: mark.col() + COL_BASE };
+        let pos = Pos {
+            line: mark.line(),
+            col: mark.col() + COL_BASE,
+        };
         match ev {
             Event::Scalar(value, ..) => {
                 if !self.begin_node(pos, Some(&value)) {
@@ -131,7 +146,10 @@ impl MarkedEventReceiver for Builder {
                     self.path.push(String::new());
                 }
                 let frame = if matches!(ev, Event::MappingStart(..)) {
-                    Frame::Map { next_is_key: true, key: None }
+                    Frame::Map {
+                        next_is_key: true,
+                        key: None,
+                    }
                 } else {
                     Frame::Seq { index: 0 }
                 };
@@ -162,10 +180,22 @@ mod tests {
         let text = "stages:\n  gen:\n    kind: cot_generate\n    params: { n_train: 10, families: [a, b] }\n";
         let loc = Locator::new(text);
         assert_eq!(loc.key(&path(&["stages", "gen"])), Pos { line: 2, col: 3 });
-        assert_eq!(loc.value(&path(&["stages", "gen", "kind"])), Pos { line: 3, col: 11 });
-        assert_eq!(loc.key(&path(&["stages", "gen", "params", "n_train"])), Pos { line: 4, col: 15 });
-        assert_eq!(loc.value(&path(&["stages", "gen", "params", "families", "1"])), Pos { line: 4, col: 42 });
+        assert_eq!(
+            loc.value(&path(&["stages", "gen", "kind"])),
+            Pos { line: 3, col: 11 }
+        );
+        assert_eq!(
+            loc.key(&path(&["stages", "gen", "params", "n_train"])),
+            Pos { line: 4, col: 15 }
+        );
+        assert_eq!(
+            loc.value(&path(&["stages", "gen", "params", "families", "1"])),
+            Pos { line: 4, col: 42 }
+        );
         // Unknown paths fall back to the nearest known ancestor.
-        assert_eq!(loc.key(&path(&["stages", "gen", "params", "nope"])), Pos { line: 4, col: 5 });
+        assert_eq!(
+            loc.key(&path(&["stages", "gen", "params", "nope"])),
+            Pos { line: 4, col: 5 }
+        );
     }
 }

@@ -31,19 +31,27 @@ impl Params {
     }
 
     pub fn i64(&self, name: &str) -> i64 {
-        self.get(name).as_i64().unwrap_or_else(|| unchecked(name, "int"))
+        self.get(name)
+            .as_i64()
+            .unwrap_or_else(|| unchecked(name, "int"))
     }
 
     pub fn f64(&self, name: &str) -> f64 {
-        self.get(name).as_f64().unwrap_or_else(|| unchecked(name, "float"))
+        self.get(name)
+            .as_f64()
+            .unwrap_or_else(|| unchecked(name, "float"))
     }
 
     pub fn bool(&self, name: &str) -> bool {
-        self.get(name).as_bool().unwrap_or_else(|| unchecked(name, "bool"))
+        self.get(name)
+            .as_bool()
+            .unwrap_or_else(|| unchecked(name, "bool"))
     }
 
     pub fn str(&self, name: &str) -> &str {
-        self.get(name).as_str().unwrap_or_else(|| unchecked(name, "string"))
+        self.get(name)
+            .as_str()
+            .unwrap_or_else(|| unchecked(name, "string"))
     }
 
     pub fn opt_i64(&self, name: &str) -> Option<i64> {
@@ -62,7 +70,10 @@ impl Params {
     /// is written in, so results must not depend on it either.
     pub fn weights(&self, name: &str) -> Vec<(String, f64)> {
         let mut pairs: Vec<(String, f64)> = match self.get(name) {
-            Value::Object(m) => m.iter().map(|(k, v)| (k.clone(), v.as_f64().unwrap_or(0.0))).collect(),
+            Value::Object(m) => m
+                .iter()
+                .map(|(k, v)| (k.clone(), v.as_f64().unwrap_or(0.0)))
+                .collect(),
             _ => Vec::new(),
         };
         pairs.sort_by(|a, b| a.0.cmp(&b.0));
@@ -105,12 +116,13 @@ pub fn resolve(spec: &KindSpec, raw: &Map<String, Value>) -> Result<Params, Vec<
     let mut out = Map::new();
     for p in &spec.params {
         match (raw.get(p.name), &p.default) {
-            (Some(v), _) => match normalize(p, &p.ty, v, &mut vec![p.name.to_string()], &mut problems) {
-                Some(v) => {
+            (Some(v), _) => {
+                if let Some(v) =
+                    normalize(p, &p.ty, v, &mut vec![p.name.to_string()], &mut problems)
+                {
                     out.insert(p.name.to_string(), v);
                 }
-                None => {}
-            },
+            }
             (None, Default::Value(v)) => {
                 out.insert(p.name.to_string(), v.clone());
             }
@@ -119,12 +131,19 @@ pub fn resolve(spec: &KindSpec, raw: &Map<String, Value>) -> Result<Params, Vec<
             }
             (None, Default::Required) => problems.push(ParamProblem {
                 path: vec![],
-                message: format!("missing required param `{}` ({}) for kind `{}`", p.name, p.ty, spec.name),
+                message: format!(
+                    "missing required param `{}` ({}) for kind `{}`",
+                    p.name, p.ty, spec.name
+                ),
                 at_key: true,
             }),
         }
     }
-    if problems.is_empty() { Ok(Params(out)) } else { Err(problems) }
+    if problems.is_empty() {
+        Ok(Params(out))
+    } else {
+        Err(problems)
+    }
 }
 
 fn normalize(
@@ -135,7 +154,11 @@ fn normalize(
     problems: &mut Vec<ParamProblem>,
 ) -> Option<Value> {
     let mut fail = |message: String| {
-        problems.push(ParamProblem { path: path.clone(), message, at_key: false });
+        problems.push(ParamProblem {
+            path: path.clone(),
+            message,
+            at_key: false,
+        });
         None
     };
     let shown = short(v);
@@ -145,21 +168,33 @@ fn normalize(
     }
     match ty {
         ParamType::Int { min, max } => {
-            let Some(i) = v.as_i64().or_else(|| v.as_f64().filter(|f| f.fract() == 0.0 && f.abs() < 9e15).map(|f| f as i64)) else {
+            let Some(i) = v.as_i64().or_else(|| {
+                v.as_f64()
+                    .filter(|f| f.fract() == 0.0 && f.abs() < 9e15)
+                    .map(|f| f as i64)
+            }) else {
                 return fail(format!("param `{name}` must be an integer, got {shown}"));
             };
             if i < *min || i > *max {
-                return fail(format!("param `{name}` = {i} is out of range {}", range(*min as f64, *max as f64)));
+                return fail(format!(
+                    "param `{name}` = {i} is out of range {}",
+                    range(*min as f64, *max as f64)
+                ));
             }
             Some(Value::from(i))
         }
         ParamType::Float { min, max } => {
-            let f = v.as_f64().or_else(|| v.as_str().and_then(|s| s.trim().parse::<f64>().ok()));
+            let f = v
+                .as_f64()
+                .or_else(|| v.as_str().and_then(|s| s.trim().parse::<f64>().ok()));
             let Some(f) = f.filter(|f| f.is_finite()) else {
                 return fail(format!("param `{name}` must be a number, got {shown}"));
             };
             if f < *min || f > *max {
-                return fail(format!("param `{name}` = {f} is out of range {}", range(*min, *max)));
+                return fail(format!(
+                    "param `{name}` = {f} is out of range {}",
+                    range(*min, *max)
+                ));
             }
             Some(Value::Number(Number::from_f64(f)?))
         }
@@ -172,8 +207,13 @@ fn normalize(
                 return fail(format!("param `{name}` must be a string, got {shown}"));
             };
             if !choices.is_empty() && !choices.contains(&s) {
-                let hint = did_you_mean(s, choices).map(|c| format!("; did you mean `{c}`?")).unwrap_or_default();
-                return fail(format!("param `{name}` must be one of {}, got `{s}`{hint}", choices.join(", ")));
+                let hint = did_you_mean(s, choices)
+                    .map(|c| format!("; did you mean `{c}`?"))
+                    .unwrap_or_default();
+                return fail(format!(
+                    "param `{name}` must be one of {}, got `{s}`{hint}",
+                    choices.join(", ")
+                ));
             }
             Some(Value::String(s.to_string()))
         }
@@ -192,16 +232,23 @@ fn normalize(
                 out.push(normalize(p, item, it, path, problems));
                 path.pop();
             }
-            out.into_iter().collect::<Option<Vec<_>>>().map(Value::Array)
+            out.into_iter()
+                .collect::<Option<Vec<_>>>()
+                .map(Value::Array)
         }
         ParamType::Weights { keys } => {
             let pairs: Vec<(String, Value)> = match v {
                 Value::Object(m) => m.iter().map(|(k, w)| (k.clone(), w.clone())).collect(),
-                Value::Array(a) if a.iter().all(|x| x.is_string()) => {
-                    a.iter().map(|x| (x.as_str().unwrap_or_default().to_string(), Value::from(1.0))).collect()
-                }
+                Value::Array(a) if a.iter().all(|x| x.is_string()) => a
+                    .iter()
+                    .map(|x| (x.as_str().unwrap_or_default().to_string(), Value::from(1.0)))
+                    .collect(),
                 Value::String(s) => vec![(s.clone(), Value::from(1.0))],
-                _ => return fail(format!("param `{name}` must be a list of names or a map of name: weight, got {shown}")),
+                _ => {
+                    return fail(format!(
+                        "param `{name}` must be a list of names or a map of name: weight, got {shown}"
+                    ));
+                }
             };
             if pairs.is_empty() {
                 return fail(format!("param `{name}` must name at least one entry"));
@@ -211,8 +258,14 @@ fn normalize(
             for (k, w) in pairs {
                 path.push(k.clone());
                 if !keys.is_empty() && !keys.contains(&k.as_str()) {
-                    let hint = did_you_mean(&k, keys).map(|c| format!("; did you mean `{c}`?")).unwrap_or_else(|| format!("; valid: {}", keys.join(", ")));
-                    problems.push(ParamProblem { path: path.clone(), message: format!("param `{name}`: unknown entry `{k}`{hint}"), at_key: true });
+                    let hint = did_you_mean(&k, keys)
+                        .map(|c| format!("; did you mean `{c}`?"))
+                        .unwrap_or_else(|| format!("; valid: {}", keys.join(", ")));
+                    problems.push(ParamProblem {
+                        path: path.clone(),
+                        message: format!("param `{name}`: unknown entry `{k}`{hint}"),
+                        at_key: true,
+                    });
                     ok = false;
                 } else {
                     match w.as_f64().filter(|w| w.is_finite() && *w >= 0.0) {
@@ -220,7 +273,14 @@ fn normalize(
                             out.insert(k, Value::Number(Number::from_f64(w)?));
                         }
                         None => {
-                            problems.push(ParamProblem { path: path.clone(), message: format!("param `{name}.{k}`: weight must be a number ≥ 0, got {}", short(&w)), at_key: false });
+                            problems.push(ParamProblem {
+                                path: path.clone(),
+                                message: format!(
+                                    "param `{name}.{k}`: weight must be a number ≥ 0, got {}",
+                                    short(&w)
+                                ),
+                                at_key: false,
+                            });
                             ok = false;
                         }
                     }
@@ -268,7 +328,11 @@ pub(crate) fn short(v: &Value) -> String {
         Value::Object(_) => "a map".into(),
         other => other.to_string(),
     };
-    if s.chars().count() > 40 { format!("{}…", s.chars().take(40).collect::<String>()) } else { s }
+    if s.chars().count() > 40 {
+        format!("{}…", s.chars().take(40).collect::<String>())
+    } else {
+        s
+    }
 }
 
 #[cfg(test)]
@@ -284,10 +348,34 @@ mod tests {
             inputs: vec![],
             outputs: vec![],
             params: vec![
-                ParamSpec::new("group_size", ParamType::Int { min: 2, max: 64 }, json!(8), ""),
-                ParamSpec::new("lr", ParamType::Float { min: 0.0, max: 1.0 }, json!(1e-5), ""),
-                ParamSpec::new("families", ParamType::Weights { keys: &["arithmetic", "linear"] }, json!({"arithmetic": 1.0}), ""),
-                ParamSpec::unset("limit", ParamType::Int { min: 1, max: i64::MAX }, ""),
+                ParamSpec::new(
+                    "group_size",
+                    ParamType::Int { min: 2, max: 64 },
+                    json!(8),
+                    "",
+                ),
+                ParamSpec::new(
+                    "lr",
+                    ParamType::Float { min: 0.0, max: 1.0 },
+                    json!(1e-5),
+                    "",
+                ),
+                ParamSpec::new(
+                    "families",
+                    ParamType::Weights {
+                        keys: &["arithmetic", "linear"],
+                    },
+                    json!({"arithmetic": 1.0}),
+                    "",
+                ),
+                ParamSpec::unset(
+                    "limit",
+                    ParamType::Int {
+                        min: 1,
+                        max: i64::MAX,
+                    },
+                    "",
+                ),
             ],
             device_dependent: false,
             variadic_inputs: false,
@@ -309,25 +397,49 @@ mod tests {
 
     #[test]
     fn weights_come_sorted_by_name_whatever_the_order_written() {
-        let a = resolve(&spec(), &obj(json!({"families": {"linear": 2, "arithmetic": 1}}))).unwrap();
+        let a = resolve(
+            &spec(),
+            &obj(json!({"families": {"linear": 2, "arithmetic": 1}})),
+        )
+        .unwrap();
         let b = resolve(&spec(), &obj(json!({"families": ["arithmetic", "linear"]}))).unwrap();
         let c = resolve(&spec(), &obj(json!({"families": ["linear", "arithmetic"]}))).unwrap();
-        assert_eq!(a.weights("families"), vec![("arithmetic".to_string(), 1.0), ("linear".to_string(), 2.0)]);
+        assert_eq!(
+            a.weights("families"),
+            vec![("arithmetic".to_string(), 1.0), ("linear".to_string(), 2.0)]
+        );
         assert_eq!(b.weights("families"), c.weights("families"));
     }
 
     #[test]
     fn reports_unknown_names_with_a_suggestion_and_bad_values() {
-        let errs = resolve(&spec(), &obj(json!({"group_sise": 4, "lr": "fast", "families": {"algebra": 1}}))).unwrap_err();
+        let errs = resolve(
+            &spec(),
+            &obj(json!({"group_sise": 4, "lr": "fast", "families": {"algebra": 1}})),
+        )
+        .unwrap_err();
         let text: Vec<_> = errs.iter().map(|e| e.message.clone()).collect();
-        assert!(text.iter().any(|m| m.contains("did you mean `group_size`")), "{text:?}");
-        assert!(text.iter().any(|m| m.contains("`lr` must be a number")), "{text:?}");
-        assert!(text.iter().any(|m| m.contains("unknown entry `algebra`")), "{text:?}");
+        assert!(
+            text.iter().any(|m| m.contains("did you mean `group_size`")),
+            "{text:?}"
+        );
+        assert!(
+            text.iter().any(|m| m.contains("`lr` must be a number")),
+            "{text:?}"
+        );
+        assert!(
+            text.iter().any(|m| m.contains("unknown entry `algebra`")),
+            "{text:?}"
+        );
     }
 
     #[test]
     fn rejects_out_of_range() {
         let errs = resolve(&spec(), &obj(json!({"group_size": 1}))).unwrap_err();
-        assert!(errs[0].message.contains("out of range [2, 64]"), "{}", errs[0].message);
+        assert!(
+            errs[0].message.contains("out of range [2, 64]"),
+            "{}",
+            errs[0].message
+        );
     }
 }

@@ -5,7 +5,7 @@ use std::path::{Path, PathBuf};
 
 use serde_json::{Map, Value};
 
-use crate::diag::{did_you_mean, Diagnostic, Diagnostics, Pos};
+use crate::diag::{Diagnostic, Diagnostics, Pos, did_you_mean};
 use crate::kind::{ParamType, Registry};
 use crate::locate::Locator;
 use crate::params::{self, Params};
@@ -63,14 +63,26 @@ impl Pipeline {
         if let Some((_, flag)) = self.overridden.iter().find(|(p, _)| path.starts_with(p)) {
             return Diagnostic::at_field(&format!("--set {flag}"), message);
         }
-        let pos = if at_key { self.locator.key(path) } else { self.locator.value(path) };
+        let pos = if at_key {
+            self.locator.key(path)
+        } else {
+            self.locator.value(path)
+        };
         Diagnostic::at_file(&self.path.display().to_string(), pos, message)
     }
 
     /// Where a stage's device is written: its own `device`, else the pipeline's.
     pub fn device_path(&self, stage: &str) -> Vec<String> {
-        let own = vec!["stages".to_string(), stage.to_string(), "device".to_string()];
-        if self.locator.has(&own) { own } else { vec!["device".to_string()] }
+        let own = vec![
+            "stages".to_string(),
+            stage.to_string(),
+            "device".to_string(),
+        ];
+        if self.locator.has(&own) {
+            own
+        } else {
+            vec!["device".to_string()]
+        }
     }
 
     pub fn stage(&self, name: &str) -> Option<&Stage> {
@@ -106,24 +118,50 @@ impl Override {
         }
         let value: serde_yaml::Value = serde_yaml::from_str(rhs)
             .map_err(|e| Diagnostic::at_field(&field, format!("value is not valid YAML: {e}")))?;
-        let value = yaml_to_json(&value, &mut Vec::new()).map_err(|(_, m)| Diagnostic::at_field(&field, m))?;
-        Ok(Override { node, param, value, text: text.to_string() })
+        let value = yaml_to_json(&value, &mut Vec::new())
+            .map_err(|(_, m)| Diagnostic::at_field(&field, m))?;
+        Ok(Override {
+            node,
+            param,
+            value,
+            text: text.to_string(),
+        })
     }
 }
 
 /// Reads, parses and checks a pipeline file.
-pub fn load(path: &Path, registry: &Registry, overrides: &[Override]) -> Result<Pipeline, Diagnostics> {
+pub fn load(
+    path: &Path,
+    registry: &Registry,
+    overrides: &[Override],
+) -> Result<Pipeline, Diagnostics> {
     let shown = path.display().to_string();
-    let text = std::fs::read_to_string(path)
-        .map_err(|e| Diagnostic::at_file(&shown, Pos::START, format!("cannot read pipeline file: {e}")))?;
+    let text = std::fs::read_to_string(path).map_err(|e| {
+        Diagnostic::at_file(
+            &shown,
+            Pos::START,
+            format!("cannot read pipeline file: {e}"),
+        )
+    })?;
     parse(path, &text, registry, overrides)
 }
 
 /// Parses and checks pipeline text as if it were read from `path`.
-pub fn parse(path: &Path, text: &str, registry: &Registry, overrides: &[Override]) -> Result<Pipeline, Diagnostics> {
+pub fn parse(
+    path: &Path,
+    text: &str,
+    registry: &Registry,
+    overrides: &[Override],
+) -> Result<Pipeline, Diagnostics> {
     let shown = path.display().to_string();
     let yaml: serde_yaml::Value = serde_yaml::from_str(text).map_err(|e| {
-        let pos = e.location().map(|l| Pos { line: l.line(), col: l.column() }).unwrap_or(Pos::START);
+        let pos = e
+            .location()
+            .map(|l| Pos {
+                line: l.line(),
+                col: l.column(),
+            })
+            .unwrap_or(Pos::START);
         let msg = e.to_string();
         // serde_yaml appends " at line L column C"; the location is already in front.
         let msg = msg.split(" at line ").next().unwrap_or(&msg).to_string();
@@ -139,19 +177,53 @@ pub fn parse(path: &Path, text: &str, registry: &Registry, overrides: &[Override
             (p, o.text.clone())
         })
         .collect();
-    let mut pipeline = Pipeline { path: path.to_path_buf(), dir, name: String::new(), stages: Vec::new(), locator, overridden };
+    let mut pipeline = Pipeline {
+        path: path.to_path_buf(),
+        dir,
+        name: String::new(),
+        stages: Vec::new(),
+        locator,
+        overridden,
+    };
     let root = match yaml_to_json(&yaml, &mut Vec::new()) {
         Ok(Value::Object(m)) => m,
-        Ok(Value::Null) => return Err(Diagnostic::at_file(&shown, Pos::START, "the pipeline file is empty; it needs a `stages:` map").into()),
-        Ok(_) => return Err(pipeline.diag(&[], false, "the pipeline file must be a map with a `stages:` key").into()),
+        Ok(Value::Null) => {
+            return Err(Diagnostic::at_file(
+                &shown,
+                Pos::START,
+                "the pipeline file is empty; it needs a `stages:` map",
+            )
+            .into());
+        }
+        Ok(_) => {
+            return Err(pipeline
+                .diag(
+                    &[],
+                    false,
+                    "the pipeline file must be a map with a `stages:` key",
+                )
+                .into());
+        }
         Err((path, m)) => return Err(pipeline.diag(&path, false, m).into()),
     };
     let mut errors = Vec::new();
     let p = |s: &[&str]| s.iter().map(|x| x.to_string()).collect::<Vec<_>>();
-    check_fields(&pipeline, &root, &[], TOP_LEVEL, "top-level key", "", &mut errors);
+    check_fields(
+        &pipeline,
+        &root,
+        &[],
+        TOP_LEVEL,
+        "top-level key",
+        "",
+        &mut errors,
+    );
 
     pipeline.name = match root.get("name") {
-        None => path.file_stem().and_then(|s| s.to_str()).unwrap_or("pipeline").to_string(),
+        None => path
+            .file_stem()
+            .and_then(|s| s.to_str())
+            .unwrap_or("pipeline")
+            .to_string(),
         Some(Value::String(s)) => s.clone(),
         Some(_) => {
             errors.push(pipeline.diag(&p(&["name"]), false, "`name` must be a string"));
@@ -161,7 +233,14 @@ pub fn parse(path: &Path, text: &str, registry: &Registry, overrides: &[Override
     let seed = match root.get("seed") {
         None => 0,
         Some(v) => v.as_u64().unwrap_or_else(|| {
-            errors.push(pipeline.diag(&p(&["seed"]), false, format!("`seed` must be a non-negative integer, got {}", params::short(v))));
+            errors.push(pipeline.diag(
+                &p(&["seed"]),
+                false,
+                format!(
+                    "`seed` must be a non-negative integer, got {}",
+                    params::short(v)
+                ),
+            ));
             0
         }),
     };
@@ -173,15 +252,30 @@ pub fn parse(path: &Path, text: &str, registry: &Registry, overrides: &[Override
     let stages = match root.get("stages") {
         Some(Value::Object(m)) if !m.is_empty() => m.clone(),
         Some(Value::Object(_)) => {
-            errors.push(pipeline.diag(&p(&["stages"]), true, "`stages` is empty; add at least one stage"));
+            errors.push(pipeline.diag(
+                &p(&["stages"]),
+                true,
+                "`stages` is empty; add at least one stage",
+            ));
             Map::new()
         }
         Some(v) => {
-            errors.push(pipeline.diag(&p(&["stages"]), false, format!("`stages` must be a map of stage name to stage, got {}", params::short(v))));
+            errors.push(pipeline.diag(
+                &p(&["stages"]),
+                false,
+                format!(
+                    "`stages` must be a map of stage name to stage, got {}",
+                    params::short(v)
+                ),
+            ));
             Map::new()
         }
         None => {
-            errors.push(Diagnostic::at_file(&shown, Pos::START, "missing `stages:` map"));
+            errors.push(Diagnostic::at_file(
+                &shown,
+                Pos::START,
+                "missing `stages:` map",
+            ));
             Map::new()
         }
     };
@@ -189,14 +283,28 @@ pub fn parse(path: &Path, text: &str, registry: &Registry, overrides: &[Override
     apply_overrides(&mut stages, overrides, &mut errors);
 
     for (name, decl) in &stages {
-        if let Some(stage) = check_stage(&pipeline, registry, name, decl, seed, &device, &mut errors) {
+        if let Some(stage) =
+            check_stage(&pipeline, registry, name, decl, seed, &device, &mut errors)
+        {
             pipeline.stages.push(stage);
         }
     }
-    if errors.is_empty() { Ok(pipeline) } else { Err(Diagnostics(errors)) }
+    if errors.is_empty() {
+        Ok(pipeline)
+    } else {
+        Err(Diagnostics(errors))
+    }
 }
 
-fn check_fields(pl: &Pipeline, map: &Map<String, Value>, at: &[String], valid: &[&str], what: &str, place: &str, errors: &mut Vec<Diagnostic>) {
+fn check_fields(
+    pl: &Pipeline,
+    map: &Map<String, Value>,
+    at: &[String],
+    valid: &[&str],
+    what: &str,
+    place: &str,
+    errors: &mut Vec<Diagnostic>,
+) {
     for key in map.keys() {
         if !valid.contains(&key.as_str()) {
             let mut path = at.to_vec();
@@ -205,36 +313,66 @@ fn check_fields(pl: &Pipeline, map: &Map<String, Value>, at: &[String], valid: &
                 Some(v) => format!("did you mean `{v}`?"),
                 None => format!("expected one of: {}", valid.join(", ")),
             };
-            errors.push(pl.diag(&path, true, format!("unknown {what} `{key}`{place}; {hint}")));
+            errors.push(pl.diag(
+                &path,
+                true,
+                format!("unknown {what} `{key}`{place}; {hint}"),
+            ));
         }
     }
 }
 
 fn check_device(pl: &Pipeline, v: &Value, path: &[String], errors: &mut Vec<Diagnostic>) -> String {
-    let ok = |s: &str| s == "cpu" || s == "cuda" || s.strip_prefix("cuda:").is_some_and(|n| n.parse::<u32>().is_ok());
+    let ok = |s: &str| {
+        s == "cpu"
+            || s == "cuda"
+            || s.strip_prefix("cuda:")
+                .is_some_and(|n| n.parse::<u32>().is_ok())
+    };
     match v.as_str() {
         Some(s) if ok(s) => s.to_string(),
         _ => {
-            errors.push(pl.diag(path, false, format!("`device` must be cpu, cuda or cuda:N, got {}", params::short(v))));
+            errors.push(pl.diag(
+                path,
+                false,
+                format!(
+                    "`device` must be cpu, cuda or cuda:N, got {}",
+                    params::short(v)
+                ),
+            ));
             "cpu".to_string()
         }
     }
 }
 
-fn apply_overrides(stages: &mut Map<String, Value>, overrides: &[Override], errors: &mut Vec<Diagnostic>) {
+fn apply_overrides(
+    stages: &mut Map<String, Value>,
+    overrides: &[Override],
+    errors: &mut Vec<Diagnostic>,
+) {
     for o in overrides {
         let field = format!("--set {}", o.text);
         let names: Vec<&str> = stages.keys().map(String::as_str).collect();
-        let hint = did_you_mean(&o.node, &names).map(|n| format!("; did you mean `{n}`?")).unwrap_or_default();
+        let hint = did_you_mean(&o.node, &names)
+            .map(|n| format!("; did you mean `{n}`?"))
+            .unwrap_or_default();
         let Some(Value::Object(stage)) = stages.get_mut(&o.node) else {
-            errors.push(Diagnostic::at_field(&field, format!("no stage named `{}`{hint}", o.node)));
+            errors.push(Diagnostic::at_field(
+                &field,
+                format!("no stage named `{}`{hint}", o.node),
+            ));
             continue;
         };
-        let params = stage.entry("params").or_insert_with(|| Value::Object(Map::new()));
+        let params = stage
+            .entry("params")
+            .or_insert_with(|| Value::Object(Map::new()));
         let mut slot = params;
         for (i, part) in o.param.iter().enumerate() {
             let Value::Object(m) = slot else {
-                errors.push(Diagnostic::at_field(&field, format!("`{}` is not a map", o.param[..i].join("."))));
+                errors.push(Diagnostic::at_field(
+                    &field,
+                    format!("`{}` is not a map", o.param[..i].join(".")),
+                ));
                 break;
             };
             slot = m.entry(part.clone()).or_insert(Value::Null);
@@ -259,22 +397,50 @@ fn check_stage(
         p
     };
     let before = errors.len();
-    if name.is_empty() || !name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-') {
-        errors.push(pl.diag(&at, true, format!("stage name `{name}` may contain only letters, digits, `_` and `-`")));
+    if name.is_empty()
+        || !name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-')
+    {
+        errors.push(pl.diag(
+            &at,
+            true,
+            format!("stage name `{name}` may contain only letters, digits, `_` and `-`"),
+        ));
     }
     let Value::Object(decl) = decl else {
-        errors.push(pl.diag(&at, false, format!("stage `{name}` must be a map with at least `kind:`")));
+        errors.push(pl.diag(
+            &at,
+            false,
+            format!("stage `{name}` must be a map with at least `kind:`"),
+        ));
         return None;
     };
-    check_fields(pl, decl, &at, STAGE_FIELDS, "field", &format!(" in stage `{name}`"), errors);
+    check_fields(
+        pl,
+        decl,
+        &at,
+        STAGE_FIELDS,
+        "field",
+        &format!(" in stage `{name}`"),
+        errors,
+    );
     let kind = match decl.get("kind") {
         Some(Value::String(k)) => k.clone(),
         Some(v) => {
-            errors.push(pl.diag(&sub("kind"), false, format!("`kind` must be a string, got {}", params::short(v))));
+            errors.push(pl.diag(
+                &sub("kind"),
+                false,
+                format!("`kind` must be a string, got {}", params::short(v)),
+            ));
             return None;
         }
         None => {
-            errors.push(pl.diag(&at, true, format!("stage `{name}` has no `kind` (`dagrun stages` lists the kinds)")));
+            errors.push(pl.diag(
+                &at,
+                true,
+                format!("stage `{name}` has no `kind` (`dagrun stages` lists the kinds)"),
+            ));
             return None;
         }
     };
@@ -283,7 +449,11 @@ fn check_stage(
             Some(k) => format!("did you mean `{k}`?"),
             None => format!("known kinds: {}", registry.names().join(", ")),
         };
-        errors.push(pl.diag(&sub("kind"), false, format!("unknown stage kind `{kind}`; {hint}")));
+        errors.push(pl.diag(
+            &sub("kind"),
+            false,
+            format!("unknown stage kind `{kind}`; {hint}"),
+        ));
         return None;
     };
 
@@ -291,14 +461,25 @@ fn check_stage(
         None => false,
         Some(Value::Bool(b)) => *b,
         Some(v) => {
-            errors.push(pl.diag(&sub("skip"), false, format!("`skip` must be true or false, got {}", params::short(v))));
+            errors.push(pl.diag(
+                &sub("skip"),
+                false,
+                format!("`skip` must be true or false, got {}", params::short(v)),
+            ));
             false
         }
     };
     let seed = match decl.get("seed") {
         None => default_seed,
         Some(v) => v.as_u64().unwrap_or_else(|| {
-            errors.push(pl.diag(&sub("seed"), false, format!("`seed` must be a non-negative integer, got {}", params::short(v))));
+            errors.push(pl.diag(
+                &sub("seed"),
+                false,
+                format!(
+                    "`seed` must be a non-negative integer, got {}",
+                    params::short(v)
+                ),
+            ));
             0
         }),
     };
@@ -313,7 +494,11 @@ fn check_stage(
         None | Some(Value::Null) => Map::new(),
         Some(Value::Object(m)) => m.clone(),
         Some(v) => {
-            errors.push(pl.diag(&sub("params"), false, format!("`params` must be a map, got {}", params::short(v))));
+            errors.push(pl.diag(
+                &sub("params"),
+                false,
+                format!("`params` must be a map, got {}", params::short(v)),
+            ));
             Map::new()
         }
     };
@@ -338,24 +523,52 @@ fn check_stage(
     };
     let mut params = params?;
     // Paths are relative to the pipeline file, whatever the working directory.
-    for p in spec.params.iter().filter(|p| matches!(p.ty, ParamType::Path)) {
+    for p in spec
+        .params
+        .iter()
+        .filter(|p| matches!(p.ty, ParamType::Path))
+    {
         if let Some(rel) = params.get(p.name).as_str() {
             let abs = pl.dir.join(rel);
-            params.0.insert(p.name.to_string(), Value::String(abs.display().to_string()));
+            params
+                .0
+                .insert(p.name.to_string(), Value::String(abs.display().to_string()));
         }
     }
     if errors.len() > before {
         return None;
     }
-    Some(Stage { name: name.to_string(), kind, inputs, params, skip, seed, device, doc })
+    Some(Stage {
+        name: name.to_string(),
+        kind,
+        inputs,
+        params,
+        skip,
+        seed,
+        device,
+        doc,
+    })
 }
 
-fn check_inputs(pl: &Pipeline, stage: &str, v: Option<&Value>, at: &[String], errors: &mut Vec<Diagnostic>) -> Vec<(String, Vec<InputRef>)> {
+fn check_inputs(
+    pl: &Pipeline,
+    stage: &str,
+    v: Option<&Value>,
+    at: &[String],
+    errors: &mut Vec<Diagnostic>,
+) -> Vec<(String, Vec<InputRef>)> {
     let map = match v {
         None | Some(Value::Null) => return Vec::new(),
         Some(Value::Object(m)) => m,
         Some(v) => {
-            errors.push(pl.diag(at, false, format!("`inputs` of `{stage}` must be a map of port: node.output, got {}", params::short(v))));
+            errors.push(pl.diag(
+                at,
+                false,
+                format!(
+                    "`inputs` of `{stage}` must be a map of port: node.output, got {}",
+                    params::short(v)
+                ),
+            ));
             return Vec::new();
         }
     };
@@ -364,18 +577,33 @@ fn check_inputs(pl: &Pipeline, stage: &str, v: Option<&Value>, at: &[String], er
         let mut path = at.to_vec();
         path.push(port.clone());
         let items: Vec<(Vec<String>, &Value)> = match refs {
-            Value::Array(a) => a.iter().enumerate().map(|(i, r)| {
-                let mut p = path.clone();
-                p.push(i.to_string());
-                (p, r)
-            }).collect(),
+            Value::Array(a) => a
+                .iter()
+                .enumerate()
+                .map(|(i, r)| {
+                    let mut p = path.clone();
+                    p.push(i.to_string());
+                    (p, r)
+                })
+                .collect(),
             other => vec![(path.clone(), other)],
         };
         let mut parsed = Vec::new();
         for (p, item) in items {
             match item.as_str().and_then(parse_ref) {
-                Some((node, output)) => parsed.push(InputRef { node, output, path: p }),
-                None => errors.push(pl.diag(&p, false, format!("input `{port}` must be `node` or `node.output`, got {}", params::short(item)))),
+                Some((node, output)) => parsed.push(InputRef {
+                    node,
+                    output,
+                    path: p,
+                }),
+                None => errors.push(pl.diag(
+                    &p,
+                    false,
+                    format!(
+                        "input `{port}` must be `node` or `node.output`, got {}",
+                        params::short(item)
+                    ),
+                )),
             }
         }
         if matches!(refs, Value::Array(a) if a.is_empty()) {
@@ -387,7 +615,11 @@ fn check_inputs(pl: &Pipeline, stage: &str, v: Option<&Value>, at: &[String], er
 }
 
 fn parse_ref(s: &str) -> Option<(String, Option<String>)> {
-    let valid = |x: &str| !x.is_empty() && x.chars().all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-');
+    let valid = |x: &str| {
+        !x.is_empty()
+            && x.chars()
+                .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-')
+    };
     match s.trim().split_once('.') {
         Some((n, o)) if valid(n) && valid(o) => Some((n.to_string(), Some(o.to_string()))),
         None if valid(s.trim()) => Some((s.trim().to_string(), None)),
@@ -397,7 +629,10 @@ fn parse_ref(s: &str) -> Option<(String, Option<String>)> {
 
 /// YAML to JSON values: map keys must be strings (or numbers and booleans, read as text).
 /// On failure, returns the path of the offending value.
-pub(crate) fn yaml_to_json(v: &serde_yaml::Value, path: &mut Vec<String>) -> Result<Value, (Vec<String>, String)> {
+pub(crate) fn yaml_to_json(
+    v: &serde_yaml::Value,
+    path: &mut Vec<String>,
+) -> Result<Value, (Vec<String>, String)> {
     use serde_yaml::Value as Y;
     Ok(match v {
         Y::Null => Value::Null,
@@ -409,7 +644,9 @@ pub(crate) fn yaml_to_json(v: &serde_yaml::Value, path: &mut Vec<String>) -> Res
                 Value::from(u)
             } else {
                 let f = n.as_f64().unwrap_or(f64::NAN);
-                serde_json::Number::from_f64(f).map(Value::Number).ok_or_else(|| (path.clone(), format!("number {f} is not finite")))?
+                serde_json::Number::from_f64(f)
+                    .map(Value::Number)
+                    .ok_or_else(|| (path.clone(), format!("number {f} is not finite")))?
             }
         }
         Y::String(s) => Value::String(s.clone()),
@@ -437,6 +674,11 @@ pub(crate) fn yaml_to_json(v: &serde_yaml::Value, path: &mut Vec<String>) -> Res
             }
             Value::Object(out)
         }
-        Y::Tagged(t) => return Err((path.clone(), format!("YAML tags such as `{}` are not supported", t.tag))),
+        Y::Tagged(t) => {
+            return Err((
+                path.clone(),
+                format!("YAML tags such as `{}` are not supported", t.tag),
+            ));
+        }
     })
 }

@@ -6,7 +6,7 @@ use dagrun_cache::Store;
 use serde::Serialize;
 
 use crate::diag::Diagnostics;
-use crate::exec::{cached_outputs, key_parts, select, Available, PathDigests, RunOptions};
+use crate::exec::{Available, PathDigests, RunOptions, cached_outputs, key_parts, select};
 use crate::graph::{Graph, Source};
 use crate::records::Records;
 
@@ -34,7 +34,11 @@ pub struct PlannedStage {
     pub reasons: Vec<String>,
 }
 
-pub fn plan(graph: &Graph, store: &Store, opts: &RunOptions) -> Result<Vec<PlannedStage>, Diagnostics> {
+pub fn plan(
+    graph: &Graph,
+    store: &Store,
+    opts: &RunOptions,
+) -> Result<Vec<PlannedStage>, Diagnostics> {
     let selected = select(graph, opts)?;
     let index = Records::new(store.root()).index(&graph.pipeline.path);
     let mut available: HashMap<Source, Available> = HashMap::new();
@@ -43,17 +47,32 @@ pub fn plan(graph: &Graph, store: &Store, opts: &RunOptions) -> Result<Vec<Plann
     let mut out = Vec::new();
     for &i in &graph.order {
         let stage = &graph.pipeline.stages[i];
-        let mut planned = PlannedStage { name: stage.name.clone(), kind: stage.kind.clone(), action: Action::Skipped, key: None, reasons: Vec::new() };
+        let mut planned = PlannedStage {
+            name: stage.name.clone(),
+            kind: stage.kind.clone(),
+            action: Action::Skipped,
+            key: None,
+            reasons: Vec::new(),
+        };
         if stage.skip {
-            planned.reasons.push("skip: true (its input passes through)".into());
+            planned
+                .reasons
+                .push("skip: true (its input passes through)".into());
             out.push(planned);
             continue;
         }
-        let parts = key_parts(graph, i, &available, &mut path_digests).map_err(Diagnostics::from)?;
+        let parts =
+            key_parts(graph, i, &available, &mut path_digests).map_err(Diagnostics::from)?;
         let cached = parts.as_ref().and_then(|p| cached_outputs(store, &p.key()));
         if let Some(outs) = &cached {
             for (name, a) in outs {
-                available.insert(Source { node: i, output: name.clone() }, a.clone());
+                available.insert(
+                    Source {
+                        node: i,
+                        output: name.clone(),
+                    },
+                    a.clone(),
+                );
             }
         }
         planned.key = parts.as_ref().map(|p| p.key());
@@ -66,7 +85,8 @@ pub fn plan(graph: &Graph, store: &Store, opts: &RunOptions) -> Result<Vec<Plann
             }
             (true, false, Some(_)) => Action::Cached,
             (true, false, None) => {
-                planned.reasons = reasons(graph, i, parts.as_ref(), index.get(&stage.name), &will_run);
+                planned.reasons =
+                    reasons(graph, i, parts.as_ref(), index.get(&stage.name), &will_run);
                 Action::Run
             }
         };
@@ -93,7 +113,11 @@ fn reasons(
     match parts {
         Some(p) => {
             let changes = p.changes_from(last_parts);
-            if changes.is_empty() { vec!["output missing from the cache".into()] } else { changes }
+            if changes.is_empty() {
+                vec!["output missing from the cache".into()]
+            } else {
+                changes
+            }
         }
         None => {
             // Some input will only be known after its producer runs: name the params that
@@ -102,20 +126,26 @@ fn reasons(
             let mut now = last_parts.clone();
             now.seed = stage.seed;
             for (name, value) in stage.params.as_map() {
-                let is_path = node.spec.params.iter().any(|p| p.name == name && matches!(p.ty, crate::kind::ParamType::Path));
+                let is_path = node
+                    .spec
+                    .params
+                    .iter()
+                    .any(|p| p.name == name && matches!(p.ty, crate::kind::ParamType::Path));
                 if !is_path {
                     now.params.insert(name.clone(), value.clone());
                 }
             }
             let mut r = now.changes_from(last_parts);
-            r.extend(node
-                .inputs
-                .iter()
-                .filter(|x| x.sources.iter().any(|s| will_run.contains(&s.node)))
-                .map(|x| {
-                    let producers: Vec<&str> = x.sources.iter().map(|s| graph.name(s.node)).collect();
-                    format!("input {}: changed (node {})", x.port, producers.join(", "))
-                }));
+            r.extend(
+                node.inputs
+                    .iter()
+                    .filter(|x| x.sources.iter().any(|s| will_run.contains(&s.node)))
+                    .map(|x| {
+                        let producers: Vec<&str> =
+                            x.sources.iter().map(|s| graph.name(s.node)).collect();
+                        format!("input {}: changed (node {})", x.port, producers.join(", "))
+                    }),
+            );
             if r.is_empty() {
                 r.push("an input is not in the cache".into());
             }

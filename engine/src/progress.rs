@@ -37,7 +37,13 @@ struct Inner {
 }
 
 impl Progress {
-    pub(crate) fn new(node: &str, total: u64, unit: &str, mode: ProgressMode, log: LogSink) -> Progress {
+    pub(crate) fn new(
+        node: &str,
+        total: u64,
+        unit: &str,
+        mode: ProgressMode,
+        log: LogSink,
+    ) -> Progress {
         let bar = (mode == ProgressMode::Bar).then(|| {
             let bar = ProgressBar::with_draw_target(Some(total), ProgressDrawTarget::stderr());
             let style = ProgressStyle::with_template(&format!(
@@ -88,23 +94,43 @@ impl Progress {
             bar.set_position(pos);
         }
         let total = self.inner.total.load(Ordering::Relaxed);
-        let mut last = self.inner.last_line.lock().unwrap_or_else(|e| e.into_inner());
+        let mut last = self
+            .inner
+            .last_line
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
         if last.elapsed() < Duration::from_secs(5) && pos < total {
             return;
         }
         *last = Instant::now();
         let secs = self.inner.started.elapsed().as_secs_f64().max(1e-9);
         let rate = pos as f64 / secs;
-        let eta = if rate > 0.0 && total > pos { format!(", eta {:.0}s", (total - pos) as f64 / rate) } else { String::new() };
-        let line = format!("{}/{} {} ({:.1}/s{eta}){}", pos, total, self.inner.unit, rate, msg.map(|m| format!(" {m}")).unwrap_or_default());
+        let eta = if rate > 0.0 && total > pos {
+            format!(", eta {:.0}s", (total - pos) as f64 / rate)
+        } else {
+            String::new()
+        };
+        let line = format!(
+            "{}/{} {} ({:.1}/s{eta}){}",
+            pos,
+            total,
+            self.inner.unit,
+            rate,
+            msg.map(|m| format!(" {m}")).unwrap_or_default()
+        );
         if self.inner.mode == ProgressMode::Log {
             tracing::info!(stage = %self.inner.node, "{line}");
         }
-        if let Some(f) = self.inner.log.lock().unwrap_or_else(|e| e.into_inner()).as_mut() {
+        if let Some(f) = self
+            .inner
+            .log
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .as_mut()
+        {
             let _ = writeln!(f, "progress: {line}");
         }
     }
-
 }
 
 impl Drop for Inner {

@@ -80,13 +80,23 @@ pub struct Records {
 
 impl Records {
     pub fn new(cache_root: &Path) -> Records {
-        Records { root: cache_root.to_path_buf() }
+        Records {
+            root: cache_root.to_path_buf(),
+        }
     }
 
-    /// A new run id, sortable by time: `20261122T041512-12345`.
+    /// A new run id, sortable by time to the millisecond: `20261122T041512.345-12345` (so that
+    /// `gc --keep-runs` keeps the newest of two runs started in one second).
     pub fn new_run_id() -> String {
-        let now = SystemTime::now().duration_since(UNIX_EPOCH).unwrap_or_default();
-        format!("{}-{}", utc_stamp(now.as_secs()), std::process::id())
+        let now = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .unwrap_or_default();
+        format!(
+            "{}.{:03}-{}",
+            utc_stamp(now.as_secs()),
+            now.subsec_millis(),
+            std::process::id()
+        )
     }
 
     pub fn run_dir(&self, run: &str) -> PathBuf {
@@ -107,14 +117,21 @@ impl Records {
             .map(|rd| rd.filter_map(|e| e.ok().map(|e| e.path())).collect())
             .unwrap_or_default();
         dirs.sort();
-        dirs.iter().filter_map(|d| read_json(&d.join("record.json"))).collect()
+        dirs.iter()
+            .filter_map(|d| read_json(&d.join("record.json")))
+            .collect()
     }
 
     fn index_path(&self, pipeline: &Path) -> PathBuf {
         let abs = std::path::absolute(pipeline).unwrap_or_else(|_| pipeline.to_path_buf());
         let id = blake3::hash(abs.display().to_string().as_bytes()).to_hex();
-        let stem = pipeline.file_stem().and_then(|s| s.to_str()).unwrap_or("pipeline");
-        self.root.join("index").join(format!("{stem}-{}.json", &id[..12]))
+        let stem = pipeline
+            .file_stem()
+            .and_then(|s| s.to_str())
+            .unwrap_or("pipeline");
+        self.root
+            .join("index")
+            .join(format!("{stem}-{}.json", &id[..12]))
     }
 
     /// The latest record of each stage of `pipeline`, by stage name.
@@ -136,7 +153,9 @@ impl Records {
 
     /// Every index, for gc: what each pipeline currently points at stays.
     pub fn all_indexes(&self) -> Vec<BTreeMap<String, StageRecord>> {
-        let Ok(rd) = std::fs::read_dir(self.root.join("index")) else { return Vec::new() };
+        let Ok(rd) = std::fs::read_dir(self.root.join("index")) else {
+            return Vec::new();
+        };
         rd.filter_map(|e| read_json(&e.ok()?.path())).collect()
     }
 }
@@ -163,7 +182,12 @@ fn utc_stamp(secs: u64) -> String {
     let d = doy - (153 * mp + 2) / 5 + 1;
     let m = if mp < 10 { mp + 3 } else { mp - 9 };
     let y = yoe + era * 400 + i64::from(m <= 2);
-    format!("{y:04}{m:02}{d:02}T{:02}{:02}{:02}", rem / 3600, rem % 3600 / 60, rem % 60)
+    format!(
+        "{y:04}{m:02}{d:02}T{:02}{:02}{:02}",
+        rem / 3600,
+        rem % 3600 / 60,
+        rem % 60
+    )
 }
 
 #[cfg(test)]

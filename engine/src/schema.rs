@@ -5,7 +5,7 @@
 use std::collections::BTreeMap;
 
 use schemars::JsonSchema;
-use serde_json::{json, Map, Value};
+use serde_json::{Map, Value, json};
 
 use crate::kind::{Default, ParamType, Registry};
 
@@ -55,7 +55,8 @@ enum InputRefs {
 
 /// The JSON Schema of pipeline files for the kinds in `registry`.
 pub fn pipeline_schema(registry: &Registry) -> Value {
-    let mut schema = serde_json::to_value(schemars::schema_for!(PipelineFile)).unwrap_or(Value::Null);
+    let mut schema =
+        serde_json::to_value(schemars::schema_for!(PipelineFile)).unwrap_or(Value::Null);
     let names: Vec<&str> = registry.names();
     let per_kind: Vec<Value> = registry
         .specs()
@@ -90,12 +91,18 @@ fn param_schema(ty: &ParamType) -> Value {
         ParamType::Int { min, max } => json!({"type": "integer", "minimum": min, "maximum": max}),
         ParamType::Float { min, max } => json!({"type": "number", "minimum": min, "maximum": max}),
         ParamType::Bool => json!({"type": "boolean"}),
-        ParamType::Str { choices } if choices.is_empty() => json!({"type": "string"}),
+        ParamType::Str { choices: [] } => json!({"type": "string"}),
         ParamType::Str { choices } => json!({"enum": choices}),
         ParamType::Path => json!({"type": "string"}),
-        ParamType::List(item) => json!({"anyOf": [{"type": "array", "items": param_schema(item)}, param_schema(item)]}),
+        ParamType::List(item) => {
+            json!({"anyOf": [{"type": "array", "items": param_schema(item)}, param_schema(item)]})
+        }
         ParamType::Weights { keys } => {
-            let name = if keys.is_empty() { json!({"type": "string"}) } else { json!({"enum": keys}) };
+            let name = if keys.is_empty() {
+                json!({"type": "string"})
+            } else {
+                json!({"enum": keys})
+            };
             json!({"anyOf": [
                 {"type": "array", "items": name},
                 {"type": "object", "additionalProperties": {"type": "number", "minimum": 0}},

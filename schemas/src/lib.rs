@@ -52,14 +52,15 @@ impl TableSchema {
 /// Types equal up to nested field names and nullability, which writers are free to choose.
 fn same_type(a: &DataType, b: &DataType) -> bool {
     match (a, b) {
-        (DataType::List(x), DataType::List(y)) | (DataType::LargeList(x), DataType::LargeList(y)) => {
+        (DataType::List(x), DataType::List(y))
+        | (DataType::LargeList(x), DataType::LargeList(y)) => {
             same_type(x.data_type(), y.data_type())
         }
         (DataType::Struct(x), DataType::Struct(y)) => {
             x.len() == y.len()
-                && x.iter().zip(y.iter()).all(|(f, g)| {
-                    f.name() == g.name() && same_type(f.data_type(), g.data_type())
-                })
+                && x.iter()
+                    .zip(y.iter())
+                    .all(|(f, g)| f.name() == g.name() && same_type(f.data_type(), g.data_type()))
         }
         (DataType::Utf8, DataType::LargeUtf8) | (DataType::LargeUtf8, DataType::Utf8) => true,
         _ => a == b,
@@ -71,7 +72,11 @@ fn utf8(name: &str) -> Field {
 }
 
 fn list_of(name: &str, item: DataType) -> Field {
-    Field::new(name, DataType::List(Arc::new(Field::new("item", item, true))), false)
+    Field::new(
+        name,
+        DataType::List(Arc::new(Field::new("item", item, true))),
+        false,
+    )
 }
 
 /// The fields of one chat message, `{role, content}`, as Hugging Face datasets store them.
@@ -115,8 +120,10 @@ pub fn chat() -> TableSchema {
 
 /// Sampled completions with their rewards, for debugging reward functions.
 pub fn samples() -> TableSchema {
-    let component =
-        Fields::from(vec![utf8("name"), Field::new("value", DataType::Float64, true)]);
+    let component = Fields::from(vec![
+        utf8("name"),
+        Field::new("value", DataType::Float64, true),
+    ]);
     TableSchema {
         name: "samples",
         version: 1,
@@ -196,7 +203,12 @@ mod tests {
     #[test]
     fn check_accepts_extra_columns_and_rejects_wrong_types() {
         let p = problems();
-        let mut fields: Vec<Field> = p.schema.fields().iter().map(|f| f.as_ref().clone()).collect();
+        let mut fields: Vec<Field> = p
+            .schema
+            .fields()
+            .iter()
+            .map(|f| f.as_ref().clone())
+            .collect();
         fields.push(utf8("source"));
         assert!(p.check(&Schema::new(fields.clone())).is_ok());
         fields[2] = Field::new("difficulty", DataType::Utf8, false);

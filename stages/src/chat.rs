@@ -27,12 +27,19 @@ impl ChatFormat {
             stop_ids.push(end_id);
         }
         let pad_id = tokenizer.pad_id().unwrap_or(end_id);
-        Ok(ChatFormat { tokenizer, end_id, stop_ids, pad_id })
+        Ok(ChatFormat {
+            tokenizer,
+            end_id,
+            stop_ids,
+            pad_id,
+        })
     }
 
     /// The prompt ids for a user message, ready for the assistant's answer.
     pub fn prompt_ids(&self, user: &str) -> anyhow::Result<Vec<u32>> {
-        let text = self.tokenizer.apply_chat_template(&[ChatMessage::new("user", user)], true)?;
+        let text = self
+            .tokenizer
+            .apply_chat_template(&[ChatMessage::new("user", user)], true)?;
         self.tokenizer.encode(&text, false)
     }
 

@@ -141,8 +141,15 @@ impl Checkpoint {
                         dir.display()
                     );
                     notes.push(note);
-                    std::fs::remove_dir_all(dir).map_err(|e| {
-                        anyhow::anyhow!("removing the unusable checkpoint {}: {e}", dir.display())
+                    // Set aside, not deleted: the error may be passing (a full disk, a busy
+                    // device), and a person may want the state back. gc removes it with the key.
+                    let aside = dir.with_extension("unusable");
+                    let _ = std::fs::remove_dir_all(&aside);
+                    std::fs::rename(dir, &aside).map_err(|e| {
+                        anyhow::anyhow!(
+                            "setting aside the unusable checkpoint {}: {e}",
+                            dir.display()
+                        )
                     })?;
                 }
             }

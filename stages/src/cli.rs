@@ -6,10 +6,10 @@ use std::path::PathBuf;
 use anyhow::Context;
 use burn::tensor::backend::AutodiffBackend;
 use clap::Args;
-use dagrun_engine::cli::{resolve_artifact, GlobalArgs, EXIT_OK, EXIT_STAGE_FAILED, EXIT_USAGE};
-use dagrun_model::bench::{run_bench, BenchShape};
-use dagrun_model::device::{run_on, BackendTask, DeviceSpec};
-use dagrun_model::generate::{generate, SamplingParams};
+use dagrun_engine::cli::{EXIT_OK, EXIT_STAGE_FAILED, EXIT_USAGE, GlobalArgs, resolve_artifact};
+use dagrun_model::bench::{BenchShape, run_bench};
+use dagrun_model::device::{BackendTask, DeviceSpec, run_on};
+use dagrun_model::generate::{SamplingParams, generate};
 use dagrun_model::tokenizer::{ChatMessage, Tokenizer};
 
 #[derive(Debug, Args)]
@@ -42,34 +42,25 @@ pub struct GenerateArgs {
     pub json: bool,
 }
 
-/// A shape flag: a count of at least 1 (clap reports anything else with exit code 2).
-fn positive(s: &str) -> Result<usize, String> {
-    match s.parse::<usize>() {
-        Ok(0) => Err("must be at least 1".into()),
-        Ok(n) => Ok(n),
-        Err(e) => Err(e.to_string()),
-    }
-}
-
 #[derive(Debug, Args)]
 pub struct BenchArgs {
-    #[arg(long, default_value_t = 4, value_parser = positive)]
+    #[arg(long, default_value_t = 4)]
     pub layers: usize,
-    #[arg(long, default_value_t = 256, value_parser = positive)]
+    #[arg(long, default_value_t = 256)]
     pub hidden: usize,
-    #[arg(long, default_value_t = 4, value_parser = positive)]
+    #[arg(long, default_value_t = 4)]
     pub heads: usize,
-    #[arg(long, default_value_t = 4, value_parser = positive)]
+    #[arg(long, default_value_t = 4)]
     pub kv_heads: usize,
-    #[arg(long, default_value_t = 688, value_parser = positive)]
+    #[arg(long, default_value_t = 688)]
     pub ffn: usize,
-    #[arg(long, default_value_t = 512, value_parser = positive)]
+    #[arg(long, default_value_t = 512)]
     pub vocab: usize,
-    #[arg(long, default_value_t = 16, value_parser = positive)]
+    #[arg(long, default_value_t = 16)]
     pub batch: usize,
-    #[arg(long, default_value_t = 128, value_parser = positive)]
+    #[arg(long, default_value_t = 128)]
     pub seq: usize,
-    #[arg(long, default_value_t = 128, value_parser = positive)]
+    #[arg(long, default_value_t = 128)]
     pub new_tokens: usize,
     /// Timed training steps (after a warm-up step).
     #[arg(long, default_value_t = 3)]
@@ -91,11 +82,31 @@ impl BackendTask for Generate {
         let tokenizer = Tokenizer::load(&self.dir)?;
         let model = dagrun_model::load_model::<B::InnerBackend>(&self.dir, &device)?;
         let a = &self.args;
-        let text = if a.chat { tokenizer.apply_chat_template(&[ChatMessage::new("user", &a.prompt)], true)? } else { a.prompt.clone() };
+        let text = if a.chat {
+            tokenizer.apply_chat_template(&[ChatMessage::new("user", &a.prompt)], true)?
+        } else {
+            a.prompt.clone()
+        };
         let ids = tokenizer.encode(&text, !a.chat)?;
-        let params = SamplingParams { temperature: a.temperature, top_k: a.top_k, top_p: a.top_p, max_new_tokens: a.max_new_tokens, stop_strings: Vec::new(), seed: a.seed };
-        let out = generate(&model, Some(&tokenizer), &[ids], &tokenizer.eos_ids, &params)?.remove(0);
-        Ok(serde_json::json!({ "text": out.text, "token_ids": out.token_ids, "logprobs": out.logprobs, "truncated": out.truncated }))
+        let params = SamplingParams {
+            temperature: a.temperature,
+            top_k: a.top_k,
+            top_p: a.top_p,
+            max_new_tokens: a.max_new_tokens,
+            stop_strings: Vec::new(),
+            seed: a.seed,
+        };
+        let out = generate(
+            &model,
+            Some(&tokenizer),
+            &[ids],
+            &tokenizer.eos_ids,
+            &params,
+        )?
+        .remove(0);
+        Ok(
+            serde_json::json!({ "text": out.text, "token_ids": out.token_ids, "logprobs": out.logprobs, "truncated": out.truncated }),
+        )
     }
 }
 
@@ -125,7 +136,15 @@ pub fn generate_command(a: GenerateArgs, g: &GlobalArgs) -> i32 {
         Err(code) => return code,
     };
     let json = a.json;
-    match run_on(&device, Generate { dir: dir.clone(), args: a }).with_context(|| format!("generating with {}", dir.display())) {
+    match run_on(
+        &device,
+        Generate {
+            dir: dir.clone(),
+            args: a,
+        },
+    )
+    .with_context(|| format!("generating with {}", dir.display()))
+    {
         Ok(v) => {
             if json {
                 println!("{v}");
@@ -156,12 +175,22 @@ pub fn bench_command(a: BenchArgs) -> i32 {
         train_steps: a.steps.max(1),
         ..BenchShape::default()
     };
+    if let Err(e) = shape.check() {
+        eprintln!("error: {e}");
+        return EXIT_USAGE;
+    }
     match run_bench(&shape, &device) {
         Ok(r) => {
             if a.json {
-                println!("{}", serde_json::json!({ "train_tok_s": r.train_tok_s, "gen_tok_s": r.gen_tok_s, "gflops": r.gflops, "device": device.to_string() }));
+                println!(
+                    "{}",
+                    serde_json::json!({ "train_tok_s": r.train_tok_s, "gen_tok_s": r.gen_tok_s, "gflops": r.gflops, "device": device.to_string() })
+                );
             } else {
-                println!("train_tok_s {:.0}\ngen_tok_s   {:.0}\ngflops      {:.1}", r.train_tok_s, r.gen_tok_s, r.gflops);
+                println!(
+                    "train_tok_s {:.0}\ngen_tok_s   {:.0}\ngflops      {:.1}",
+                    r.train_tok_s, r.gen_tok_s, r.gflops
+                );
             }
             EXIT_OK
         }

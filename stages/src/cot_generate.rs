@@ -8,14 +8,16 @@
 use std::collections::HashSet;
 
 use anyhow::bail;
-use dagrun_engine::dataset::{read_checkpoint, write_parquet_atomic};
-use dagrun_engine::kind::{ArtifactType, KindSpec, ParamError, ParamSpec, ParamType, PortSpec, StageContext, StageKind};
 use dagrun_engine::Params;
+use dagrun_engine::dataset::{read_checkpoint, write_parquet_atomic};
+use dagrun_engine::kind::{
+    ArtifactType, KindSpec, ParamError, ParamSpec, ParamType, PortSpec, StageContext, StageKind,
+};
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use serde_json::json;
 
-use crate::tables::{chat_batch, problems_batch, ChatRow, Message, ProblemRow};
+use crate::tables::{ChatRow, Message, ProblemRow, chat_batch, problems_batch};
 use crate::tasks::{self, Family};
 
 /// Problems per checkpoint shard.
@@ -33,15 +35,55 @@ impl StageKind for CotGenerate {
             doc: "generate verifiable problems (train/test) and chain-of-thought chats for the train split",
             inputs: vec![],
             outputs: vec![
-                PortSpec::one("train", ArtifactType::Dataset(Some("problems")), "training problems"),
-                PortSpec::one("test", ArtifactType::Dataset(Some("problems")), "held-out problems, none of which appears in train"),
-                PortSpec::one("cot", ArtifactType::Dataset(Some("chat")), "the train problems as user/assistant chats with <think> steps"),
+                PortSpec::one(
+                    "train",
+                    ArtifactType::Dataset(Some("problems")),
+                    "training problems",
+                ),
+                PortSpec::one(
+                    "test",
+                    ArtifactType::Dataset(Some("problems")),
+                    "held-out problems, none of which appears in train",
+                ),
+                PortSpec::one(
+                    "cot",
+                    ArtifactType::Dataset(Some("chat")),
+                    "the train problems as user/assistant chats with <think> steps",
+                ),
             ],
             params: vec![
-                ParamSpec::new("families", ParamType::Weights { keys: &["arithmetic", "addition", "linear", "word", "countdown"] }, json!({"arithmetic": 1.0}), "task families, as a list or with weights"),
-                ParamSpec::new("difficulty", ParamType::List(Box::new(ParamType::Int { min: 1, max: 100 })), json!([1, 3]), "[min, max] difficulty (clamped to each family's range)"),
-                ParamSpec::new("n_train", ParamType::Int { min: 1, max: 100_000_000 }, json!(1000), "training problems"),
-                ParamSpec::new("n_test", ParamType::Int { min: 0, max: 10_000_000 }, json!(200), "held-out problems (unique prompts)"),
+                ParamSpec::new(
+                    "families",
+                    ParamType::Weights {
+                        keys: &["arithmetic", "addition", "linear", "word", "countdown"],
+                    },
+                    json!({"arithmetic": 1.0}),
+                    "task families, as a list or with weights",
+                ),
+                ParamSpec::new(
+                    "difficulty",
+                    ParamType::List(Box::new(ParamType::Int { min: 1, max: 100 })),
+                    json!([1, 3]),
+                    "[min, max] difficulty (clamped to each family's range)",
+                ),
+                ParamSpec::new(
+                    "n_train",
+                    ParamType::Int {
+                        min: 1,
+                        max: 100_000_000,
+                    },
+                    json!(1000),
+                    "training problems",
+                ),
+                ParamSpec::new(
+                    "n_test",
+                    ParamType::Int {
+                        min: 0,
+                        max: 10_000_000,
+                    },
+                    json!(200),
+                    "held-out problems (unique prompts)",
+                ),
             ],
             device_dependent: false,
             variadic_inputs: false,
@@ -52,7 +94,12 @@ impl StageKind for CotGenerate {
         let range: Vec<i64> = params.get_as("difficulty").unwrap_or_default();
         match range.as_slice() {
             [lo, hi] if lo <= hi => Ok(()),
-            _ => Err(ParamError { param: "difficulty".into(), message: format!("param `difficulty` must be [min, max] with min ≤ max, got {range:?}") }),
+            _ => Err(ParamError {
+                param: "difficulty".into(),
+                message: format!(
+                    "param `difficulty` must be [min, max] with min ≤ max, got {range:?}"
+                ),
+            }),
         }
     }
 
@@ -67,7 +114,11 @@ impl StageKind for CotGenerate {
             bail!("param `families`: at least one weight must be positive");
         }
         let range: Vec<i64> = ctx.params.get_as("difficulty")?;
-        let plan = Plan { seed: ctx.seed, families, difficulty: (range[0] as u32, range[1] as u32) };
+        let plan = Plan {
+            seed: ctx.seed,
+            families,
+            difficulty: (range[0] as u32, range[1] as u32),
+        };
         let n_train = ctx.params.i64("n_train") as usize;
         let n_test = ctx.params.i64("n_test") as usize;
         let progress = ctx.progress((n_train + n_test) as u64, "problems");
@@ -76,7 +127,13 @@ impl StageKind for CotGenerate {
         // The test split first: train must avoid its prompts.
         let test_file = resume.join("test.parquet");
         // A checkpoint that cannot be read (a truncated file) is made again, not fatal.
-        let saved = if test_file.exists() { read_checkpoint(&test_file).map(|b| crate::tables::read_problems(&b)).transpose()? } else { None };
+        let saved = if test_file.exists() {
+            read_checkpoint(&test_file)
+                .map(|b| crate::tables::read_problems(&b))
+                .transpose()?
+        } else {
+            None
+        };
         let test = match saved {
             Some(test) => {
                 ctx.mark_resumed();
@@ -84,7 +141,10 @@ impl StageKind for CotGenerate {
             }
             None => {
                 let test = plan.test_split(n_test)?;
-                write_parquet_atomic(&test_file, &problems_batch(&test.iter().map(|(p, _)| p.clone()).collect::<Vec<_>>())?)?;
+                write_parquet_atomic(
+                    &test_file,
+                    &problems_batch(&test.iter().map(|(p, _)| p.clone()).collect::<Vec<_>>())?,
+                )?;
                 test.into_iter().map(|(p, _)| p).collect()
             }
         };
@@ -94,7 +154,10 @@ impl StageKind for CotGenerate {
         let shards = n_train.div_ceil(SHARD_ROWS);
         let (mut train_batches, mut cot_batches) = (Vec::new(), Vec::new());
         for shard in 0..shards {
-            let (problems_file, cot_file) = (resume.join(format!("train-{shard:05}.parquet")), resume.join(format!("cot-{shard:05}.parquet")));
+            let (problems_file, cot_file) = (
+                resume.join(format!("train-{shard:05}.parquet")),
+                resume.join(format!("cot-{shard:05}.parquet")),
+            );
             let range = shard * SHARD_ROWS..((shard + 1) * SHARD_ROWS).min(n_train);
             let rows = range.len() as u64;
             let saved = match problems_file.exists() && cot_file.exists() {
@@ -119,7 +182,9 @@ impl StageKind for CotGenerate {
         ctx.write_dataset("test", &[problems_batch(&test)?])?;
         ctx.write_dataset("train", &train_batches)?;
         ctx.write_dataset("cot", &cot_batches)?;
-        ctx.info(format!("{n_train} train and {n_test} test problems in {shards} shards"));
+        ctx.info(format!(
+            "{n_train} train and {n_test} test problems in {shards} shards"
+        ));
         Ok(())
     }
 }
@@ -170,7 +235,9 @@ impl Plan {
                 }
                 attempt += 1;
                 if attempt >= MAX_ATTEMPTS {
-                    bail!("cannot draw {n} distinct test problems from these families and difficulties (got {i}); widen `difficulty` or lower `n_test`");
+                    bail!(
+                        "cannot draw {n} distinct test problems from these families and difficulties (got {i}); widen `difficulty` or lower `n_test`"
+                    );
                 }
             };
             out.push((row("test", i, &p), p));
@@ -178,7 +245,11 @@ impl Plan {
         Ok(out)
     }
 
-    fn train_shard(&self, range: std::ops::Range<usize>, avoid: &HashSet<String>) -> anyhow::Result<(Vec<ProblemRow>, Vec<ChatRow>)> {
+    fn train_shard(
+        &self,
+        range: std::ops::Range<usize>,
+        avoid: &HashSet<String>,
+    ) -> anyhow::Result<(Vec<ProblemRow>, Vec<ChatRow>)> {
         let mut problems = Vec::with_capacity(range.len());
         let mut chats = Vec::with_capacity(range.len());
         for i in range {
@@ -190,7 +261,9 @@ impl Plan {
                 }
                 attempt += 1;
                 if attempt >= MAX_ATTEMPTS {
-                    bail!("cannot draw training problems that differ from the test split; widen `difficulty` or lower `n_test`");
+                    bail!(
+                        "cannot draw training problems that differ from the test split; widen `difficulty` or lower `n_test`"
+                    );
                 }
             };
             let r = row("train", i, &p);
@@ -199,8 +272,14 @@ impl Plan {
                 task: r.task.clone(),
                 answer: r.answer.clone(),
                 messages: vec![
-                    Message { role: "user".into(), content: p.prompt.clone() },
-                    Message { role: "assistant".into(), content: p.completion() },
+                    Message {
+                        role: "user".into(),
+                        content: p.prompt.clone(),
+                    },
+                    Message {
+                        role: "assistant".into(),
+                        content: p.completion(),
+                    },
                 ],
                 steps: p.steps.clone(),
             });
@@ -211,6 +290,12 @@ impl Plan {
 }
 
 fn row(split: &str, i: usize, p: &tasks::Problem) -> ProblemRow {
-    ProblemRow { id: format!("{split}-{i:07}"), task: p.task.as_str().to_string(), difficulty: p.difficulty as i32, prompt: p.prompt.clone(), answer: p.answer.clone(), steps: p.steps.clone() }
+    ProblemRow {
+        id: format!("{split}-{i:07}"),
+        task: p.task.as_str().to_string(),
+        difficulty: p.difficulty as i32,
+        prompt: p.prompt.clone(),
+        answer: p.answer.clone(),
+        steps: p.steps.clone(),
+    }
 }
-

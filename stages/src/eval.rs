@@ -16,20 +16,22 @@ use std::collections::{BTreeMap, HashMap};
 use std::fmt::Write as _;
 use std::path::PathBuf;
 
-use anyhow::{bail, Context};
+use anyhow::{Context, bail};
 use burn::tensor::backend::AutodiffBackend;
 use dagrun_engine::dataset::read_parquet;
-use dagrun_engine::kind::{ArtifactType, KindSpec, ParamError, ParamSpec, ParamType, PortSpec, StageContext, StageKind};
+use dagrun_engine::kind::{
+    ArtifactType, KindSpec, ParamError, ParamSpec, ParamType, PortSpec, StageContext, StageKind,
+};
 use dagrun_engine::{Params, Progress};
-use dagrun_model::device::{run_on, BackendTask, DeviceSpec};
+use dagrun_model::device::{BackendTask, DeviceSpec, run_on};
 use dagrun_model::generate::SamplingParams;
 use dagrun_model::load_model;
 use serde_json::json;
 
 use crate::chat::ChatFormat;
 use crate::eval_math::{estimate, majority_vote, mean, pass_at_k};
-use crate::sampling::{chunk, mix_seed, prompts_of, sample_groups, Shards};
-use crate::tables::{eval_batch, metrics_batch, read_eval, read_problems, EvalRow, ProblemRow};
+use crate::sampling::{Shards, chunk, mix_seed, prompts_of, sample_groups};
+use crate::tables::{EvalRow, ProblemRow, eval_batch, metrics_batch, read_eval, read_problems};
 use crate::tasks;
 
 pub struct Eval;
@@ -46,22 +48,91 @@ impl StageKind for Eval {
             version: 2,
             doc: "greedy accuracy, pass@1 over n samples, pass@k, maj@k, format rate and length of each model on held-out problems",
             inputs: vec![
-                PortSpec::list("models", ArtifactType::Model, "the models to compare (named by the stage that made each)"),
-                PortSpec::one("problems", ArtifactType::Dataset(Some("problems")), "held-out problems"),
+                PortSpec::list(
+                    "models",
+                    ArtifactType::Model,
+                    "the models to compare (named by the stage that made each)",
+                ),
+                PortSpec::one(
+                    "problems",
+                    ArtifactType::Dataset(Some("problems")),
+                    "held-out problems",
+                ),
             ],
             outputs: vec![
-                PortSpec::one("results", ArtifactType::Dataset(Some("eval")), "one row per model × problem"),
-                PortSpec::one("metrics", ArtifactType::Dataset(Some("metrics")), "greedy, pass1, passk, majk, format, length per model (step = its position in `models`), overall and per task"),
+                PortSpec::one(
+                    "results",
+                    ArtifactType::Dataset(Some("eval")),
+                    "one row per model × problem",
+                ),
+                PortSpec::one(
+                    "metrics",
+                    ArtifactType::Dataset(Some("metrics")),
+                    "greedy, pass1, passk, majk, format, length per model (step = its position in `models`), overall and per task",
+                ),
             ],
             params: vec![
-                ParamSpec::new("k", ParamType::Int { min: 1, max: 4096 }, json!(8), "the k of pass@k and maj@k"),
-                ParamSpec::unset("n", ParamType::Int { min: 1, max: 4096 }, "samples per problem, at least k (unset: k); pass@k is estimated from them without bias"),
-                ParamSpec::new("answer_fallback", ParamType::Bool, json!(false), "read the last number of a completion without an <answer> block as its answer"),
-                ParamSpec::new("temperature", ParamType::Float { min: 0.0, max: 100.0 }, json!(0.6), "sampling temperature of the k samples"),
-                ParamSpec::new("top_p", ParamType::Float { min: 1e-6, max: 1.0 }, json!(0.95), "nucleus sampling of the k samples"),
-                ParamSpec::new("max_new_tokens", ParamType::Int { min: 1, max: 1_000_000 }, json!(256), "completion length limit"),
-                ParamSpec::unset("limit", ParamType::Int { min: 1, max: 100_000_000 }, "evaluate the first N problems only (unset: all)"),
-                ParamSpec::new("batch_size", ParamType::Int { min: 1, max: 65_536 }, json!(64), "sequences per generation call"),
+                ParamSpec::new(
+                    "k",
+                    ParamType::Int { min: 1, max: 4096 },
+                    json!(8),
+                    "the k of pass@k and maj@k",
+                ),
+                ParamSpec::unset(
+                    "n",
+                    ParamType::Int { min: 1, max: 4096 },
+                    "samples per problem, at least k (unset: k); pass@k is estimated from them without bias",
+                ),
+                ParamSpec::new(
+                    "answer_fallback",
+                    ParamType::Bool,
+                    json!(false),
+                    "read the last number of a completion without an <answer> block as its answer",
+                ),
+                ParamSpec::new(
+                    "temperature",
+                    ParamType::Float {
+                        min: 0.0,
+                        max: 100.0,
+                    },
+                    json!(0.6),
+                    "sampling temperature of the k samples",
+                ),
+                ParamSpec::new(
+                    "top_p",
+                    ParamType::Float {
+                        min: 1e-6,
+                        max: 1.0,
+                    },
+                    json!(0.95),
+                    "nucleus sampling of the k samples",
+                ),
+                ParamSpec::new(
+                    "max_new_tokens",
+                    ParamType::Int {
+                        min: 1,
+                        max: 1_000_000,
+                    },
+                    json!(256),
+                    "completion length limit",
+                ),
+                ParamSpec::unset(
+                    "limit",
+                    ParamType::Int {
+                        min: 1,
+                        max: 100_000_000,
+                    },
+                    "evaluate the first N problems only (unset: all)",
+                ),
+                ParamSpec::new(
+                    "batch_size",
+                    ParamType::Int {
+                        min: 1,
+                        max: 65_536,
+                    },
+                    json!(64),
+                    "sequences per generation call",
+                ),
             ],
             device_dependent: true,
             variadic_inputs: false,
@@ -71,7 +142,12 @@ impl StageKind for Eval {
     fn check(&self, params: &Params) -> Result<(), ParamError> {
         let k = params.i64("k");
         match params.opt_i64("n") {
-            Some(n) if n < k => Err(ParamError { param: "n".into(), message: format!("param `n` ({n}) must be at least `k` ({k}): pass@k draws k of the n samples") }),
+            Some(n) if n < k => Err(ParamError {
+                param: "n".into(),
+                message: format!(
+                    "param `n` ({n}) must be at least `k` ({k}): pass@k draws k of the n samples"
+                ),
+            }),
             _ => Ok(()),
         }
     }
@@ -96,8 +172,22 @@ impl StageKind for Eval {
             n: p.opt_i64("n").map_or(k, |n| n as usize),
             fallback: p.bool("answer_fallback"),
             batch_size: p.i64("batch_size") as usize,
-            greedy: SamplingParams { temperature: 0.0, top_k: 0, top_p: 1.0, max_new_tokens: p.i64("max_new_tokens") as usize, stop_strings: vec![], seed: 0 },
-            sampled: SamplingParams { temperature: p.f64("temperature") as f32, top_k: 0, top_p: p.f64("top_p") as f32, max_new_tokens: p.i64("max_new_tokens") as usize, stop_strings: vec![], seed: ctx.seed },
+            greedy: SamplingParams {
+                temperature: 0.0,
+                top_k: 0,
+                top_p: 1.0,
+                max_new_tokens: p.i64("max_new_tokens") as usize,
+                stop_strings: vec![],
+                seed: 0,
+            },
+            sampled: SamplingParams {
+                temperature: p.f64("temperature") as f32,
+                top_k: 0,
+                top_p: p.f64("top_p") as f32,
+                max_new_tokens: p.i64("max_new_tokens") as usize,
+                stop_strings: vec![],
+                seed: ctx.seed,
+            },
         };
         let progress = ctx.progress((models.len() * problems.len()) as u64, "problems");
         let mut names: Vec<String> = Vec::new();
@@ -105,18 +195,37 @@ impl StageKind for Eval {
         let mut resumed = false;
         for (m, artifact) in models.iter().enumerate() {
             // The same model listed twice gets a distinct name.
-            let name = if names.contains(&artifact.producer) { format!("{}#{}", artifact.producer, m + 1) } else { artifact.producer.clone() };
+            let name = if names.contains(&artifact.producer) {
+                format!("{}#{}", artifact.producer, m + 1)
+            } else {
+                artifact.producer.clone()
+            };
             names.push(name.clone());
             let shards = Shards::new(&ctx.resume_dir().join(format!("model-{m:03}")))?;
             let (missing, done) = shards.missing_chunks(problems.len());
             resumed |= done > 0;
             progress.inc(done as u64);
             if !missing.is_empty() {
-                ctx.info(format!("evaluating `{name}` on {} problems", problems.len()));
-                let task = EvalTask { model_dir: artifact.path.clone(), name: name.clone(), problems: &problems, chunks: missing, shards: &shards, cfg: &cfg, progress: &progress };
+                ctx.info(format!(
+                    "evaluating `{name}` on {} problems",
+                    problems.len()
+                ));
+                let task = EvalTask {
+                    model_dir: artifact.path.clone(),
+                    name: name.clone(),
+                    problems: &problems,
+                    chunks: missing,
+                    shards: &shards,
+                    cfg: &cfg,
+                    progress: &progress,
+                };
                 run_on(&device, task)?;
             }
-            rows.extend(shards.read_all(problems.len(), read_eval).with_context(|| format!("model `{name}`"))?);
+            rows.extend(
+                shards
+                    .read_all(problems.len(), read_eval)
+                    .with_context(|| format!("model `{name}`"))?,
+            );
         }
         if resumed {
             ctx.mark_resumed();
@@ -163,14 +272,27 @@ impl BackendTask for EvalTask<'_> {
             let chunk = chunk(self.problems, c);
             let prompts = prompts_of(&format, chunk)?;
             let greedy = sample_groups(&model, &format, &prompts, 1, &cfg.greedy, cfg.batch_size)?;
-            let sampled_params = SamplingParams { seed: mix_seed(cfg.sampled.seed, &[c as u64]), ..cfg.sampled.clone() };
-            let sampled = sample_groups(&model, &format, &prompts, cfg.n, &sampled_params, cfg.batch_size)?;
+            let sampled_params = SamplingParams {
+                seed: mix_seed(cfg.sampled.seed, &[c as u64]),
+                ..cfg.sampled.clone()
+            };
+            let sampled = sample_groups(
+                &model,
+                &format,
+                &prompts,
+                cfg.n,
+                &sampled_params,
+                cfg.batch_size,
+            )?;
             let mut rows = Vec::with_capacity(chunk.len());
             for ((problem, greedy), samples) in chunk.iter().zip(greedy).zip(sampled) {
                 let g = &greedy[0];
                 let (task, answer) = (problem.task.as_str(), problem.answer.as_str());
                 let texts: Vec<&str> = samples.iter().map(|s| s.text.as_str()).collect();
-                let n_correct = texts.iter().filter(|t| tasks::verify_with(task, answer, t, cfg.fallback)).count();
+                let n_correct = texts
+                    .iter()
+                    .filter(|t| tasks::verify_with(task, answer, t, cfg.fallback))
+                    .count();
                 let n = texts.len();
                 rows.push(EvalRow {
                     model: self.name.clone(),
@@ -185,8 +307,13 @@ impl BackendTask for EvalTask<'_> {
                     passk: pass_at_k(n, n_correct, cfg.k).unwrap_or(0.0),
                     majk: majority_vote(task, answer, &texts[..cfg.k.min(n)], cfg.fallback).correct,
                     format: texts.iter().filter(|t| tasks::has_format(t)).count() as f64 / n as f64,
-                    length: samples.iter().map(|s| s.token_ids.len() as f64).sum::<f64>() / n as f64,
-                    greedy_answer: tasks::extract_answer_with(task, &g.text, cfg.fallback).unwrap_or_default(),
+                    length: samples
+                        .iter()
+                        .map(|s| s.token_ids.len() as f64)
+                        .sum::<f64>()
+                        / n as f64,
+                    greedy_answer: tasks::extract_answer_with(task, &g.text, cfg.fallback)
+                        .unwrap_or_default(),
                     greedy_format: tasks::has_format(&g.text),
                     greedy_length: g.token_ids.len() as i32,
                     greedy_completion: g.text.clone(),
@@ -196,7 +323,8 @@ impl BackendTask for EvalTask<'_> {
             correct += rows.iter().map(|r| r.pass1).sum::<f64>();
             self.shards.save(c, &eval_batch(&rows)?)?;
             self.progress.inc(rows.len() as u64);
-            self.progress.set_message(&format!("{}: pass@1 {:.3}", self.name, correct / seen));
+            self.progress
+                .set_message(&format!("{}: pass@1 {:.3}", self.name, correct / seen));
         }
         Ok(())
     }
@@ -231,7 +359,11 @@ fn figures(rows: &[&EvalRow]) -> Figures {
 fn show(values: Vec<f64>, signed: bool) -> String {
     match estimate(&values) {
         Some(e) => {
-            let mean = if signed { format!("{:+.3}", e.mean) } else { format!("{:.3}", e.mean) };
+            let mean = if signed {
+                format!("{:+.3}", e.mean)
+            } else {
+                format!("{:.3}", e.mean)
+            };
             match e.stderr {
                 Some(se) => format!("{mean} ± {se:.3}"),
                 None => mean,
@@ -246,41 +378,85 @@ fn summary(rows: &[EvalRow], names: &[String], cfg: &Config) -> String {
     let (k, n) = (cfg.k, cfg.n);
     let n_problems = rows.len() / names.len().max(1);
     let mut out = String::new();
-    let answers = if cfg.fallback { "answers from <answer> blocks, else the last number" } else { "answers from <answer> blocks" };
+    let answers = if cfg.fallback {
+        "answers from <answer> blocks, else the last number"
+    } else {
+        "answers from <answer> blocks"
+    };
     let _ = writeln!(
         out,
         "{n_problems} held-out problems; {answers}; greedy accuracy; pass@1 = mean correctness of n = {n} samples at T = {}, top_p = {} (± standard error over problems); pass@{k} unbiased from the {n} samples; maj@{k} majority vote by value of the first {k}; format = share of samples in the R1 format; length = mean sampled tokens.\n",
         cfg.sampled.temperature, cfg.sampled.top_p
     );
-    let _ = writeln!(out, "| model | n | greedy | pass@1 | pass@{k} | maj@{k} | format | length |");
+    let _ = writeln!(
+        out,
+        "| model | n | greedy | pass@1 | pass@{k} | maj@{k} | format | length |"
+    );
     let _ = writeln!(out, "|---|---:|---:|---:|---:|---:|---:|---:|");
     for name in names {
         let mine: Vec<&EvalRow> = rows.iter().filter(|r| &r.model == name).collect();
         let f = figures(&mine);
-        let _ = writeln!(out, "| {name} | {} | {} | {} | {:.3} | {:.3} | {:.3} | {:.1} |", f.n, f.greedy, f.pass1, f.passk, f.majk, f.format, f.length);
+        let _ = writeln!(
+            out,
+            "| {name} | {} | {} | {} | {:.3} | {:.3} | {:.3} | {:.1} |",
+            f.n, f.greedy, f.pass1, f.passk, f.majk, f.format, f.length
+        );
     }
     if let Some((first, rest)) = names.split_first().filter(|(_, rest)| !rest.is_empty()) {
-        let _ = writeln!(out, "\nPaired differences from `{first}` over the same problems (± standard error of the per-problem differences):\n");
-        let _ = writeln!(out, "| model | Δ greedy | Δ pass@1 | Δ pass@{k} | Δ maj@{k} |");
+        let _ = writeln!(
+            out,
+            "\nPaired differences from `{first}` over the same problems (± standard error of the per-problem differences):\n"
+        );
+        let _ = writeln!(
+            out,
+            "| model | Δ greedy | Δ pass@1 | Δ pass@{k} | Δ maj@{k} |"
+        );
         let _ = writeln!(out, "|---|---:|---:|---:|---:|");
-        let base: HashMap<&str, &EvalRow> = rows.iter().filter(|r| &r.model == first).map(|r| (r.id.as_str(), r)).collect();
+        let base: HashMap<&str, &EvalRow> = rows
+            .iter()
+            .filter(|r| &r.model == first)
+            .map(|r| (r.id.as_str(), r))
+            .collect();
         for name in rest {
-            let pairs: Vec<(&EvalRow, &EvalRow)> = rows.iter().filter(|r| &r.model == name).filter_map(|r| Some((r, *base.get(r.id.as_str())?))).collect();
-            let delta = |f: fn(&EvalRow) -> f64| show(pairs.iter().map(|(a, b)| f(a) - f(b)).collect(), true);
-            let _ = writeln!(out, "| {name} | {} | {} | {} | {} |", delta(|r| r.correct as u8 as f64), delta(|r| r.pass1), delta(|r| r.passk), delta(|r| r.majk as u8 as f64));
+            let pairs: Vec<(&EvalRow, &EvalRow)> = rows
+                .iter()
+                .filter(|r| &r.model == name)
+                .filter_map(|r| Some((r, *base.get(r.id.as_str())?)))
+                .collect();
+            let delta = |f: fn(&EvalRow) -> f64| {
+                show(pairs.iter().map(|(a, b)| f(a) - f(b)).collect(), true)
+            };
+            let _ = writeln!(
+                out,
+                "| {name} | {} | {} | {} | {} |",
+                delta(|r| r.correct as u8 as f64),
+                delta(|r| r.pass1),
+                delta(|r| r.passk),
+                delta(|r| r.majk as u8 as f64)
+            );
         }
     }
     let _ = writeln!(out, "\nBy task family and difficulty:\n");
-    let _ = writeln!(out, "| model | task | difficulty | n | greedy | pass@1 | pass@{k} | maj@{k} | format |");
+    let _ = writeln!(
+        out,
+        "| model | task | difficulty | n | greedy | pass@1 | pass@{k} | maj@{k} | format |"
+    );
     let _ = writeln!(out, "|---|---|---:|---:|---:|---:|---:|---:|---:|");
     for name in names {
         let mut groups: BTreeMap<(&str, i32), Vec<&EvalRow>> = BTreeMap::new();
         for r in rows.iter().filter(|r| &r.model == name) {
-            groups.entry((r.task.as_str(), r.difficulty)).or_default().push(r);
+            groups
+                .entry((r.task.as_str(), r.difficulty))
+                .or_default()
+                .push(r);
         }
         for ((task, difficulty), group) in groups {
             let f = figures(&group);
-            let _ = writeln!(out, "| {name} | {task} | {difficulty} | {} | {} | {} | {:.3} | {:.3} | {:.3} |", f.n, f.greedy, f.pass1, f.passk, f.majk, f.format);
+            let _ = writeln!(
+                out,
+                "| {name} | {task} | {difficulty} | {} | {} | {} | {:.3} | {:.3} | {:.3} |",
+                f.n, f.greedy, f.pass1, f.passk, f.majk, f.format
+            );
         }
     }
     out
@@ -358,10 +534,20 @@ mod tests {
 
     #[test]
     fn metrics_hold_each_models_means_by_position() {
-        let rows = vec![row("a", "linear", true, 0.5), row("a", "word", false, 0.25), row("b", "linear", true, 1.0), row("b", "word", true, 0.75)];
+        let rows = vec![
+            row("a", "linear", true, 0.5),
+            row("a", "word", false, 0.25),
+            row("b", "linear", true, 1.0),
+            row("b", "word", true, 0.75),
+        ];
         let names = vec!["a".to_string(), "b".to_string()];
         let metrics = metrics(&rows, &names);
-        let get = |step: i64, name: &str| metrics.iter().find(|m| m.0 == step && m.1 == name).map(|m| m.2);
+        let get = |step: i64, name: &str| {
+            metrics
+                .iter()
+                .find(|m| m.0 == step && m.1 == name)
+                .map(|m| m.2)
+        };
         assert_eq!(get(0, "problems"), Some(2.0));
         assert_eq!(get(0, "greedy"), Some(0.5));
         assert_eq!(get(0, "pass1"), Some(0.375));
@@ -376,11 +562,17 @@ mod tests {
     #[test]
     fn n_must_be_at_least_k() {
         let spec = Eval.spec();
-        let params = |raw: serde_json::Value| dagrun_engine::params::resolve(&spec, raw.as_object().unwrap()).unwrap();
+        let params = |raw: serde_json::Value| {
+            dagrun_engine::params::resolve(&spec, raw.as_object().unwrap()).unwrap()
+        };
         assert!(Eval.check(&params(json!({"k": 4}))).is_ok());
         assert!(Eval.check(&params(json!({"k": 4, "n": 4}))).is_ok());
         let err = Eval.check(&params(json!({"k": 4, "n": 3}))).unwrap_err();
         assert_eq!(err.param, "n");
-        assert!(err.message.contains("must be at least `k` (4)"), "{}", err.message);
+        assert!(
+            err.message.contains("must be at least `k` (4)"),
+            "{}",
+            err.message
+        );
     }
 }

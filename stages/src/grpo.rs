@@ -110,7 +110,12 @@ impl StageKind for Grpo {
                     json!({"correctness": 1.0, "format": 0.1}),
                     "weighted reward functions",
                 ),
-                ParamSpec::new("answer_fallback", ParamType::Bool, json!(false), "read the last number of a completion without an <answer> block as its answer"),
+                ParamSpec::new(
+                    "answer_fallback",
+                    ParamType::Bool,
+                    json!(false),
+                    "read the last number of a completion without an <answer> block as its answer",
+                ),
                 ParamSpec::new(
                     "lr",
                     ParamType::Float {
@@ -320,7 +325,26 @@ impl StageKind for Grpo {
         finish_training(ctx, outcome.resumed_from, &outcome.metrics)?;
         let mut samples = Vec::new();
         for shard in outcome.sample_shards {
-            samples.extend(read_parquet(&shard)?.1);
+            match read_parquet(&shard) {
+                Ok((_, batches)) => samples.extend(batches),
+                Err(e) => {
+                    // The steps behind it cannot be sampled again from a later checkpoint:
+                    // clear them, so the next run starts this stage over instead of failing here
+                    // for good.
+                    let resume = ctx.resume_dir().to_path_buf();
+                    for entry in std::fs::read_dir(&resume)?.flatten() {
+                        let _ = if entry.path().is_dir() {
+                            std::fs::remove_dir_all(entry.path())
+                        } else {
+                            std::fs::remove_file(entry.path())
+                        };
+                    }
+                    bail!(
+                        "samples checkpoint {} is unreadable ({e:#}); its checkpoints were cleared, so the next run starts this stage over",
+                        shard.display()
+                    );
+                }
+            }
         }
         ctx.write_dataset("samples", &samples)?;
         Ok(())

@@ -9,12 +9,15 @@ use anyhow::{anyhow, bail};
 use arrow::array::{Array, AsArray, RecordBatch, UInt32Array};
 use arrow::compute::{concat_batches, take_record_batch};
 use arrow::datatypes::{Int32Type, Schema};
+use dagrun_engine::Params;
 use dagrun_engine::dataset::read_parquet;
 use dagrun_engine::diag::did_you_mean;
-use dagrun_engine::kind::{ArtifactType, KindSpec, ParamError, ParamSpec, ParamType, PortSpec, StageContext, StageKind, WiringError};
-use dagrun_engine::Params;
-use rand::seq::SliceRandom;
+use dagrun_engine::kind::{
+    ArtifactType, KindSpec, ParamError, ParamSpec, ParamType, PortSpec, StageContext, StageKind,
+    WiringError,
+};
 use rand::SeedableRng;
+use rand::seq::SliceRandom;
 use rand_chacha::ChaCha8Rng;
 use serde_json::json;
 
@@ -26,16 +29,63 @@ impl StageKind for Mix {
             name: "mix",
             version: 2,
             doc: "combine datasets of one schema: per-input counts or weights, task/difficulty filters, dedupe, shuffle, limit",
-            inputs: vec![PortSpec::one("a", ArtifactType::Dataset(None), "a dataset; name further inputs freely (b, c, reasoning, …)")],
-            outputs: vec![PortSpec::one("data", ArtifactType::Dataset(None), "the mixed rows, same schema as the inputs")],
+            inputs: vec![PortSpec::one(
+                "a",
+                ArtifactType::Dataset(None),
+                "a dataset; name further inputs freely (b, c, reasoning, …)",
+            )],
+            outputs: vec![PortSpec::one(
+                "data",
+                ArtifactType::Dataset(None),
+                "the mixed rows, same schema as the inputs",
+            )],
             params: vec![
-                ParamSpec::unset("counts", ParamType::Map(Box::new(ParamType::Int { min: 0, max: i64::MAX })), "rows to take per input (default: all rows)"),
-                ParamSpec::unset("weights", ParamType::Map(Box::new(ParamType::Float { min: 0.0, max: 1e9 })), "relative share per input of `limit` rows (needs `limit`)"),
-                ParamSpec::unset("tasks", ParamType::List(Box::new(ParamType::Str { choices: &[] })), "keep rows whose `task` is one of these"),
-                ParamSpec::unset("difficulty", ParamType::List(Box::new(ParamType::Int { min: i64::MIN, max: i64::MAX })), "keep rows with `difficulty` in [min, max]"),
-                ParamSpec::unset("limit", ParamType::Int { min: 0, max: i64::MAX }, "at most this many rows in all"),
-                ParamSpec::new("shuffle", ParamType::Bool, json!(true), "shuffle rows (seeded)"),
-                ParamSpec::new("dedupe", ParamType::Bool, json!(true), "drop rows whose `id` was already taken"),
+                ParamSpec::unset(
+                    "counts",
+                    ParamType::Map(Box::new(ParamType::Int {
+                        min: 0,
+                        max: i64::MAX,
+                    })),
+                    "rows to take per input (default: all rows)",
+                ),
+                ParamSpec::unset(
+                    "weights",
+                    ParamType::Map(Box::new(ParamType::Float { min: 0.0, max: 1e9 })),
+                    "relative share per input of `limit` rows (needs `limit`)",
+                ),
+                ParamSpec::unset(
+                    "tasks",
+                    ParamType::List(Box::new(ParamType::Str { choices: &[] })),
+                    "keep rows whose `task` is one of these",
+                ),
+                ParamSpec::unset(
+                    "difficulty",
+                    ParamType::List(Box::new(ParamType::Int {
+                        min: i64::MIN,
+                        max: i64::MAX,
+                    })),
+                    "keep rows with `difficulty` in [min, max]",
+                ),
+                ParamSpec::unset(
+                    "limit",
+                    ParamType::Int {
+                        min: 0,
+                        max: i64::MAX,
+                    },
+                    "at most this many rows in all",
+                ),
+                ParamSpec::new(
+                    "shuffle",
+                    ParamType::Bool,
+                    json!(true),
+                    "shuffle rows (seeded)",
+                ),
+                ParamSpec::new(
+                    "dedupe",
+                    ParamType::Bool,
+                    json!(true),
+                    "drop rows whose `id` was already taken",
+                ),
             ],
             device_dependent: false,
             variadic_inputs: true,
@@ -44,16 +94,25 @@ impl StageKind for Mix {
 
     fn check(&self, params: &Params) -> Result<(), ParamError> {
         if !params.get("weights").is_null() && params.get("limit").is_null() {
-            return Err(ParamError { param: "weights".into(), message: "param `weights` needs `limit` (the total the weights share)".into() });
+            return Err(ParamError {
+                param: "weights".into(),
+                message: "param `weights` needs `limit` (the total the weights share)".into(),
+            });
         }
         if !params.get("weights").is_null() && !params.get("counts").is_null() {
-            return Err(ParamError { param: "weights".into(), message: "give `counts` or `weights`, not both".into() });
+            return Err(ParamError {
+                param: "weights".into(),
+                message: "give `counts` or `weights`, not both".into(),
+            });
         }
         let range: Option<Vec<i64>> = params.get_as("difficulty").ok();
-        if let Some(r) = range {
-            if r.len() != 2 || r[0] > r[1] {
-                return Err(ParamError { param: "difficulty".into(), message: format!("param `difficulty` must be [min, max] with min ≤ max, got {r:?}") });
-            }
+        if let Some(r) = range
+            && (r.len() != 2 || r[0] > r[1])
+        {
+            return Err(ParamError {
+                param: "difficulty".into(),
+                message: format!("param `difficulty` must be [min, max] with min ≤ max, got {r:?}"),
+            });
         }
         Ok(())
     }
@@ -62,12 +121,17 @@ impl StageKind for Mix {
         let mut ports = wired.to_vec();
         ports.sort_unstable();
         for key in ["counts", "weights"] {
-            if let Some(m) = params.get(key).as_object() {
-                if let Some(bad) = m.keys().find(|k| !ports.contains(&k.as_str())) {
-                    let hint = did_you_mean(bad, &ports).map(|p| format!("; did you mean `{p}`?")).unwrap_or_default();
-                    let message = format!("param `{key}` names `{bad}`, which is not an input (inputs: {}){hint}", ports.join(", "));
-                    return Err(WiringError::at(&["params", key, bad], message));
-                }
+            if let Some(m) = params.get(key).as_object()
+                && let Some(bad) = m.keys().find(|k| !ports.contains(&k.as_str()))
+            {
+                let hint = did_you_mean(bad, &ports)
+                    .map(|p| format!("; did you mean `{p}`?"))
+                    .unwrap_or_default();
+                let message = format!(
+                    "param `{key}` names `{bad}`, which is not an input (inputs: {}){hint}",
+                    ports.join(", ")
+                );
+                return Err(WiringError::at(&["params", key, bad], message));
             }
         }
         Ok(())
@@ -76,7 +140,10 @@ impl StageKind for Mix {
     fn run(&self, ctx: &mut StageContext) -> anyhow::Result<()> {
         // Sorted port names: the key does not see the order they are written in.
         let ports: Vec<String> = ctx.input_ports().into_iter().map(str::to_string).collect();
-        let tasks: Option<HashSet<String>> = ctx.params.get_as::<Option<Vec<String>>>("tasks")?.map(|v| v.into_iter().collect());
+        let tasks: Option<HashSet<String>> = ctx
+            .params
+            .get_as::<Option<Vec<String>>>("tasks")?
+            .map(|v| v.into_iter().collect());
         let difficulty: Option<Vec<i64>> = ctx.params.get_as("difficulty")?;
         let limit = ctx.params.opt_i64("limit").map(|l| l as usize);
         let mut rng = ChaCha8Rng::seed_from_u64(ctx.seed);
@@ -89,7 +156,9 @@ impl StageKind for Mix {
             let s = Arc::new(Schema::new(s.fields().clone()));
             match &schema {
                 None => schema = Some(s.clone()),
-                Some(first) if first.fields() != s.fields() => bail!("input `{port}` has different columns from `{}`", ports[0]),
+                Some(first) if first.fields() != s.fields() => {
+                    bail!("input `{port}` has different columns from `{}`", ports[0])
+                }
                 Some(_) => {}
             }
             let batch = concat_batches(&s, &batches)?;
@@ -105,28 +174,39 @@ impl StageKind for Mix {
                 return (n as usize).min(available);
             }
             if let (Some(w), Some(total)) = (ctx.params.get("weights").as_object(), limit) {
-                let sum: f64 = w.values().filter_map(|v| v.as_f64()).sum();
+                // Summed in name order: float addition depends on order, and the key ignores it.
+                let mut weights: Vec<(&String, f64)> = w
+                    .iter()
+                    .filter_map(|(k, v)| Some((k, v.as_f64()?)))
+                    .collect();
+                weights.sort_by(|a, b| a.0.cmp(b.0));
+                let sum: f64 = weights.iter().map(|(_, v)| v).sum();
                 let mine = w.get(port).and_then(|v| v.as_f64()).unwrap_or(0.0);
-                return if sum > 0.0 { ((total as f64 * mine / sum).round() as usize).min(available) } else { 0 };
+                return if sum > 0.0 {
+                    ((total as f64 * mine / sum).round() as usize).min(available)
+                } else {
+                    0
+                };
             }
             available
         };
         let mut taken = Vec::new();
         let mut seen_ids = HashSet::new();
         for (port, batch, rows) in &parts {
-            let ids = batch.column_by_name("id").and_then(|c| c.as_string_opt::<i32>().cloned());
+            let ids = batch
+                .column_by_name("id")
+                .and_then(|c| c.as_string_opt::<i32>().cloned());
             let want = quota(port, rows.len());
             let mut picked = Vec::with_capacity(want);
             for &r in rows {
                 if picked.len() == want {
                     break;
                 }
-                if ctx.params.bool("dedupe") {
-                    if let Some(ids) = &ids {
-                        if !seen_ids.insert(ids.value(r as usize).to_string()) {
-                            continue;
-                        }
-                    }
+                if ctx.params.bool("dedupe")
+                    && let Some(ids) = &ids
+                    && !seen_ids.insert(ids.value(r as usize).to_string())
+                {
+                    continue;
                 }
                 picked.push(r);
             }
@@ -134,7 +214,10 @@ impl StageKind for Mix {
                 picked.sort_unstable();
             }
             let picked = take_record_batch(batch, &UInt32Array::from(picked))?;
-            taken.push(RecordBatch::try_new(schema.clone(), picked.columns().to_vec())?);
+            taken.push(RecordBatch::try_new(
+                schema.clone(),
+                picked.columns().to_vec(),
+            )?);
         }
         let mut all = concat_batches(&schema, &taken)?;
         if ctx.params.bool("shuffle") {
@@ -145,19 +228,37 @@ impl StageKind for Mix {
         if let Some(l) = limit {
             all = all.slice(0, l.min(all.num_rows()));
         }
-        ctx.info(format!("mixed {} rows from {} inputs", all.num_rows(), parts.len()));
+        ctx.info(format!(
+            "mixed {} rows from {} inputs",
+            all.num_rows(),
+            parts.len()
+        ));
         ctx.write_dataset("data", &[all])
     }
 }
 
 /// Row indices that pass the task and difficulty filters, in order.
-fn keep_rows(batch: &RecordBatch, tasks: Option<&HashSet<String>>, difficulty: Option<&[i64]>) -> anyhow::Result<Vec<u32>> {
+fn keep_rows(
+    batch: &RecordBatch,
+    tasks: Option<&HashSet<String>>,
+    difficulty: Option<&[i64]>,
+) -> anyhow::Result<Vec<u32>> {
     let task_col = match tasks {
-        Some(_) => Some(batch.column_by_name("task").and_then(|c| c.as_string_opt::<i32>()).ok_or_else(|| anyhow!("param `tasks` needs a string column `task`"))?),
+        Some(_) => Some(
+            batch
+                .column_by_name("task")
+                .and_then(|c| c.as_string_opt::<i32>())
+                .ok_or_else(|| anyhow!("param `tasks` needs a string column `task`"))?,
+        ),
         None => None,
     };
     let diff_col = match difficulty {
-        Some(_) => Some(batch.column_by_name("difficulty").and_then(|c| c.as_primitive_opt::<Int32Type>()).ok_or_else(|| anyhow!("param `difficulty` needs an int32 column `difficulty`"))?),
+        Some(_) => Some(
+            batch
+                .column_by_name("difficulty")
+                .and_then(|c| c.as_primitive_opt::<Int32Type>())
+                .ok_or_else(|| anyhow!("param `difficulty` needs an int32 column `difficulty`"))?,
+        ),
         None => None,
     };
     Ok((0..batch.num_rows())
@@ -167,7 +268,9 @@ fn keep_rows(batch: &RecordBatch, tasks: Option<&HashSet<String>>, difficulty: O
                 _ => true,
             };
             let diff_ok = match (difficulty, diff_col) {
-                (Some(r), Some(c)) => !c.is_null(i) && (r[0]..=r[1]).contains(&i64::from(c.value(i))),
+                (Some(r), Some(c)) => {
+                    !c.is_null(i) && (r[0]..=r[1]).contains(&i64::from(c.value(i)))
+                }
                 _ => true,
             };
             task_ok && diff_ok

@@ -22,18 +22,27 @@ use std::path::PathBuf;
 use anyhow::bail;
 use burn::tensor::backend::AutodiffBackend;
 use dagrun_engine::dataset::read_parquet;
-use dagrun_engine::kind::{ArtifactType, KindSpec, ParamError, ParamSpec, ParamType, PortSpec, StageContext, StageKind, WiringError};
+use dagrun_engine::kind::{
+    ArtifactType, KindSpec, ParamError, ParamSpec, ParamType, PortSpec, StageContext, StageKind,
+    WiringError,
+};
 use dagrun_engine::{Params, Progress};
-use dagrun_model::device::{run_on, BackendTask, DeviceSpec};
+use dagrun_model::device::{BackendTask, DeviceSpec, run_on};
 use dagrun_model::generate::SamplingParams;
 use dagrun_model::load_model;
 use serde_json::json;
 
 use crate::chat::ChatFormat;
-use crate::dedupe::{select_diverse, Diversity};
+use crate::dedupe::{Diversity, select_diverse};
 use crate::rewards::{Judged, RewardSet};
-use crate::sampling::{chunk, mix_seed, prompts_of, reward_set, sample_groups, think_steps, Shards, CHUNK, REWARD_NAMES};
-use crate::tables::{chat_batch, metrics_batch, read_problems, read_samples, samples_batch, ChatRow, Message, ProblemRow, SampleRow};
+use crate::sampling::{
+    CHUNK, REWARD_NAMES, Shards, chunk, mix_seed, prompts_of, reward_set, sample_groups,
+    think_steps,
+};
+use crate::tables::{
+    ChatRow, Message, ProblemRow, SampleRow, chat_batch, metrics_batch, read_problems,
+    read_samples, samples_batch,
+};
 use crate::tasks;
 
 pub struct RejectionFilter;
@@ -45,31 +54,149 @@ impl StageKind for RejectionFilter {
             version: 2,
             doc: "sample N completions per problem (or take existing samples), keep the best-rewarded distinct ones as SFT chats",
             inputs: vec![
-                PortSpec::optional("model", ArtifactType::Model, "the model to sample from (with `problems`)"),
-                PortSpec::optional("problems", ArtifactType::Dataset(Some("problems")), "the problems to sample for (with `model`)"),
-                PortSpec::optional("samples", ArtifactType::Dataset(Some("samples")), "existing samples to filter instead of sampling (e.g. grpo's)"),
+                PortSpec::optional(
+                    "model",
+                    ArtifactType::Model,
+                    "the model to sample from (with `problems`)",
+                ),
+                PortSpec::optional(
+                    "problems",
+                    ArtifactType::Dataset(Some("problems")),
+                    "the problems to sample for (with `model`)",
+                ),
+                PortSpec::optional(
+                    "samples",
+                    ArtifactType::Dataset(Some("samples")),
+                    "existing samples to filter instead of sampling (e.g. grpo's)",
+                ),
             ],
             outputs: vec![
-                PortSpec::one("data", ArtifactType::Dataset(Some("chat")), "the kept completions as user/assistant chats"),
-                PortSpec::one("samples", ArtifactType::Dataset(Some("samples")), "every completion with its rewards"),
-                PortSpec::one("metrics", ArtifactType::Dataset(Some("metrics")), "counts and shares (correct, truncated, passing, solved, kept), reward means and stds, as one step"),
+                PortSpec::one(
+                    "data",
+                    ArtifactType::Dataset(Some("chat")),
+                    "the kept completions as user/assistant chats",
+                ),
+                PortSpec::one(
+                    "samples",
+                    ArtifactType::Dataset(Some("samples")),
+                    "every completion with its rewards",
+                ),
+                PortSpec::one(
+                    "metrics",
+                    ArtifactType::Dataset(Some("metrics")),
+                    "counts and shares (correct, truncated, passing, solved, kept), reward means and stds, as one step",
+                ),
             ],
             params: vec![
-                ParamSpec::new("num_samples", ParamType::Int { min: 1, max: 4096 }, json!(8), "completions sampled per problem"),
-                ParamSpec::new("temperature", ParamType::Float { min: 0.0, max: 100.0 }, json!(1.0), "sampling temperature"),
-                ParamSpec::new("top_p", ParamType::Float { min: 1e-6, max: 1.0 }, json!(1.0), "nucleus sampling"),
-                ParamSpec::new("max_new_tokens", ParamType::Int { min: 1, max: 1_000_000 }, json!(256), "completion length limit"),
-                ParamSpec::new("rewards", ParamType::Weights { keys: REWARD_NAMES }, json!({"correctness": 1.0, "format": 0.2}), "reward functions and their weights"),
-                ParamSpec::new("min_reward", ParamType::Float { min: -1e12, max: 1e12 }, json!(1.0), "keep only completions whose weighted reward is at least this"),
-                ParamSpec::new("require_correct", ParamType::Bool, json!(true), "keep only completions whose answer verifies, whatever the rewards (truncated ones are never kept)"),
-                ParamSpec::new("answer_fallback", ParamType::Bool, json!(false), "read the last number of a completion without an <answer> block as its answer"),
-                ParamSpec::new("keep", ParamType::Str { choices: &["best", "all_passing", "top_k"] }, json!("all_passing"), "per problem: the best, every passing one, or the top_k"),
-                ParamSpec::new("top_k", ParamType::Int { min: 1, max: 4096 }, json!(2), "completions kept per problem with `keep: top_k`"),
-                ParamSpec::new("max_per_problem", ParamType::Int { min: 1, max: 4096 }, json!(4), "cap on kept completions per problem"),
-                ParamSpec::new("diversity_lambda", ParamType::Float { min: 0.0, max: 1.0 }, json!(0.7), "MMR weight of reward against novelty"),
-                ParamSpec::new("max_similarity", ParamType::Float { min: 0.0, max: 1.0 }, json!(0.9), "drop completions more similar than this (5-gram Jaccard) to a kept one"),
-                ParamSpec::unset("limit", ParamType::Int { min: 1, max: 100_000_000 }, "use the first N problems only (unset: all)"),
-                ParamSpec::new("batch_size", ParamType::Int { min: 1, max: 65_536 }, json!(64), "sequences per generation call"),
+                ParamSpec::new(
+                    "num_samples",
+                    ParamType::Int { min: 1, max: 4096 },
+                    json!(8),
+                    "completions sampled per problem",
+                ),
+                ParamSpec::new(
+                    "temperature",
+                    ParamType::Float {
+                        min: 0.0,
+                        max: 100.0,
+                    },
+                    json!(1.0),
+                    "sampling temperature",
+                ),
+                ParamSpec::new(
+                    "top_p",
+                    ParamType::Float {
+                        min: 1e-6,
+                        max: 1.0,
+                    },
+                    json!(1.0),
+                    "nucleus sampling",
+                ),
+                ParamSpec::new(
+                    "max_new_tokens",
+                    ParamType::Int {
+                        min: 1,
+                        max: 1_000_000,
+                    },
+                    json!(256),
+                    "completion length limit",
+                ),
+                ParamSpec::new(
+                    "rewards",
+                    ParamType::Weights { keys: REWARD_NAMES },
+                    json!({"correctness": 1.0, "format": 0.2}),
+                    "reward functions and their weights",
+                ),
+                ParamSpec::new(
+                    "min_reward",
+                    ParamType::Float {
+                        min: -1e12,
+                        max: 1e12,
+                    },
+                    json!(1.0),
+                    "keep only completions whose weighted reward is at least this",
+                ),
+                ParamSpec::new(
+                    "require_correct",
+                    ParamType::Bool,
+                    json!(true),
+                    "keep only completions whose answer verifies, whatever the rewards (truncated ones are never kept)",
+                ),
+                ParamSpec::new(
+                    "answer_fallback",
+                    ParamType::Bool,
+                    json!(false),
+                    "read the last number of a completion without an <answer> block as its answer",
+                ),
+                ParamSpec::new(
+                    "keep",
+                    ParamType::Str {
+                        choices: &["best", "all_passing", "top_k"],
+                    },
+                    json!("all_passing"),
+                    "per problem: the best, every passing one, or the top_k",
+                ),
+                ParamSpec::new(
+                    "top_k",
+                    ParamType::Int { min: 1, max: 4096 },
+                    json!(2),
+                    "completions kept per problem with `keep: top_k`",
+                ),
+                ParamSpec::new(
+                    "max_per_problem",
+                    ParamType::Int { min: 1, max: 4096 },
+                    json!(4),
+                    "cap on kept completions per problem",
+                ),
+                ParamSpec::new(
+                    "diversity_lambda",
+                    ParamType::Float { min: 0.0, max: 1.0 },
+                    json!(0.7),
+                    "MMR weight of reward against novelty",
+                ),
+                ParamSpec::new(
+                    "max_similarity",
+                    ParamType::Float { min: 0.0, max: 1.0 },
+                    json!(0.9),
+                    "drop completions more similar than this (5-gram Jaccard) to a kept one",
+                ),
+                ParamSpec::unset(
+                    "limit",
+                    ParamType::Int {
+                        min: 1,
+                        max: 100_000_000,
+                    },
+                    "use the first N problems only (unset: all)",
+                ),
+                ParamSpec::new(
+                    "batch_size",
+                    ParamType::Int {
+                        min: 1,
+                        max: 65_536,
+                    },
+                    json!(64),
+                    "sequences per generation call",
+                ),
             ],
             device_dependent: true,
             variadic_inputs: false,
@@ -77,7 +204,15 @@ impl StageKind for RejectionFilter {
     }
 
     fn check(&self, params: &Params) -> Result<(), ParamError> {
-        reward_set(&params.weights("rewards"), params.i64("max_new_tokens") as usize).map(|_| ()).map_err(|e| ParamError { param: "rewards".into(), message: e.to_string() })
+        reward_set(
+            &params.weights("rewards"),
+            params.i64("max_new_tokens") as usize,
+        )
+        .map(|_| ())
+        .map_err(|e| ParamError {
+            param: "rewards".into(),
+            message: e.to_string(),
+        })
     }
 
     fn check_wiring(&self, wired: &[&str], _params: &Params) -> Result<(), WiringError> {
@@ -89,9 +224,14 @@ impl StageKind for RejectionFilter {
         let p = ctx.params.clone();
         let max_new_tokens = p.i64("max_new_tokens") as usize;
         let fallback = p.bool("answer_fallback");
-        let rewards = reward_set(&p.weights("rewards"), max_new_tokens)?.with_answer_fallback(fallback);
+        let rewards =
+            reward_set(&p.weights("rewards"), max_new_tokens)?.with_answer_fallback(fallback);
         let limit = p.opt_i64("limit").map(|l| l as usize).unwrap_or(usize::MAX);
-        let (model, problems, given) = (ctx.input_opt("model").cloned(), ctx.input_opt("problems").cloned(), ctx.input_opt("samples").cloned());
+        let (model, problems, given) = (
+            ctx.input_opt("model").cloned(),
+            ctx.input_opt("problems").cloned(),
+            ctx.input_opt("samples").cloned(),
+        );
         let samples = match (model, problems, given) {
             (Some(model), Some(problems), None) => {
                 let mut problems = read_problems(&read_parquet(&problems.path)?.1)?;
@@ -111,16 +251,30 @@ impl StageKind for RejectionFilter {
                 for r in &mut rows {
                     // Samples carry no reference steps: `steps` cannot judge them and
                     // `repetition` is TRL's.
-                    let scored = rewards.score(&Judged { task: &r.task, answer: &r.answer, steps: &[], completion: &r.completion, completion_tokens: r.length.max(0) as usize, truncated: r.truncated });
+                    let scored = rewards.score(&Judged {
+                        task: &r.task,
+                        answer: &r.answer,
+                        steps: &[],
+                        completion: &r.completion,
+                        completion_tokens: r.length.max(0) as usize,
+                        truncated: r.truncated,
+                    });
                     r.reward = scored.total.unwrap_or(f64::NAN);
-                    r.components = scored.components.into_iter().map(|(n, v)| (n.to_string(), v)).collect();
+                    r.components = scored
+                        .components
+                        .into_iter()
+                        .map(|(n, v)| (n.to_string(), v))
+                        .collect();
                     r.advantage = 0.0;
                 }
                 rows
             }
             // The graph rejects these before anything runs; this covers callers that skip it.
             (model, problems, given) => {
-                let message = wiring(model.is_some(), problems.is_some(), given.is_some()).err().map(|e| e.message).unwrap_or_default();
+                let message = wiring(model.is_some(), problems.is_some(), given.is_some())
+                    .err()
+                    .map(|e| e.message)
+                    .unwrap_or_default();
                 bail!("stage `{}`: {message}", ctx.node)
             }
         };
@@ -130,12 +284,24 @@ impl StageKind for RejectionFilter {
             "top_k" => (p.i64("top_k") as usize).min(cap),
             _ => cap,
         };
-        let diversity = Diversity { k, lambda: p.f64("diversity_lambda"), max_similarity: p.f64("max_similarity"), ..Diversity::default() };
-        let filter = Filter { min_reward: p.f64("min_reward"), require_correct: p.bool("require_correct"), fallback };
+        let diversity = Diversity {
+            k,
+            lambda: p.f64("diversity_lambda"),
+            max_similarity: p.f64("max_similarity"),
+            ..Diversity::default()
+        };
+        let filter = Filter {
+            min_reward: p.f64("min_reward"),
+            require_correct: p.bool("require_correct"),
+            fallback,
+        };
         let (data, tally) = select(&samples, &filter, &diversity);
         ctx.write_dataset("data", &[chat_batch(&data)?])?;
         ctx.write_dataset("samples", &[samples_batch(&samples)?])?;
-        ctx.write_dataset("metrics", &[metrics_batch(&tally.metrics(&samples, &rewards.names()))?])?;
+        ctx.write_dataset(
+            "metrics",
+            &[metrics_batch(&tally.metrics(&samples, &rewards.names()))?],
+        )?;
         ctx.set_report(tally.report(&filter));
         Ok(())
     }
@@ -143,7 +309,12 @@ impl StageKind for RejectionFilter {
 
 /// Samples `num_samples` completions per problem, chunk by chunk, resuming from the chunks a
 /// killed run checkpointed.
-fn sample_from_model(ctx: &mut StageContext, model_dir: &std::path::Path, problems: &[ProblemRow], rewards: &RewardSet) -> anyhow::Result<Vec<SampleRow>> {
+fn sample_from_model(
+    ctx: &mut StageContext,
+    model_dir: &std::path::Path,
+    problems: &[ProblemRow],
+    rewards: &RewardSet,
+) -> anyhow::Result<Vec<SampleRow>> {
     let device: DeviceSpec = ctx.device.parse()?;
     let p = &ctx.params;
     let shards = Shards::new(&ctx.resume_dir().join("samples"))?;
@@ -162,7 +333,10 @@ fn sample_from_model(ctx: &mut StageContext, model_dir: &std::path::Path, proble
     let (n, batch_size) = (p.i64("num_samples") as usize, p.i64("batch_size") as usize);
     if missing.len() < n_chunks {
         ctx.mark_resumed();
-        ctx.info(format!("resuming: {} of {n_chunks} chunks were sampled before", n_chunks - missing.len()));
+        ctx.info(format!(
+            "resuming: {} of {n_chunks} chunks were sampled before",
+            n_chunks - missing.len()
+        ));
     }
     if !missing.is_empty() {
         let task = SampleTask {
@@ -202,13 +376,24 @@ impl BackendTask for SampleTask<'_> {
         for c in self.chunks {
             let chunk = chunk(self.problems, c);
             let prompts = prompts_of(&format, chunk)?;
-            let params = SamplingParams { seed: mix_seed(self.params.seed, &[c as u64]), ..self.params.clone() };
-            let groups = sample_groups(&model, &format, &prompts, self.n, &params, self.batch_size)?;
+            let params = SamplingParams {
+                seed: mix_seed(self.params.seed, &[c as u64]),
+                ..self.params.clone()
+            };
+            let groups =
+                sample_groups(&model, &format, &prompts, self.n, &params, self.batch_size)?;
             let mut rows = Vec::with_capacity(chunk.len() * self.n);
             for (problem, group) in chunk.iter().zip(groups) {
                 for completion in group {
                     let length = completion.token_ids.len();
-                    let judged = Judged { task: &problem.task, answer: &problem.answer, steps: &problem.steps, completion: &completion.text, completion_tokens: length, truncated: completion.truncated };
+                    let judged = Judged {
+                        task: &problem.task,
+                        answer: &problem.answer,
+                        steps: &problem.steps,
+                        completion: &completion.text,
+                        completion_tokens: length,
+                        truncated: completion.truncated,
+                    };
                     let scored = self.rewards.score(&judged);
                     rows.push(SampleRow {
                         step: 0,
@@ -218,7 +403,11 @@ impl BackendTask for SampleTask<'_> {
                         answer: problem.answer.clone(),
                         completion: completion.text,
                         reward: scored.total.unwrap_or(f64::NAN),
-                        components: scored.components.into_iter().map(|(n, v)| (n.to_string(), v)).collect(),
+                        components: scored
+                            .components
+                            .into_iter()
+                            .map(|(n, v)| (n.to_string(), v))
+                            .collect(),
                         advantage: 0.0,
                         length: length as i32,
                         truncated: completion.truncated,
@@ -237,10 +426,22 @@ impl BackendTask for SampleTask<'_> {
 pub fn wiring(model: bool, problems: bool, samples: bool) -> Result<(), WiringError> {
     match (model, problems, samples) {
         (true, true, false) | (false, false, true) => Ok(()),
-        (true, _, true) => Err(WiringError::at(&["inputs", "samples"], "wire either `model` (with `problems`) or `samples`, not both")),
-        (true, false, false) => Err(WiringError::at(&["inputs", "model"], "input `model` needs `problems` to sample for")),
-        (false, true, _) => Err(WiringError::at(&["inputs", "problems"], "input `problems` is only used with `model`; wire `model` to sample, or only `samples` to filter existing samples")),
-        (false, false, false) => Err(WiringError::at(&["inputs"], "needs `model` and `problems` to sample from, or an existing `samples` dataset")),
+        (true, _, true) => Err(WiringError::at(
+            &["inputs", "samples"],
+            "wire either `model` (with `problems`) or `samples`, not both",
+        )),
+        (true, false, false) => Err(WiringError::at(
+            &["inputs", "model"],
+            "input `model` needs `problems` to sample for",
+        )),
+        (false, true, _) => Err(WiringError::at(
+            &["inputs", "problems"],
+            "input `problems` is only used with `model`; wire `model` to sample, or only `samples` to filter existing samples",
+        )),
+        (false, false, false) => Err(WiringError::at(
+            &["inputs"],
+            "needs `model` and `problems` to sample from, or an existing `samples` dataset",
+        )),
     }
 }
 
@@ -293,22 +494,39 @@ fn select(samples: &[SampleRow], filter: &Filter, diversity: &Diversity) -> (Vec
     let (mut data, mut passing, mut solved) = (Vec::new(), 0usize, 0usize);
     for id in &order {
         let group = &groups[id];
-        let candidates: Vec<&SampleRow> = group.iter().copied().filter(|s| filter.passes(s)).collect();
+        let candidates: Vec<&SampleRow> =
+            group.iter().copied().filter(|s| filter.passes(s)).collect();
         passing += candidates.len();
         solved += usize::from(!candidates.is_empty());
-        let scored: Vec<(&str, f64)> = candidates.iter().map(|s| (s.completion.as_str(), s.reward)).collect();
+        let scored: Vec<(&str, f64)> = candidates
+            .iter()
+            .map(|s| (s.completion.as_str(), s.reward))
+            .collect();
         for (j, pick) in select_diverse(&scored, diversity).into_iter().enumerate() {
             let s = candidates[pick];
             data.push(ChatRow {
                 id: format!("{}-{j}", s.id),
                 task: s.task.clone(),
                 answer: s.answer.clone(),
-                messages: vec![Message { role: "user".into(), content: s.prompt.clone() }, Message { role: "assistant".into(), content: s.completion.clone() }],
+                messages: vec![
+                    Message {
+                        role: "user".into(),
+                        content: s.prompt.clone(),
+                    },
+                    Message {
+                        role: "assistant".into(),
+                        content: s.completion.clone(),
+                    },
+                ],
                 steps: think_steps(&s.completion),
             });
         }
     }
-    let rewards: Vec<f64> = samples.iter().map(|s| s.reward).filter(|r| r.is_finite()).collect();
+    let rewards: Vec<f64> = samples
+        .iter()
+        .map(|s| s.reward)
+        .filter(|r| r.is_finite())
+        .collect();
     let tally = Tally {
         problems: order.len(),
         samples: samples.len(),
@@ -326,7 +544,9 @@ fn select(samples: &[SampleRow], filter: &Filter, diversity: &Diversity) -> (Vec
 fn mean_std(values: impl Iterator<Item = f64>) -> Option<(f64, Option<f64>)> {
     let values: Vec<f64> = values.filter(|v| v.is_finite()).collect();
     let mean = crate::eval_math::mean(&values)?;
-    let std = (values.len() >= 2).then(|| (values.iter().map(|v| (v - mean).powi(2)).sum::<f64>() / (values.len() - 1) as f64).sqrt());
+    let std = (values.len() >= 2).then(|| {
+        (values.iter().map(|v| (v - mean).powi(2)).sum::<f64>() / (values.len() - 1) as f64).sqrt()
+    });
     Some((mean, std))
 }
 
@@ -334,9 +554,17 @@ impl Tally {
     /// A Markdown table of the counts.
     fn report(&self, filter: &Filter) -> String {
         let share = |a: usize, b: usize| 100.0 * a as f64 / b.max(1) as f64;
-        let correct = if filter.require_correct { ", correct" } else { "" };
+        let correct = if filter.require_correct {
+            ", correct"
+        } else {
+            ""
+        };
         let mut report = String::new();
-        let _ = writeln!(report, "| problems | samples | mean reward | correct | truncated | passing (reward ≥ {}{correct}, not truncated) | problems with a pass | kept |", filter.min_reward);
+        let _ = writeln!(
+            report,
+            "| problems | samples | mean reward | correct | truncated | passing (reward ≥ {}{correct}, not truncated) | problems with a pass | kept |",
+            filter.min_reward
+        );
         let _ = writeln!(report, "|---:|---:|---:|---:|---:|---:|---:|---:|");
         let _ = writeln!(
             report,
@@ -380,10 +608,20 @@ impl Tally {
         };
         stats("reward", samples.iter().map(|s| s.reward).collect());
         for name in names {
-            let values = samples.iter().filter_map(|s| s.components.iter().find(|(n, _)| n == name).and_then(|(_, v)| *v)).collect();
+            let values = samples
+                .iter()
+                .filter_map(|s| {
+                    s.components
+                        .iter()
+                        .find(|(n, _)| n == name)
+                        .and_then(|(_, v)| *v)
+                })
+                .collect();
             stats(&format!("rewards/{name}"), values);
         }
-        rows.into_iter().map(|(metric, value)| (0, metric, value)).collect()
+        rows.into_iter()
+            .map(|(metric, value)| (0, metric, value))
+            .collect()
     }
 }
 
@@ -408,8 +646,15 @@ mod tests {
     }
 
     fn kept(samples: &[SampleRow], filter: &Filter) -> Vec<String> {
-        let diversity = Diversity { k: 8, ..Diversity::default() };
-        select(samples, filter, &diversity).0.into_iter().map(|c| c.messages[1].content.clone()).collect()
+        let diversity = Diversity {
+            k: 8,
+            ..Diversity::default()
+        };
+        select(samples, filter, &diversity)
+            .0
+            .into_iter()
+            .map(|c| c.messages[1].content.clone())
+            .collect()
     }
 
     #[test]
@@ -417,31 +662,64 @@ mod tests {
         let right = "<think>\n3+4=7 write 7\n</think>\n<answer>7</answer>";
         let samples = vec![
             sample("a", right, 1.0, false),
-            sample("a", "<think>\n3+4=8 write 8\n</think>\n<answer>8</answer>", 1.0, false),
-            sample("a", "<think>\n3+4=7\n</think>\n<answer>7</answer> and on", 1.0, true),
+            sample(
+                "a",
+                "<think>\n3+4=8 write 8\n</think>\n<answer>8</answer>",
+                1.0,
+                false,
+            ),
+            sample(
+                "a",
+                "<think>\n3+4=7\n</think>\n<answer>7</answer> and on",
+                1.0,
+                true,
+            ),
             sample("b", "the answer is 7", 1.0, false),
         ];
         // Format alone pays every one of them, and every one clears min_reward.
-        let strict = Filter { min_reward: 0.0, require_correct: true, fallback: false };
+        let strict = Filter {
+            min_reward: 0.0,
+            require_correct: true,
+            fallback: false,
+        };
         assert_eq!(kept(&samples, &strict), [right]);
         // With the fallback the untagged answer counts as correct.
-        let lenient = Filter { fallback: true, ..strict };
+        let lenient = Filter {
+            fallback: true,
+            ..strict
+        };
         assert_eq!(kept(&samples, &lenient), [right, "the answer is 7"]);
         // Without require_correct the wrong answer may stay; a truncated one never does.
-        let any = Filter { min_reward: 0.0, require_correct: false, fallback: false };
+        let any = Filter {
+            min_reward: 0.0,
+            require_correct: false,
+            fallback: false,
+        };
         let all = kept(&samples, &any);
         assert_eq!(all.len(), 3);
         assert!(all.iter().all(|c| !c.ends_with("and on")));
         // The reward threshold still applies.
-        let high = Filter { min_reward: 2.0, require_correct: false, fallback: false };
+        let high = Filter {
+            min_reward: 2.0,
+            require_correct: false,
+            fallback: false,
+        };
         assert!(kept(&samples, &high).is_empty());
     }
 
     #[test]
     fn metrics_count_and_average_without_timings() {
         let right = "<think>\n3+4=7\n</think>\n<answer>7</answer>";
-        let samples = vec![sample("a", right, 1.0, false), sample("a", right, 0.0, true), sample("b", "x", 0.5, false)];
-        let filter = Filter { min_reward: 0.0, require_correct: true, fallback: false };
+        let samples = vec![
+            sample("a", right, 1.0, false),
+            sample("a", right, 0.0, true),
+            sample("b", "x", 0.5, false),
+        ];
+        let filter = Filter {
+            min_reward: 0.0,
+            require_correct: true,
+            fallback: false,
+        };
         let (_, tally) = select(&samples, &filter, &Diversity::default());
         let metrics = tally.metrics(&samples, &["format", "length"]);
         let get = |name: &str| metrics.iter().find(|m| m.1 == name).map(|m| m.2);
@@ -455,7 +733,11 @@ mod tests {
         assert_eq!(get("rewards/format/mean"), Some(0.5));
         assert_eq!(get("rewards/format/std"), Some(0.5));
         assert_eq!(get("rewards/length/mean"), None, "never judged");
-        assert!(metrics.iter().all(|m| m.0 == 0 && !m.1.contains("per_s") && !m.1.contains("time")));
+        assert!(
+            metrics
+                .iter()
+                .all(|m| m.0 == 0 && !m.1.contains("per_s") && !m.1.contains("time"))
+        );
         assert_eq!(metrics, tally.metrics(&samples, &["format", "length"]));
     }
 

@@ -21,8 +21,8 @@ use anyhow::Context;
 use arrow::array::RecordBatch;
 use burn::tensor::backend::Backend;
 use dagrun_engine::dataset::{read_parquet, write_parquet_atomic};
-use dagrun_model::generate::{generate, Completion, SamplingParams};
 use dagrun_model::CausalLm;
+use dagrun_model::generate::{Completion, SamplingParams, generate};
 
 use crate::chat::ChatFormat;
 use crate::rewards::{RewardParams, RewardSet};
@@ -30,7 +30,14 @@ use crate::tables::ProblemRow;
 
 /// The names of the reward functions of [`crate::rewards`], for a `rewards` weights param
 /// (`ParamType::Weights { keys: REWARD_NAMES }`).
-pub const REWARD_NAMES: &[&str] = &["consistency", "correctness", "format", "length", "repetition", "steps"];
+pub const REWARD_NAMES: &[&str] = &[
+    "consistency",
+    "correctness",
+    "format",
+    "length",
+    "repetition",
+    "steps",
+];
 
 /// A seed derived from `seed` and a path of indices (chunk, batch, …), independent for every
 /// distinct path.
@@ -45,7 +52,14 @@ pub fn mix_seed(seed: u64, path: &[u64]) -> u64 {
 
 /// The prompt ids of each problem's `prompt`, as a user turn of `format`.
 pub fn prompts_of(format: &ChatFormat, problems: &[ProblemRow]) -> anyhow::Result<Vec<Vec<u32>>> {
-    problems.iter().map(|p| format.prompt_ids(&p.prompt).with_context(|| format!("encoding the prompt of problem `{}`", p.id))).collect()
+    problems
+        .iter()
+        .map(|p| {
+            format
+                .prompt_ids(&p.prompt)
+                .with_context(|| format!("encoding the prompt of problem `{}`", p.id))
+        })
+        .collect()
 }
 
 /// `n` completions for every prompt: `out[i][j]` is the `j`-th sample for `prompts[i]`.
@@ -61,12 +75,25 @@ pub fn sample_groups<B: Backend>(
     params: &SamplingParams,
     batch_size: usize,
 ) -> anyhow::Result<Vec<Vec<Completion>>> {
-    let flat: Vec<(usize, &Vec<u32>)> = prompts.iter().enumerate().flat_map(|(i, p)| std::iter::repeat_n((i, p), n)).collect();
+    let flat: Vec<(usize, &Vec<u32>)> = prompts
+        .iter()
+        .enumerate()
+        .flat_map(|(i, p)| std::iter::repeat_n((i, p), n))
+        .collect();
     let mut groups: Vec<Vec<Completion>> = prompts.iter().map(|_| Vec::with_capacity(n)).collect();
     for (b, batch) in flat.chunks(batch_size.max(1)).enumerate() {
         let ids: Vec<Vec<u32>> = batch.iter().map(|(_, p)| (*p).clone()).collect();
-        let call = SamplingParams { seed: mix_seed(params.seed, &[b as u64]), ..params.clone() };
-        let completions = generate(model, Some(&format.tokenizer), &ids, &format.stop_ids, &call)?;
+        let call = SamplingParams {
+            seed: mix_seed(params.seed, &[b as u64]),
+            ..params.clone()
+        };
+        let completions = generate(
+            model,
+            Some(&format.tokenizer),
+            &ids,
+            &format.stop_ids,
+            &call,
+        )?;
         for ((i, _), c) in batch.iter().zip(completions) {
             groups[*i].push(c);
         }
@@ -79,7 +106,9 @@ pub fn sample_groups<B: Backend>(
 pub fn reward_set(weights: &[(String, f64)], max_new_tokens: usize) -> anyhow::Result<RewardSet> {
     let params = RewardParams {
         max_completion_len: max_new_tokens,
-        soft_punish_cache: RewardParams::default().soft_punish_cache.min(max_new_tokens / 4),
+        soft_punish_cache: RewardParams::default()
+            .soft_punish_cache
+            .min(max_new_tokens / 4),
         ..RewardParams::default()
     };
     RewardSet::with_params(weights, params).map_err(|e| anyhow::anyhow!("param `rewards`: {e}"))
@@ -88,8 +117,15 @@ pub fn reward_set(weights: &[(String, f64)], max_new_tokens: usize) -> anyhow::R
 /// The non-blank lines inside a completion's first `<think>…</think>` block, trimmed; none
 /// when there is no closed block.
 pub fn think_steps(completion: &str) -> Vec<String> {
-    let Some(inside) = crate::tasks::think_block(completion) else { return Vec::new() };
-    inside.lines().map(str::trim).filter(|l| !l.is_empty()).map(str::to_string).collect()
+    let Some(inside) = crate::tasks::think_block(completion) else {
+        return Vec::new();
+    };
+    inside
+        .lines()
+        .map(str::trim)
+        .filter(|l| !l.is_empty())
+        .map(str::to_string)
+        .collect()
 }
 
 /// Problems are sampled and checkpointed in chunks of this many.
@@ -109,15 +145,34 @@ pub struct Shards {
 impl Shards {
     pub fn new(dir: &Path) -> anyhow::Result<Shards> {
         std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
-        Ok(Shards { dir: dir.to_path_buf() })
+        Ok(Shards {
+            dir: dir.to_path_buf(),
+        })
     }
 
     pub fn path(&self, index: usize) -> PathBuf {
         self.dir.join(format!("shard-{index:05}.parquet"))
     }
 
+    /// Whether shard `index` was written whole. One whose footer cannot be read (a truncated
+    /// file) is removed with a warning, so that its chunk is made again rather than failing
+    /// the key for good.
     pub fn exists(&self, index: usize) -> bool {
-        self.path(index).is_file()
+        let path = self.path(index);
+        if !path.is_file() {
+            return false;
+        }
+        match dagrun_engine::dataset::footer(&path) {
+            Ok(_) => true,
+            Err(e) => {
+                tracing::warn!(
+                    "shard {} is unreadable ({e:#}); making it again",
+                    path.display()
+                );
+                let _ = std::fs::remove_file(&path);
+                false
+            }
+        }
     }
 
     /// The batches of shard `index`, if it was written.
@@ -148,10 +203,16 @@ impl Shards {
     }
 
     /// The rows of every chunk's shard, in order, each read with `read`.
-    pub fn read_all<T>(&self, n_items: usize, read: impl Fn(&[RecordBatch]) -> anyhow::Result<Vec<T>>) -> anyhow::Result<Vec<T>> {
+    pub fn read_all<T>(
+        &self,
+        n_items: usize,
+        read: impl Fn(&[RecordBatch]) -> anyhow::Result<Vec<T>>,
+    ) -> anyhow::Result<Vec<T>> {
         let mut rows = Vec::with_capacity(n_items);
         for c in 0..n_items.div_ceil(CHUNK) {
-            let batches = self.load(c)?.with_context(|| format!("checkpoint shard {c} is missing"))?;
+            let batches = self
+                .load(c)?
+                .with_context(|| format!("checkpoint shard {c} is missing"))?;
             rows.extend(read(&batches)?);
         }
         Ok(rows)
@@ -172,7 +233,10 @@ mod tests {
 
     #[test]
     fn reward_names_are_the_reward_kinds() {
-        let kinds: Vec<&str> = crate::rewards::RewardKind::ALL.iter().map(|k| k.name()).collect();
+        let kinds: Vec<&str> = crate::rewards::RewardKind::ALL
+            .iter()
+            .map(|k| k.name())
+            .collect();
         assert_eq!(kinds, REWARD_NAMES);
     }
 
@@ -185,7 +249,10 @@ mod tests {
 
     #[test]
     fn reward_set_fits_short_limits() {
-        let w = [("correctness".to_string(), 1.0), ("length".to_string(), 0.5)];
+        let w = [
+            ("correctness".to_string(), 1.0),
+            ("length".to_string(), 0.5),
+        ];
         assert!(reward_set(&w, 16).is_ok());
         assert_eq!(reward_set(&w, 256).unwrap().params().soft_punish_cache, 64);
         assert!(reward_set(&[], 256).is_err());

@@ -402,6 +402,12 @@ impl BackendTask for SftTask {
         let mut speed = Speed::default();
         self.progress.set_position(state.step);
         while state.step < plan.total_steps {
+            // LoRA dropout draws from the backend's RNG: seeded per step from the stage seed,
+            // so a key gives one result and a resumed run draws what an uninterrupted one did.
+            B::seed(
+                &device,
+                self.seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) ^ state.step,
+            );
             let started = Instant::now();
             let batches: Vec<Vec<ScoreItem>> = (0..plan.grad_accum as u64)
                 .map(|micro| {

@@ -2,8 +2,11 @@
 
 use std::sync::Arc;
 
-use anyhow::{anyhow, Context};
-use arrow::array::{Array, ArrayRef, AsArray, BooleanArray, Float64Array, Int32Array, Int64Array, ListArray, RecordBatch, StringArray, StructArray};
+use anyhow::{Context, anyhow};
+use arrow::array::{
+    Array, ArrayRef, AsArray, BooleanArray, Float64Array, Int32Array, Int64Array, ListArray,
+    RecordBatch, StringArray, StructArray,
+};
 use arrow::buffer::OffsetBuffer;
 use arrow::datatypes::{DataType, Field, Float64Type, Int32Type, Int64Type};
 
@@ -42,11 +45,16 @@ fn strings<'a>(it: impl Iterator<Item = &'a str>) -> ArrayRef {
 
 pub fn problems_batch(rows: &[ProblemRow]) -> anyhow::Result<RecordBatch> {
     let schema = dagrun_schemas::problems().schema;
-    let steps = list_array(rows.iter().map(|r| r.steps.len()), strings(rows.iter().flat_map(|r| r.steps.iter().map(String::as_str))))?;
+    let steps = list_array(
+        rows.iter().map(|r| r.steps.len()),
+        strings(rows.iter().flat_map(|r| r.steps.iter().map(String::as_str))),
+    )?;
     let columns: Vec<ArrayRef> = vec![
         strings(rows.iter().map(|r| r.id.as_str())),
         strings(rows.iter().map(|r| r.task.as_str())),
-        Arc::new(Int32Array::from_iter_values(rows.iter().map(|r| r.difficulty))),
+        Arc::new(Int32Array::from_iter_values(
+            rows.iter().map(|r| r.difficulty),
+        )),
         strings(rows.iter().map(|r| r.prompt.as_str())),
         strings(rows.iter().map(|r| r.answer.as_str())),
         Arc::new(steps),
@@ -61,13 +69,22 @@ pub fn chat_batch(rows: &[ChatRow]) -> anyhow::Result<RecordBatch> {
         Arc::new(StructArray::new(
             dagrun_schemas::message_fields(),
             vec![
-                strings(rows.iter().flat_map(|r| r.messages.iter().map(|m| m.role.as_str()))),
-                strings(rows.iter().flat_map(|r| r.messages.iter().map(|m| m.content.as_str()))),
+                strings(
+                    rows.iter()
+                        .flat_map(|r| r.messages.iter().map(|m| m.role.as_str())),
+                ),
+                strings(
+                    rows.iter()
+                        .flat_map(|r| r.messages.iter().map(|m| m.content.as_str())),
+                ),
             ],
             None,
         )),
     )?;
-    let steps = list_array(rows.iter().map(|r| r.steps.len()), strings(rows.iter().flat_map(|r| r.steps.iter().map(String::as_str))))?;
+    let steps = list_array(
+        rows.iter().map(|r| r.steps.len()),
+        strings(rows.iter().flat_map(|r| r.steps.iter().map(String::as_str))),
+    )?;
     let columns: Vec<ArrayRef> = vec![
         strings(rows.iter().map(|r| r.id.as_str())),
         strings(rows.iter().map(|r| r.task.as_str())),
@@ -81,11 +98,18 @@ pub fn chat_batch(rows: &[ChatRow]) -> anyhow::Result<RecordBatch> {
 /// A `dataset<metrics>` batch from (step, metric, value) rows.
 pub fn metrics_batch(rows: &[(i64, String, f64)]) -> anyhow::Result<RecordBatch> {
     let columns: Vec<ArrayRef> = vec![
-        Arc::new(arrow::array::Int64Array::from_iter_values(rows.iter().map(|r| r.0))),
+        Arc::new(arrow::array::Int64Array::from_iter_values(
+            rows.iter().map(|r| r.0),
+        )),
         strings(rows.iter().map(|r| r.1.as_str())),
-        Arc::new(arrow::array::Float64Array::from_iter_values(rows.iter().map(|r| r.2))),
+        Arc::new(arrow::array::Float64Array::from_iter_values(
+            rows.iter().map(|r| r.2),
+        )),
     ];
-    Ok(RecordBatch::try_new(dagrun_schemas::metrics().schema, columns)?)
+    Ok(RecordBatch::try_new(
+        dagrun_schemas::metrics().schema,
+        columns,
+    )?)
 }
 
 /// A row of `dataset<samples>`: one sampled completion and its rewards.
@@ -109,19 +133,30 @@ pub struct SampleRow {
 
 pub fn samples_batch(rows: &[SampleRow]) -> anyhow::Result<RecordBatch> {
     let schema = dagrun_schemas::samples().schema;
-    let DataType::List(item) = schema.field_with_name("reward_components")?.data_type().clone() else {
+    let DataType::List(item) = schema
+        .field_with_name("reward_components")?
+        .data_type()
+        .clone()
+    else {
         return Err(anyhow!("schema `samples`: reward_components is not a list"));
     };
     let DataType::Struct(fields) = item.data_type().clone() else {
-        return Err(anyhow!("schema `samples`: reward_components items are not structs"));
+        return Err(anyhow!(
+            "schema `samples`: reward_components items are not structs"
+        ));
     };
     let components = list_array(
         rows.iter().map(|r| r.components.len()),
         Arc::new(StructArray::new(
             fields,
             vec![
-                strings(rows.iter().flat_map(|r| r.components.iter().map(|c| c.0.as_str()))),
-                Arc::new(Float64Array::from_iter(rows.iter().flat_map(|r| r.components.iter().map(|c| c.1)))),
+                strings(
+                    rows.iter()
+                        .flat_map(|r| r.components.iter().map(|c| c.0.as_str())),
+                ),
+                Arc::new(Float64Array::from_iter(
+                    rows.iter().flat_map(|r| r.components.iter().map(|c| c.1)),
+                )),
             ],
             None,
         )),
@@ -133,11 +168,17 @@ pub fn samples_batch(rows: &[SampleRow]) -> anyhow::Result<RecordBatch> {
         strings(rows.iter().map(|r| r.prompt.as_str())),
         strings(rows.iter().map(|r| r.answer.as_str())),
         strings(rows.iter().map(|r| r.completion.as_str())),
-        Arc::new(Float64Array::from_iter_values(rows.iter().map(|r| r.reward))),
+        Arc::new(Float64Array::from_iter_values(
+            rows.iter().map(|r| r.reward),
+        )),
         Arc::new(components),
-        Arc::new(Float64Array::from_iter_values(rows.iter().map(|r| r.advantage))),
+        Arc::new(Float64Array::from_iter_values(
+            rows.iter().map(|r| r.advantage),
+        )),
         Arc::new(Int32Array::from_iter_values(rows.iter().map(|r| r.length))),
-        Arc::new(BooleanArray::from_iter(rows.iter().map(|r| Some(r.truncated)))),
+        Arc::new(BooleanArray::from_iter(
+            rows.iter().map(|r| Some(r.truncated)),
+        )),
     ];
     Ok(RecordBatch::try_new(schema, columns)?)
 }
@@ -145,19 +186,37 @@ pub fn samples_batch(rows: &[SampleRow]) -> anyhow::Result<RecordBatch> {
 pub fn read_samples(batches: &[RecordBatch]) -> anyhow::Result<Vec<SampleRow>> {
     let mut out = Vec::new();
     for b in batches {
-        let step = column(b, "step")?.as_primitive_opt::<Int64Type>().context("column `step` is not int64")?;
-        let (id, task, prompt, answer, completion) =
-            (str_column(b, "id")?, str_column(b, "task")?, str_column(b, "prompt")?, str_column(b, "answer")?, str_column(b, "completion")?);
+        let step = column(b, "step")?
+            .as_primitive_opt::<Int64Type>()
+            .context("column `step` is not int64")?;
+        let (id, task, prompt, answer, completion) = (
+            str_column(b, "id")?,
+            str_column(b, "task")?,
+            str_column(b, "prompt")?,
+            str_column(b, "answer")?,
+            str_column(b, "completion")?,
+        );
         let reward = f64_column(b, "reward")?;
         let advantage = f64_column(b, "advantage")?;
-        let length = column(b, "length")?.as_primitive_opt::<Int32Type>().context("column `length` is not int32")?;
-        let truncated = column(b, "truncated")?.as_boolean_opt().context("column `truncated` is not bool")?;
-        let comps = column(b, "reward_components")?.as_list_opt::<i32>().context("column `reward_components` is not a list")?;
+        let length = column(b, "length")?
+            .as_primitive_opt::<Int32Type>()
+            .context("column `length` is not int32")?;
+        let truncated = column(b, "truncated")?
+            .as_boolean_opt()
+            .context("column `truncated` is not bool")?;
+        let comps = column(b, "reward_components")?
+            .as_list_opt::<i32>()
+            .context("column `reward_components` is not a list")?;
         for i in 0..b.num_rows() {
             let c = comps.value(i);
-            let c = c.as_struct_opt().context("`reward_components` items are not structs")?;
+            let c = c
+                .as_struct_opt()
+                .context("`reward_components` items are not structs")?;
             let name = struct_str(c, "name")?;
-            let value = c.column_by_name("value").and_then(|v| v.as_primitive_opt::<Float64Type>()).context("component field `value` is missing or not float64")?;
+            let value = c
+                .column_by_name("value")
+                .and_then(|v| v.as_primitive_opt::<Float64Type>())
+                .context("component field `value` is missing or not float64")?;
             out.push(SampleRow {
                 step: step.value(i),
                 id: str_at(id, i),
@@ -165,9 +224,19 @@ pub fn read_samples(batches: &[RecordBatch]) -> anyhow::Result<Vec<SampleRow>> {
                 prompt: str_at(prompt, i),
                 answer: str_at(answer, i),
                 completion: str_at(completion, i),
-                reward: if reward.is_null(i) { f64::NAN } else { reward.value(i) },
-                components: (0..c.len()).map(|j| (str_at(name, j), (!value.is_null(j)).then(|| value.value(j)))).collect(),
-                advantage: if advantage.is_null(i) { 0.0 } else { advantage.value(i) },
+                reward: if reward.is_null(i) {
+                    f64::NAN
+                } else {
+                    reward.value(i)
+                },
+                components: (0..c.len())
+                    .map(|j| (str_at(name, j), (!value.is_null(j)).then(|| value.value(j))))
+                    .collect(),
+                advantage: if advantage.is_null(i) {
+                    0.0
+                } else {
+                    advantage.value(i)
+                },
                 length: length.value(i),
                 truncated: truncated.value(i),
             });
@@ -207,9 +276,15 @@ pub struct EvalRow {
 }
 
 pub fn eval_batch(rows: &[EvalRow]) -> anyhow::Result<RecordBatch> {
-    let bools = |f: fn(&EvalRow) -> bool| -> ArrayRef { Arc::new(BooleanArray::from_iter(rows.iter().map(|r| Some(f(r))))) };
-    let floats = |f: fn(&EvalRow) -> f64| -> ArrayRef { Arc::new(Float64Array::from_iter_values(rows.iter().map(f))) };
-    let ints = |f: fn(&EvalRow) -> i32| -> ArrayRef { Arc::new(Int32Array::from_iter_values(rows.iter().map(f))) };
+    let bools = |f: fn(&EvalRow) -> bool| -> ArrayRef {
+        Arc::new(BooleanArray::from_iter(rows.iter().map(|r| Some(f(r)))))
+    };
+    let floats = |f: fn(&EvalRow) -> f64| -> ArrayRef {
+        Arc::new(Float64Array::from_iter_values(rows.iter().map(f)))
+    };
+    let ints = |f: fn(&EvalRow) -> i32| -> ArrayRef {
+        Arc::new(Int32Array::from_iter_values(rows.iter().map(f)))
+    };
     let columns: Vec<ArrayRef> = vec![
         strings(rows.iter().map(|r| r.model.as_str())),
         strings(rows.iter().map(|r| r.id.as_str())),
@@ -229,19 +304,50 @@ pub fn eval_batch(rows: &[EvalRow]) -> anyhow::Result<RecordBatch> {
         ints(|r| r.greedy_length),
         strings(rows.iter().map(|r| r.greedy_completion.as_str())),
     ];
-    Ok(RecordBatch::try_new(dagrun_schemas::eval().schema, columns)?)
+    Ok(RecordBatch::try_new(
+        dagrun_schemas::eval().schema,
+        columns,
+    )?)
 }
 
 pub fn read_eval(batches: &[RecordBatch]) -> anyhow::Result<Vec<EvalRow>> {
     let mut out = Vec::new();
     for b in batches {
         let s = |n: &str| str_column(b, n);
-        let (model, id, task, greedy_answer, greedy_completion) = (s("model")?, s("id")?, s("task")?, s("greedy_answer")?, s("greedy_completion")?);
-        let i32c = |n: &str| column(b, n).and_then(|c| c.as_primitive_opt::<Int32Type>().with_context(|| format!("column `{n}` is not int32")));
-        let boolc = |n: &str| column(b, n).and_then(|c| c.as_boolean_opt().with_context(|| format!("column `{n}` is not bool")));
-        let (difficulty, k, n, n_correct, greedy_length) = (i32c("difficulty")?, i32c("k")?, i32c("n")?, i32c("n_correct")?, i32c("greedy_length")?);
-        let (correct, majk, greedy_format) = (boolc("correct")?, boolc("majk")?, boolc("greedy_format")?);
-        let (pass1, passk, format, length) = (f64_column(b, "pass1")?, f64_column(b, "passk")?, f64_column(b, "format")?, f64_column(b, "length")?);
+        let (model, id, task, greedy_answer, greedy_completion) = (
+            s("model")?,
+            s("id")?,
+            s("task")?,
+            s("greedy_answer")?,
+            s("greedy_completion")?,
+        );
+        let i32c = |n: &str| {
+            column(b, n).and_then(|c| {
+                c.as_primitive_opt::<Int32Type>()
+                    .with_context(|| format!("column `{n}` is not int32"))
+            })
+        };
+        let boolc = |n: &str| {
+            column(b, n).and_then(|c| {
+                c.as_boolean_opt()
+                    .with_context(|| format!("column `{n}` is not bool"))
+            })
+        };
+        let (difficulty, k, n, n_correct, greedy_length) = (
+            i32c("difficulty")?,
+            i32c("k")?,
+            i32c("n")?,
+            i32c("n_correct")?,
+            i32c("greedy_length")?,
+        );
+        let (correct, majk, greedy_format) =
+            (boolc("correct")?, boolc("majk")?, boolc("greedy_format")?);
+        let (pass1, passk, format, length) = (
+            f64_column(b, "pass1")?,
+            f64_column(b, "passk")?,
+            f64_column(b, "format")?,
+            f64_column(b, "length")?,
+        );
         for i in 0..b.num_rows() {
             out.push(EvalRow {
                 model: str_at(model, i),
@@ -268,35 +374,61 @@ pub fn read_eval(batches: &[RecordBatch]) -> anyhow::Result<Vec<EvalRow>> {
 }
 
 fn f64_column<'a>(batch: &'a RecordBatch, name: &str) -> anyhow::Result<&'a Float64Array> {
-    column(batch, name)?.as_primitive_opt::<Float64Type>().with_context(|| format!("column `{name}` is not float64"))
+    column(batch, name)?
+        .as_primitive_opt::<Float64Type>()
+        .with_context(|| format!("column `{name}` is not float64"))
 }
 
 fn list_array(lengths: impl Iterator<Item = usize>, values: ArrayRef) -> anyhow::Result<ListArray> {
     let field = Arc::new(Field::new("item", values.data_type().clone(), true));
-    Ok(ListArray::try_new(field, OffsetBuffer::from_lengths(lengths), values, None)?)
+    Ok(ListArray::try_new(
+        field,
+        OffsetBuffer::from_lengths(lengths),
+        values,
+        None,
+    )?)
 }
 
 fn column<'a>(batch: &'a RecordBatch, name: &str) -> anyhow::Result<&'a ArrayRef> {
-    batch.column_by_name(name).ok_or_else(|| anyhow!("column `{name}` is missing"))
+    batch
+        .column_by_name(name)
+        .ok_or_else(|| anyhow!("column `{name}` is missing"))
 }
 
 fn str_column<'a>(batch: &'a RecordBatch, name: &str) -> anyhow::Result<&'a StringArray> {
-    column(batch, name)?.as_string_opt::<i32>().ok_or_else(|| anyhow!("column `{name}` is not a string column"))
+    column(batch, name)?
+        .as_string_opt::<i32>()
+        .ok_or_else(|| anyhow!("column `{name}` is not a string column"))
 }
 
 fn str_at(a: &StringArray, i: usize) -> String {
-    if a.is_null(i) { String::new() } else { a.value(i).to_string() }
+    if a.is_null(i) {
+        String::new()
+    } else {
+        a.value(i).to_string()
+    }
 }
 
 pub fn read_problems(batches: &[RecordBatch]) -> anyhow::Result<Vec<ProblemRow>> {
     let mut out = Vec::new();
     for b in batches {
-        let (id, task, prompt, answer) = (str_column(b, "id")?, str_column(b, "task")?, str_column(b, "prompt")?, str_column(b, "answer")?);
-        let difficulty = column(b, "difficulty")?.as_primitive_opt::<Int32Type>().context("column `difficulty` is not int32")?;
-        let steps = column(b, "steps")?.as_list_opt::<i32>().context("column `steps` is not a list")?;
+        let (id, task, prompt, answer) = (
+            str_column(b, "id")?,
+            str_column(b, "task")?,
+            str_column(b, "prompt")?,
+            str_column(b, "answer")?,
+        );
+        let difficulty = column(b, "difficulty")?
+            .as_primitive_opt::<Int32Type>()
+            .context("column `difficulty` is not int32")?;
+        let steps = column(b, "steps")?
+            .as_list_opt::<i32>()
+            .context("column `steps` is not a list")?;
         for i in 0..b.num_rows() {
             let s = steps.value(i);
-            let s = s.as_string_opt::<i32>().context("`steps` items are not strings")?;
+            let s = s
+                .as_string_opt::<i32>()
+                .context("`steps` items are not strings")?;
             out.push(ProblemRow {
                 id: str_at(id, i),
                 task: str_at(task, i),
@@ -313,20 +445,37 @@ pub fn read_problems(batches: &[RecordBatch]) -> anyhow::Result<Vec<ProblemRow>>
 pub fn read_chat(batches: &[RecordBatch]) -> anyhow::Result<Vec<ChatRow>> {
     let mut out = Vec::new();
     for b in batches {
-        let (id, task, answer) = (str_column(b, "id")?, str_column(b, "task")?, str_column(b, "answer")?);
-        let messages = column(b, "messages")?.as_list_opt::<i32>().context("column `messages` is not a list")?;
-        let steps = column(b, "steps")?.as_list_opt::<i32>().context("column `steps` is not a list")?;
+        let (id, task, answer) = (
+            str_column(b, "id")?,
+            str_column(b, "task")?,
+            str_column(b, "answer")?,
+        );
+        let messages = column(b, "messages")?
+            .as_list_opt::<i32>()
+            .context("column `messages` is not a list")?;
+        let steps = column(b, "steps")?
+            .as_list_opt::<i32>()
+            .context("column `steps` is not a list")?;
         for i in 0..b.num_rows() {
             let m = messages.value(i);
-            let m = m.as_struct_opt().context("`messages` items are not structs")?;
+            let m = m
+                .as_struct_opt()
+                .context("`messages` items are not structs")?;
             let (role, content) = (struct_str(m, "role")?, struct_str(m, "content")?);
             let s = steps.value(i);
-            let s = s.as_string_opt::<i32>().context("`steps` items are not strings")?;
+            let s = s
+                .as_string_opt::<i32>()
+                .context("`steps` items are not strings")?;
             out.push(ChatRow {
                 id: str_at(id, i),
                 task: str_at(task, i),
                 answer: str_at(answer, i),
-                messages: (0..m.len()).map(|j| Message { role: str_at(role, j), content: str_at(content, j) }).collect(),
+                messages: (0..m.len())
+                    .map(|j| Message {
+                        role: str_at(role, j),
+                        content: str_at(content, j),
+                    })
+                    .collect(),
                 steps: (0..s.len()).map(|j| str_at(s, j)).collect(),
             });
         }
@@ -351,10 +500,25 @@ mod tests {
                 id: "a".into(),
                 task: "arithmetic".into(),
                 answer: "3".into(),
-                messages: vec![Message { role: "user".into(), content: "1+2=".into() }, Message { role: "assistant".into(), content: "<answer>3</answer>".into() }],
+                messages: vec![
+                    Message {
+                        role: "user".into(),
+                        content: "1+2=".into(),
+                    },
+                    Message {
+                        role: "assistant".into(),
+                        content: "<answer>3</answer>".into(),
+                    },
+                ],
                 steps: vec!["1+2=3".into()],
             },
-            ChatRow { id: "b".into(), task: "linear".into(), answer: "-1".into(), messages: vec![], steps: vec![] },
+            ChatRow {
+                id: "b".into(),
+                task: "linear".into(),
+                answer: "-1".into(),
+                messages: vec![],
+                steps: vec![],
+            },
         ];
         let batch = chat_batch(&rows).unwrap();
         assert!(dagrun_schemas::chat().check(&batch.schema()).is_ok());
@@ -406,8 +570,22 @@ mod tests {
     #[test]
     fn problem_rows_round_trip_through_arrow() {
         let rows = vec![
-            ProblemRow { id: "x".into(), task: "countdown".into(), difficulty: 3, prompt: "1 2 make 3".into(), answer: "1+2".into(), steps: vec!["1+2=3".into()] },
-            ProblemRow { id: "y".into(), task: "word".into(), difficulty: 1, prompt: "p".into(), answer: "4".into(), steps: vec![] },
+            ProblemRow {
+                id: "x".into(),
+                task: "countdown".into(),
+                difficulty: 3,
+                prompt: "1 2 make 3".into(),
+                answer: "1+2".into(),
+                steps: vec!["1+2=3".into()],
+            },
+            ProblemRow {
+                id: "y".into(),
+                task: "word".into(),
+                difficulty: 1,
+                prompt: "p".into(),
+                answer: "4".into(),
+                steps: vec![],
+            },
         ];
         let batch = problems_batch(&rows).unwrap();
         assert!(dagrun_schemas::problems().check(&batch.schema()).is_ok());

@@ -34,7 +34,10 @@ impl Project {
     /// `dagrun ARGS` in the project directory.
     pub fn command(&self, args: &[&str]) -> Command {
         let mut c = Command::new(env!("CARGO_BIN_EXE_dagrun"));
-        c.current_dir(&self.dir).args(args).env_remove("DAGRUN_CACHE_DIR").stdin(Stdio::null());
+        c.current_dir(&self.dir)
+            .args(args)
+            .env_remove("DAGRUN_CACHE_DIR")
+            .stdin(Stdio::null());
         c
     }
 
@@ -43,7 +46,11 @@ impl Project {
     }
 
     pub fn spawn(&self, args: &[&str]) -> Child {
-        self.command(args).stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().unwrap()
+        self.command(args)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap()
     }
 
     /// Runs `dagrun run FILE --json EXTRA…`, asserts success, returns the run's JSON.
@@ -51,7 +58,11 @@ impl Project {
         let mut args = vec!["run", file, "--json"];
         args.extend_from_slice(extra);
         let out = self.output(&args);
-        assert!(out.status.success(), "dagrun {args:?} failed: {}", String::from_utf8_lossy(&out.stderr));
+        assert!(
+            out.status.success(),
+            "dagrun {args:?} failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
         Run::parse(&out)
     }
 }
@@ -85,8 +96,14 @@ pub fn kill_when(project: &Project, args: &[&str], ready: impl Fn() -> bool) {
     let mut child = project.spawn(args);
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(300);
     while !ready() {
-        assert!(std::time::Instant::now() < deadline, "the awaited checkpoint never appeared");
-        assert!(child.try_wait().unwrap().is_none(), "the run finished before it could be killed");
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the awaited checkpoint never appeared"
+        );
+        assert!(
+            child.try_wait().unwrap().is_none(),
+            "the run finished before it could be killed"
+        );
         std::thread::sleep(std::time::Duration::from_millis(5));
     }
     unsafe { libc::kill(child.id() as i32, libc::SIGKILL) };
@@ -99,12 +116,23 @@ pub struct Run(pub Value);
 impl Run {
     pub fn parse(out: &Output) -> Run {
         let stdout = String::from_utf8_lossy(&out.stdout);
-        let last = stdout.lines().last().unwrap_or_else(|| panic!("no output; stderr: {}", String::from_utf8_lossy(&out.stderr)));
-        Run(serde_json::from_str(last).unwrap_or_else(|e| panic!("last line is not JSON ({e}): {last}")))
+        let last = stdout.lines().last().unwrap_or_else(|| {
+            panic!(
+                "no output; stderr: {}",
+                String::from_utf8_lossy(&out.stderr)
+            )
+        });
+        Run(serde_json::from_str(last)
+            .unwrap_or_else(|e| panic!("last line is not JSON ({e}): {last}")))
     }
 
     pub fn stage(&self, name: &str) -> &Value {
-        self.0["stages"].as_array().unwrap().iter().find(|s| s["name"] == name).unwrap_or_else(|| panic!("no stage {name} in {}", self.0))
+        self.0["stages"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|s| s["name"] == name)
+            .unwrap_or_else(|| panic!("no stage {name} in {}", self.0))
     }
 
     pub fn status(&self, name: &str) -> String {
@@ -113,11 +141,24 @@ impl Run {
 
     /// Stage name → status, for whole-run assertions.
     pub fn statuses(&self) -> Vec<(String, String)> {
-        self.0["stages"].as_array().unwrap().iter().map(|s| (s["name"].as_str().unwrap().to_string(), s["status"].as_str().unwrap().to_string())).collect()
+        self.0["stages"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|s| {
+                (
+                    s["name"].as_str().unwrap().to_string(),
+                    s["status"].as_str().unwrap().to_string(),
+                )
+            })
+            .collect()
     }
 
     pub fn output(&self, stage: &str, output: &str) -> String {
-        self.stage(stage)["outputs"][output].as_str().unwrap_or_else(|| panic!("{stage} has no output {output}")).to_string()
+        self.stage(stage)["outputs"][output]
+            .as_str()
+            .unwrap_or_else(|| panic!("{stage} has no output {output}"))
+            .to_string()
     }
 }
 
@@ -128,21 +169,36 @@ pub fn object_path(cache: &Path, digest: &str) -> PathBuf {
 
 /// Whether some stage's resume directory in `cache` holds the file `rel` (a checkpoint to kill at).
 pub fn resume_has(cache: &Path, rel: &str) -> bool {
-    std::fs::read_dir(cache.join("resume")).map(|d| d.filter_map(|e| e.ok()).any(|e| e.path().join(rel).is_file())).unwrap_or(false)
+    std::fs::read_dir(cache.join("resume"))
+        .map(|d| {
+            d.filter_map(|e| e.ok())
+                .any(|e| e.path().join(rel).is_file())
+        })
+        .unwrap_or(false)
 }
 
 /// The record batches of a cached Parquet object.
 pub fn batches(cache: &Path, digest: &str) -> Vec<RecordBatch> {
     let file = std::fs::File::open(object_path(cache, digest)).unwrap();
-    let reader = parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder::try_new(file).unwrap().build().unwrap();
+    let reader = parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder::try_new(file)
+        .unwrap()
+        .build()
+        .unwrap();
     reader.map(Result::unwrap).collect()
 }
 
 pub fn strings(b: &RecordBatch, name: &str) -> Vec<String> {
-    let a = b.column_by_name(name).unwrap_or_else(|| panic!("no column {name}")).as_string::<i32>();
+    let a = b
+        .column_by_name(name)
+        .unwrap_or_else(|| panic!("no column {name}"))
+        .as_string::<i32>();
     (0..a.len()).map(|i| a.value(i).to_string()).collect()
 }
 
 pub fn floats(b: &RecordBatch, name: &str) -> Vec<f64> {
-    b.column_by_name(name).unwrap_or_else(|| panic!("no column {name}")).as_primitive::<Float64Type>().values().to_vec()
+    b.column_by_name(name)
+        .unwrap_or_else(|| panic!("no column {name}"))
+        .as_primitive::<Float64Type>()
+        .values()
+        .to_vec()
 }

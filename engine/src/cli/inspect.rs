@@ -4,7 +4,7 @@ use std::path::{Path, PathBuf};
 
 use clap::{Args, ValueEnum};
 
-use super::{find_cache_root, open_store, GlobalArgs, EXIT_OK};
+use super::{EXIT_OK, GlobalArgs, find_cache_root, open_store};
 use crate::diag::{Diagnostic, Diagnostics};
 use crate::kind::{Arity, Default, Registry};
 use crate::records::{Records, StageRecord};
@@ -52,24 +52,46 @@ pub fn dag(a: DagArgs, registry: &Registry) -> Result<i32, Diagnostics> {
     let g = graph::build(&pl, registry)?;
     let label = |i: usize| {
         let s = &pl.stages[i];
-        format!("{} ({}{})", s.name, s.kind, if s.skip { ", skipped" } else { "" })
+        format!(
+            "{} ({}{})",
+            s.name,
+            s.kind,
+            if s.skip { ", skipped" } else { "" }
+        )
     };
     match a.format {
         DagFormat::Ascii => {
             for &i in &g.order {
-                let ins: Vec<String> = g.edges.iter().filter(|(_, c, _)| *c == i).map(|(p, _, o)| format!("{}.{o}", g.name(*p))).collect();
-                let arrow = if ins.is_empty() { String::new() } else { format!("  ← {}", ins.join(", ")) };
+                let ins: Vec<String> = g
+                    .edges
+                    .iter()
+                    .filter(|(_, c, _)| *c == i)
+                    .map(|(p, _, o)| format!("{}.{o}", g.name(*p)))
+                    .collect();
+                let arrow = if ins.is_empty() {
+                    String::new()
+                } else {
+                    format!("  ← {}", ins.join(", "))
+                };
                 println!("{}{arrow}", label(i));
             }
         }
         DagFormat::Dot => {
             println!("digraph \"{}\" {{\n  rankdir=LR;", pl.name);
             for &i in &g.order {
-                let style = if pl.stages[i].skip { ", style=dashed" } else { "" };
+                let style = if pl.stages[i].skip {
+                    ", style=dashed"
+                } else {
+                    ""
+                };
                 println!("  \"{}\" [label=\"{}\"{style}];", g.name(i), label(i));
             }
             for (p, c, o) in &g.edges {
-                println!("  \"{}\" -> \"{}\" [label=\"{o}\"];", g.name(*p), g.name(*c));
+                println!(
+                    "  \"{}\" -> \"{}\" [label=\"{o}\"];",
+                    g.name(*p),
+                    g.name(*c)
+                );
             }
             println!("}}");
         }
@@ -90,7 +112,11 @@ pub fn dag(a: DagArgs, registry: &Registry) -> Result<i32, Diagnostics> {
 fn find_record(records: &Records, pipeline: Option<&Path>, node: &str) -> Option<StageRecord> {
     let candidates: Vec<StageRecord> = match pipeline {
         Some(p) => records.index(p).remove(node).into_iter().collect(),
-        None => records.all_indexes().into_iter().filter_map(|mut i| i.remove(node)).collect(),
+        None => records
+            .all_indexes()
+            .into_iter()
+            .filter_map(|mut i| i.remove(node))
+            .collect(),
     };
     candidates.into_iter().max_by(|a, b| a.run.cmp(&b.run))
 }
@@ -107,7 +133,12 @@ pub(crate) struct Resolved {
 
 /// Finds `node` or `node.output`; with `one`, the target must name a single output (a node
 /// with one output may leave its name out).
-pub(crate) fn resolve(target: &str, pipeline: Option<&Path>, g: &GlobalArgs, one: bool) -> Result<Resolved, Diagnostics> {
+pub(crate) fn resolve(
+    target: &str,
+    pipeline: Option<&Path>,
+    g: &GlobalArgs,
+    one: bool,
+) -> Result<Resolved, Diagnostics> {
     let root = find_cache_root(g, pipeline)?;
     let store = open_store(&root)?;
     let lock = super::lock_store_shared(&store)?;
@@ -116,11 +147,27 @@ pub(crate) fn resolve(target: &str, pipeline: Option<&Path>, g: &GlobalArgs, one
         Some((n, o)) => (n, Some(o)),
         None => (target, None),
     };
-    let rec = find_record(&records, pipeline, node)
-        .ok_or_else(|| Diagnostic::at_field(target, format!("no recorded run of stage `{node}` in {}", root.display())))?;
+    let rec = find_record(&records, pipeline, node).ok_or_else(|| {
+        Diagnostic::at_field(
+            target,
+            format!("no recorded run of stage `{node}` in {}", root.display()),
+        )
+    })?;
     if one && output.is_none() && rec.outputs.len() > 1 {
         let names: Vec<&str> = rec.outputs.keys().map(String::as_str).collect();
-        return Err(Diagnostic::at_field(target, format!("stage `{node}` has {} outputs; name one: {}", names.len(), names.iter().map(|n| format!("`{node}.{n}`")).collect::<Vec<_>>().join(", "))).into());
+        return Err(Diagnostic::at_field(
+            target,
+            format!(
+                "stage `{node}` has {} outputs; name one: {}",
+                names.len(),
+                names
+                    .iter()
+                    .map(|n| format!("`{node}.{n}`"))
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            ),
+        )
+        .into());
     }
     let mut out = Vec::new();
     for (name, digest) in &rec.outputs {
@@ -132,10 +179,27 @@ pub(crate) fn resolve(target: &str, pipeline: Option<&Path>, g: &GlobalArgs, one
     }
     if out.is_empty() {
         let names: Vec<&str> = rec.outputs.keys().map(String::as_str).collect();
-        return Err(Diagnostic::at_field(target, format!("stage `{node}` has no output `{}`; its outputs are: {}", output.unwrap_or(""), names.join(", "))).into());
+        return Err(Diagnostic::at_field(
+            target,
+            format!(
+                "stage `{node}` has no output `{}`; its outputs are: {}",
+                output.unwrap_or(""),
+                names.join(", ")
+            ),
+        )
+        .into());
     }
-    let provenance = rec.key.as_deref().and_then(|k| store.action(k)).and_then(|a| a.extra.get("provenance").cloned());
-    Ok(Resolved { outputs: out, provenance, record: rec, _lock: lock })
+    let provenance = rec
+        .key
+        .as_deref()
+        .and_then(|k| store.action(k))
+        .and_then(|a| a.extra.get("provenance").cloned());
+    Ok(Resolved {
+        outputs: out,
+        provenance,
+        record: rec,
+        _lock: lock,
+    })
 }
 
 /// Provenance as Parquet footer entries (`dagrun.node`, `dagrun.key`, …) for an exported file.
@@ -158,7 +222,12 @@ fn footer_entries(r: &Resolved) -> Vec<(String, String)> {
 
 pub fn show(a: ShowArgs, g: &GlobalArgs) -> Result<i32, Diagnostics> {
     let found = resolve(&a.target, a.pipeline.as_deref(), g, false)?;
-    println!("stage: {} ({}), key {}", found.record.name, found.record.kind, found.record.key.as_deref().unwrap_or("-"));
+    println!(
+        "stage: {} ({}), key {}",
+        found.record.name,
+        found.record.kind,
+        found.record.key.as_deref().unwrap_or("-")
+    );
     if let Some(p) = &found.provenance {
         println!("params: {}", crate::key::canonical_json(&p["params"]));
         println!("inputs: {}", crate::key::canonical_json(&p["inputs"]));
@@ -169,7 +238,8 @@ pub fn show(a: ShowArgs, g: &GlobalArgs) -> Result<i32, Diagnostics> {
         if path.is_dir() {
             show_model_dir(&path);
         } else {
-            show_dataset(&path, a.rows).map_err(|e| Diagnostic::at_field(&a.target, format!("{e:#}")))?;
+            show_dataset(&path, a.rows)
+                .map_err(|e| Diagnostic::at_field(&a.target, format!("{e:#}")))?;
         }
     }
     Ok(EXIT_OK)
@@ -202,13 +272,24 @@ fn show_dataset(path: &Path, rows: usize) -> anyhow::Result<()> {
 
 fn show_model_dir(path: &Path) {
     let mut files: Vec<(String, u64)> = std::fs::read_dir(path)
-        .map(|rd| rd.filter_map(|e| e.ok()).map(|e| (e.file_name().to_string_lossy().to_string(), e.metadata().map(|m| m.len()).unwrap_or(0))).collect())
+        .map(|rd| {
+            rd.filter_map(|e| e.ok())
+                .map(|e| {
+                    (
+                        e.file_name().to_string_lossy().to_string(),
+                        e.metadata().map(|m| m.len()).unwrap_or(0),
+                    )
+                })
+                .collect()
+        })
         .unwrap_or_default();
     files.sort();
     for (f, size) in &files {
         println!("  {f}  ({size} bytes)");
     }
-    let config: Option<serde_json::Value> = std::fs::read(path.join("config.json")).ok().and_then(|b| serde_json::from_slice(&b).ok());
+    let config: Option<serde_json::Value> = std::fs::read(path.join("config.json"))
+        .ok()
+        .and_then(|b| serde_json::from_slice(&b).ok());
     if let Some(serde_json::Value::Object(m)) = config {
         println!("config.json:");
         for (k, v) in m.iter().filter(|(_, v)| !v.is_object()) {
@@ -220,18 +301,22 @@ fn show_model_dir(path: &Path) {
 pub fn export(a: ExportArgs, g: &GlobalArgs) -> Result<i32, Diagnostics> {
     let found = resolve(&a.target, a.pipeline.as_deref(), g, true)?;
     let (_, src) = &found.outputs[0];
-    let dest_err = |e: String| Diagnostic::at_field(&a.dest.display().to_string(), format!("cannot export: {e}"));
+    let dest_err = |e: String| {
+        Diagnostic::at_field(&a.dest.display().to_string(), format!("cannot export: {e}"))
+    };
     if src.is_file() {
         // A dataset leaves the cache with its provenance in the footer.
-        let (schema, batches) = dataset::read_parquet(src).map_err(|e| dest_err(format!("{e:#}")))?;
-        let (mut kv, _, _) = dataset::footer(src).map_err(|e| dest_err(format!("{e:#}")))?.into();
+        let (schema, batches) =
+            dataset::read_parquet(src).map_err(|e| dest_err(format!("{e:#}")))?;
+        let (mut kv, _, _) = dataset::footer(src).map_err(|e| dest_err(format!("{e:#}")))?;
         let mut entries: Vec<(String, String)> = kv.drain().collect();
         entries.sort();
         entries.extend(footer_entries(&found));
         if let Some(parent) = a.dest.parent().filter(|p| !p.as_os_str().is_empty()) {
             std::fs::create_dir_all(parent).map_err(|e| dest_err(e.to_string()))?;
         }
-        dataset::write_parquet(&a.dest, schema, &batches, &entries).map_err(|e| dest_err(format!("{e:#}")))?;
+        dataset::write_parquet(&a.dest, schema, &batches, &entries)
+            .map_err(|e| dest_err(format!("{e:#}")))?;
     } else {
         copy_out(src, &a.dest).map_err(|e| dest_err(e.to_string()))?;
     }

@@ -5,7 +5,7 @@ use std::path::PathBuf;
 
 use clap::Args;
 
-use super::{find_cache_root, open_store, GlobalArgs, EXIT_OK, EXIT_STAGE_FAILED};
+use super::{EXIT_OK, EXIT_STAGE_FAILED, GlobalArgs, find_cache_root, open_store};
 use crate::diag::{Diagnostic, Diagnostics};
 use crate::records::Records;
 use dagrun_cache::LockMode;
@@ -39,7 +39,11 @@ pub fn gc(a: GcArgs, g: &GlobalArgs) -> Result<i32, Diagnostics> {
     let resume_keys: HashSet<String> = {
         let runs = records.runs();
         let kept = a.keep_runs.unwrap_or(runs.len());
-        runs.iter().rev().take(kept).flat_map(|r| r.stages.iter().filter_map(|s| s.key.clone())).collect()
+        runs.iter()
+            .rev()
+            .take(kept)
+            .flat_map(|r| r.stages.iter().filter_map(|s| s.key.clone()))
+            .collect()
     };
     let keep = a.keep_runs.map(|n| {
         let runs = records.runs();
@@ -56,7 +60,9 @@ pub fn gc(a: GcArgs, g: &GlobalArgs) -> Result<i32, Diagnostics> {
         }
         keep
     });
-    let report = store.gc(keep.as_ref(), &resume_keys).map_err(|e| Diagnostic::at_field("gc", e.to_string()))?;
+    let report = store
+        .gc(keep.as_ref(), &resume_keys)
+        .map_err(|e| Diagnostic::at_field("gc", e.to_string()))?;
     println!(
         "removed {} objects, {} action records, {} leftovers; freed {:.1} MiB",
         report.removed_objects,
@@ -68,7 +74,10 @@ pub fn gc(a: GcArgs, g: &GlobalArgs) -> Result<i32, Diagnostics> {
 }
 
 /// The store lock, exclusively: waits for running work (polling, so the wait can end).
-fn wait_for_exclusive(store: &dagrun_cache::Store, timeout_secs: u64) -> Result<dagrun_cache::Lock, Diagnostic> {
+fn wait_for_exclusive(
+    store: &dagrun_cache::Store,
+    timeout_secs: u64,
+) -> Result<dagrun_cache::Lock, Diagnostic> {
     let err = |e: dagrun_cache::Error| Diagnostic::at_field("--cache-dir", e.to_string());
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(timeout_secs);
     let mut said = false;
@@ -77,10 +86,19 @@ fn wait_for_exclusive(store: &dagrun_cache::Store, timeout_secs: u64) -> Result<
             return Ok(lock);
         }
         if std::time::Instant::now() >= deadline {
-            return Err(Diagnostic::at_field("--timeout", format!("runs were still using {} after {timeout_secs}s; gc removed nothing", store.root().display())));
+            return Err(Diagnostic::at_field(
+                "--timeout",
+                format!(
+                    "runs were still using {} after {timeout_secs}s; gc removed nothing",
+                    store.root().display()
+                ),
+            ));
         }
         if !said {
-            eprintln!("gc: waiting for the runs using {} to finish (at most {timeout_secs}s; see --timeout)", store.root().display());
+            eprintln!(
+                "gc: waiting for the runs using {} to finish (at most {timeout_secs}s; see --timeout)",
+                store.root().display()
+            );
             said = true;
         }
         std::thread::sleep(std::time::Duration::from_millis(200));
@@ -91,15 +109,29 @@ pub fn verify(a: VerifyArgs, g: &GlobalArgs) -> Result<i32, Diagnostics> {
     let root = find_cache_root(g, a.pipeline.as_deref())?;
     let store = open_store(&root)?;
     let _lock = super::lock_store_shared(&store)?;
-    let report = store.verify().map_err(|e| Diagnostic::at_field("verify", e.to_string()))?;
+    let report = store
+        .verify()
+        .map_err(|e| Diagnostic::at_field("verify", e.to_string()))?;
     for d in &report.corrupt {
         println!("corrupt: {d} (moved to quarantine; the next run recomputes it)");
     }
     for p in &report.incomplete {
-        println!("incomplete: {} (left by an interrupted publish; `dagrun gc` removes it)", p.display());
+        println!(
+            "incomplete: {} (left by an interrupted publish; `dagrun gc` removes it)",
+            p.display()
+        );
     }
-    println!("checked {} objects: {} corrupt, {} incomplete", report.checked, report.corrupt.len(), report.incomplete.len());
-    Ok(if report.corrupt.is_empty() { EXIT_OK } else { EXIT_STAGE_FAILED })
+    println!(
+        "checked {} objects: {} corrupt, {} incomplete",
+        report.checked,
+        report.corrupt.len(),
+        report.incomplete.len()
+    );
+    Ok(if report.corrupt.is_empty() {
+        EXIT_OK
+    } else {
+        EXIT_STAGE_FAILED
+    })
 }
 
 #[derive(Debug, Args)]
@@ -111,7 +143,8 @@ pub struct HashArgs {
 
 pub fn hash(a: HashArgs) -> Result<i32, Diagnostics> {
     for path in &a.paths {
-        let digest = dagrun_cache::hash_path(path).map_err(|e| Diagnostic::at_field(&path.display().to_string(), e.to_string()))?;
+        let digest = dagrun_cache::hash_path(path)
+            .map_err(|e| Diagnostic::at_field(&path.display().to_string(), e.to_string()))?;
         println!("{digest}  {}", path.display());
     }
     Ok(EXIT_OK)

@@ -71,18 +71,31 @@ pub enum Command {
 }
 
 /// Names of the engine's commands, for the `dagrun FILE` shorthand.
-pub const COMMANDS: &[&str] = &["run", "plan", "status", "dag", "show", "export", "gc", "verify", "stages", "schema", "hash", "help"];
+pub const COMMANDS: &[&str] = &[
+    "run", "plan", "status", "dag", "show", "export", "gc", "verify", "stages", "schema", "hash",
+    "help",
+];
 
 /// Turns `dagrun FILE …` into `dagrun run FILE …` when FILE is not a command name.
 pub fn expand_shorthand(args: Vec<OsString>, extra_commands: &[&str]) -> Vec<OsString> {
-    let first_positional = args.iter().skip(1).position(|a| !a.to_string_lossy().starts_with('-'));
-    let Some(pos) = first_positional.map(|p| p + 1) else { return args };
+    let first_positional = args
+        .iter()
+        .skip(1)
+        .position(|a| !a.to_string_lossy().starts_with('-'));
+    let Some(pos) = first_positional.map(|p| p + 1) else {
+        return args;
+    };
     let word = args[pos].to_string_lossy().to_string();
     if COMMANDS.contains(&word.as_str()) || extra_commands.contains(&word.as_str()) {
         return args;
     }
     // Only flags without values may come before the file (`-v`, `-q`).
-    if args[1..pos].iter().any(|a| !matches!(a.to_string_lossy().as_ref(), "-v" | "-vv" | "-vvv" | "-q" | "--verbose" | "--quiet")) {
+    if args[1..pos].iter().any(|a| {
+        !matches!(
+            a.to_string_lossy().as_ref(),
+            "-v" | "-vv" | "-vvv" | "-q" | "--verbose" | "--quiet"
+        )
+    }) {
         return args;
     }
     let mut out = args;
@@ -98,8 +111,13 @@ pub fn init_logging(g: &GlobalArgs) -> ProgressMode {
         (false, 1) => "debug",
         _ => "trace",
     };
-    let filter = tracing_subscriber::EnvFilter::try_from_env("DAGRUN_LOG").unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(level));
-    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).with_target(false).with_ansi(std::io::stderr().is_terminal());
+    let filter = tracing_subscriber::EnvFilter::try_from_env("DAGRUN_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(level));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_target(false)
+        .with_ansi(std::io::stderr().is_terminal());
     let _ = match g.log_format {
         LogFormat::Json => builder.json().try_init(),
         LogFormat::Text => builder.without_time().try_init(),
@@ -128,7 +146,11 @@ pub fn execute(cmd: Command, g: &GlobalArgs, registry: &Registry) -> i32 {
         Command::Stages => inspect::stages(registry),
         Command::Hash(a) => maintain::hash(a),
         Command::Schema => {
-            println!("{}", serde_json::to_string_pretty(&crate::schema::pipeline_schema(registry)).unwrap_or_default());
+            println!(
+                "{}",
+                serde_json::to_string_pretty(&crate::schema::pipeline_schema(registry))
+                    .unwrap_or_default()
+            );
             Ok(EXIT_OK)
         }
     };
@@ -148,7 +170,9 @@ pub fn report(result: Result<i32, Diagnostics>) -> i32 {
 
 /// The cache root for a pipeline file: the flag or variable, else `.dagrun/` beside the file.
 pub fn cache_root_for(g: &GlobalArgs, pipeline: &Path) -> PathBuf {
-    g.cache_dir.clone().unwrap_or_else(|| pipeline.parent().unwrap_or(Path::new("")).join(".dagrun"))
+    g.cache_dir
+        .clone()
+        .unwrap_or_else(|| pipeline.parent().unwrap_or(Path::new("")).join(".dagrun"))
 }
 
 /// The cache root when no pipeline file is named: the flag or variable, a given pipeline's
@@ -165,7 +189,10 @@ pub fn find_cache_root(g: &GlobalArgs, pipeline: Option<&Path>) -> Result<PathBu
             return Ok(PathBuf::from(candidate));
         }
     }
-    Err(Diagnostic::at_field("--cache-dir", "no cache found here (looked for .dagrun/ and pipelines/.dagrun/); pass --cache-dir or --pipeline"))
+    Err(Diagnostic::at_field(
+        "--cache-dir",
+        "no cache found here (looked for .dagrun/ and pipelines/.dagrun/); pass --cache-dir or --pipeline",
+    ))
 }
 
 /// An artifact a command reads: its path, and for one in the cache the store lock that keeps
@@ -178,25 +205,46 @@ pub struct Artifact {
 /// The path of `node.output` (or `node` with one output) in the cache, from the latest
 /// recorded run of that stage, or `target` itself when it is an existing directory: for
 /// commands that take `NODE.model|DIR`.
-pub fn resolve_artifact(target: &str, pipeline: Option<&Path>, g: &GlobalArgs) -> Result<Artifact, Diagnostics> {
+pub fn resolve_artifact(
+    target: &str,
+    pipeline: Option<&Path>,
+    g: &GlobalArgs,
+) -> Result<Artifact, Diagnostics> {
     if Path::new(target).is_dir() {
-        return Ok(Artifact { path: PathBuf::from(target), _lock: None });
+        return Ok(Artifact {
+            path: PathBuf::from(target),
+            _lock: None,
+        });
     }
     let mut found = inspect::resolve(target, pipeline, g, true)?;
-    Ok(Artifact { path: found.outputs.remove(0).1, _lock: Some(found._lock) })
+    Ok(Artifact {
+        path: found.outputs.remove(0).1,
+        _lock: Some(found._lock),
+    })
 }
 
 /// The store lock in shared mode, as runs and readers hold it; waits (saying so) while `gc`
 /// holds it exclusively.
-pub(crate) fn lock_store_shared(store: &dagrun_cache::Store) -> Result<dagrun_cache::Lock, Diagnostic> {
+pub(crate) fn lock_store_shared(
+    store: &dagrun_cache::Store,
+) -> Result<dagrun_cache::Lock, Diagnostic> {
     let busy = |e: dagrun_cache::Error| Diagnostic::at_field("--cache-dir", e.to_string());
-    if let Some(lock) = store.try_lock_store(dagrun_cache::LockMode::Shared).map_err(busy)? {
+    if let Some(lock) = store
+        .try_lock_store(dagrun_cache::LockMode::Shared)
+        .map_err(busy)?
+    {
         return Ok(lock);
     }
-    tracing::info!("waiting for `dagrun gc` to finish with {}", store.root().display());
-    store.lock_store(dagrun_cache::LockMode::Shared).map_err(busy)
+    tracing::info!(
+        "waiting for `dagrun gc` to finish with {}",
+        store.root().display()
+    );
+    store
+        .lock_store(dagrun_cache::LockMode::Shared)
+        .map_err(busy)
 }
 
 pub(crate) fn open_store(root: &Path) -> Result<dagrun_cache::Store, Diagnostic> {
-    dagrun_cache::Store::open(root).map_err(|e| Diagnostic::at_field("--cache-dir", format!("cannot open the cache: {e}")))
+    dagrun_cache::Store::open(root)
+        .map_err(|e| Diagnostic::at_field("--cache-dir", format!("cannot open the cache: {e}")))
 }

@@ -4,7 +4,7 @@ use std::path::PathBuf;
 
 use clap::Args;
 
-use super::{cache_root_for, open_store, GlobalArgs, EXIT_OK, EXIT_STAGE_FAILED};
+use super::{EXIT_OK, EXIT_STAGE_FAILED, GlobalArgs, cache_root_for, open_store};
 use crate::diag::Diagnostics;
 use crate::exec::{self, RunOptions};
 use crate::graph;
@@ -41,7 +41,13 @@ pub struct Selection {
 
 impl Selection {
     fn options(&self) -> RunOptions {
-        RunOptions { only: self.only.clone(), until: self.until.clone(), from: self.from.clone(), force: self.force.clone(), ..Default::default() }
+        RunOptions {
+            only: self.only.clone(),
+            until: self.until.clone(),
+            from: self.from.clone(),
+            force: self.force.clone(),
+            ..Default::default()
+        }
     }
 
     fn overrides(&self) -> Result<Vec<Override>, Diagnostics> {
@@ -53,7 +59,11 @@ impl Selection {
                 Err(e) => errors.push(e),
             }
         }
-        if errors.is_empty() { Ok(out) } else { Err(Diagnostics(errors)) }
+        if errors.is_empty() {
+            Ok(out)
+        } else {
+            Err(Diagnostics(errors))
+        }
     }
 }
 
@@ -85,7 +95,11 @@ pub struct PlanArgs {
     pub json: bool,
 }
 
-fn load(file: &std::path::Path, registry: &Registry, selection: Option<&Selection>) -> Result<Pipeline, Diagnostics> {
+fn load(
+    file: &std::path::Path,
+    registry: &Registry,
+    selection: Option<&Selection>,
+) -> Result<Pipeline, Diagnostics> {
     let overrides = match selection {
         Some(s) => s.overrides()?,
         None => Vec::new(),
@@ -93,20 +107,35 @@ fn load(file: &std::path::Path, registry: &Registry, selection: Option<&Selectio
     pipeline::load(file, registry, &overrides)
 }
 
-pub fn run(a: RunArgs, g: &GlobalArgs, registry: &Registry, progress: ProgressMode) -> Result<i32, Diagnostics> {
+pub fn run(
+    a: RunArgs,
+    g: &GlobalArgs,
+    registry: &Registry,
+    progress: ProgressMode,
+) -> Result<i32, Diagnostics> {
     if a.dry_run {
-        let plan_args = PlanArgs { file: a.file, selection: a.selection, json: a.json };
+        let plan_args = PlanArgs {
+            file: a.file,
+            selection: a.selection,
+            json: a.json,
+        };
         return plan(plan_args, g, registry);
     }
     let pl = load(&a.file, registry, Some(&a.selection))?;
     let graph = graph::build(&pl, registry)?;
     let store = open_store(&cache_root_for(g, &a.file))?;
-    let opts = RunOptions { keep_going: a.keep_going, progress: Some(progress), ..a.selection.options() };
+    let opts = RunOptions {
+        keep_going: a.keep_going,
+        progress: Some(progress),
+        ..a.selection.options()
+    };
     let record = exec::run(&graph, registry, &store, &opts)?;
     let failed = record.stages.iter().any(|s| s.status == Status::Failed);
     if !g.quiet {
         eprintln!("{}", summary_line(&record));
-        let summary = Records::new(store.root()).run_dir(&record.run).join("summary.md");
+        let summary = Records::new(store.root())
+            .run_dir(&record.run)
+            .join("summary.md");
         if let Ok(text) = std::fs::read_to_string(&summary) {
             eprintln!("{text}");
         }
@@ -151,7 +180,11 @@ pub fn plan(a: PlanArgs, g: &GlobalArgs, registry: &Registry) -> Result<i32, Dia
             Action::Skipped => "skipped",
             Action::Unselected => "-",
         };
-        let why = if p.reasons.is_empty() { String::new() } else { format!("  ({})", p.reasons.join("; ")) };
+        let why = if p.reasons.is_empty() {
+            String::new()
+        } else {
+            format!("  ({})", p.reasons.join("; "))
+        };
         println!("{:<width$}  {:<8} {}{}", p.name, action, p.kind, why);
     }
     Ok(EXIT_OK)
@@ -171,7 +204,10 @@ pub fn status(a: FileArg, g: &GlobalArgs, registry: &Registry) -> Result<i32, Di
             Action::Skipped => "skipped",
             Action::Unselected => "-",
         };
-        let last = index.get(&p.name).map(|r| format!("last run {} ({:.1}s)", r.run, r.seconds)).unwrap_or_else(|| "never run".into());
+        let last = index
+            .get(&p.name)
+            .map(|r| format!("last run {} ({:.1}s)", r.run, r.seconds))
+            .unwrap_or_else(|| "never run".into());
         println!("{:<width$}  {:<10} {:<16} {}", p.name, state, p.kind, last);
     }
     Ok(EXIT_OK)

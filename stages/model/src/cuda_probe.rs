@@ -19,9 +19,13 @@ pub fn check_device(device: &str) -> Result<(), String> {
                     "device `{device}`: this dagrun was built without CUDA support (rebuild with `cargo build --release --features cuda`)"
                 ));
             }
-            let count = gpu_count().map_err(|why| format!("device `{device}`: {why}; use `device: cpu`"))?;
+            let count = gpu_count()
+                .map_err(|why| format!("device `{device}`: {why}; use `device: cpu`"))?;
             if index >= count {
-                return Err(format!("device `{device}`: this machine has {count} CUDA GPU(s) (cuda:0 … cuda:{})", count.saturating_sub(1)));
+                return Err(format!(
+                    "device `{device}`: this machine has {count} CUDA GPU(s) (cuda:0 … cuda:{})",
+                    count.saturating_sub(1)
+                ));
             }
             Ok(())
         }
@@ -41,21 +45,35 @@ fn gpu_count() -> Result<usize, String> {
         }
     }
     if handle.is_null() {
-        return Err("no CUDA driver found (libcuda.so.1 cannot be loaded), so no GPU is usable".into());
+        return Err(
+            "no CUDA driver found (libcuda.so.1 cannot be loaded), so no GPU is usable".into(),
+        );
     }
     // SAFETY: `handle` is a live library handle and the names are NUL-terminated.
-    let (init, count) = unsafe { (libc::dlsym(handle, c"cuInit".as_ptr()), libc::dlsym(handle, c"cuDeviceGetCount".as_ptr())) };
+    let (init, count) = unsafe {
+        (
+            libc::dlsym(handle, c"cuInit".as_ptr()),
+            libc::dlsym(handle, c"cuDeviceGetCount".as_ptr()),
+        )
+    };
     if init.is_null() || count.is_null() {
         return Err("the CUDA driver library lacks cuInit/cuDeviceGetCount".into());
     }
     // SAFETY: both symbols come from the CUDA driver API, whose C signatures are
     // `CUresult cuInit(unsigned int)` and `CUresult cuDeviceGetCount(int*)`; the handle stays
     // open (never dlclosed), so the functions stay valid.
-    let (init, get_count): (CuInit, CuDeviceGetCount) = unsafe { (std::mem::transmute(init), std::mem::transmute(count)) };
+    let (init, get_count): (CuInit, CuDeviceGetCount) = unsafe {
+        (
+            std::mem::transmute::<*mut libc::c_void, CuInit>(init),
+            std::mem::transmute::<*mut libc::c_void, CuDeviceGetCount>(count),
+        )
+    };
     // SAFETY: cuInit's only argument, flags, must be 0.
     let status = unsafe { init(0) };
     if status != 0 {
-        return Err(format!("the CUDA driver found no usable GPU (cuInit returned error {status})"));
+        return Err(format!(
+            "the CUDA driver found no usable GPU (cuInit returned error {status})"
+        ));
     }
     let mut n = 0i32;
     // SAFETY: `n` is a valid out-pointer for the call's duration.
@@ -84,6 +102,12 @@ mod tests {
         }
         let err = check_device("cuda").unwrap_err();
         assert!(!err.contains('\n'), "{err}");
-        assert!(err.contains("without CUDA support") || err.contains("no CUDA driver") || err.contains("no GPU") || err.contains("no usable GPU"), "{err}");
+        assert!(
+            err.contains("without CUDA support")
+                || err.contains("no CUDA driver")
+                || err.contains("no GPU")
+                || err.contains("no usable GPU"),
+            "{err}"
+        );
     }
 }

@@ -53,8 +53,10 @@ impl GenerationConfig {
         if !path.exists() {
             return Ok(None);
         }
-        let text = std::fs::read_to_string(&path).with_context(|| format!("reading {}", path.display()))?;
-        let config = serde_json::from_str(&text).with_context(|| format!("parsing {}", path.display()))?;
+        let text = std::fs::read_to_string(&path)
+            .with_context(|| format!("reading {}", path.display()))?;
+        let config =
+            serde_json::from_str(&text).with_context(|| format!("parsing {}", path.display()))?;
         Ok(Some(config))
     }
 
@@ -79,24 +81,34 @@ impl Checkpoint {
         let paths: Vec<PathBuf> = if single.exists() {
             vec![single]
         } else if index.exists() {
-            let text = std::fs::read_to_string(&index).with_context(|| format!("reading {}", index.display()))?;
-            let json: Value = serde_json::from_str(&text).with_context(|| format!("parsing {}", index.display()))?;
+            let text = std::fs::read_to_string(&index)
+                .with_context(|| format!("reading {}", index.display()))?;
+            let json: Value = serde_json::from_str(&text)
+                .with_context(|| format!("parsing {}", index.display()))?;
             let map = json
                 .get("weight_map")
                 .and_then(Value::as_object)
                 .with_context(|| format!("{}: no `weight_map` object", index.display()))?;
-            let mut shards: Vec<String> = map.values().filter_map(|v| v.as_str().map(String::from)).collect();
+            let mut shards: Vec<String> = map
+                .values()
+                .filter_map(|v| v.as_str().map(String::from))
+                .collect();
             shards.sort();
             shards.dedup();
             shards.into_iter().map(|s| dir.join(s)).collect()
         } else {
-            bail!("{}: neither {WEIGHTS_FILE} nor {WEIGHTS_INDEX_FILE} found", dir.display());
+            bail!(
+                "{}: neither {WEIGHTS_FILE} nor {WEIGHTS_INDEX_FILE} found",
+                dir.display()
+            );
         };
         let mut files = Vec::new();
         let mut location = HashMap::new();
         for (i, path) in paths.into_iter().enumerate() {
-            let bytes = std::fs::read(&path).with_context(|| format!("reading {}", path.display()))?;
-            let st = SafeTensors::deserialize(&bytes).with_context(|| format!("parsing safetensors {}", path.display()))?;
+            let bytes =
+                std::fs::read(&path).with_context(|| format!("reading {}", path.display()))?;
+            let st = SafeTensors::deserialize(&bytes)
+                .with_context(|| format!("parsing safetensors {}", path.display()))?;
             for name in st.names() {
                 location.insert(name.to_string(), i);
             }
@@ -107,11 +119,20 @@ impl Checkpoint {
 
     /// Each file's parsed header, parsed once for all the tensors read from it.
     fn parsed(&self) -> Result<Vec<SafeTensors<'_>>> {
-        self.files.iter().map(|(path, bytes)| SafeTensors::deserialize(bytes).with_context(|| format!("parsing safetensors {}", path.display()))).collect()
+        self.files
+            .iter()
+            .map(|(path, bytes)| {
+                SafeTensors::deserialize(bytes)
+                    .with_context(|| format!("parsing safetensors {}", path.display()))
+            })
+            .collect()
     }
 
     fn tensor(&self, parsed: &[SafeTensors], name: &str, shape: &[usize]) -> Result<Vec<f32>> {
-        let &i = self.location.get(name).with_context(|| format!("tensor `{name}` is missing from the checkpoint"))?;
+        let &i = self
+            .location
+            .get(name)
+            .with_context(|| format!("tensor `{name}` is missing from the checkpoint"))?;
         let path = &self.files[i].0;
         let view = parsed[i].tensor(name)?;
         ensure!(
@@ -120,16 +141,27 @@ impl Checkpoint {
             path.display(),
             view.shape()
         );
-        to_f32(view.dtype(), view.data()).with_context(|| format!("{}: tensor `{name}`", path.display()))
+        to_f32(view.dtype(), view.data())
+            .with_context(|| format!("{}: tensor `{name}`", path.display()))
     }
 }
 
 fn to_f32(dtype: Dtype, data: &[u8]) -> Result<Vec<f32>> {
-    let chunks2 = || data.chunks_exact(2).map(|c| u16::from_le_bytes([c[0], c[1]]));
+    let chunks2 = || {
+        data.chunks_exact(2)
+            .map(|c| u16::from_le_bytes([c[0], c[1]]))
+    };
     Ok(match dtype {
-        Dtype::F32 => data.chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect(),
-        Dtype::F16 => chunks2().map(|b| half::f16::from_bits(b).to_f32()).collect(),
-        Dtype::BF16 => chunks2().map(|b| half::bf16::from_bits(b).to_f32()).collect(),
+        Dtype::F32 => data
+            .chunks_exact(4)
+            .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+            .collect(),
+        Dtype::F16 => chunks2()
+            .map(|b| half::f16::from_bits(b).to_f32())
+            .collect(),
+        Dtype::BF16 => chunks2()
+            .map(|b| half::bf16::from_bits(b).to_f32())
+            .collect(),
         Dtype::F64 => data
             .chunks_exact(8)
             .map(|c| f64::from_le_bytes(c.try_into().expect("8 bytes")) as f32)
@@ -146,11 +178,16 @@ pub fn load_model<B: Backend>(dir: &Path, device: &B::Device) -> Result<CausalLm
 
 /// Loads the weights of `dir` into a model built from `config` instead of `dir/config.json`
 /// (e.g. to try another `rope_scaling`).
-pub fn load_model_with_config<B: Backend>(dir: &Path, config: &ModelConfig, device: &B::Device) -> Result<CausalLm<B>> {
+pub fn load_model_with_config<B: Backend>(
+    dir: &Path,
+    config: &ModelConfig,
+    device: &B::Device,
+) -> Result<CausalLm<B>> {
     let checkpoint = Checkpoint::open(dir)?;
     let parsed = checkpoint.parsed()?;
     let mut source = |name: &str, shape: &[usize]| checkpoint.tensor(&parsed, name, shape);
-    CausalLm::from_source(config, &mut source, device).with_context(|| format!("loading model from {}", dir.display()))
+    CausalLm::from_source(config, &mut source, device)
+        .with_context(|| format!("loading model from {}", dir.display()))
 }
 
 /// Writes `config.json` and `model.safetensors` (f32, `format: pt`) into `dir`, creating it.
@@ -165,7 +202,10 @@ pub fn save_model<B: Backend>(model: &CausalLm<B>, dir: &Path) -> Result<()> {
             Ok(values) => {
                 // Linear weights live transposed in memory; checkpoints hold PyTorch's [out, in].
                 let (values, shape) = if is_linear_weight(name) && shape.len() == 2 {
-                    (transpose(&values, shape[0], shape[1]), vec![shape[1], shape[0]])
+                    (
+                        transpose(&values, shape[0], shape[1]),
+                        vec![shape[1], shape[0]],
+                    )
                 } else {
                     (values, shape.to_vec())
                 };
@@ -187,7 +227,8 @@ pub fn save_model<B: Backend>(model: &CausalLm<B>, dir: &Path) -> Result<()> {
         .collect::<Result<_>>()?;
     let metadata = HashMap::from([("format".to_string(), "pt".to_string())]);
     let path = dir.join(WEIGHTS_FILE);
-    safetensors::serialize_to_file(views, Some(metadata), &path).with_context(|| format!("writing {}", path.display()))?;
+    safetensors::serialize_to_file(views, Some(metadata), &path)
+        .with_context(|| format!("writing {}", path.display()))?;
     let mut config = merged.config.clone();
     if config.dtype.is_some() {
         config.dtype = Some("float32".into());

@@ -3,8 +3,8 @@
 //! Every tensor is seen flattened to 1-D, so callers need not be generic over the rank.
 
 use burn::module::{Module, ModuleVisitor, Param, ParamId};
-use burn::tensor::backend::Backend;
 use burn::tensor::Tensor;
+use burn::tensor::backend::Backend;
 
 /// `f(name, id, flattened tensor, shape)`.
 type ParamFn<'a, B> = dyn FnMut(&str, ParamId, Tensor<B, 1>, &[usize]) + 'a;
@@ -30,6 +30,12 @@ impl<B: Backend> ModuleVisitor<B> for PathVisitor<'_, B> {
 }
 
 /// Calls `f(name, id, flattened tensor, shape)` for every float parameter, in module order.
-pub fn visit_params<B: Backend, M: Module<B>>(module: &M, mut f: impl FnMut(&str, ParamId, Tensor<B, 1>, &[usize])) {
-    module.visit(&mut PathVisitor { path: Vec::new(), f: &mut f });
+pub fn visit_params<B: Backend, M: Module<B>>(
+    module: &M,
+    mut f: impl FnMut(&str, ParamId, Tensor<B, 1>, &[usize]),
+) {
+    module.visit(&mut PathVisitor {
+        path: Vec::new(),
+        f: &mut f,
+    });
 }

@@ -32,7 +32,10 @@ pub struct ChatMessage {
 
 impl ChatMessage {
     pub fn new(role: &str, content: &str) -> Self {
-        ChatMessage { role: role.into(), content: content.into() }
+        ChatMessage {
+            role: role.into(),
+            content: content.into(),
+        }
     }
 }
 
@@ -82,7 +85,8 @@ fn token_string(value: Option<&Value>) -> Option<String> {
 impl Tokenizer {
     /// Wraps a bare `tokenizer.json` with no template or special-token info.
     pub fn from_file(path: &Path) -> Result<Self> {
-        let inner = tokenizers::Tokenizer::from_file(path).map_err(|e| anyhow!("loading {}: {e}", path.display()))?;
+        let inner = tokenizers::Tokenizer::from_file(path)
+            .map_err(|e| anyhow!("loading {}: {e}", path.display()))?;
         Ok(Tokenizer {
             inner,
             chat_template: None,
@@ -100,9 +104,10 @@ impl Tokenizer {
         let mut tok = Self::from_file(&dir.join(TOKENIZER_FILE))?;
         let config_path = dir.join(TOKENIZER_CONFIG_FILE);
         if config_path.exists() {
-            let text = std::fs::read_to_string(&config_path).with_context(|| format!("reading {}", config_path.display()))?;
-            let mut config: Map<String, Value> =
-                serde_json::from_str(&text).with_context(|| format!("parsing {}", config_path.display()))?;
+            let text = std::fs::read_to_string(&config_path)
+                .with_context(|| format!("reading {}", config_path.display()))?;
+            let mut config: Map<String, Value> = serde_json::from_str(&text)
+                .with_context(|| format!("parsing {}", config_path.display()))?;
             tok.bos_token = token_string(config.get("bos_token"));
             tok.eos_token = token_string(config.get("eos_token"));
             tok.pad_token = token_string(config.get("pad_token"));
@@ -124,9 +129,17 @@ impl Tokenizer {
         // transformers 4.43+ may keep the template in its own file.
         let jinja = dir.join("chat_template.jinja");
         if tok.chat_template.is_none() && jinja.exists() {
-            tok.chat_template = Some(std::fs::read_to_string(&jinja).with_context(|| format!("reading {}", jinja.display()))?);
+            tok.chat_template = Some(
+                std::fs::read_to_string(&jinja)
+                    .with_context(|| format!("reading {}", jinja.display()))?,
+            );
         }
-        let mut eos: Vec<u32> = tok.eos_token.as_deref().and_then(|t| tok.inner.token_to_id(t)).into_iter().collect();
+        let mut eos: Vec<u32> = tok
+            .eos_token
+            .as_deref()
+            .and_then(|t| tok.inner.token_to_id(t))
+            .into_iter()
+            .collect();
         // A config.json this crate cannot build a model from may still name EOS ids.
         if dir.join(CONFIG_FILE).exists()
             && let Ok(config) = ModelConfig::load(&dir.join(CONFIG_FILE))
@@ -134,7 +147,13 @@ impl Tokenizer {
             eos.extend(config.eos_token_ids());
         }
         if let Some(generation) = GenerationConfig::load(dir)? {
-            eos.extend(generation.eos_token_id.as_ref().map(TokenIds::to_vec).unwrap_or_default());
+            eos.extend(
+                generation
+                    .eos_token_id
+                    .as_ref()
+                    .map(TokenIds::to_vec)
+                    .unwrap_or_default(),
+            );
         }
         eos.sort_unstable();
         eos.dedup();
@@ -146,7 +165,9 @@ impl Tokenizer {
     pub fn save(&self, dir: &Path) -> Result<()> {
         std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
         let path = dir.join(TOKENIZER_FILE);
-        self.inner.save(&path, true).map_err(|e| anyhow!("writing {}: {e}", path.display()))?;
+        self.inner
+            .save(&path, true)
+            .map_err(|e| anyhow!("writing {}: {e}", path.display()))?;
         let mut config = self.config_extra.clone();
         let mut set = |key: &str, value: &Option<String>| {
             if let Some(v) = value {
@@ -157,9 +178,12 @@ impl Tokenizer {
         set("eos_token", &self.eos_token);
         set("pad_token", &self.pad_token);
         set("chat_template", &self.chat_template);
-        config.entry("tokenizer_class").or_insert(json!("PreTrainedTokenizerFast"));
+        config
+            .entry("tokenizer_class")
+            .or_insert(json!("PreTrainedTokenizerFast"));
         let path = dir.join(TOKENIZER_CONFIG_FILE);
-        std::fs::write(&path, serde_json::to_string_pretty(&config)? + "\n").with_context(|| format!("writing {}", path.display()))
+        std::fs::write(&path, serde_json::to_string_pretty(&config)? + "\n")
+            .with_context(|| format!("writing {}", path.display()))
     }
 
     pub fn vocab_size(&self) -> usize {
@@ -180,17 +204,29 @@ impl Tokenizer {
 
     /// Encodes `text`; `add_special_tokens` applies the tokenizer's post-processor (e.g. BOS).
     pub fn encode(&self, text: &str, add_special_tokens: bool) -> Result<Vec<u32>> {
-        let encoding = self.inner.encode(text, add_special_tokens).map_err(|e| anyhow!("tokenizing: {e}"))?;
+        let encoding = self
+            .inner
+            .encode(text, add_special_tokens)
+            .map_err(|e| anyhow!("tokenizing: {e}"))?;
         Ok(encoding.get_ids().to_vec())
     }
 
     pub fn decode(&self, ids: &[u32], skip_special_tokens: bool) -> Result<String> {
-        self.inner.decode(ids, skip_special_tokens).map_err(|e| anyhow!("detokenizing: {e}"))
+        self.inner
+            .decode(ids, skip_special_tokens)
+            .map_err(|e| anyhow!("detokenizing: {e}"))
     }
 
     /// Renders the chat template like transformers' `apply_chat_template(tokenize=False)`.
-    pub fn apply_chat_template(&self, messages: &[ChatMessage], add_generation_prompt: bool) -> Result<String> {
-        let template = self.chat_template.as_deref().context("this tokenizer has no chat_template")?;
+    pub fn apply_chat_template(
+        &self,
+        messages: &[ChatMessage],
+        add_generation_prompt: bool,
+    ) -> Result<String> {
+        let template = self
+            .chat_template
+            .as_deref()
+            .context("this tokenizer has no chat_template")?;
         render_chat_template(
             template,
             messages,
@@ -220,7 +256,10 @@ impl Tokenizer {
             let next = vocab.len() as u32;
             vocab.entry(c.to_string()).or_insert(next);
         }
-        ensure!(vocab.len() > specials.len(), "char tokenizer: the alphabet is empty");
+        ensure!(
+            vocab.len() > specials.len(),
+            "char tokenizer: the alphabet is empty"
+        );
         let model = WordLevel::builder()
             .vocab(vocab.into_iter().collect())
             .unk_token("<unk>".into())
@@ -229,11 +268,18 @@ impl Tokenizer {
         let mut inner = tokenizers::Tokenizer::new(model);
         // `[\s\S]` (any character, newlines included) reads the same in Oniguruma (Python) and
         // fancy-regex (Rust).
-        let split = Split::new(SplitPattern::Regex(r"[\s\S]".into()), SplitDelimiterBehavior::Isolated, false)
-            .map_err(|e| anyhow!("building char tokenizer: {e}"))?;
+        let split = Split::new(
+            SplitPattern::Regex(r"[\s\S]".into()),
+            SplitDelimiterBehavior::Isolated,
+            false,
+        )
+        .map_err(|e| anyhow!("building char tokenizer: {e}"))?;
         inner.with_pre_tokenizer(Some(split));
         inner.with_decoder(Some(Fuse::new()));
-        let added: Vec<AddedToken> = specials.iter().map(|s| AddedToken::from(*s, true)).collect();
+        let added: Vec<AddedToken> = specials
+            .iter()
+            .map(|s| AddedToken::from(*s, true))
+            .collect();
         inner.add_special_tokens(&added);
         let (bos, eos) = match style {
             SpecialStyle::BosEos => ("<bos>", "<eos>"),
@@ -270,10 +316,14 @@ pub fn render_chat_template(
 ) -> Result<String> {
     let mut env = Environment::new();
     env.set_unknown_method_callback(python_methods);
-    env.add_function("raise_exception", |msg: String| -> Result<String, minijinja::Error> {
-        Err(minijinja::Error::new(ErrorKind::InvalidOperation, msg))
-    });
-    env.add_template("chat", template).context("parsing chat_template")?;
+    env.add_function(
+        "raise_exception",
+        |msg: String| -> Result<String, minijinja::Error> {
+            Err(minijinja::Error::new(ErrorKind::InvalidOperation, msg))
+        },
+    );
+    env.add_template("chat", template)
+        .context("parsing chat_template")?;
     let rendered = env
         .get_template("chat")?
         .render(context! {
@@ -292,11 +342,16 @@ fn python_methods(
     method: &str,
     args: &[JinjaValue],
 ) -> Result<JinjaValue, minijinja::Error> {
-    let unknown = || minijinja::Error::new(ErrorKind::UnknownMethod, format!("unknown method {method}"));
+    let unknown =
+        || minijinja::Error::new(ErrorKind::UnknownMethod, format!("unknown method {method}"));
     if let Some(s) = value.as_str() {
         let arg = |i: usize| args.get(i).and_then(|a| a.as_str().map(String::from));
         let chars = arg(0);
-        let trim_set = |c: char| chars.as_deref().map_or(c.is_whitespace(), |set| set.contains(c));
+        let trim_set = |c: char| {
+            chars
+                .as_deref()
+                .map_or(c.is_whitespace(), |set| set.contains(c))
+        };
         return Ok(match method {
             "strip" => JinjaValue::from(s.trim_matches(trim_set)),
             "lstrip" => JinjaValue::from(s.trim_start_matches(trim_set)),
@@ -310,8 +365,12 @@ fn python_methods(
                 _ => return Err(unknown()),
             },
             "split" => match arg(0) {
-                Some(sep) => JinjaValue::from(s.split(sep.as_str()).map(String::from).collect::<Vec<_>>()),
-                None => JinjaValue::from(s.split_whitespace().map(String::from).collect::<Vec<_>>()),
+                Some(sep) => {
+                    JinjaValue::from(s.split(sep.as_str()).map(String::from).collect::<Vec<_>>())
+                }
+                None => {
+                    JinjaValue::from(s.split_whitespace().map(String::from).collect::<Vec<_>>())
+                }
             },
             _ => return Err(unknown()),
         });
@@ -349,7 +408,11 @@ mod tests {
         let with_special = tok.encode("<|im_start|>1<|im_end|>", false).unwrap();
         assert_eq!(with_special, vec![4, tok.token_id("1").unwrap(), 5]);
         assert_eq!(tok.decode(&with_special, true).unwrap(), "1");
-        assert_eq!(tok.encode("x", false).unwrap(), vec![3], "unknown characters become <unk>");
+        assert_eq!(
+            tok.encode("x", false).unwrap(),
+            vec![3],
+            "unknown characters become <unk>"
+        );
 
         let dir = std::env::temp_dir().join(format!("dagrun-tok-{}", std::process::id()));
         tok.save(&dir).unwrap();
@@ -360,7 +423,10 @@ mod tests {
         let prompt = again
             .apply_chat_template(&[ChatMessage::new("user", "1+1")], true)
             .unwrap();
-        assert_eq!(prompt, "<|im_start|>user\n1+1<|im_end|>\n<|im_start|>assistant\n");
+        assert_eq!(
+            prompt,
+            "<|im_start|>user\n1+1<|im_end|>\n<|im_start|>assistant\n"
+        );
         std::fs::remove_dir_all(&dir).ok();
     }
 
@@ -369,14 +435,18 @@ mod tests {
         let template = "{{ bos_token }}{% for m in messages %}{{ m['role'].upper() }}: {{ m['content'].strip() }}{% if not loop.last %}|{% endif %}{% endfor %}{% if add_generation_prompt %}>{% endif %}";
         let out = render_chat_template(
             template,
-            &[ChatMessage::new("user", "  hi "), ChatMessage::new("assistant", "yo")],
+            &[
+                ChatMessage::new("user", "  hi "),
+                ChatMessage::new("assistant", "yo"),
+            ],
             true,
             "<s>",
             "</s>",
         )
         .unwrap();
         assert_eq!(out, "<s>USER: hi|ASSISTANT: yo>");
-        let err = render_chat_template("{{ raise_exception('no system') }}", &[], false, "", "").unwrap_err();
+        let err = render_chat_template("{{ raise_exception('no system') }}", &[], false, "", "")
+            .unwrap_err();
         assert!(format!("{err:#}").contains("no system"));
     }
 }

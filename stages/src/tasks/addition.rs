@@ -6,8 +6,8 @@
 
 use rand::Rng;
 
-use super::arithmetic::{addition, random_operands};
 use super::Solved;
+use super::arithmetic::{addition, random_operands};
 
 /// Difficulty = digits per operand.
 pub(super) const DIFFICULTY: (u32, u32) = (1, 6);

@@ -21,7 +21,10 @@ use std::str::FromStr;
 
 use serde::{Deserialize, Serialize};
 
-pub use verify::{canonical_answer, extract_answer, extract_answer_with, has_format, reasoning_result, think_block, verify, verify_with};
+pub use verify::{
+    canonical_answer, extract_answer, extract_answer_with, has_format, reasoning_result,
+    think_block, verify, verify_with,
+};
 
 /// A task family: one kind of problem with its own generator and answer type.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
