@@ -487,7 +487,18 @@ impl BackendTask for GrpoTask {
                 &prompts,
                 &self.format.stop_ids,
                 &sampling,
-            )?;
+            )
+            .map_err(|e| match e.downcast_ref::<dagrun_model::generate::TooLarge>() {
+                // grpo generates every group of a step at once: name its own params.
+                Some(big) => anyhow::anyhow!(
+                    "{} sequences (batch_prompts × group_size) of up to {} new tokens would need about {} MiB, more than the {} MiB available; lower `batch_prompts`, `group_size` or `max_new_tokens`",
+                    big.sequences,
+                    big.max_new_tokens,
+                    big.needed >> 20,
+                    big.limit >> 20
+                ),
+                None => e,
+            })?;
             let gen_tokens: usize = completions.iter().map(|c| c.token_ids.len()).sum();
             generation.add(gen_tokens as f64, t0.elapsed().as_secs_f64());
 

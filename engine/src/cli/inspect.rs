@@ -315,8 +315,14 @@ pub fn export(a: ExportArgs, g: &GlobalArgs) -> Result<i32, Diagnostics> {
         if let Some(parent) = a.dest.parent().filter(|p| !p.as_os_str().is_empty()) {
             std::fs::create_dir_all(parent).map_err(|e| dest_err(e.to_string()))?;
         }
-        dataset::write_parquet(&a.dest, schema, &batches, &entries)
-            .map_err(|e| dest_err(format!("{e:#}")))?;
+        // Whole or not at all: a failed export leaves no half-written file under its name.
+        let tmp = a.dest.with_extension("dagrun-export.tmp");
+        let written = dataset::write_parquet(&tmp, schema, &batches, &entries)
+            .and_then(|_| Ok(std::fs::rename(&tmp, &a.dest)?));
+        if let Err(e) = written {
+            let _ = std::fs::remove_file(&tmp);
+            return Err(dest_err(format!("{e:#}")).into());
+        }
     } else {
         copy_out(src, &a.dest).map_err(|e| dest_err(e.to_string()))?;
     }
