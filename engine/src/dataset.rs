@@ -81,17 +81,28 @@ pub fn write_parquet_atomic(path: &Path, batch: &RecordBatch) -> anyhow::Result<
 /// Reads a checkpoint shard written by [`write_parquet_atomic`]; `None` (after a warning) when
 /// it is unreadable, so the caller makes it again instead of failing for good.
 pub fn read_checkpoint(path: &Path) -> Option<Vec<RecordBatch>> {
-    match read_parquet(path) {
-        Ok((_, batches)) => Some(batches),
-        Err(e) => {
-            tracing::warn!(
-                "checkpoint {} is unreadable ({e:#}); making it again",
-                path.display()
-            );
-            let _ = std::fs::remove_file(path);
-            None
-        }
-    }
+    read_parquet(path)
+        .map(|(_, batches)| batches)
+        .map_err(|e| discard_unreadable(path, &e))
+        .ok()
+}
+
+/// Whether a checkpoint shard exists whole, judged by its footer (a truncated file has none)
+/// without reading its rows; an unreadable one is discarded like [`read_checkpoint`] does.
+pub fn checkpoint_intact(path: &Path) -> bool {
+    path.is_file()
+        && footer(path)
+            .map_err(|e| discard_unreadable(path, &e))
+            .is_ok()
+}
+
+/// Removes an unreadable checkpoint, saying so: it will be made again.
+fn discard_unreadable(path: &Path, e: &anyhow::Error) {
+    tracing::warn!(
+        "checkpoint {} is unreadable ({e:#}); making it again",
+        path.display()
+    );
+    let _ = std::fs::remove_file(path);
 }
 
 /// Reads every row of a Parquet file.
@@ -122,4 +133,34 @@ pub fn footer(path: &Path) -> anyhow::Result<(HashMap<String, String>, i64, Sche
         })
         .unwrap_or_default();
     Ok((kv, meta.num_rows(), Arc::clone(builder.schema())))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use arrow::array::{Int32Array, RecordBatch};
+
+    #[test]
+    fn a_truncated_checkpoint_is_discarded_and_an_intact_one_kept() {
+        let dir = std::env::temp_dir().join(format!("dagrun-ckpt-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("shard-00000.parquet");
+        let batch =
+            RecordBatch::try_from_iter([("x", Arc::new(Int32Array::from(vec![1, 2, 3])) as _)])
+                .unwrap();
+        write_parquet_atomic(&path, &batch).unwrap();
+        assert!(checkpoint_intact(&path));
+        assert_eq!(read_checkpoint(&path).unwrap()[0].num_rows(), 3);
+        let bytes = std::fs::read(&path).unwrap();
+        std::fs::write(&path, &bytes[..bytes.len() / 2]).unwrap();
+        assert!(
+            !checkpoint_intact(&path),
+            "a truncated shard is not taken as done"
+        );
+        assert!(!path.exists(), "and it is removed, to be made again");
+        std::fs::write(&path, &bytes[..bytes.len() / 2]).unwrap();
+        assert!(read_checkpoint(&path).is_none());
+        assert!(!path.exists());
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
 }

@@ -6,7 +6,7 @@
 //! renames: the newest is `ckpt/`, the one before it stays as `ckpt.old/`. A LoRA run keeps its
 //! adapters unmerged (the frozen base is the stage's input model), so a resumed run continues on
 //! the very adapters its optimizer moments belong to. A checkpoint that cannot be read (say, a
-//! truncated file) never breaks its key: it is removed with a warning, and the run falls back
+//! truncated file) never breaks its key: it is set aside (`ckpt.unusable`) with a warning, and the run falls back
 //! to the previous checkpoint, or starts the stage over.
 
 use std::fmt;
@@ -96,7 +96,7 @@ impl Checkpoint {
 
     /// The newest usable checkpoint, or a fresh start: the model in `model_dir` (with fresh
     /// `lora` adapters, if given), an AdamW configured by the stage's `weight_decay` and
-    /// `max_grad_norm` params (0: no clipping), step 0. Unusable checkpoints are removed, each
+    /// `max_grad_norm` params (0: no clipping), step 0. Unusable checkpoints are set aside (`NAME.unusable`), each
     /// with a note.
     pub fn restore_or_start<B: AutodiffBackend>(
         &self,
@@ -143,7 +143,9 @@ impl Checkpoint {
                     notes.push(note);
                     // Set aside, not deleted: the error may be passing (a full disk, a busy
                     // device), and a person may want the state back. gc removes it with the key.
-                    let aside = dir.with_extension("unusable");
+                    // `ckpt` and `ckpt.old` each get their own name, so both can be kept.
+                    let name = dir.file_name().and_then(|n| n.to_str()).unwrap_or("ckpt");
+                    let aside = dir.with_file_name(format!("{name}.unusable"));
                     let _ = std::fs::remove_dir_all(&aside);
                     std::fs::rename(dir, &aside).map_err(|e| {
                         anyhow::anyhow!(

@@ -158,21 +158,7 @@ impl Shards {
     /// file) is removed with a warning, so that its chunk is made again rather than failing
     /// the key for good.
     pub fn exists(&self, index: usize) -> bool {
-        let path = self.path(index);
-        if !path.is_file() {
-            return false;
-        }
-        match dagrun_engine::dataset::footer(&path) {
-            Ok(_) => true,
-            Err(e) => {
-                tracing::warn!(
-                    "shard {} is unreadable ({e:#}); making it again",
-                    path.display()
-                );
-                let _ = std::fs::remove_file(&path);
-                false
-            }
-        }
+        dagrun_engine::dataset::checkpoint_intact(&self.path(index))
     }
 
     /// The batches of shard `index`, if it was written.
