@@ -17,6 +17,7 @@ pub mod grpo;
 pub mod grpo_math;
 pub mod init_model;
 pub mod mix;
+pub mod prm_score;
 pub mod rejection_filter;
 pub mod rewards;
 pub mod sampling;

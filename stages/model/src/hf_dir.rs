@@ -190,12 +190,38 @@ pub fn load_model_with_config<B: Backend>(
         .with_context(|| format!("loading model from {}", dir.display()))
 }
 
+/// Reads one tensor of a model directory by its checkpoint name, as f32 (a head that is not
+/// part of the decoder, like a PRM's `score.weight`).
+pub fn load_tensor(dir: &Path, name: &str, shape: &[usize]) -> Result<Vec<f32>> {
+    let checkpoint = Checkpoint::open(dir)?;
+    let parsed = checkpoint.parsed()?;
+    checkpoint.tensor(&parsed, name, shape)
+}
+
 /// Writes `config.json` and `model.safetensors` (f32, `format: pt`) into `dir`, creating it.
 /// LoRA adapters, if any, are merged into the saved weights (the model itself is unchanged).
 pub fn save_model<B: Backend>(model: &CausalLm<B>, dir: &Path) -> Result<()> {
+    save_model_with(model, dir, Vec::new())
+}
+
+/// [`save_model`] with `extra` tensors beside the decoder's, each `(name, shape, values)` in
+/// checkpoint layout (a PRM's `score.weight` and `score.bias`).
+pub fn save_model_with<B: Backend>(
+    model: &CausalLm<B>,
+    dir: &Path,
+    extra: Vec<(String, Vec<usize>, Vec<f32>)>,
+) -> Result<()> {
     std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
     let merged = merge_lora(model.clone());
-    let mut tensors: BTreeMap<String, (Vec<usize>, Vec<u8>)> = BTreeMap::new();
+    let mut tensors: BTreeMap<String, (Vec<usize>, Vec<u8>)> = extra
+        .into_iter()
+        .map(|(name, shape, values)| {
+            (
+                name,
+                (shape, values.iter().flat_map(|v| v.to_le_bytes()).collect()),
+            )
+        })
+        .collect();
     let mut failure = None;
     visit_params(&merged, |name, _, tensor, shape| {
         match tensor.into_data().to_vec::<f32>() {

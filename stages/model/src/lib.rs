@@ -4,7 +4,8 @@
 //! What it owns: the architecture (`llama`), its config and presets (`config`), building and
 //! random init (`init`), checkpoint directories in the transformers layout (`hf_dir`), parameters
 //! by name (`params`), tokenizers and chat templates (`tokenizer`), sampling (`generate`),
-//! scoring (`score`), LoRA (`lora`), AdamW with schedules, clipping and accumulation (`optim`),
+//! scoring (`score`), the process reward model's head (`prm`), LoRA (`lora`), AdamW with
+//! schedules, clipping and accumulation (`optim`),
 //! backend selection (`device`) and the up-front device probe (`cuda_probe`), fused CPU kernels with a plain fallback (`fused`, `kernels`) and
 //! the runtime benchmark (`bench`).
 //!
@@ -37,6 +38,7 @@ pub mod llama;
 pub mod lora;
 pub mod optim;
 pub mod params;
+pub mod prm;
 pub mod score;
 pub mod tokenizer;
 

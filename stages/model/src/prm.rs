@@ -1,0 +1,425 @@
+//! The process reward model (PRM): the runtime's decoder with a scalar head read at the end of
+//! every reasoning step, in the layout of transformers' `LlamaForTokenClassification` /
+//! `Qwen2ForTokenClassification` with `num_labels = 1`.
+//!
+//! A PRM input is the prompt followed by each step's tokens and one separator token
+//! ([`PrmConfig::step_token_id`]); the head's logit at a separator is the step's score before the
+//! sigmoid: the estimated chance that a solution continued from that step reaches a correct
+//! answer. The directory holds `config.json` (with `architectures`, `num_labels`, `id2label` and
+//! a `prm` block saying how to read it), `model.safetensors` with the decoder's tensors under
+//! transformers' names and the head as `score.weight` `[1, hidden]` and `score.bias` `[1]`
+//! (transformers' `nn.Linear(hidden, num_labels)`), and the completer's tokenizer files
+//! (copied by the stage).
+//!
+//! This file owns the module, its forward at step ends, the BCE loss, saving and loading, and
+//! how per-step scores become a solution's score ([`Aggregate`], [`SolutionScore`]). What a step
+//! is in text, where labels come from and the training loop belong to the stages crate.
+
+use std::path::Path;
+
+use anyhow::{Context, Result, bail, ensure};
+use burn::module::Module;
+use burn::tensor::activation::{log_sigmoid, sigmoid};
+use burn::tensor::backend::Backend;
+use burn::tensor::{Int, Tensor, TensorData};
+use rand::SeedableRng;
+use rand_chacha::ChaCha8Rng;
+use serde::{Deserialize, Serialize};
+use serde_json::json;
+
+use crate::config::{Architecture, ModelConfig};
+use crate::hf_dir::{CONFIG_FILE, load_model_with_config, load_tensor, save_model_with};
+use crate::init::normal;
+use crate::llama::{CausalLm, Linear, TokenBatch};
+
+/// The head's tensor names, as transformers' token-classification models call them.
+pub const SCORE_WEIGHT: &str = "score.weight";
+pub const SCORE_BIAS: &str = "score.bias";
+
+/// How a solution's score comes from its steps' scores.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Aggregate {
+    /// The weakest step's score: a solution is as good as its worst step.
+    Min,
+    /// The product of the step scores.
+    Product,
+    /// The last step's score (an outcome reward read through the PRM).
+    Last,
+}
+
+impl Aggregate {
+    pub const NAMES: &'static [&'static str] = &["min", "product", "last"];
+
+    pub fn parse(name: &str) -> Result<Aggregate> {
+        match name {
+            "min" => Ok(Aggregate::Min),
+            "product" => Ok(Aggregate::Product),
+            "last" => Ok(Aggregate::Last),
+            other => bail!("aggregation `{other}` is not one of min, product, last"),
+        }
+    }
+}
+
+/// The `prm` block of a PRM's `config.json`: how to read the head.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct PrmConfig {
+    /// The token placed after every step; the head is read at these positions.
+    pub step_token_id: u32,
+    /// Its text (a line break for dagrun's PRMs).
+    pub step_separator: String,
+    /// How a solution score is formed from the step scores.
+    pub aggregation: Aggregate,
+    /// Applied to the head's logit to get a step score in [0, 1].
+    pub activation: String,
+    /// What the head was trained on: `hard` labels (some continuation verifies) or `soft`
+    /// values (the share of continuations that verify).
+    pub estimation: String,
+    /// How a PRM input is laid out, for readers of the directory.
+    pub input: String,
+}
+
+impl PrmConfig {
+    pub const INPUT_LAYOUT: &'static str = "the chat template's user turn with the generation prompt, then for every step its text followed by the step separator token; the step's score is sigmoid(logit) at that separator";
+
+    /// Reads the `prm` block of a loaded `config.json`.
+    pub fn from_model_config(config: &ModelConfig) -> Result<PrmConfig> {
+        let block = config
+            .extra
+            .get("prm")
+            .context("config.json has no `prm` block: this is not a process reward model (the `prm` stage makes one)")?;
+        serde_json::from_value(block.clone()).context("config.json: the `prm` block is malformed")
+    }
+}
+
+/// A decoder with a one-output linear head read at step ends.
+#[derive(Module, Debug)]
+pub struct ProcessRewardModel<B: Backend> {
+    /// The decoder. Its `lm_head` is always `None`: a PRM reads hidden states, never logits.
+    pub lm: CausalLm<B>,
+    /// `[hidden, 1]` in memory (transposed like every [`Linear`]), `[1, hidden]` on disk; a
+    /// bias `[1]`.
+    pub score: Linear<B>,
+}
+
+/// One PRM input: token ids and the positions of its step ends (each a separator token).
+#[derive(Debug, Clone, PartialEq)]
+pub struct StepItem {
+    pub ids: Vec<u32>,
+    pub ends: Vec<usize>,
+}
+
+/// A solution's score: each step's, the aggregate, and the weakest step.
+#[derive(Debug, Clone, PartialEq)]
+pub struct SolutionScore {
+    pub steps: Vec<f64>,
+    pub score: f64,
+    /// Index of the lowest-scoring step (the first of equals).
+    pub weakest: usize,
+    pub weakest_score: f64,
+}
+
+/// The solution score of per-step scores; `None` for a solution without steps.
+pub fn aggregate(steps: &[f64], how: Aggregate) -> Option<SolutionScore> {
+    let last = *steps.last()?;
+    let (mut weakest, mut weakest_score) = (0, steps[0]);
+    for (i, &s) in steps.iter().enumerate() {
+        // Strictly lower: the first of equal scores stays the weakest.
+        if s < weakest_score {
+            (weakest, weakest_score) = (i, s);
+        }
+    }
+    let score = match how {
+        Aggregate::Min => weakest_score,
+        Aggregate::Product => steps.iter().product(),
+        Aggregate::Last => last,
+    };
+    Some(SolutionScore {
+        steps: steps.to_vec(),
+        score,
+        weakest,
+        weakest_score,
+    })
+}
+
+/// The architecture name transformers loads a PRM of `config` with.
+fn token_classification(config: &ModelConfig) -> Result<&'static str> {
+    Ok(match config.architecture()? {
+        Architecture::Llama => "LlamaForTokenClassification",
+        Architecture::Qwen2 => "Qwen2ForTokenClassification",
+    })
+}
+
+impl<B: Backend> ProcessRewardModel<B> {
+    /// A PRM on `lm`'s decoder with a fresh head (weight normal(0, initializer_range) from
+    /// `seed` and bias 0, as transformers initialises `score`); its config gains the token-classification fields and
+    /// `prm`. The language-model head is dropped.
+    pub fn from_lm(mut lm: CausalLm<B>, prm: &PrmConfig, seed: u64) -> Result<Self> {
+        let config = &mut lm.config;
+        config.architectures = vec![token_classification(config)?.to_string()];
+        // No output embeddings to tie or to keep: the head replaces them.
+        config.tie_word_embeddings = true;
+        config.extra.insert("num_labels".into(), json!(1));
+        config
+            .extra
+            .insert("id2label".into(), json!({"0": "LABEL_0"}));
+        config
+            .extra
+            .insert("label2id".into(), json!({"LABEL_0": 0}));
+        config
+            .extra
+            .insert("prm".into(), serde_json::to_value(prm)?);
+        lm.lm_head = None;
+        let std = config
+            .extra
+            .get("initializer_range")
+            .and_then(|v| v.as_f64())
+            .unwrap_or(0.02);
+        let hidden = config.hidden_size;
+        let weight = normal(&mut ChaCha8Rng::seed_from_u64(seed), hidden, std);
+        let device = lm.device();
+        let score = Linear::new(
+            Tensor::from_data(TensorData::new(weight, [hidden, 1]), &device),
+            Some(Tensor::zeros([1], &device)),
+        );
+        Ok(ProcessRewardModel { lm, score })
+    }
+
+    /// The `prm` block of this model's config.
+    pub fn prm_config(&self) -> Result<PrmConfig> {
+        PrmConfig::from_model_config(&self.lm.config)
+    }
+
+    /// The head's logits at every step end of every item, item after item: `[Σ ends]`.
+    pub fn step_logits(&self, items: &[StepItem], pad_id: u32) -> Result<Tensor<B, 1>> {
+        ensure!(!items.is_empty(), "PRM forward: no items");
+        let seqs: Vec<Vec<u32>> = items.iter().map(|i| i.ids.clone()).collect();
+        let batch = TokenBatch::right_padded(&seqs, pad_id);
+        let mut rows = Vec::new();
+        for (i, item) in items.iter().enumerate() {
+            for &end in &item.ends {
+                ensure!(
+                    end < item.ids.len(),
+                    "PRM forward: step end {end} is past item {i}'s {} tokens",
+                    item.ids.len()
+                );
+                rows.push((i * batch.seq + end) as i64);
+            }
+        }
+        ensure!(!rows.is_empty(), "PRM forward: no step ends to score");
+        let n = rows.len();
+        let input = self.lm.step_input(&batch, 0, None)?;
+        let hidden = self.lm.hidden(&input, None);
+        let rows = Tensor::<B, 1, Int>::from_data(TensorData::new(rows, [n]), &self.lm.device());
+        Ok(self.score.forward(hidden.select(0, rows)).reshape([n]))
+    }
+
+    /// Each item's step scores (sigmoid of the logits) on the host.
+    pub fn step_scores(&self, items: &[StepItem], pad_id: u32) -> Result<Vec<Vec<f64>>> {
+        let probs = sigmoid(self.step_logits(items, pad_id)?)
+            .into_data()
+            .convert::<f32>()
+            .to_vec::<f32>()
+            .map_err(|e| anyhow::anyhow!("reading PRM scores: {e:?}"))?;
+        let mut out = Vec::with_capacity(items.len());
+        let mut at = 0;
+        for item in items {
+            let n = item.ends.len();
+            out.push(probs[at..at + n].iter().map(|&p| p as f64).collect());
+            at += n;
+        }
+        Ok(out)
+    }
+}
+
+/// Binary cross-entropy of `logits` against `targets` in [0, 1] (hard labels or soft values),
+/// summed: `−Σ y·log σ(z) + (1 − y)·log σ(−z)`, through `log σ` so large logits stay finite.
+pub fn bce_with_logits<B: Backend>(logits: Tensor<B, 1>, targets: &[f32]) -> Tensor<B, 1> {
+    let n = targets.len();
+    let y = Tensor::<B, 1>::from_data(TensorData::new(targets.to_vec(), [n]), &logits.device());
+    let positive = log_sigmoid(logits.clone()) * y.clone();
+    let negative = log_sigmoid(logits.neg()) * y.neg().add_scalar(1.0);
+    (positive + negative).sum().neg()
+}
+
+/// Writes a PRM directory: `config.json` (with the `prm` block) and `model.safetensors` with the
+/// decoder, `score.weight` `[1, hidden]` and `score.bias` `[1]`. Tokenizer files are the
+/// caller's.
+pub fn save_prm<B: Backend>(prm: &ProcessRewardModel<B>, dir: &Path) -> Result<()> {
+    prm.prm_config()?;
+    let host = |t: Tensor<B, 1>, name: &str| {
+        t.into_data()
+            .convert::<f32>()
+            .to_vec::<f32>()
+            .map_err(|e| anyhow::anyhow!("reading {name}: {e:?}"))
+    };
+    let hidden = prm.lm.config.hidden_size;
+    // `[hidden, 1]` and `[1, hidden]` hold the same values in the same order.
+    let weight = host(prm.score.weight.val().reshape([hidden]), SCORE_WEIGHT)?;
+    let bias = match &prm.score.bias {
+        Some(b) => host(b.val(), SCORE_BIAS)?,
+        None => vec![0.0],
+    };
+    save_model_with(
+        &prm.lm,
+        dir,
+        vec![
+            (SCORE_WEIGHT.to_string(), vec![1, hidden], weight),
+            (SCORE_BIAS.to_string(), vec![1], bias),
+        ],
+    )
+}
+
+/// Loads a PRM directory that [`save_prm`] wrote (or any token-classification checkpoint with
+/// one label, `score.bias` included, and a `prm` block in its config).
+pub fn load_prm<B: Backend>(dir: &Path, device: &B::Device) -> Result<ProcessRewardModel<B>> {
+    let mut config = ModelConfig::load(&dir.join(CONFIG_FILE))?;
+    PrmConfig::from_model_config(&config).with_context(|| format!("{}", dir.display()))?;
+    // The decoder's tensors only: there is no language-model head to read.
+    config.tie_word_embeddings = true;
+    let lm = load_model_with_config::<B>(dir, &config, device)?;
+    let hidden = config.hidden_size;
+    let weight = load_tensor(dir, SCORE_WEIGHT, &[1, hidden])?;
+    let bias = load_tensor(dir, SCORE_BIAS, &[1])?;
+    let score = Linear::new(
+        Tensor::from_data(TensorData::new(weight, [hidden, 1]), device),
+        Some(Tensor::from_data(TensorData::new(bias, [1]), device)),
+    );
+    Ok(ProcessRewardModel { lm, score })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::optim::{AdamW, AdamWConfig, GradAccumulator};
+    use burn::module::AutodiffModule;
+
+    type Inf = burn::backend::Flex;
+    type Ad = burn::backend::Autodiff<Inf>;
+
+    fn prm_config() -> PrmConfig {
+        PrmConfig {
+            step_token_id: 3,
+            step_separator: "\n".into(),
+            aggregation: Aggregate::Min,
+            activation: "sigmoid".into(),
+            estimation: "hard".into(),
+            input: PrmConfig::INPUT_LAYOUT.into(),
+        }
+    }
+
+    fn tiny<B: Backend>(seed: u64) -> ProcessRewardModel<B> {
+        let mut config = ModelConfig::llama(8, 16, 32, 1, 2, 2, 64);
+        config.tie_word_embeddings = false;
+        let lm = CausalLm::<B>::init_random(&config, seed, &Default::default()).unwrap();
+        ProcessRewardModel::from_lm(lm, &prm_config(), seed).unwrap()
+    }
+
+    /// Token 4 is a good step, token 5 a bad one; 3 separates steps.
+    fn items() -> (Vec<StepItem>, Vec<f32>) {
+        let items = vec![
+            StepItem {
+                ids: vec![1, 4, 3, 4, 3],
+                ends: vec![2, 4],
+            },
+            StepItem {
+                ids: vec![1, 4, 3, 5, 3],
+                ends: vec![2, 4],
+            },
+            StepItem {
+                ids: vec![1, 5, 3],
+                ends: vec![2],
+            },
+        ];
+        (items, vec![1.0, 1.0, 1.0, 0.0, 0.0])
+    }
+
+    #[test]
+    fn a_saved_prm_loads_with_its_head_and_config_fields() {
+        let prm = tiny::<Inf>(1);
+        let dir = std::env::temp_dir().join(format!("dagrun-prm-{}", std::process::id()));
+        save_prm(&prm, &dir).unwrap();
+        let config: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(dir.join(CONFIG_FILE)).unwrap()).unwrap();
+        assert_eq!(
+            config["architectures"],
+            json!(["LlamaForTokenClassification"])
+        );
+        assert_eq!(config["num_labels"], json!(1));
+        assert_eq!(config["prm"]["step_token_id"], json!(3));
+        assert_eq!(config["prm"]["aggregation"], json!("min"));
+        let bytes = std::fs::read(dir.join(crate::hf_dir::WEIGHTS_FILE)).unwrap();
+        let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+        assert_eq!(st.tensor(SCORE_WEIGHT).unwrap().shape(), [1, 16]);
+        assert_eq!(st.tensor(SCORE_BIAS).unwrap().shape(), [1]);
+        assert!(
+            st.tensor("lm_head.weight").is_err(),
+            "a PRM has no language-model head"
+        );
+        let loaded = load_prm::<Inf>(&dir, &Default::default()).unwrap();
+        let (items, _) = items();
+        assert_eq!(
+            loaded.step_scores(&items, 0).unwrap(),
+            prm.step_scores(&items, 0).unwrap()
+        );
+        assert_eq!(loaded.prm_config().unwrap(), prm_config());
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn bce_training_separates_good_and_bad_steps() {
+        let mut prm = tiny::<Ad>(2);
+        let mut opt = AdamW::<Inf>::new(AdamWConfig::default());
+        let (items, targets) = items();
+        let loss = |prm: &ProcessRewardModel<Ad>| {
+            bce_with_logits(prm.step_logits(&items, 0).unwrap(), &targets).div_scalar(5.0)
+        };
+        let first = loss(&prm).into_scalar();
+        for _ in 0..40 {
+            let mut acc = GradAccumulator::<Ad>::new();
+            acc.backward(loss(&prm), &prm);
+            prm = opt.step(prm, &mut acc, 1e-2).unwrap().0;
+        }
+        let last = loss(&prm).into_scalar();
+        assert!(last < first * 0.5, "BCE {first} → {last}");
+        let scores = prm.valid().step_scores(&items, 0).unwrap();
+        assert!(scores[0][1] > 0.5 && scores[1][1] < 0.5, "{scores:?}");
+        let weakest = aggregate(&scores[1], Aggregate::Min).unwrap();
+        assert_eq!(
+            weakest.weakest, 1,
+            "the bad step is the weakest: {scores:?}"
+        );
+    }
+
+    #[test]
+    fn bce_matches_its_formula() {
+        let logits = Tensor::<Inf, 1>::from_data(
+            TensorData::new(vec![2.0f32, -1.0, 0.0], [3]),
+            &Default::default(),
+        );
+        let got = bce_with_logits(logits, &[1.0, 0.0, 0.25]).into_scalar() as f64;
+        let sig = |z: f64| 1.0 / (1.0 + (-z).exp());
+        let want = -(sig(2.0).ln()
+            + (1.0 - sig(-1.0)).ln()
+            + 0.25 * sig(0.0).ln()
+            + 0.75 * (1.0 - sig(0.0)).ln());
+        assert!((got - want).abs() < 1e-5, "{got} vs {want}");
+    }
+
+    #[test]
+    fn aggregate_min_product_last_and_the_weakest_step() {
+        let s = aggregate(&[0.9, 0.2, 0.8, 0.2], Aggregate::Min).unwrap();
+        assert_eq!((s.weakest, s.weakest_score, s.score), (1, 0.2, 0.2));
+        let p = aggregate(&[0.5, 0.5, 0.8], Aggregate::Product).unwrap();
+        assert!((p.score - 0.2).abs() < 1e-12);
+        assert_eq!(p.weakest, 0, "the first of equal scores");
+        let l = aggregate(&[0.1, 0.7], Aggregate::Last).unwrap();
+        assert_eq!((l.score, l.weakest, l.weakest_score), (0.7, 0, 0.1));
+        assert_eq!(aggregate(&[], Aggregate::Min), None);
+        for name in Aggregate::NAMES {
+            let parsed = Aggregate::parse(name).unwrap();
+            assert_eq!(serde_json::to_value(parsed).unwrap(), json!(name));
+        }
+        assert!(Aggregate::parse("mean").is_err());
+    }
+}
