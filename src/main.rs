@@ -24,14 +24,25 @@ enum Command {
     Generate(dagrun_stages::cli::GenerateArgs),
     /// Time training steps and KV-cache generation of a random model of the given shape.
     Bench(dagrun_stages::cli::BenchArgs),
+    /// Write report.html and report.md of a pipeline's latest run (the DAG, times, curves,
+    /// evaluation); every run also writes one into its directory.
+    Report(dagrun_report::cli::ReportArgs),
 }
 
 fn main() {
-    let args = cli::expand_shorthand(std::env::args_os().collect(), &["generate", "bench"]);
+    let args = cli::expand_shorthand(
+        std::env::args_os().collect(),
+        &["generate", "bench", "report"],
+    );
     let parsed = Cli::parse_from(args);
     let registry = dagrun_stages::registry();
     let code = match parsed.command {
-        Command::Engine(cmd) => cli::execute(cmd, &parsed.globals, &registry),
+        Command::Engine(cmd) => cli::execute_with(
+            cmd,
+            &parsed.globals,
+            &registry,
+            &dagrun_report::cli::after_run,
+        ),
         Command::Generate(a) => {
             cli::init_logging(&parsed.globals);
             dagrun_stages::cli::generate_command(a, &parsed.globals)
@@ -40,6 +51,7 @@ fn main() {
             cli::init_logging(&parsed.globals);
             dagrun_stages::cli::bench_command(a)
         }
+        Command::Report(a) => dagrun_report::cli::report_command(a, &parsed.globals, &registry),
     };
     std::process::exit(code);
 }

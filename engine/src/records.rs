@@ -113,13 +113,43 @@ impl Records {
 
     /// Every run record, oldest first.
     pub fn runs(&self) -> Vec<RunRecord> {
+        self.run_dirs()
+            .iter()
+            .filter_map(|d| read_json(&d.join("record.json")))
+            .collect()
+    }
+
+    /// Run directories, oldest first (run ids sort by time).
+    fn run_dirs(&self) -> Vec<PathBuf> {
         let mut dirs: Vec<PathBuf> = std::fs::read_dir(self.root.join("runs"))
             .map(|rd| rd.filter_map(|e| e.ok().map(|e| e.path())).collect())
             .unwrap_or_default();
         dirs.sort();
-        dirs.iter()
-            .filter_map(|d| read_json(&d.join("record.json")))
-            .collect()
+        dirs
+    }
+
+    /// The newest run record of `pipeline`. A record keeps the file's path as it was given,
+    /// relative to where that run started, so it may not match from elsewhere; the newest run
+    /// the pipeline's index names (indexes are keyed by absolute path) is taken when newer.
+    pub fn latest_run(&self, pipeline: &Path) -> Option<RunRecord> {
+        let abs = |p: &Path| std::path::absolute(p).unwrap_or_else(|_| p.to_path_buf());
+        let want = abs(pipeline);
+        let by_path = self
+            .run_dirs()
+            .iter()
+            .rev()
+            .filter_map(|d| read_json::<RunRecord>(&d.join("record.json")))
+            .find(|r| abs(Path::new(&r.pipeline)) == want);
+        let by_index = self
+            .index(pipeline)
+            .into_values()
+            .map(|s| s.run)
+            .max()
+            .and_then(|run| read_json(&self.run_dir(&run).join("record.json")));
+        [by_path, by_index]
+            .into_iter()
+            .flatten()
+            .max_by(|a: &RunRecord, b| a.run.cmp(&b.run))
     }
 
     fn index_path(&self, pipeline: &Path) -> PathBuf {
@@ -170,7 +200,7 @@ fn write_json<T: Serialize>(path: &Path, value: &T) -> anyhow::Result<()> {
 }
 
 /// `YYYYMMDDTHHMMSS` in UTC, from days since the epoch (Howard Hinnant's civil-from-days).
-fn utc_stamp(secs: u64) -> String {
+pub fn utc_stamp(secs: u64) -> String {
     let days = (secs / 86_400) as i64;
     let rem = secs % 86_400;
     let z = days + 719_468;

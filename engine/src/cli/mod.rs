@@ -131,11 +131,31 @@ pub fn init_logging(g: &GlobalArgs) -> ProgressMode {
     }
 }
 
+/// What a finished `run` hands to the binary's hook (the run report): called whether stages
+/// failed or not, never after a bad pipeline file or a `--dry-run`.
+pub struct RunDone<'a> {
+    pub graph: &'a crate::graph::Graph<'a>,
+    pub store: &'a dagrun_cache::Store,
+    pub record: &'a crate::records::RunRecord,
+    pub globals: &'a GlobalArgs,
+}
+
 /// Runs an engine command; returns the process exit code.
 pub fn execute(cmd: Command, g: &GlobalArgs, registry: &Registry) -> i32 {
+    execute_with(cmd, g, registry, &|_| {})
+}
+
+/// [`execute`], calling `after_run` at the end of a `run` (after its summary, before its
+/// `--json` line). The hook reports its own problems: it cannot change the exit code.
+pub fn execute_with(
+    cmd: Command,
+    g: &GlobalArgs,
+    registry: &Registry,
+    after_run: &dyn Fn(&RunDone),
+) -> i32 {
     let progress = init_logging(g);
     let result = match cmd {
-        Command::Run(a) => run::run(a, g, registry, progress),
+        Command::Run(a) => run::run(a, g, registry, progress, after_run),
         Command::Plan(a) => run::plan(a, g, registry),
         Command::Status(a) => run::status(a, g, registry),
         Command::Dag(a) => inspect::dag(a, registry),
@@ -225,9 +245,7 @@ pub fn resolve_artifact(
 
 /// The store lock in shared mode, as runs and readers hold it; waits (saying so) while `gc`
 /// holds it exclusively.
-pub(crate) fn lock_store_shared(
-    store: &dagrun_cache::Store,
-) -> Result<dagrun_cache::Lock, Diagnostic> {
+pub fn lock_store_shared(store: &dagrun_cache::Store) -> Result<dagrun_cache::Lock, Diagnostic> {
     let busy = |e: dagrun_cache::Error| Diagnostic::at_field("--cache-dir", e.to_string());
     if let Some(lock) = store
         .try_lock_store(dagrun_cache::LockMode::Shared)
@@ -244,7 +262,7 @@ pub(crate) fn lock_store_shared(
         .map_err(busy)
 }
 
-pub(crate) fn open_store(root: &Path) -> Result<dagrun_cache::Store, Diagnostic> {
+pub fn open_store(root: &Path) -> Result<dagrun_cache::Store, Diagnostic> {
     dagrun_cache::Store::open(root)
         .map_err(|e| Diagnostic::at_field("--cache-dir", format!("cannot open the cache: {e}")))
 }

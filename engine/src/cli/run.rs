@@ -4,7 +4,7 @@ use std::path::PathBuf;
 
 use clap::Args;
 
-use super::{EXIT_OK, EXIT_STAGE_FAILED, GlobalArgs, cache_root_for, open_store};
+use super::{EXIT_OK, EXIT_STAGE_FAILED, GlobalArgs, RunDone, cache_root_for, open_store};
 use crate::diag::Diagnostics;
 use crate::exec::{self, RunOptions};
 use crate::graph;
@@ -112,6 +112,7 @@ pub fn run(
     g: &GlobalArgs,
     registry: &Registry,
     progress: ProgressMode,
+    after_run: &dyn Fn(&RunDone),
 ) -> Result<i32, Diagnostics> {
     if a.dry_run {
         let plan_args = PlanArgs {
@@ -140,6 +141,12 @@ pub fn run(
             eprintln!("{text}");
         }
     }
+    after_run(&RunDone {
+        graph: &graph,
+        store: &store,
+        record: &record,
+        globals: g,
+    });
     if a.json {
         println!("{}", record.to_json_line());
     }
