@@ -45,6 +45,10 @@ stages:
     kind: eval
     inputs: { models: [tune.model, rl.model], problems: problems.test }
     params: { k: 2, max_new_tokens: 12 }
+  reward:
+    kind: prm
+    inputs: { model: tune.model, problems: problems.train }
+    params: { limit: 6, samples_per_problem: 1, n_rollouts: 2, max_new_tokens: 12, heldout: 0.25, max_steps: 2, batch_size: 4, checkpoint_every: 1 }
 ";
 
 /// Training at the `nano` size, big enough that kernels split their work across threads.
@@ -114,6 +118,7 @@ fn every_kind_writes_the_committed_bytes_for_its_version() {
         "grpo",
         "rejection_filter",
         "eval",
+        "prm",
     ] {
         assert!(
             kinds.contains(&kind),

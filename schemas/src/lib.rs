@@ -186,9 +186,41 @@ pub fn eval() -> TableSchema {
     }
 }
 
+/// Step-level labels of solutions, the Math-Shepherd way: each step prefix is continued by a
+/// completer and the continuations' answers verified. One row per solution; the lists hold one
+/// entry per step.
+pub fn step_labels() -> TableSchema {
+    TableSchema {
+        name: "step_labels",
+        version: 1,
+        doc: "id, task, prompt, answer, source (sample: the completer's own; perturbed: a reference with one corrupted step; data: a given chat), solution (index per problem), steps list<string>, labels list<float64> (the training target: hard 0/1 or soft), values list<float64> (share of rollouts from the step that verify), bad_step (index of the planted bad step, null if none), correct (the solution's own answer verifies; null if it stops before one), heldout",
+        schema: Arc::new(Schema::new(vec![
+            utf8("id"),
+            utf8("task"),
+            utf8("prompt"),
+            utf8("answer"),
+            utf8("source"),
+            Field::new("solution", DataType::Int32, false),
+            list_of("steps", DataType::Utf8),
+            list_of("labels", DataType::Float64),
+            list_of("values", DataType::Float64),
+            Field::new("bad_step", DataType::Int32, true),
+            Field::new("correct", DataType::Boolean, true),
+            Field::new("heldout", DataType::Boolean, false),
+        ])),
+    }
+}
+
 /// Every schema, for lookups by name and for `dagrun stages`.
 pub fn all() -> Vec<TableSchema> {
-    vec![problems(), chat(), samples(), metrics(), eval()]
+    vec![
+        problems(),
+        chat(),
+        samples(),
+        metrics(),
+        eval(),
+        step_labels(),
+    ]
 }
 
 /// The schema called `name`, if there is one.

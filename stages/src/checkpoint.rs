@@ -115,46 +115,15 @@ impl Checkpoint {
             )?),
             None => None,
         };
-        let candidates: Vec<PathBuf> = ["ckpt", "ckpt.old"]
-            .iter()
-            .map(|n| self.root.join(n))
-            .filter(|d| d.exists())
-            .collect();
-        for (i, dir) in candidates.iter().enumerate() {
-            match self.load::<B>(dir, base.clone(), device) {
-                Ok((model, optimizer, state)) => {
-                    return Ok(Start {
-                        model,
-                        optimizer,
-                        state,
-                        notes,
-                    });
-                }
-                Err(e) => {
-                    let next = if i + 1 < candidates.len() {
-                        "falling back to the previous checkpoint"
-                    } else {
-                        "starting this stage over"
-                    };
-                    let note = format!(
-                        "warning: checkpoint {} cannot be used ({e:#}); {next}",
-                        dir.display()
-                    );
-                    notes.push(note);
-                    // Set aside, not deleted: the error may be passing (a full disk, a busy
-                    // device), and a person may want the state back. gc removes it with the key.
-                    // `ckpt` and `ckpt.old` each get their own name, so both can be kept.
-                    let name = dir.file_name().and_then(|n| n.to_str()).unwrap_or("ckpt");
-                    let aside = dir.with_file_name(format!("{name}.unusable"));
-                    let _ = std::fs::remove_dir_all(&aside);
-                    std::fs::rename(dir, &aside).map_err(|e| {
-                        anyhow::anyhow!(
-                            "setting aside the unusable checkpoint {}: {e}",
-                            dir.display()
-                        )
-                    })?;
-                }
-            }
+        if let Some((model, optimizer, state)) =
+            self.restore_with(|dir| self.load::<B>(dir, base.clone(), device), &mut notes)?
+        {
+            return Ok(Start {
+                model,
+                optimizer,
+                state,
+                notes,
+            });
         }
         let clip = params.f64("max_grad_norm");
         let config = AdamWConfig {
@@ -201,17 +170,27 @@ impl Checkpoint {
         opt: &AdamW<B::InnerBackend>,
         state: &TrainState,
     ) -> anyhow::Result<()> {
+        self.save_with(|tmp| {
+            let model = model.valid();
+            if lora_param_count(&model) > 0 {
+                save_adapters(&model, &tmp.join(ADAPTERS))?;
+            } else {
+                save_model(&model, &tmp.join("model"))?;
+            }
+            opt.save(&tmp.join("optimizer"))?;
+            std::fs::write(tmp.join("state.json"), serde_json::to_vec(state)?)?;
+            Ok(())
+        })
+    }
+
+    /// Writes a checkpoint of any trained model: `write` fills the directory it is given (the
+    /// `prm` stage writes its PRM there), which is then fsynced and swapped in as `ckpt/`, the
+    /// previous one becoming `ckpt.old/`.
+    pub fn save_with(&self, write: impl FnOnce(&Path) -> anyhow::Result<()>) -> anyhow::Result<()> {
         let tmp = self.root.join("ckpt.tmp");
         let _ = std::fs::remove_dir_all(&tmp);
         std::fs::create_dir_all(&tmp)?;
-        let model = model.valid();
-        if lora_param_count(&model) > 0 {
-            save_adapters(&model, &tmp.join(ADAPTERS))?;
-        } else {
-            save_model(&model, &tmp.join("model"))?;
-        }
-        opt.save(&tmp.join("optimizer"))?;
-        std::fs::write(tmp.join("state.json"), serde_json::to_vec(state)?)?;
+        write(&tmp)?;
         // On disk before the renames publish it: a power loss cannot leave a renamed checkpoint
         // with empty files.
         sync_tree(&tmp)?;
@@ -224,6 +203,50 @@ impl Checkpoint {
         }
         std::fs::rename(&tmp, &cur)?;
         sync_path(&self.root)
+    }
+
+    /// What `read` makes of the newest usable checkpoint (`ckpt/`, else `ckpt.old/`), or `None`.
+    /// One it cannot read is set aside (`NAME.unusable`) with a note in `notes`.
+    pub fn restore_with<T>(
+        &self,
+        read: impl Fn(&Path) -> anyhow::Result<T>,
+        notes: &mut Vec<String>,
+    ) -> anyhow::Result<Option<T>> {
+        let candidates: Vec<PathBuf> = ["ckpt", "ckpt.old"]
+            .iter()
+            .map(|n| self.root.join(n))
+            .filter(|d| d.exists())
+            .collect();
+        for (i, dir) in candidates.iter().enumerate() {
+            match read(dir) {
+                Ok(restored) => return Ok(Some(restored)),
+                Err(e) => {
+                    let next = if i + 1 < candidates.len() {
+                        "falling back to the previous checkpoint"
+                    } else {
+                        "starting this stage over"
+                    };
+                    let note = format!(
+                        "warning: checkpoint {} cannot be used ({e:#}); {next}",
+                        dir.display()
+                    );
+                    notes.push(note);
+                    // Set aside, not deleted: the error may be passing (a full disk, a busy
+                    // device), and a person may want the state back. gc removes it with the key.
+                    // `ckpt` and `ckpt.old` each get their own name, so both can be kept.
+                    let name = dir.file_name().and_then(|n| n.to_str()).unwrap_or("ckpt");
+                    let aside = dir.with_file_name(format!("{name}.unusable"));
+                    let _ = std::fs::remove_dir_all(&aside);
+                    std::fs::rename(dir, &aside).map_err(|e| {
+                        anyhow::anyhow!(
+                            "setting aside the unusable checkpoint {}: {e}",
+                            dir.display()
+                        )
+                    })?;
+                }
+            }
+        }
+        Ok(None)
     }
 }
 

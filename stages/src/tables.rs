@@ -39,7 +39,7 @@ pub struct ChatRow {
     pub steps: Vec<String>,
 }
 
-fn strings<'a>(it: impl Iterator<Item = &'a str>) -> ArrayRef {
+pub(crate) fn strings<'a>(it: impl Iterator<Item = &'a str>) -> ArrayRef {
     Arc::new(StringArray::from_iter_values(it))
 }
 
@@ -321,18 +321,8 @@ pub fn read_eval(batches: &[RecordBatch]) -> anyhow::Result<Vec<EvalRow>> {
             s("greedy_answer")?,
             s("greedy_completion")?,
         );
-        let i32c = |n: &str| {
-            column(b, n).and_then(|c| {
-                c.as_primitive_opt::<Int32Type>()
-                    .with_context(|| format!("column `{n}` is not int32"))
-            })
-        };
-        let boolc = |n: &str| {
-            column(b, n).and_then(|c| {
-                c.as_boolean_opt()
-                    .with_context(|| format!("column `{n}` is not bool"))
-            })
-        };
+        let i32c = |n: &str| int32_column(b, n);
+        let boolc = |n: &str| bool_column(b, n);
         let (difficulty, k, n, n_correct, greedy_length) = (
             i32c("difficulty")?,
             i32c("k")?,
@@ -373,13 +363,37 @@ pub fn read_eval(batches: &[RecordBatch]) -> anyhow::Result<Vec<EvalRow>> {
     Ok(out)
 }
 
+pub(crate) fn int32_column<'a>(
+    batch: &'a RecordBatch,
+    name: &str,
+) -> anyhow::Result<&'a arrow::array::Int32Array> {
+    column(batch, name)?
+        .as_primitive_opt::<Int32Type>()
+        .with_context(|| format!("column `{name}` is not int32"))
+}
+
+pub(crate) fn bool_column<'a>(
+    batch: &'a RecordBatch,
+    name: &str,
+) -> anyhow::Result<&'a BooleanArray> {
+    column(batch, name)?
+        .as_boolean_opt()
+        .with_context(|| format!("column `{name}` is not bool"))
+}
+
+pub(crate) fn list_column<'a>(batch: &'a RecordBatch, name: &str) -> anyhow::Result<&'a ListArray> {
+    column(batch, name)?
+        .as_list_opt::<i32>()
+        .with_context(|| format!("column `{name}` is not a list"))
+}
+
 fn f64_column<'a>(batch: &'a RecordBatch, name: &str) -> anyhow::Result<&'a Float64Array> {
     column(batch, name)?
         .as_primitive_opt::<Float64Type>()
         .with_context(|| format!("column `{name}` is not float64"))
 }
 
-fn list_array(lengths: impl Iterator<Item = usize>, values: ArrayRef) -> anyhow::Result<ListArray> {
+pub(crate) fn list_array(lengths: impl Iterator<Item = usize>, values: ArrayRef) -> anyhow::Result<ListArray> {
     let field = Arc::new(Field::new("item", values.data_type().clone(), true));
     Ok(ListArray::try_new(
         field,
@@ -389,19 +403,19 @@ fn list_array(lengths: impl Iterator<Item = usize>, values: ArrayRef) -> anyhow:
     )?)
 }
 
-fn column<'a>(batch: &'a RecordBatch, name: &str) -> anyhow::Result<&'a ArrayRef> {
+pub(crate) fn column<'a>(batch: &'a RecordBatch, name: &str) -> anyhow::Result<&'a ArrayRef> {
     batch
         .column_by_name(name)
         .ok_or_else(|| anyhow!("column `{name}` is missing"))
 }
 
-fn str_column<'a>(batch: &'a RecordBatch, name: &str) -> anyhow::Result<&'a StringArray> {
+pub(crate) fn str_column<'a>(batch: &'a RecordBatch, name: &str) -> anyhow::Result<&'a StringArray> {
     column(batch, name)?
         .as_string_opt::<i32>()
         .ok_or_else(|| anyhow!("column `{name}` is not a string column"))
 }
 
-fn str_at(a: &StringArray, i: usize) -> String {
+pub(crate) fn str_at(a: &StringArray, i: usize) -> String {
     if a.is_null(i) {
         String::new()
     } else {

@@ -1,0 +1,636 @@
+//! Stage kind `prm`: a process reward model, labelled the Math-Shepherd way and trained on the
+//! completer's own decoder.
+//!
+//! 1. Solutions, per problem of `problems`: `samples_per_problem` of the completer's own
+//!    completions and `perturbations` reference solutions (the problem's `steps`) with one
+//!    corrupted step, cut after it ([`crate::prm_labels::perturb`]); each assistant turn of the
+//!    optional `data` input is one more solution. Good and bad steps both occur, and the planted
+//!    one is recorded.
+//! 2. Labels ([`crate::prm_labels::label`]): every step prefix is continued `n_rollouts` times by
+//!    the completer, all of a chunk's prefixes batched through the KV-cache sampler, and the
+//!    continuations' answers verified by the shared verifier; `estimation: hard` labels a step
+//!    1 if any continuation verifies, `soft` with the share that do. Labelling is checkpointed
+//!    per chunk of [`CHUNK`] problems, like `eval`.
+//! 3. Training ([`crate::prm_train`]): the completer's decoder with a scalar head read at each
+//!    step's separator, binary cross-entropy against the labels, AdamW with warmup and cosine
+//!    decay, checkpoints every `checkpoint_every` steps. A share `heldout` of the problems is
+//!    kept out of training; the `metrics` output reports the PRM's step-level accuracy on them
+//!    and how often its weakest step is the planted one.
+//!
+//! The `model` output is a Hugging Face directory that transformers loads as
+//! `LlamaForTokenClassification` (see `dagrun_model::prm` and the README); other stages score
+//! with it through [`crate::prm_score`]. Sampling seeds depend on the stage seed and the chunk
+//! only; nothing in an output depends on timing.
+
+use std::collections::{BTreeMap, HashSet};
+use std::path::PathBuf;
+
+use anyhow::{Context, bail};
+use burn::tensor::backend::AutodiffBackend;
+use dagrun_engine::dataset::read_parquet;
+use dagrun_engine::kind::{
+    ArtifactType, KindSpec, ParamError, ParamSpec, ParamType, PortSpec, StageContext, StageKind,
+    WiringError,
+};
+use dagrun_engine::{Params, Progress};
+use dagrun_model::device::{BackendTask, DeviceSpec, run_on};
+use dagrun_model::generate::SamplingParams;
+use dagrun_model::load_model;
+use dagrun_model::prm::Aggregate;
+use rand::{Rng, SeedableRng};
+use rand_chacha::ChaCha8Rng;
+use serde::Deserialize;
+use serde_json::{Value, json};
+
+use crate::chat::ChatFormat;
+use crate::checkpoint::finish_training;
+use crate::prm_labels::{
+    Estimation, ModelRollouts, Solution, Source, StepLabelRow, is_heldout, label, read_step_labels,
+    step_labels_batch,
+};
+use crate::prm_perturb::{Corruption, perturb};
+use crate::prm_score::separator_id;
+use crate::prm_train::{TrainTask, label_metrics};
+use crate::sampling::{CHUNK, Shards, chunk, mix_seed, sample_groups};
+use crate::tables::{ProblemRow, read_chat, read_problems};
+use crate::tasks;
+
+pub struct Prm;
+
+/// The stage's params, read once.
+#[derive(Debug, Clone, Deserialize)]
+pub struct PrmParams {
+    pub samples_per_problem: usize,
+    pub perturbations: usize,
+    pub perturb: BTreeMap<String, f64>,
+    pub n_rollouts: usize,
+    pub estimation: Estimation,
+    pub temperature: f32,
+    pub top_p: f32,
+    pub max_new_tokens: usize,
+    pub answer_fallback: bool,
+    pub limit: Option<usize>,
+    pub heldout: f64,
+    pub aggregate: Aggregate,
+    pub epochs: f64,
+    pub max_steps: Option<u64>,
+    pub batch_size: usize,
+    pub lr: f64,
+    pub warmup_ratio: f64,
+    pub min_lr_ratio: f64,
+    pub weight_decay: f64,
+    pub max_grad_norm: f64,
+    pub max_length: usize,
+    pub checkpoint_every: u64,
+    pub log_every: u64,
+    pub generation_batch: usize,
+}
+
+impl PrmParams {
+    pub fn read(params: &Params) -> anyhow::Result<PrmParams> {
+        serde_json::from_value(Value::Object(params.as_map().clone()))
+            .context("reading the params of `prm`")
+    }
+}
+
+fn int(min: i64, max: i64) -> ParamType {
+    ParamType::Int { min, max }
+}
+
+fn float(min: f64, max: f64) -> ParamType {
+    ParamType::Float { min, max }
+}
+
+impl StageKind for Prm {
+    fn spec(&self) -> KindSpec {
+        KindSpec {
+            name: "prm",
+            version: 1,
+            doc: "a process reward model: steps labelled by the completer's rollouts (Math-Shepherd), a scalar head on its decoder trained with BCE",
+            inputs: vec![
+                PortSpec::one(
+                    "model",
+                    ArtifactType::Model,
+                    "the completer: it writes solutions and continues step prefixes; the PRM starts from its decoder",
+                ),
+                PortSpec::one(
+                    "problems",
+                    ArtifactType::Dataset(Some("problems")),
+                    "problems with reference steps, to sample and perturb solutions for",
+                ),
+                PortSpec::optional(
+                    "data",
+                    ArtifactType::Dataset(Some("chat")),
+                    "more solutions to label: each chat's assistant turn",
+                ),
+            ],
+            outputs: vec![
+                PortSpec::one(
+                    "model",
+                    ArtifactType::Model,
+                    "the PRM (transformers' LlamaForTokenClassification layout, `prm` block in config.json)",
+                ),
+                PortSpec::one(
+                    "labels",
+                    ArtifactType::Dataset(Some("step_labels")),
+                    "every solution's steps with their labels and Monte-Carlo values",
+                ),
+                PortSpec::one(
+                    "metrics",
+                    ArtifactType::Dataset(Some("metrics")),
+                    "loss, lr, grad_norm per logged step; label counts and held-out step accuracy at the last step",
+                ),
+            ],
+            params: vec![
+                ParamSpec::new(
+                    "samples_per_problem",
+                    int(0, 4096),
+                    json!(4),
+                    "the completer's own solutions sampled per problem",
+                ),
+                ParamSpec::new(
+                    "perturbations",
+                    int(0, 64),
+                    json!(1),
+                    "reference solutions per problem with one corrupted step",
+                ),
+                ParamSpec::new(
+                    "perturb",
+                    ParamType::Weights {
+                        keys: Corruption::NAMES,
+                    },
+                    json!({"number": 1.0}),
+                    "how a reference step is corrupted: `number` (its result's last digit) or `operation` (a swapped operator), with weights",
+                ),
+                ParamSpec::new(
+                    "n_rollouts",
+                    int(1, 1024),
+                    json!(4),
+                    "continuations per step prefix",
+                ),
+                ParamSpec::new(
+                    "estimation",
+                    ParamType::Str {
+                        choices: &["hard", "soft"],
+                    },
+                    json!("hard"),
+                    "a step's label: 1 if any continuation verifies (hard), or the share that do (soft)",
+                ),
+                ParamSpec::new(
+                    "temperature",
+                    float(0.0, 100.0),
+                    json!(0.8),
+                    "sampling temperature of solutions and rollouts",
+                ),
+                ParamSpec::new(
+                    "top_p",
+                    float(1e-6, 1.0),
+                    json!(1.0),
+                    "nucleus sampling of solutions and rollouts",
+                ),
+                ParamSpec::new(
+                    "max_new_tokens",
+                    int(1, 1_000_000),
+                    json!(128),
+                    "length limit of a solution or a continuation",
+                ),
+                ParamSpec::new(
+                    "answer_fallback",
+                    ParamType::Bool,
+                    json!(false),
+                    "read the last number of a completion without an <answer> block as its answer",
+                ),
+                ParamSpec::unset(
+                    "limit",
+                    int(1, 100_000_000),
+                    "label the first N problems only (unset: all)",
+                ),
+                ParamSpec::new(
+                    "heldout",
+                    float(0.0, 0.5),
+                    json!(0.1),
+                    "share of problems kept out of training, for the held-out metrics",
+                ),
+                ParamSpec::new(
+                    "aggregate",
+                    ParamType::Str {
+                        choices: Aggregate::NAMES,
+                    },
+                    json!("min"),
+                    "how scorers combine step scores into a solution score (written to config.json)",
+                ),
+                ParamSpec::new(
+                    "epochs",
+                    float(0.0, 1e6),
+                    json!(2.0),
+                    "passes over the labelled solutions (when max_steps is unset)",
+                ),
+                ParamSpec::unset(
+                    "max_steps",
+                    int(1, 100_000_000),
+                    "optimizer steps (overrides epochs)",
+                ),
+                ParamSpec::new(
+                    "batch_size",
+                    int(1, 65_536),
+                    json!(16),
+                    "solutions per optimizer step",
+                ),
+                ParamSpec::new("lr", float(0.0, 10.0), json!(1e-3), "peak learning rate"),
+                ParamSpec::new(
+                    "warmup_ratio",
+                    float(0.0, 1.0),
+                    json!(0.05),
+                    "share of steps with linear warmup",
+                ),
+                ParamSpec::new(
+                    "min_lr_ratio",
+                    float(0.0, 1.0),
+                    json!(0.1),
+                    "cosine decay floor, as a share of lr",
+                ),
+                ParamSpec::new(
+                    "weight_decay",
+                    float(0.0, 10.0),
+                    json!(0.01),
+                    "AdamW weight decay",
+                ),
+                ParamSpec::new(
+                    "max_grad_norm",
+                    float(0.0, 1e6),
+                    json!(1.0),
+                    "global gradient norm clip (0: off)",
+                ),
+                ParamSpec::new(
+                    "max_length",
+                    int(2, 1_000_000),
+                    json!(512),
+                    "tokens per PRM input; steps past it are not trained on",
+                ),
+                ParamSpec::new(
+                    "checkpoint_every",
+                    int(1, 100_000_000),
+                    json!(50),
+                    "steps between checkpoints in the resume directory",
+                ),
+                ParamSpec::new(
+                    "log_every",
+                    int(1, 100_000_000),
+                    json!(10),
+                    "steps between metrics rows",
+                ),
+                ParamSpec::new(
+                    "generation_batch",
+                    int(1, 65_536),
+                    json!(64),
+                    "sequences per generation call",
+                ),
+            ],
+            device_dependent: true,
+            variadic_inputs: false,
+        }
+    }
+
+    fn check(&self, params: &Params) -> Result<(), ParamError> {
+        let fail = |param: &str, message: String| {
+            Err(ParamError {
+                param: param.into(),
+                message,
+            })
+        };
+        let n = params.i64("n_rollouts");
+        if params.f64("temperature") == 0.0 && n > 1 {
+            return fail(
+                "temperature",
+                format!(
+                    "param `temperature` is 0, so the {n} rollouts of a step would be one greedy continuation {n} times; raise it or set `n_rollouts: 1`"
+                ),
+            );
+        }
+        if params.i64("perturbations") > 0
+            && params.weights("perturb").iter().all(|(_, w)| *w <= 0.0)
+        {
+            return fail(
+                "perturb",
+                "param `perturb`: at least one weight must be positive while `perturbations` is above 0".into(),
+            );
+        }
+        Ok(())
+    }
+
+    fn check_wiring(&self, wired: &[&str], params: &Params) -> Result<(), WiringError> {
+        let nothing = params.i64("samples_per_problem") == 0 && params.i64("perturbations") == 0;
+        if nothing && !wired.contains(&"data") {
+            return Err(WiringError::at(
+                &["params", "samples_per_problem"],
+                "params `samples_per_problem` and `perturbations` are both 0 and no `data` is wired: there are no solutions to label",
+            ));
+        }
+        Ok(())
+    }
+
+    fn run(&self, ctx: &mut StageContext) -> anyhow::Result<()> {
+        let device: DeviceSpec = ctx.device.parse()?;
+        let p = PrmParams::read(&ctx.params)?;
+        let model_dir = ctx.input("model")?.path.clone();
+        let format = ChatFormat::load(&model_dir)?;
+        separator_id(&format.tokenizer).context("input `model`")?;
+        let mut jobs: Vec<Job> = read_problems(&read_parquet(&ctx.input("problems")?.path)?.1)?
+            .into_iter()
+            .take(p.limit.unwrap_or(usize::MAX))
+            .map(|problem| Job {
+                problem,
+                given: None,
+            })
+            .collect();
+        if let Some(data) = ctx.input_opt("data") {
+            jobs.extend(jobs_of_chats(&read_parquet(&data.path)?.1)?);
+        }
+        if jobs.is_empty() {
+            bail!("inputs `problems` and `data` have no rows to label");
+        }
+        let shards = Shards::new(&ctx.resume_dir().join("labels"))?;
+        let (missing, done) = shards.missing_chunks(jobs.len());
+        if done > 0 {
+            ctx.mark_resumed();
+            ctx.info(format!("resuming: {done} problems were labelled before"));
+        }
+        if !missing.is_empty() {
+            let progress = ctx.progress(jobs.len() as u64, "problems labelled");
+            progress.inc(done as u64);
+            let task = LabelTask {
+                model_dir: model_dir.clone(),
+                jobs: &jobs,
+                chunks: missing,
+                shards: &shards,
+                params: &p,
+                seed: ctx.seed,
+                progress: &progress,
+            };
+            run_on(&device, task)?;
+        }
+        let rows = shards.read_all(jobs.len(), read_step_labels)?;
+        if rows.iter().all(|r| r.heldout || r.steps.is_empty()) {
+            bail!(
+                "no solution with steps outside the held-out problems to train on ({} labelled); label more problems or lower `heldout`",
+                rows.len()
+            );
+        }
+        let mut metrics_rows = Vec::new();
+        let train = TrainTask::new(ctx, &p, &format, &rows, &model_dir)?;
+        let total_steps = train.total_steps();
+        ctx.info(format!(
+            "{} labelled solutions, {} training steps of {}",
+            rows.len(),
+            total_steps,
+            p.batch_size
+        ));
+        let outcome = run_on(&device, train)?;
+        for note in &outcome.notes {
+            ctx.info(note);
+        }
+        ctx.info(format!("training: {}", outcome.speed));
+        metrics_rows.extend(outcome.metrics);
+        metrics_rows.extend(label_metrics(&rows, total_steps as i64));
+        metrics_rows.extend(outcome.heldout);
+        ctx.write_dataset("labels", &[step_labels_batch(&rows)?])?;
+        finish_training(ctx, outcome.resumed_from, &metrics_rows)?;
+        ctx.set_report(crate::prm_train::report(&metrics_rows, total_steps as i64));
+        Ok(())
+    }
+}
+
+/// One problem to find solutions for: its own, or a `data` chat with a given solution.
+struct Job {
+    problem: ProblemRow,
+    given: Option<String>,
+}
+
+/// The chats of `data` as jobs: the last user turn is the prompt, the last assistant turn the
+/// given solution, the chat's steps the reference to perturb.
+fn jobs_of_chats(batches: &[arrow::array::RecordBatch]) -> anyhow::Result<Vec<Job>> {
+    let mut jobs = Vec::new();
+    for chat in read_chat(batches)? {
+        let turn = |role: &str| chat.messages.iter().rev().find(|m| m.role == role);
+        let (Some(user), Some(assistant)) = (turn("user"), turn("assistant")) else {
+            continue;
+        };
+        jobs.push(Job {
+            problem: ProblemRow {
+                id: chat.id.clone(),
+                task: chat.task.clone(),
+                difficulty: 0,
+                prompt: user.content.clone(),
+                answer: chat.answer.clone(),
+                steps: chat.steps.clone(),
+            },
+            given: Some(assistant.content.clone()),
+        });
+    }
+    Ok(jobs)
+}
+
+struct LabelTask<'a> {
+    model_dir: PathBuf,
+    jobs: &'a [Job],
+    chunks: Vec<usize>,
+    shards: &'a Shards,
+    params: &'a PrmParams,
+    seed: u64,
+    progress: &'a Progress,
+}
+
+impl BackendTask for LabelTask<'_> {
+    type Output = ();
+
+    fn run<B: AutodiffBackend>(self, device: B::Device) -> anyhow::Result<()> {
+        let model = load_model::<B::InnerBackend>(&self.model_dir, &device)?;
+        let format = ChatFormat::load(&self.model_dir)?;
+        let p = self.params;
+        let sampling = |path: &[u64]| SamplingParams {
+            temperature: p.temperature,
+            top_k: 0,
+            top_p: p.top_p,
+            max_new_tokens: p.max_new_tokens,
+            stop_strings: vec![],
+            seed: mix_seed(self.seed, path),
+        };
+        let corruptions: Vec<(Corruption, f64)> = p
+            .perturb
+            .iter()
+            .filter_map(|(name, w)| Some((Corruption::parse(name)?, *w)))
+            .filter(|(_, w)| *w > 0.0)
+            .collect();
+        let (mut solved, mut positive, mut steps) = (0usize, 0.0, 0usize);
+        for c in self.chunks {
+            let jobs = chunk(self.jobs, c);
+            let prompts: Vec<Vec<u32>> = jobs
+                .iter()
+                .map(|j| format.prompt_ids(&j.problem.prompt))
+                .collect::<anyhow::Result<_>>()?;
+            // The completer samples for problems; a `data` chat brings its own solution.
+            let own: Vec<usize> = (0..jobs.len())
+                .filter(|&j| jobs[j].given.is_none())
+                .collect();
+            let mut sampled = vec![Vec::new(); jobs.len()];
+            if p.samples_per_problem > 0 && !own.is_empty() {
+                let asked: Vec<Vec<u32>> = own.iter().map(|&j| prompts[j].clone()).collect();
+                let groups = sample_groups(
+                    &model,
+                    &format,
+                    &asked,
+                    p.samples_per_problem,
+                    &sampling(&[c as u64, 0]),
+                    p.generation_batch,
+                )?;
+                for (&j, group) in own.iter().zip(groups) {
+                    sampled[j] = group;
+                }
+            }
+            // (job in the chunk, its solution)
+            let mut solutions: Vec<(usize, Solution)> = Vec::new();
+            for (j, (job, samples)) in jobs.iter().zip(sampled).enumerate() {
+                let problem = &job.problem;
+                let verify = |text: &str| {
+                    tasks::verify_with(&problem.task, &problem.answer, text, p.answer_fallback)
+                };
+                let mut seen = HashSet::new();
+                let texts = samples.iter().map(|s| (Source::Sample, s.text.as_str()));
+                for (source, text) in job
+                    .given
+                    .iter()
+                    .map(|g| (Source::Data, g.as_str()))
+                    .chain(texts)
+                {
+                    if seen.insert(text) {
+                        solutions.push((j, Solution::complete(source, text, verify(text))));
+                    }
+                }
+                let mut rng =
+                    ChaCha8Rng::seed_from_u64(mix_seed(self.seed, &[2, (c * CHUNK + j) as u64]));
+                for _ in 0..p.perturbations {
+                    let corruption = pick(&corruptions, &mut rng);
+                    if let Some((steps, bad)) = perturb(&problem.steps, corruption, &mut rng) {
+                        solutions.push((j, Solution::perturbed(&steps, bad)));
+                    }
+                }
+            }
+            solutions.retain(|(_, s)| !s.steps.texts.is_empty());
+            let only: Vec<Solution> = solutions.iter().map(|(_, s)| s.clone()).collect();
+            let mut rollouts = ModelRollouts {
+                model: &model,
+                format: &format,
+                prompts: &prompts,
+                answers: jobs
+                    .iter()
+                    .map(|j| (j.problem.task.as_str(), j.problem.answer.as_str()))
+                    .collect(),
+                owner: solutions.iter().map(|(j, _)| *j).collect(),
+                params: sampling(&[c as u64, 1]),
+                batch_size: p.generation_batch,
+                fallback: p.answer_fallback,
+            };
+            let labels = label(&only, &mut rollouts, p.n_rollouts, p.estimation)?;
+            let mut rows = Vec::with_capacity(solutions.len());
+            let mut index = vec![0i32; jobs.len()];
+            for ((j, solution), labels) in solutions.into_iter().zip(labels) {
+                let problem = &jobs[j].problem;
+                positive += labels.labels.iter().sum::<f64>();
+                steps += labels.labels.len();
+                rows.push(StepLabelRow {
+                    id: problem.id.clone(),
+                    task: problem.task.clone(),
+                    prompt: problem.prompt.clone(),
+                    answer: problem.answer.clone(),
+                    source: solution.source.as_str().to_string(),
+                    solution: index[j],
+                    steps: solution.steps.texts,
+                    labels: labels.labels,
+                    values: labels.values,
+                    bad_step: solution.bad_step.map(|b| b as i32),
+                    correct: solution.correct,
+                    heldout: is_heldout(self.seed, &problem.id, p.heldout),
+                });
+                index[j] += 1;
+            }
+            self.shards.save(c, &step_labels_batch(&rows)?)?;
+            solved += jobs.len();
+            self.progress.inc(jobs.len() as u64);
+            self.progress.set_message(&format!(
+                "{solved} problems, mean step label {:.3}",
+                positive / steps.max(1) as f64
+            ));
+        }
+        Ok(())
+    }
+}
+
+/// A corruption drawn by weight (`choices` are sorted by name and their weights positive).
+fn pick(choices: &[(Corruption, f64)], rng: &mut impl Rng) -> Corruption {
+    let total: f64 = choices.iter().map(|(_, w)| w).sum();
+    let mut x = rng.random::<f64>() * total;
+    for &(c, w) in choices {
+        if x < w {
+            return c;
+        }
+        x -= w;
+    }
+    choices.last().map_or(Corruption::Number, |(c, _)| *c)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn params(raw: Value) -> Params {
+        dagrun_engine::params::resolve(&Prm.spec(), raw.as_object().unwrap()).unwrap()
+    }
+
+    #[test]
+    fn params_read_into_their_struct_with_defaults() {
+        let p = PrmParams::read(&params(
+            json!({"estimation": "soft", "aggregate": "product"}),
+        ))
+        .unwrap();
+        assert_eq!(p.estimation, Estimation::Soft);
+        assert_eq!(p.aggregate, Aggregate::Product);
+        assert_eq!((p.n_rollouts, p.samples_per_problem, p.limit), (4, 4, None));
+        assert_eq!(p.perturb.get("number"), Some(&1.0));
+    }
+
+    #[test]
+    fn cross_field_checks_name_the_param() {
+        assert!(Prm.check(&params(json!({}))).is_ok());
+        let err = Prm.check(&params(json!({"temperature": 0.0}))).unwrap_err();
+        assert_eq!(err.param, "temperature");
+        assert!(
+            Prm.check(&params(json!({"temperature": 0.0, "n_rollouts": 1})))
+                .is_ok()
+        );
+        let err = Prm
+            .check(&params(json!({"perturb": {"number": 0.0}})))
+            .unwrap_err();
+        assert_eq!(err.param, "perturb");
+        let none = params(json!({"samples_per_problem": 0, "perturbations": 0}));
+        let err = Prm.check_wiring(&["model", "problems"], &none).unwrap_err();
+        assert_eq!(err.at, ["params", "samples_per_problem"]);
+        assert!(
+            Prm.check_wiring(&["model", "problems", "data"], &none)
+                .is_ok()
+        );
+    }
+
+    #[test]
+    fn corruptions_are_drawn_by_weight() {
+        let mut rng = ChaCha8Rng::seed_from_u64(1);
+        let both = [(Corruption::Number, 3.0), (Corruption::Operation, 1.0)];
+        let numbers = (0..4000)
+            .filter(|_| pick(&both, &mut rng) == Corruption::Number)
+            .count();
+        assert!((2800..3200).contains(&numbers), "{numbers}");
+        assert_eq!(
+            pick(&[(Corruption::Operation, 1.0)], &mut rng),
+            Corruption::Operation
+        );
+    }
+}

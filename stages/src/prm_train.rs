@@ -1,0 +1,466 @@
+//! Training the `prm` stage's model on its step labels, and the figures the stage reports.
+//!
+//! The PRM starts as the completer's decoder with a fresh head ([`ProcessRewardModel::from_lm`]).
+//! Each optimizer step takes `batch_size` labelled solutions in a seeded per-epoch order and
+//! minimises the binary cross-entropy of the head's logit at every step end against the step's
+//! label, averaged over the steps of the batch. Checkpoints (the PRM, AdamW's moments, the step,
+//! the metrics so far and the running loss sums) go to the resume directory every
+//! `checkpoint_every` steps, so a resumed run writes the bytes an uninterrupted one does.
+//! After the last step the PRM scores the held-out solutions: step-level accuracy (a score of
+//! at least 0.5 against a label of at least 0.5), BCE, and on perturbed solutions how often the
+//! weakest step is the planted one.
+//!
+//! Labelling and the stage's params are `prm.rs`; the model side is `dagrun_model::prm`.
+
+use std::collections::{BTreeMap, HashMap};
+use std::fmt::Write as _;
+use std::path::PathBuf;
+use std::time::Instant;
+
+use anyhow::{Context, bail};
+use burn::module::AutodiffModule;
+use burn::tensor::backend::AutodiffBackend;
+use dagrun_engine::{Progress, StageContext};
+use dagrun_model::load_model;
+use dagrun_model::optim::{AdamW, AdamWConfig, GradAccumulator, LrSchedule};
+use dagrun_model::prm::{
+    PrmConfig, ProcessRewardModel, StepItem, aggregate, bce_with_logits, load_prm, save_prm,
+};
+use rand::seq::SliceRandom;
+
+use crate::chat::ChatFormat;
+use crate::checkpoint::{Checkpoint, Speed, TrainState, epoch_rng, scalar};
+use crate::prm::PrmParams;
+use crate::prm_labels::StepLabelRow;
+use crate::prm_score::{separator_id, step_item};
+
+/// One labelled solution as the PRM reads it.
+struct Example {
+    item: StepItem,
+    labels: Vec<f64>,
+    bad_step: Option<usize>,
+}
+
+pub struct TrainTask {
+    train: Vec<Example>,
+    heldout: Vec<Example>,
+    params: PrmParams,
+    prm: PrmConfig,
+    completer: PathBuf,
+    resume: PathBuf,
+    out: PathBuf,
+    progress: Progress,
+    pad_id: u32,
+    seed: u64,
+}
+
+pub struct Outcome {
+    /// loss, lr, grad_norm per logged step.
+    pub metrics: Vec<(i64, String, f64)>,
+    /// The held-out figures, at the last step.
+    pub heldout: Vec<(i64, String, f64)>,
+    pub resumed_from: u64,
+    /// Checkpoint warnings, for the stage log.
+    pub notes: Vec<String>,
+    pub speed: Speed,
+}
+
+impl TrainTask {
+    /// The training and held-out examples of `rows`, tokenized with the completer's `format`;
+    /// steps that end past `max_length` tokens are left out.
+    pub fn new(
+        ctx: &StageContext,
+        params: &PrmParams,
+        format: &ChatFormat,
+        rows: &[StepLabelRow],
+        completer: &std::path::Path,
+    ) -> anyhow::Result<TrainTask> {
+        let separator = separator_id(&format.tokenizer)?;
+        let mut prompts: HashMap<&str, Vec<u32>> = HashMap::new();
+        let (mut train, mut heldout) = (Vec::new(), Vec::new());
+        for row in rows {
+            if !prompts.contains_key(row.prompt.as_str()) {
+                let ids = format
+                    .prompt_ids(&row.prompt)
+                    .with_context(|| format!("encoding the prompt of `{}`", row.id))?;
+                prompts.insert(&row.prompt, ids);
+            }
+            let mut item = step_item(
+                &format.tokenizer,
+                separator,
+                &prompts[row.prompt.as_str()],
+                &row.steps,
+            )?;
+            let kept = item.ends.iter().filter(|&&e| e < params.max_length).count();
+            if kept == 0 {
+                continue;
+            }
+            item.ends.truncate(kept);
+            item.ids.truncate(item.ends[kept - 1] + 1);
+            let example = Example {
+                item,
+                labels: row.labels[..kept.min(row.labels.len())].to_vec(),
+                bad_step: row.bad_step.map(|b| b as usize),
+            };
+            if example.labels.len() != example.item.ends.len() {
+                bail!(
+                    "labels of `{}` solution {}: {} labels for {} steps",
+                    row.id,
+                    row.solution,
+                    row.labels.len(),
+                    row.steps.len()
+                );
+            }
+            if row.heldout {
+                heldout.push(example);
+            } else {
+                train.push(example);
+            }
+        }
+        if train.is_empty() {
+            bail!(
+                "no labelled step fits in `max_length` ({}) tokens",
+                params.max_length
+            );
+        }
+        let prm = PrmConfig {
+            step_token_id: separator,
+            step_separator: "\n".into(),
+            aggregation: params.aggregate,
+            activation: "sigmoid".into(),
+            estimation: params.estimation.as_str().into(),
+            input: PrmConfig::INPUT_LAYOUT.into(),
+        };
+        let total = total_steps(params, train.len());
+        Ok(TrainTask {
+            train,
+            heldout,
+            params: params.clone(),
+            prm,
+            completer: completer.to_path_buf(),
+            resume: ctx.resume_dir().join("train"),
+            out: ctx.output_path("model")?.to_path_buf(),
+            progress: ctx.progress(total, "steps"),
+            pad_id: format.pad_id,
+            seed: ctx.seed,
+        })
+    }
+
+    fn per_epoch(&self) -> u64 {
+        per_epoch(&self.params, self.train.len())
+    }
+
+    pub fn total_steps(&self) -> u64 {
+        total_steps(&self.params, self.train.len())
+    }
+
+    /// The examples of optimizer step `step`: batch `step mod per_epoch` of its epoch's
+    /// seeded shuffle (`order` caches the current epoch's).
+    fn batch(&self, step: u64, order: &mut Option<(u64, Vec<usize>)>) -> Vec<usize> {
+        let epoch = step / self.per_epoch();
+        if order.as_ref().is_none_or(|(e, _)| *e != epoch) {
+            let mut all: Vec<usize> = (0..self.train.len()).collect();
+            all.shuffle(&mut epoch_rng(self.seed, epoch));
+            *order = Some((epoch, all));
+        }
+        let all = &order.as_ref().expect("just set").1;
+        let b = (step % self.per_epoch()) as usize * self.params.batch_size;
+        all[b..(b + self.params.batch_size).min(all.len())].to_vec()
+    }
+}
+
+fn per_epoch(params: &PrmParams, examples: usize) -> u64 {
+    examples.div_ceil(params.batch_size).max(1) as u64
+}
+
+/// `max_steps`, or `epochs` passes over `examples` solutions.
+fn total_steps(params: &PrmParams, examples: usize) -> u64 {
+    match params.max_steps {
+        Some(steps) => steps,
+        None => (params.epochs * per_epoch(params, examples) as f64)
+            .ceil()
+            .max(1.0) as u64,
+    }
+}
+
+impl dagrun_model::BackendTask for TrainTask {
+    type Output = Outcome;
+
+    fn run<B: AutodiffBackend>(self, device: B::Device) -> anyhow::Result<Outcome> {
+        let p = &self.params;
+        let ckpt = Checkpoint::new(&self.resume);
+        let mut notes = Vec::new();
+        let restored = ckpt.restore_with(
+            |dir| {
+                let prm = load_prm::<B>(&dir.join("model"), &device)?;
+                let opt = AdamW::<B::InnerBackend>::load(&dir.join("optimizer"), &device)?;
+                let path = dir.join("state.json");
+                let state: TrainState = serde_json::from_slice(&std::fs::read(&path)?)
+                    .with_context(|| format!("parsing {}", path.display()))?;
+                Ok((prm, opt, state))
+            },
+            &mut notes,
+        )?;
+        let (mut prm, mut opt, mut state) = match restored {
+            Some(restored) => restored,
+            None => {
+                let lm = load_model::<B>(&self.completer, &device)?;
+                let config = AdamWConfig {
+                    weight_decay: p.weight_decay,
+                    max_grad_norm: (p.max_grad_norm > 0.0).then_some(p.max_grad_norm),
+                    ..AdamWConfig::default()
+                };
+                (
+                    ProcessRewardModel::from_lm(lm, &self.prm, self.seed)?,
+                    AdamW::new(config),
+                    TrainState::default(),
+                )
+            }
+        };
+        let resumed_from = state.step;
+        let total = self.total_steps();
+        let schedule = LrSchedule {
+            peak_lr: p.lr,
+            warmup_steps: (p.warmup_ratio * total as f64).round() as u64,
+            total_steps: total,
+            min_lr_ratio: p.min_lr_ratio,
+        };
+        // BCE summed over the steps since the last metrics row, and their count: kept in the
+        // checkpoint, so a resumed run logs what an uninterrupted one does.
+        let saved = |name: &str| {
+            state
+                .window
+                .iter()
+                .find(|r| r.1 == name)
+                .map_or(0.0, |r| r.2)
+        };
+        let (mut bce_sum, mut count) = (saved("bce"), saved("steps"));
+        let mut order = None;
+        let mut speed = Speed::default();
+        self.progress.set_position(state.step);
+        while state.step < total {
+            let started = Instant::now();
+            let picked = self.batch(state.step, &mut order);
+            let items: Vec<StepItem> = picked.iter().map(|&i| self.train[i].item.clone()).collect();
+            let targets: Vec<f32> = picked
+                .iter()
+                .flat_map(|&i| self.train[i].labels.iter().map(|&l| l as f32))
+                .collect();
+            let n = targets.len();
+            let loss = bce_with_logits(prm.step_logits(&items, self.pad_id)?, &targets)
+                .div_scalar(n as f64);
+            let value = scalar(loss.clone()) as f64;
+            if !value.is_finite() {
+                bail!(
+                    "loss is {value} at step {}: training diverged; a lower `lr` is a new key that starts this stage over",
+                    state.step + 1
+                );
+            }
+            bce_sum += value * n as f64;
+            count += n as f64;
+            let mut acc = GradAccumulator::<B>::new();
+            acc.backward(loss, &prm);
+            let lr = schedule.lr(state.step);
+            let (next, stats) = opt
+                .step(prm, &mut acc, lr)
+                .with_context(|| format!("optimizer step {}", state.step + 1))?;
+            prm = next;
+            state.step += 1;
+            let tokens: usize = items.iter().map(|i| i.ids.len()).sum();
+            speed.add(tokens as f64, started.elapsed().as_secs_f64());
+            self.progress.set_position(state.step);
+            if state.step % p.log_every == 0 || state.step == total {
+                let s = state.step as i64;
+                let mean = bce_sum / count.max(1.0);
+                state.metrics.extend([
+                    (s, "loss".to_string(), mean),
+                    (s, "lr".to_string(), lr),
+                    (s, "grad_norm".to_string(), stats.grad_norm),
+                ]);
+                self.progress.set_message(&format!("loss {mean:.4}"));
+                (bce_sum, count) = (0.0, 0.0);
+            }
+            if state.step % p.checkpoint_every == 0 && state.step < total {
+                state.window = vec![(0, "bce".into(), bce_sum), (0, "steps".into(), count)];
+                ckpt.save_with(|tmp| {
+                    save_prm(&prm.valid(), &tmp.join("model"))?;
+                    opt.save(&tmp.join("optimizer"))?;
+                    std::fs::write(tmp.join("state.json"), serde_json::to_vec(&state)?)?;
+                    Ok(())
+                })?;
+            }
+        }
+        let prm = prm.valid();
+        save_prm(&prm, &self.out)?;
+        let heldout =
+            heldout_metrics(&prm, &self.heldout, self.pad_id, p.batch_size, total as i64)?;
+        Ok(Outcome {
+            metrics: state.metrics,
+            heldout,
+            resumed_from,
+            notes,
+            speed,
+        })
+    }
+}
+
+/// The trained PRM on the held-out solutions: `heldout/…` rows at step `step`.
+fn heldout_metrics<B: burn::tensor::backend::Backend>(
+    prm: &ProcessRewardModel<B>,
+    examples: &[Example],
+    pad_id: u32,
+    batch_size: usize,
+    step: i64,
+) -> anyhow::Result<Vec<(i64, String, f64)>> {
+    let mut sums: BTreeMap<&str, (f64, f64)> = BTreeMap::new();
+    let mut add = |name: &'static str, value: f64| {
+        let e = sums.entry(name).or_default();
+        e.0 += value;
+        e.1 += 1.0;
+    };
+    for batch in examples.chunks(batch_size.max(1)) {
+        let items: Vec<StepItem> = batch.iter().map(|e| e.item.clone()).collect();
+        for (example, scores) in batch.iter().zip(prm.step_scores(&items, pad_id)?) {
+            add("heldout/solutions", 1.0);
+            for (&score, &label) in scores.iter().zip(&example.labels) {
+                let hit = f64::from(u8::from((score >= 0.5) == (label >= 0.5)));
+                let q = score.clamp(1e-7, 1.0 - 1e-7);
+                add("heldout/step_accuracy", hit);
+                add(
+                    "heldout/loss",
+                    -(label * q.ln() + (1.0 - label) * (1.0 - q).ln()),
+                );
+                if example.bad_step.is_some() {
+                    add("heldout/perturbed/step_accuracy", hit);
+                }
+            }
+            let weakest = aggregate(&scores, dagrun_model::prm::Aggregate::Min).map(|s| s.weakest);
+            if let Some(bad) = example.bad_step.filter(|&b| b < scores.len()) {
+                add(
+                    "heldout/perturbed/weakest_is_bad",
+                    f64::from(u8::from(weakest == Some(bad))),
+                );
+                add(
+                    "heldout/perturbed/bad_step_below_half",
+                    f64::from(u8::from(scores[bad] < 0.5)),
+                );
+            }
+        }
+    }
+    Ok(sums
+        .into_iter()
+        .map(|(name, (sum, n))| {
+            let value = if name == "heldout/solutions" {
+                sum
+            } else {
+                sum / n
+            };
+            (step, name.to_string(), value)
+        })
+        .collect())
+}
+
+/// What the labels say, as `labels/…` rows at step `step`: counts, mean label and value, per
+/// source, and how the planted bad steps and the steps before them were labelled.
+pub fn label_metrics(rows: &[StepLabelRow], step: i64) -> Vec<(i64, String, f64)> {
+    let mean = |v: &[f64]| crate::eval_math::mean(v);
+    let mut out = vec![
+        (step, "labels/solutions".to_string(), rows.len() as f64),
+        (
+            step,
+            "labels/steps".to_string(),
+            rows.iter().map(|r| r.steps.len()).sum::<usize>() as f64,
+        ),
+    ];
+    let all_labels: Vec<f64> = rows.iter().flat_map(|r| r.labels.iter().copied()).collect();
+    let all_values: Vec<f64> = rows.iter().flat_map(|r| r.values.iter().copied()).collect();
+    let mut push = |name: &str, value: Option<f64>| {
+        if let Some(v) = value {
+            out.push((step, name.to_string(), v));
+        }
+    };
+    push("labels/label_mean", mean(&all_labels));
+    push("labels/value_mean", mean(&all_values));
+    for source in ["data", "perturbed", "sample"] {
+        let n = rows.iter().filter(|r| r.source == source).count();
+        push(
+            &format!("labels/{source}/solutions"),
+            (n > 0).then_some(n as f64),
+        );
+    }
+    let correct: Vec<f64> = rows
+        .iter()
+        .filter(|r| r.source == "sample")
+        .filter_map(|r| r.correct.map(|c| f64::from(u8::from(c))))
+        .collect();
+    push("labels/sample/correct", mean(&correct));
+    let planted = |r: &&StepLabelRow| {
+        r.bad_step
+            .map(|b| b as usize)
+            .filter(|&b| b < r.labels.len())
+    };
+    let bad: Vec<f64> = rows
+        .iter()
+        .filter_map(|r| Some(r.labels[planted(&r)?]))
+        .collect();
+    let before: Vec<f64> = rows
+        .iter()
+        .filter_map(|r| Some(&r.labels[..planted(&r)?]))
+        .flatten()
+        .copied()
+        .collect();
+    push("labels/perturbed/bad_step_label", mean(&bad));
+    push("labels/perturbed/before_bad_label", mean(&before));
+    out
+}
+
+/// The stage report: the figures at the last step, one per line of a Markdown table.
+pub fn report(metrics: &[(i64, String, f64)], step: i64) -> String {
+    let mut out = String::from("| figure | value |\n|---|---:|\n");
+    for (_, name, value) in metrics.iter().filter(|m| m.0 == step) {
+        if name.starts_with("labels/") || name.starts_with("heldout/") || name == "loss" {
+            let _ = writeln!(out, "| {name} | {value:.4} |");
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn row(source: &str, labels: &[f64], bad_step: Option<i32>) -> StepLabelRow {
+        StepLabelRow {
+            id: "a".into(),
+            task: "addition".into(),
+            prompt: "1+2+3=".into(),
+            answer: "6".into(),
+            source: source.into(),
+            solution: 0,
+            steps: labels.iter().map(|l| format!("step {l}")).collect(),
+            labels: labels.to_vec(),
+            values: labels.to_vec(),
+            bad_step,
+            correct: (source == "sample").then_some(true),
+            heldout: false,
+        }
+    }
+
+    #[test]
+    fn label_metrics_report_how_planted_steps_were_labelled() {
+        let rows = [
+            row("perturbed", &[1.0, 1.0, 0.0], Some(2)),
+            row("perturbed", &[1.0, 0.0], Some(1)),
+            row("sample", &[1.0, 0.0, 1.0], None),
+        ];
+        let m = label_metrics(&rows, 9);
+        let get = |name: &str| m.iter().find(|r| r.1 == name).map(|r| (r.0, r.2));
+        assert_eq!(get("labels/solutions"), Some((9, 3.0)));
+        assert_eq!(get("labels/steps"), Some((9, 8.0)));
+        assert_eq!(get("labels/perturbed/bad_step_label"), Some((9, 0.0)));
+        assert_eq!(get("labels/perturbed/before_bad_label"), Some((9, 1.0)));
+        assert_eq!(get("labels/sample/correct"), Some((9, 1.0)));
+        assert_eq!(get("labels/data/solutions"), None);
+        assert_eq!(get("labels/label_mean"), Some((9, 5.0 / 8.0)));
+    }
+}
