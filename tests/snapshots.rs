@@ -49,6 +49,14 @@ stages:
     kind: prm
     inputs: { model: tune.model, problems: problems.train }
     params: { limit: 6, samples_per_problem: 1, n_rollouts: 2, max_new_tokens: 12, heldout: 0.25, max_steps: 2, batch_size: 4, checkpoint_every: 1 }
+  reranked:
+    kind: eval
+    inputs: { models: [tune.model], problems: problems.test, prm: reward }
+    params: { k: 2, max_new_tokens: 12, rerank: prm }
+  judged:
+    kind: rejection_filter
+    inputs: { model: rl.model, problems: problems.train, prm: reward }
+    params: { num_samples: 2, limit: 4, max_new_tokens: 12, min_reward: 0.0, require_correct: false, min_step_score: 0.5 }
 ";
 
 /// Training at the `nano` size, big enough that kernels split their work across threads.

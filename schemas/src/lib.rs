@@ -162,8 +162,8 @@ pub fn metrics() -> TableSchema {
 pub fn eval() -> TableSchema {
     TableSchema {
         name: "eval",
-        version: 3,
-        doc: "model, id, task, difficulty, correct (greedy), pass1 (share of n samples correct), k, n (samples, ≥ k), n_correct, passk (unbiased, from n), majk (majority by value of k samples), format (share of samples in format), length (mean sampled tokens), greedy_answer, greedy_format, greedy_length, greedy_completion",
+        version: 4,
+        doc: "model, id, task, difficulty, correct (greedy), pass1 (share of n samples correct), k, n (samples, ≥ k), n_correct, passk (unbiased, from n), majk (majority by value of k samples), format (share of samples in format), length (mean sampled tokens), greedy_answer, greedy_format, greedy_length, greedy_completion, maj_correct (= majk, beside prm_correct), prm_correct (the best of the k samples by PRM score verifies; null without `rerank: prm`), maj_at_n and prm_at_n (the same over the first N samples for N = 1, 2, 4, … and k; prm_at_n empty without a PRM)",
         schema: Arc::new(Schema::new(vec![
             utf8("model"),
             utf8("id"),
@@ -182,6 +182,10 @@ pub fn eval() -> TableSchema {
             Field::new("greedy_format", DataType::Boolean, false),
             Field::new("greedy_length", DataType::Int32, false),
             utf8("greedy_completion"),
+            Field::new("maj_correct", DataType::Boolean, false),
+            Field::new("prm_correct", DataType::Boolean, true),
+            list_of("maj_at_n", DataType::Boolean),
+            list_of("prm_at_n", DataType::Boolean),
         ])),
     }
 }

@@ -8,6 +8,10 @@
 //! `answer_fallback` is set. The summary table (per model, then per task family and
 //! difficulty) is the stage's report; the `metrics` output holds the same means per model
 //! (`step` = the model's position in `models`) and nothing that varies between runs.
+//! With `rerank: prm` and a `prm` input (a process reward model), the first `k` samples are
+//! also ranked by the PRM's solution score: `prm_correct` says whether the best one verifies,
+//! next to `maj_correct` (= `majk`), and `maj_at_n` / `prm_at_n` hold the same over the first
+//! N samples for N = 1, 2, 4, … and k, which `metrics` averages as `maj@N` and `prm@N`.
 //! Sampling seeds depend on the stage seed and the problem chunk only, so every model is
 //! evaluated with the same random streams. Results are checkpointed per model and chunk of
 //! [`CHUNK`](crate::sampling::CHUNK) problems in the resume directory.
@@ -21,6 +25,7 @@ use burn::tensor::backend::AutodiffBackend;
 use dagrun_engine::dataset::read_parquet;
 use dagrun_engine::kind::{
     ArtifactType, KindSpec, ParamError, ParamSpec, ParamType, PortSpec, StageContext, StageKind,
+    WiringError,
 };
 use dagrun_engine::{Params, Progress};
 use dagrun_model::device::{BackendTask, DeviceSpec, run_on};
@@ -29,7 +34,8 @@ use dagrun_model::load_model;
 use serde_json::json;
 
 use crate::chat::ChatFormat;
-use crate::eval_math::{estimate, majority_vote, mean, pass_at_k};
+use crate::eval_math::{at_n, at_n_sizes, estimate, majority_vote, mean, pass_at_k};
+use crate::prm_score::{Scorer, prm_wiring, score_groups};
 use crate::sampling::{Shards, chunk, mix_seed, prompts_of, sample_groups};
 use crate::tables::{EvalRow, ProblemRow, eval_batch, metrics_batch, read_eval, read_problems};
 use crate::tasks;
@@ -45,8 +51,8 @@ impl StageKind for Eval {
     fn spec(&self) -> KindSpec {
         KindSpec {
             name: "eval",
-            version: 2,
-            doc: "greedy accuracy, pass@1 over n samples, pass@k, maj@k, format rate and length of each model on held-out problems",
+            version: 3,
+            doc: "greedy accuracy, pass@1 over n samples, pass@k, maj@k, PRM best-of-k (rerank: prm), format rate and length of each model on held-out problems",
             inputs: vec![
                 PortSpec::list(
                     "models",
@@ -58,6 +64,11 @@ impl StageKind for Eval {
                     ArtifactType::Dataset(Some("problems")),
                     "held-out problems",
                 ),
+                PortSpec::optional(
+                    "prm",
+                    ArtifactType::Model,
+                    "a process reward model (a `prm` stage's) to rank the samples with `rerank: prm`",
+                ),
             ],
             outputs: vec![
                 PortSpec::one(
@@ -68,7 +79,7 @@ impl StageKind for Eval {
                 PortSpec::one(
                     "metrics",
                     ArtifactType::Dataset(Some("metrics")),
-                    "greedy, pass1, passk, majk, format, length per model (step = its position in `models`), overall and per task",
+                    "greedy, pass1, passk, majk, format, length, maj@N (and prm@N with a PRM) per model (step = its position in `models`), overall and per task",
                 ),
             ],
             params: vec![
@@ -133,6 +144,14 @@ impl StageKind for Eval {
                     json!(64),
                     "sequences per generation call",
                 ),
+                ParamSpec::new(
+                    "rerank",
+                    ParamType::Str {
+                        choices: &["none", "prm"],
+                    },
+                    json!("none"),
+                    "`prm`: also pick the best of the first k samples (and of the first N) by the `prm` input's score",
+                ),
             ],
             device_dependent: true,
             variadic_inputs: false,
@@ -152,8 +171,25 @@ impl StageKind for Eval {
         }
     }
 
+    fn check_wiring(&self, wired: &[&str], params: &Params) -> Result<(), WiringError> {
+        prm_wiring(
+            "rerank: prm",
+            params.str("rerank") == "prm",
+            wired.contains(&"prm"),
+        )
+    }
+
     fn run(&self, ctx: &mut StageContext) -> anyhow::Result<()> {
         let device: DeviceSpec = ctx.device.parse()?;
+        let prm = ctx.input_opt("prm").map(|a| a.path.clone());
+        if let Err(e) = prm_wiring(
+            "rerank: prm",
+            ctx.params.str("rerank") == "prm",
+            prm.is_some(),
+        ) {
+            // The graph rejects this before anything runs; this covers callers that skip it.
+            bail!("stage `{}`: {}", ctx.node, e.message);
+        }
         let mut problems = read_problems(&read_parquet(&ctx.input("problems")?.path)?.1)?;
         if let Some(limit) = ctx.params.opt_i64("limit") {
             problems.truncate(limit as usize);
@@ -172,6 +208,7 @@ impl StageKind for Eval {
             n: p.opt_i64("n").map_or(k, |n| n as usize),
             fallback: p.bool("answer_fallback"),
             batch_size: p.i64("batch_size") as usize,
+            prm,
             greedy: SamplingParams {
                 temperature: 0.0,
                 top_k: 0,
@@ -246,6 +283,8 @@ struct Config {
     /// Read untagged answers (see `tasks::extract_answer_with`).
     fallback: bool,
     batch_size: usize,
+    /// The PRM directory of `rerank: prm`.
+    prm: Option<PathBuf>,
     greedy: SamplingParams,
     sampled: SamplingParams,
 }
@@ -267,6 +306,13 @@ impl BackendTask for EvalTask<'_> {
         let model = load_model::<B::InnerBackend>(&self.model_dir, &device)?;
         let format = ChatFormat::load(&self.model_dir)?;
         let cfg = self.cfg;
+        let scorer = match &cfg.prm {
+            Some(dir) => Some(
+                Scorer::<B::InnerBackend>::load(dir, &device)
+                    .with_context(|| format!("input `prm` ({})", dir.display()))?,
+            ),
+            None => None,
+        };
         let (mut seen, mut correct) = (0.0, 0.0);
         for c in self.chunks {
             let chunk = chunk(self.problems, c);
@@ -284,8 +330,24 @@ impl BackendTask for EvalTask<'_> {
                 &sampled_params,
                 cfg.batch_size,
             )?;
+            let ranked: Vec<Option<Vec<_>>> = match &scorer {
+                Some(scorer) => {
+                    let prompts: Vec<&str> = chunk.iter().map(|p| p.prompt.as_str()).collect();
+                    let texts: Vec<Vec<&str>> = sampled
+                        .iter()
+                        .map(|g| g.iter().map(|s| s.text.as_str()).collect())
+                        .collect();
+                    score_groups(scorer, &prompts, &texts, cfg.k, cfg.batch_size)?
+                        .into_iter()
+                        .map(Some)
+                        .collect()
+                }
+                None => vec![None; chunk.len()],
+            };
             let mut rows = Vec::with_capacity(chunk.len());
-            for ((problem, greedy), samples) in chunk.iter().zip(greedy).zip(sampled) {
+            for (((problem, greedy), samples), scores) in
+                chunk.iter().zip(greedy).zip(sampled).zip(ranked)
+            {
                 let g = &greedy[0];
                 let (task, answer) = (problem.task.as_str(), problem.answer.as_str());
                 let texts: Vec<&str> = samples.iter().map(|s| s.text.as_str()).collect();
@@ -294,6 +356,16 @@ impl BackendTask for EvalTask<'_> {
                     .filter(|t| tasks::verify_with(task, answer, t, cfg.fallback))
                     .count();
                 let n = texts.len();
+                let first_k = &texts[..cfg.k.min(n)];
+                let majk = majority_vote(task, answer, first_k, cfg.fallback).correct;
+                let (maj_at_n, prm_at_n) = at_n(
+                    task,
+                    answer,
+                    first_k,
+                    scores.as_deref(),
+                    cfg.k,
+                    cfg.fallback,
+                );
                 rows.push(EvalRow {
                     model: self.name.clone(),
                     id: problem.id.clone(),
@@ -305,7 +377,7 @@ impl BackendTask for EvalTask<'_> {
                     n: n as i32,
                     n_correct: n_correct as i32,
                     passk: pass_at_k(n, n_correct, cfg.k).unwrap_or(0.0),
-                    majk: majority_vote(task, answer, &texts[..cfg.k.min(n)], cfg.fallback).correct,
+                    majk,
                     format: texts.iter().filter(|t| tasks::has_format(t)).count() as f64 / n as f64,
                     length: samples
                         .iter()
@@ -317,6 +389,10 @@ impl BackendTask for EvalTask<'_> {
                     greedy_format: tasks::has_format(&g.text),
                     greedy_length: g.token_ids.len() as i32,
                     greedy_completion: g.text.clone(),
+                    maj_correct: majk,
+                    prm_correct: prm_at_n.last().copied(),
+                    maj_at_n,
+                    prm_at_n,
                 });
             }
             seen += rows.len() as f64;
@@ -436,6 +512,35 @@ fn summary(rows: &[EvalRow], names: &[String], cfg: &Config) -> String {
             );
         }
     }
+    if rows.iter().any(|r| r.prm_correct.is_some()) {
+        let _ = writeln!(
+            out,
+            "\nBest of the first N samples by the PRM's score (prm@N) against their majority vote (maj@N):\n"
+        );
+        let _ = writeln!(out, "| model | N | maj@N | prm@N |");
+        let _ = writeln!(out, "|---|---:|---:|---:|");
+        for name in names {
+            let mine: Vec<&EvalRow> = rows.iter().filter(|r| &r.model == name).collect();
+            let figures: BTreeMap<String, f64> = at_n_figures(&mine)
+                .into_iter()
+                .filter_map(|(metric, values)| Some((metric, mean(&values)?)))
+                .collect();
+            for n in at_n_sizes(k) {
+                let get = |m: &str| {
+                    figures
+                        .get(&format!("{m}@{n}"))
+                        .copied()
+                        .unwrap_or(f64::NAN)
+                };
+                let _ = writeln!(
+                    out,
+                    "| {name} | {n} | {:.3} | {:.3} |",
+                    get("maj"),
+                    get("prm")
+                );
+            }
+        }
+    }
     let _ = writeln!(out, "\nBy task family and difficulty:\n");
     let _ = writeln!(
         out,
@@ -457,6 +562,29 @@ fn summary(rows: &[EvalRow], names: &[String], cfg: &Config) -> String {
                 "| {name} | {task} | {difficulty} | {} | {} | {} | {:.3} | {:.3} | {:.3} |",
                 f.n, f.greedy, f.pass1, f.passk, f.majk, f.format
             );
+        }
+    }
+    out
+}
+
+/// `maj@N` and, with a PRM, `prm@N` per problem (0 or 1) for every N of the rows' `k`.
+fn at_n_figures(rows: &[&EvalRow]) -> Vec<(String, Vec<f64>)> {
+    let k = rows.first().map_or(1, |r| r.k.max(1) as usize);
+    let mut out = Vec::new();
+    for (i, n) in at_n_sizes(k).into_iter().enumerate() {
+        let at = |list: fn(&EvalRow) -> &[bool]| -> Vec<f64> {
+            rows.iter()
+                .filter_map(|r| list(r).get(i))
+                .map(|&b| b as u8 as f64)
+                .collect()
+        };
+        for (name, values) in [
+            ("maj", at(|r| r.maj_at_n.as_slice())),
+            ("prm", at(|r| r.prm_at_n.as_slice())),
+        ] {
+            if !values.is_empty() {
+                out.push((format!("{name}@{n}"), values));
+            }
         }
     }
     out
@@ -492,6 +620,9 @@ fn metrics(rows: &[EvalRow], names: &[String]) -> Vec<(i64, String, f64)> {
         push("problems".into(), vec![mine.len() as f64], false);
         for (metric, values, with_stderr) in figures(&mine) {
             push(metric.into(), values, with_stderr);
+        }
+        for (metric, values) in at_n_figures(&mine) {
+            push(metric, values, false);
         }
         let mut by_task: BTreeMap<&str, Vec<&EvalRow>> = BTreeMap::new();
         for r in &mine {
@@ -529,6 +660,10 @@ mod tests {
             greedy_format: true,
             greedy_length: 10,
             greedy_completion: String::new(),
+            maj_correct: pass1 > 0.5,
+            prm_correct: Some(pass1 > 0.0),
+            maj_at_n: vec![pass1 > 0.5, pass1 > 0.5],
+            prm_at_n: vec![pass1 >= 0.5, pass1 > 0.0],
         }
     }
 
@@ -556,6 +691,12 @@ mod tests {
         assert_eq!(get(0, "word/pass1"), Some(0.25));
         assert_eq!(get(1, "linear/passk"), Some(1.0));
         assert!(get(0, "pass1_stderr").is_some());
+        // k = 2: N = 1 and 2, majority and PRM best-of-N.
+        assert_eq!(get(0, "maj@1"), Some(0.0));
+        assert_eq!(get(1, "maj@2"), Some(1.0));
+        assert_eq!(get(0, "prm@1"), Some(0.5));
+        assert_eq!(get(0, "prm@2"), Some(1.0));
+        assert_eq!(get(0, "prm@4"), None);
         assert_eq!(metrics, super::metrics(&rows, &names), "deterministic");
     }
 

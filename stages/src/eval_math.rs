@@ -95,6 +95,42 @@ pub fn majority_vote<S: AsRef<str>>(
     }
 }
 
+/// The sample counts N of `maj@N` and `prm@N`: 1, 2, 4, … below `k`, then `k`.
+pub fn at_n_sizes(k: usize) -> Vec<usize> {
+    let mut sizes: Vec<usize> = std::iter::successors(Some(1usize), |n| n.checked_mul(2))
+        .take_while(|&n| n < k)
+        .collect();
+    sizes.push(k.max(1));
+    sizes
+}
+
+/// For each N of [`at_n_sizes`]`(k)`, over the first N `completions`: whether their majority
+/// answer verifies (as [`majority_vote`]), and, given PRM `scores` aligned with them, whether
+/// the best by score ([`crate::prm_score::best_of`]) verifies (empty without scores).
+pub fn at_n<S: AsRef<str>>(
+    task: &str,
+    reference: &str,
+    completions: &[S],
+    scores: Option<&[Option<dagrun_model::prm::SolutionScore>]>,
+    k: usize,
+    fallback: bool,
+) -> (Vec<bool>, Vec<bool>) {
+    let (mut majority, mut best) = (Vec::new(), Vec::new());
+    for n in at_n_sizes(k) {
+        let first = &completions[..n.min(completions.len())];
+        majority.push(majority_vote(task, reference, first, fallback).correct);
+        if let Some(scores) = scores {
+            let pick = crate::prm_score::best_of(&scores[..n.min(scores.len())]);
+            best.push(
+                first
+                    .get(pick)
+                    .is_some_and(|c| tasks::verify_with(task, reference, c.as_ref(), fallback)),
+            );
+        }
+    }
+    (majority, best)
+}
+
 /// Arithmetic mean; `None` for no values.
 pub fn mean(values: &[f64]) -> Option<f64> {
     if values.is_empty() {
@@ -263,6 +299,34 @@ mod tests {
             Some("8")
         );
         assert!(majority_vote("arithmetic", "7", &samples, true).correct);
+    }
+
+    #[test]
+    fn at_n_sizes_double_up_to_k() {
+        assert_eq!(at_n_sizes(1), [1]);
+        assert_eq!(at_n_sizes(8), [1, 2, 4, 8]);
+        assert_eq!(at_n_sizes(6), [1, 2, 4, 6]);
+    }
+
+    #[test]
+    fn best_of_n_follows_the_prm_and_majority_the_votes() {
+        use dagrun_model::prm::{Aggregate, aggregate};
+        let samples = [
+            completion("5"),
+            completion("7"),
+            completion("5"),
+            completion("7"),
+        ];
+        let scores: Vec<_> = [0.1, 0.9, 0.2, 0.3]
+            .iter()
+            .map(|&s| aggregate(&[s], Aggregate::Min))
+            .collect();
+        // N = 1: sample 0 (wrong); N = 2 and 4: the PRM picks sample 1 (right). Majority:
+        // N = 1 "5"; N = 2 a tie, first seen "5"; N = 4 a tie again, "5".
+        let (majority, best) = at_n("arithmetic", "7", &samples, Some(&scores), 4, false);
+        assert_eq!((majority, best), (vec![false; 3], vec![false, true, true]));
+        let (majority, best) = at_n("arithmetic", "5", &samples, None, 4, false);
+        assert_eq!((majority, best), (vec![true; 3], vec![]));
     }
 
     #[test]

@@ -9,8 +9,10 @@
 //! to a pick by character 5-gram Jaccard): one for `keep: best`, up to `top_k` for `top_k`,
 //! every one that is not a near-duplicate for `all_passing`; never more than
 //! `max_per_problem`. Whatever the rewards, a truncated completion is never kept, nor (with
-//! `require_correct`, the default) one whose answer does not verify. Sampling is
-//! checkpointed per chunk of [`CHUNK`] problems.
+//! `require_correct`, the default) one whose answer does not verify. With a `prm` input (a
+//! process reward model) and `min_step_score`, a completion whose weakest step scores below it
+//! is dropped too ([`crate::prm_score`]). Sampling is checkpointed per chunk of [`CHUNK`]
+//! problems.
 //!
 //! Which inputs go together is checked when the graph is built ([`wiring`]), before anything
 //! runs.
@@ -34,6 +36,7 @@ use serde_json::json;
 
 use crate::chat::ChatFormat;
 use crate::dedupe::{Diversity, select_diverse};
+use crate::prm_score::{prm_wiring, score_on};
 use crate::rewards::{Judged, RewardSet};
 use crate::sampling::{
     CHUNK, REWARD_NAMES, Shards, chunk, mix_seed, prompts_of, reward_set, sample_groups,
@@ -68,6 +71,11 @@ impl StageKind for RejectionFilter {
                     "samples",
                     ArtifactType::Dataset(Some("samples")),
                     "existing samples to filter instead of sampling (e.g. grpo's)",
+                ),
+                PortSpec::optional(
+                    "prm",
+                    ArtifactType::Model,
+                    "a process reward model (a `prm` stage's), for `min_step_score`",
                 ),
             ],
             outputs: vec![
@@ -197,6 +205,11 @@ impl StageKind for RejectionFilter {
                     json!(64),
                     "sequences per generation call",
                 ),
+                ParamSpec::unset(
+                    "min_step_score",
+                    ParamType::Float { min: 0.0, max: 1.0 },
+                    "drop completions whose weakest step the `prm` input scores below this (unset: no PRM)",
+                ),
             ],
             device_dependent: true,
             variadic_inputs: false,
@@ -215,9 +228,14 @@ impl StageKind for RejectionFilter {
         })
     }
 
-    fn check_wiring(&self, wired: &[&str], _params: &Params) -> Result<(), WiringError> {
+    fn check_wiring(&self, wired: &[&str], params: &Params) -> Result<(), WiringError> {
         let has = |port: &str| wired.contains(&port);
-        wiring(has("model"), has("problems"), has("samples"))
+        wiring(has("model"), has("problems"), has("samples"))?;
+        prm_wiring(
+            "min_step_score",
+            params.opt_f64("min_step_score").is_some(),
+            has("prm"),
+        )
     }
 
     fn run(&self, ctx: &mut StageContext) -> anyhow::Result<()> {
@@ -290,19 +308,52 @@ impl StageKind for RejectionFilter {
             max_similarity: p.f64("max_similarity"),
             ..Diversity::default()
         };
+        let steps = match (p.opt_f64("min_step_score"), ctx.input_opt("prm")) {
+            (Some(min), Some(prm)) => {
+                let requests = samples
+                    .iter()
+                    .map(|s| (s.prompt.clone(), s.completion.clone()))
+                    .collect();
+                let scores = score_on(
+                    &ctx.device.parse()?,
+                    &prm.path,
+                    requests,
+                    p.i64("batch_size") as usize,
+                )?;
+                Some(StepFilter {
+                    min,
+                    weakest: scores
+                        .into_iter()
+                        .map(|s| s.map(|s| s.weakest_score))
+                        .collect(),
+                })
+            }
+            (min, prm) => {
+                prm_wiring("min_step_score", min.is_some(), prm.is_some())
+                    .map_err(|e| anyhow::anyhow!("stage `{}`: {}", ctx.node, e.message))?;
+                None
+            }
+        };
         let filter = Filter {
             min_reward: p.f64("min_reward"),
             require_correct: p.bool("require_correct"),
             fallback,
+            steps,
         };
         let (data, tally) = select(&samples, &filter, &diversity);
         ctx.write_dataset("data", &[chat_batch(&data)?])?;
         ctx.write_dataset("samples", &[samples_batch(&samples)?])?;
-        ctx.write_dataset(
-            "metrics",
-            &[metrics_batch(&tally.metrics(&samples, &rewards.names()))?],
-        )?;
-        ctx.set_report(tally.report(&filter));
+        let mut metrics = tally.metrics(&samples, &rewards.names());
+        let mut report = tally.report(&filter);
+        if let Some(steps) = &filter.steps {
+            metrics.extend(steps.metrics(&tally));
+            report.push_str(&format!(
+                "\n{} completions passed the other filters but had a step the PRM scores below {}.\n",
+                tally.prm_dropped, steps.min
+            ));
+        }
+        ctx.write_dataset("metrics", &[metrics_batch(&metrics)?])?;
+        ctx.set_report(report);
         Ok(())
     }
 }
@@ -451,6 +502,31 @@ struct Filter {
     require_correct: bool,
     /// Read untagged answers when checking correctness.
     fallback: bool,
+    /// The PRM's verdicts, when `min_step_score` is set.
+    steps: Option<StepFilter>,
+}
+
+/// `min_step_score` and the weakest step's score of each sample (in sample order; `None` for a
+/// completion without steps, which never passes).
+struct StepFilter {
+    min: f64,
+    weakest: Vec<Option<f64>>,
+}
+
+impl StepFilter {
+    /// `prm_dropped` (a share of the samples) and the mean and std of the weakest step scores.
+    fn metrics(&self, tally: &Tally) -> Vec<(i64, String, f64)> {
+        let mut rows = vec![(
+            0,
+            "prm_dropped".to_string(),
+            tally.prm_dropped as f64 / tally.samples.max(1) as f64,
+        )];
+        if let Some((mean, std)) = mean_std(self.weakest.iter().flatten().copied()) {
+            rows.push((0, "prm/weakest_step/mean".into(), mean));
+            rows.extend(std.map(|std| (0, "prm/weakest_step/std".into(), std)));
+        }
+        rows
+    }
 }
 
 impl Filter {
@@ -458,10 +534,22 @@ impl Filter {
         tasks::verify_with(&s.task, &s.answer, &s.completion, self.fallback)
     }
 
+    /// Whether sample `s` passes the reward, truncation and correctness filters.
     fn passes(&self, s: &SampleRow) -> bool {
         // Rewards are sums of floats (1.0 + 0.2·1.0): allow rounding at the threshold.
         let rewarded = s.reward.is_finite() && s.reward >= self.min_reward - 1e-9;
         rewarded && !s.truncated && (!self.require_correct || self.correct(s))
+    }
+
+    /// Whether sample `i`'s weakest step is good enough (always, without a PRM).
+    fn steps_pass(&self, i: usize) -> bool {
+        self.steps.as_ref().is_none_or(|f| {
+            f.weakest
+                .get(i)
+                .copied()
+                .flatten()
+                .is_some_and(|w| w >= f.min)
+        })
     }
 }
 
@@ -475,27 +563,38 @@ struct Tally {
     solved: usize,
     kept: usize,
     mean_reward: f64,
+    /// Samples that passed every other filter but not `min_step_score`.
+    prm_dropped: usize,
 }
 
 /// The kept completions of every problem (problems in order of first appearance), and counts
 /// of how many were correct, passed and were kept.
 fn select(samples: &[SampleRow], filter: &Filter, diversity: &Diversity) -> (Vec<ChatRow>, Tally) {
     let mut order: Vec<&str> = Vec::new();
-    let mut groups: HashMap<&str, Vec<&SampleRow>> = HashMap::new();
-    for s in samples {
+    let mut groups: HashMap<&str, Vec<(usize, &SampleRow)>> = HashMap::new();
+    for (i, s) in samples.iter().enumerate() {
         groups
             .entry(s.id.as_str())
             .or_insert_with(|| {
                 order.push(s.id.as_str());
                 Vec::new()
             })
-            .push(s);
+            .push((i, s));
     }
-    let (mut data, mut passing, mut solved) = (Vec::new(), 0usize, 0usize);
+    let (mut data, mut passing, mut solved, mut prm_dropped) = (Vec::new(), 0usize, 0usize, 0usize);
     for id in &order {
         let group = &groups[id];
-        let candidates: Vec<&SampleRow> =
-            group.iter().copied().filter(|s| filter.passes(s)).collect();
+        let passed: Vec<(usize, &SampleRow)> = group
+            .iter()
+            .copied()
+            .filter(|(_, s)| filter.passes(s))
+            .collect();
+        let candidates: Vec<&SampleRow> = passed
+            .iter()
+            .filter(|(i, _)| filter.steps_pass(*i))
+            .map(|(_, s)| *s)
+            .collect();
+        prm_dropped += passed.len() - candidates.len();
         passing += candidates.len();
         solved += usize::from(!candidates.is_empty());
         let scored: Vec<(&str, f64)> = candidates
@@ -536,6 +635,7 @@ fn select(samples: &[SampleRow], filter: &Filter, diversity: &Diversity) -> (Vec
         solved,
         kept: data.len(),
         mean_reward: rewards.iter().sum::<f64>() / rewards.len().max(1) as f64,
+        prm_dropped,
     };
     (data, tally)
 }
@@ -681,6 +781,7 @@ mod tests {
             min_reward: 0.0,
             require_correct: true,
             fallback: false,
+            steps: None,
         };
         assert_eq!(kept(&samples, &strict), [right]);
         // With the fallback the untagged answer counts as correct.
@@ -694,6 +795,7 @@ mod tests {
             min_reward: 0.0,
             require_correct: false,
             fallback: false,
+            steps: None,
         };
         let all = kept(&samples, &any);
         assert_eq!(all.len(), 3);
@@ -703,6 +805,7 @@ mod tests {
             min_reward: 2.0,
             require_correct: false,
             fallback: false,
+            steps: None,
         };
         assert!(kept(&samples, &high).is_empty());
     }
@@ -719,6 +822,7 @@ mod tests {
             min_reward: 0.0,
             require_correct: true,
             fallback: false,
+            steps: None,
         };
         let (_, tally) = select(&samples, &filter, &Diversity::default());
         let metrics = tally.metrics(&samples, &["format", "length"]);
@@ -739,6 +843,46 @@ mod tests {
                 .all(|m| m.0 == 0 && !m.1.contains("per_s") && !m.1.contains("time"))
         );
         assert_eq!(metrics, tally.metrics(&samples, &["format", "length"]));
+    }
+
+    #[test]
+    fn a_weak_step_drops_a_sample_that_passes_everything_else() {
+        let right = "<think>\n3+4=7 write 7\n</think>\n<answer>7</answer>";
+        let samples = vec![
+            sample("a", right, 1.0, false),
+            sample("a", &format!("{right} "), 1.0, false),
+            sample("b", right, 1.0, false),
+        ];
+        let filter = |weakest: Vec<Option<f64>>| Filter {
+            min_reward: 0.0,
+            require_correct: true,
+            fallback: false,
+            steps: Some(StepFilter { min: 0.5, weakest }),
+        };
+        let strict = filter(vec![Some(0.9), Some(0.2), None]);
+        let (data, tally) = select(
+            &samples,
+            &strict,
+            &Diversity {
+                k: 8,
+                ..Diversity::default()
+            },
+        );
+        assert_eq!(
+            data.len(),
+            1,
+            "only the first sample's steps all score 0.5 or more"
+        );
+        assert_eq!(tally.prm_dropped, 2, "a low step, and no steps at all");
+        let metrics = strict.steps.as_ref().unwrap().metrics(&tally);
+        assert_eq!(metrics[0], (0, "prm_dropped".to_string(), 2.0 / 3.0));
+        let lenient = filter(vec![Some(0.9), Some(0.5), Some(0.5)]);
+        assert_eq!(
+            select(&samples, &lenient, &Diversity::default())
+                .1
+                .prm_dropped,
+            0
+        );
     }
 
     #[test]

@@ -273,6 +273,14 @@ pub struct EvalRow {
     pub greedy_format: bool,
     pub greedy_length: i32,
     pub greedy_completion: String,
+    /// `majk`, beside `prm_correct` for a per-problem comparison.
+    pub maj_correct: bool,
+    /// The best of the first `k` samples by PRM score verifies; `None` without a PRM.
+    pub prm_correct: Option<bool>,
+    /// The majority of the first N samples verifies, for N in [`crate::eval_math::at_n_sizes`].
+    pub maj_at_n: Vec<bool>,
+    /// The best of the first N samples by PRM score verifies, for the same N; empty without a PRM.
+    pub prm_at_n: Vec<bool>,
 }
 
 pub fn eval_batch(rows: &[EvalRow]) -> anyhow::Result<RecordBatch> {
@@ -303,11 +311,33 @@ pub fn eval_batch(rows: &[EvalRow]) -> anyhow::Result<RecordBatch> {
         bools(|r| r.greedy_format),
         ints(|r| r.greedy_length),
         strings(rows.iter().map(|r| r.greedy_completion.as_str())),
+        bools(|r| r.maj_correct),
+        Arc::new(BooleanArray::from_iter(rows.iter().map(|r| r.prm_correct))),
+        bool_lists(rows.iter().map(|r| r.maj_at_n.as_slice()))?,
+        bool_lists(rows.iter().map(|r| r.prm_at_n.as_slice()))?,
     ];
     Ok(RecordBatch::try_new(
         dagrun_schemas::eval().schema,
         columns,
     )?)
+}
+
+/// A `list<bool>` column of one list per row.
+fn bool_lists<'a>(lists: impl Iterator<Item = &'a [bool]> + Clone) -> anyhow::Result<ArrayRef> {
+    let values = BooleanArray::from_iter(lists.clone().flatten().map(|b| Some(*b)));
+    Ok(Arc::new(list_array(
+        lists.map(<[bool]>::len),
+        Arc::new(values),
+    )?))
+}
+
+/// The `list<bool>` of row `i` of `column`.
+fn bool_list_at(column: &ListArray, i: usize, name: &str) -> anyhow::Result<Vec<bool>> {
+    let items = column.value(i);
+    let items = items
+        .as_boolean_opt()
+        .with_context(|| format!("`{name}` items are not bool"))?;
+    Ok((0..items.len()).map(|j| items.value(j)).collect())
 }
 
 pub fn read_eval(batches: &[RecordBatch]) -> anyhow::Result<Vec<EvalRow>> {
@@ -332,6 +362,8 @@ pub fn read_eval(batches: &[RecordBatch]) -> anyhow::Result<Vec<EvalRow>> {
         );
         let (correct, majk, greedy_format) =
             (boolc("correct")?, boolc("majk")?, boolc("greedy_format")?);
+        let (maj_correct, prm_correct) = (boolc("maj_correct")?, boolc("prm_correct")?);
+        let (maj_at_n, prm_at_n) = (list_column(b, "maj_at_n")?, list_column(b, "prm_at_n")?);
         let (pass1, passk, format, length) = (
             f64_column(b, "pass1")?,
             f64_column(b, "passk")?,
@@ -357,6 +389,10 @@ pub fn read_eval(batches: &[RecordBatch]) -> anyhow::Result<Vec<EvalRow>> {
                 greedy_format: greedy_format.value(i),
                 greedy_length: greedy_length.value(i),
                 greedy_completion: str_at(greedy_completion, i),
+                maj_correct: maj_correct.value(i),
+                prm_correct: (!prm_correct.is_null(i)).then(|| prm_correct.value(i)),
+                maj_at_n: bool_list_at(maj_at_n, i, "maj_at_n")?,
+                prm_at_n: bool_list_at(prm_at_n, i, "prm_at_n")?,
             });
         }
     }
@@ -393,7 +429,10 @@ fn f64_column<'a>(batch: &'a RecordBatch, name: &str) -> anyhow::Result<&'a Floa
         .with_context(|| format!("column `{name}` is not float64"))
 }
 
-pub(crate) fn list_array(lengths: impl Iterator<Item = usize>, values: ArrayRef) -> anyhow::Result<ListArray> {
+pub(crate) fn list_array(
+    lengths: impl Iterator<Item = usize>,
+    values: ArrayRef,
+) -> anyhow::Result<ListArray> {
     let field = Arc::new(Field::new("item", values.data_type().clone(), true));
     Ok(ListArray::try_new(
         field,
@@ -409,7 +448,10 @@ pub(crate) fn column<'a>(batch: &'a RecordBatch, name: &str) -> anyhow::Result<&
         .ok_or_else(|| anyhow!("column `{name}` is missing"))
 }
 
-pub(crate) fn str_column<'a>(batch: &'a RecordBatch, name: &str) -> anyhow::Result<&'a StringArray> {
+pub(crate) fn str_column<'a>(
+    batch: &'a RecordBatch,
+    name: &str,
+) -> anyhow::Result<&'a StringArray> {
     column(batch, name)?
         .as_string_opt::<i32>()
         .ok_or_else(|| anyhow!("column `{name}` is not a string column"))
@@ -575,6 +617,10 @@ mod tests {
             greedy_format: true,
             greedy_length: 41,
             greedy_completion: "<answer>3</answer>".into(),
+            maj_correct: false,
+            prm_correct: Some(true),
+            maj_at_n: vec![true, false, false],
+            prm_at_n: vec![true, true, true],
         }];
         let batch = eval_batch(&eval).unwrap();
         assert!(dagrun_schemas::eval().check(&batch.schema()).is_ok());
