@@ -37,6 +37,14 @@ stages:
     kind: grpo
     inputs: { model: tune, problems: problems.train }
     params: { steps: 2, batch_prompts: 2, group_size: 2, max_new_tokens: 12, micro_batch: 2, checkpoint_every: 1 }
+  small:
+    kind: distill
+    inputs: { teacher: tune.model, problems: problems.train }
+    params: { mode: logits, preset: pico, config: { hidden_size: 16, intermediate_size: 32, num_attention_heads: 2, num_key_value_heads: 2 }, limit: 4, max_new_tokens: 12, require_correct: false, max_steps: 2, batch_size: 2, lambda: 0.5, checkpoint_every: 1, log_every: 1 }
+  copied:
+    kind: distill
+    inputs: { teacher: rl.model, student: base, data: data }
+    params: { limit: 4, num_samples: 4, max_new_tokens: 64, require_correct: false, max_steps: 2, batch_size: 2 }
   rejection:
     kind: rejection_filter
     inputs: { model: rl.model, problems: problems.train }
@@ -123,6 +131,7 @@ fn every_kind_writes_the_committed_bytes_for_its_version() {
         "mix",
         "init_model",
         "sft",
+        "distill",
         "grpo",
         "rejection_filter",
         "eval",

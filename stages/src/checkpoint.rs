@@ -1,6 +1,6 @@
-//! What the training stages (`sft`, `grpo`) share: checkpoints in a stage's resume directory
-//! (the model, the optimizer state and the stage's [`TrainState`]), the seeded per-epoch
-//! shuffle, and the wrap-up that turns a trained model into the stage's outputs.
+//! What the training stages (`sft`, `grpo`, `distill`) share: checkpoints in a stage's resume
+//! directory (the model, the optimizer state and the stage's [`TrainState`]), the seeded
+//! per-epoch shuffle, and the wrap-up that turns a trained model into the stage's outputs.
 //!
 //! A checkpoint is written to `ckpt.tmp/`, fsynced (files and directories), and swapped in by
 //! renames: the newest is `ckpt/`, the one before it stays as `ckpt.old/`. A LoRA run keeps its
@@ -311,16 +311,25 @@ pub fn finish_training(
     resumed_from: u64,
     metrics: &[(i64, String, f64)],
 ) -> anyhow::Result<()> {
+    let from = ctx.input("model")?.path.clone();
+    finish_training_from(ctx, &from, resumed_from, metrics)
+}
+
+/// [`finish_training`] for a stage whose model did not start as its `model` input (`distill`'s
+/// student): the tokenizer and generation files come from the model directory `from`.
+pub fn finish_training_from(
+    ctx: &mut StageContext,
+    from: &Path,
+    resumed_from: u64,
+    metrics: &[(i64, String, f64)],
+) -> anyhow::Result<()> {
     if resumed_from > 0 {
         ctx.mark_resumed();
         ctx.info(format!(
             "resumed from the checkpoint at step {resumed_from}"
         ));
     }
-    let (from, to) = (
-        ctx.input("model")?.path.clone(),
-        ctx.output_path("model")?.to_path_buf(),
-    );
+    let to = ctx.output_path("model")?.to_path_buf();
     for name in [
         "tokenizer.json",
         "tokenizer_config.json",

@@ -39,17 +39,9 @@ impl StageKind for InitModel {
                         choices: dagrun_model::config::PRESETS,
                     },
                     json!("tiny"),
-                    "size of a model trained from scratch (nano ≈ 0.5M, tiny ≈ 3M, small ≈ 15M parameters)",
+                    "size of a model trained from scratch (pico ≈ 0.2M, nano ≈ 0.5M, tiny ≈ 3M, small ≈ 15M parameters)",
                 ),
-                ParamSpec::new(
-                    "config",
-                    ParamType::Map(Box::new(ParamType::Int {
-                        min: 1,
-                        max: 1_000_000,
-                    })),
-                    json!({}),
-                    "config.json fields to change in the preset, e.g. {num_hidden_layers: 3}",
-                ),
+                config_param(),
                 ParamSpec::unset(
                     "from",
                     ParamType::Path,
@@ -75,7 +67,7 @@ impl StageKind for InitModel {
             });
         }
         // The vocabulary comes from the tokenizer at run time; any size checks the shape.
-        preset_config(params, 100).map(|_| ())
+        preset_config(params.str("preset"), params.get("config"), 100).map(|_| ())
     }
 
     fn run(&self, ctx: &mut StageContext) -> anyhow::Result<()> {
@@ -88,19 +80,14 @@ impl StageKind for InitModel {
             chars => chars,
         };
         let tokenizer = Tokenizer::char_level(alphabet, SpecialStyle::EndOfText, true)?;
-        let mut config = preset_config(&ctx.params, tokenizer.vocab_size())
-            .map_err(|e| anyhow::anyhow!("{}", e.message))?;
-        config.eos_token_id = Some(dagrun_model::config::TokenIds::Many(
-            tokenizer.eos_ids.clone(),
-        ));
-        config.pad_token_id = tokenizer.pad_id();
-        // Random init on the CPU, so a seed gives the same weights wherever the pipeline runs.
-        let model = CausalLm::<dagrun_model::device::Cpu>::init_random(
-            &config,
+        let config = init_preset(
+            ctx.params.str("preset"),
+            ctx.params.get("config"),
+            &tokenizer,
+            tokenizer.vocab_size(),
             ctx.seed,
-            &Default::default(),
+            &out,
         )?;
-        save_model(&model, &out)?;
         tokenizer.save(&out)?;
         ctx.info(format!(
             "{} preset: {} parameters, vocabulary {}",
@@ -110,6 +97,19 @@ impl StageKind for InitModel {
         ));
         Ok(())
     }
+}
+
+/// The `config` param: changes to a preset's shape (checked by [`preset_config`]).
+pub(crate) fn config_param() -> ParamSpec {
+    ParamSpec::new(
+        "config",
+        ParamType::Map(Box::new(ParamType::Int {
+            min: 1,
+            max: 1_000_000,
+        })),
+        json!({}),
+        "config.json fields to change in the preset, e.g. {num_hidden_layers: 3}",
+    )
 }
 
 /// The config fields a preset lets `config` change: the model's shape, nothing that would
@@ -127,20 +127,23 @@ const SHAPE_FIELDS: &[&str] = &[
 /// The largest model a preset may be grown into (8 GB of f32 weights).
 const MAX_PRESET_PARAMS: usize = 2_000_000_000;
 
-/// The preset named by `preset` with the `config` changes applied, checked.
-fn preset_config(params: &Params, vocab_size: usize) -> Result<ModelConfig, ParamError> {
+/// The preset `name` with the `changes` of a `config` param applied, checked; errors name the
+/// `preset` or `config` param.
+pub(crate) fn preset_config(
+    name: &str,
+    changes: &serde_json::Value,
+    vocab_size: usize,
+) -> Result<ModelConfig, ParamError> {
     let config_error = |message: String| ParamError {
         param: "config".into(),
         message,
     };
-    let mut config = serde_json::to_value(preset(params.str("preset"), vocab_size).map_err(
-        |e| ParamError {
-            param: "preset".into(),
-            message: e.to_string(),
-        },
-    )?)
+    let mut config = serde_json::to_value(preset(name, vocab_size).map_err(|e| ParamError {
+        param: "preset".into(),
+        message: e.to_string(),
+    })?)
     .map_err(|e| config_error(e.to_string()))?;
-    if let serde_json::Value::Object(changes) = params.get("config") {
+    if let serde_json::Value::Object(changes) = changes {
         for (field, value) in changes {
             if !SHAPE_FIELDS.contains(&field.as_str()) {
                 let hint = dagrun_engine::diag::did_you_mean(field, SHAPE_FIELDS)
@@ -165,6 +168,30 @@ fn preset_config(params: &Params, vocab_size: usize) -> Result<ModelConfig, Para
             "param `config`: the model would have {params} parameters (more than {MAX_PRESET_PARAMS}); import a checkpoint with `from:` for models this large"
         )));
     }
+    Ok(config)
+}
+
+/// A preset model (see [`preset_config`]) for `tokenizer`, with `vocab_size` rows of embedding,
+/// initialised from `seed` and saved in `out` (weights and config; the caller adds the
+/// tokenizer's files).
+pub(crate) fn init_preset(
+    name: &str,
+    changes: &serde_json::Value,
+    tokenizer: &Tokenizer,
+    vocab_size: usize,
+    seed: u64,
+    out: &Path,
+) -> anyhow::Result<ModelConfig> {
+    let mut config =
+        preset_config(name, changes, vocab_size).map_err(|e| anyhow::anyhow!("{}", e.message))?;
+    config.eos_token_id = Some(dagrun_model::config::TokenIds::Many(
+        tokenizer.eos_ids.clone(),
+    ));
+    config.pad_token_id = tokenizer.pad_id();
+    // Random init on the CPU, so a seed gives the same weights wherever the pipeline runs.
+    let model =
+        CausalLm::<dagrun_model::device::Cpu>::init_random(&config, seed, &Default::default())?;
+    save_model(&model, out)?;
     Ok(config)
 }
 

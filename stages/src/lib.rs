@@ -11,6 +11,8 @@ pub mod checkpoint;
 pub mod cli;
 pub mod cot_generate;
 pub mod dedupe;
+pub mod distill;
+pub mod distill_math;
 pub mod eval;
 pub mod eval_math;
 pub mod grpo;
@@ -35,6 +37,7 @@ use dagrun_engine::Registry;
 pub fn registry() -> Registry {
     let mut r = Registry::new();
     r.add(cot_generate::CotGenerate);
+    r.add(distill::Distill);
     r.add(eval::Eval);
     r.add(grpo::Grpo);
     r.add(init_model::InitModel);

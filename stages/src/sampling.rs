@@ -11,6 +11,7 @@
 //! - [`think_steps`]: the reasoning lines of a completion, for `dataset<chat>`'s `steps`.
 //! - [`Shards`]: numbered Parquet files in a resume directory, one per [`CHUNK`] of problems,
 //!   each written atomically, so a killed stage redoes only the chunk it was in.
+//! - [`SampleChunks`]: the loop that samples the chunks a stage still lacks into their shards.
 //!
 //! Completions carry their token count (`token_ids.len()`, including the end-of-turn token when
 //! generation stopped on it) and `truncated`, which is what [`crate::rewards::Judged`] needs.
@@ -19,10 +20,12 @@ use std::path::{Path, PathBuf};
 
 use anyhow::Context;
 use arrow::array::RecordBatch;
-use burn::tensor::backend::Backend;
+use burn::tensor::backend::{AutodiffBackend, Backend};
+use dagrun_engine::Progress;
 use dagrun_engine::dataset::{read_parquet, write_parquet_atomic};
-use dagrun_model::CausalLm;
+use dagrun_model::device::BackendTask;
 use dagrun_model::generate::{Completion, SamplingParams, generate};
+use dagrun_model::{CausalLm, load_model};
 
 use crate::chat::ChatFormat;
 use crate::rewards::{RewardParams, RewardSet};
@@ -202,6 +205,54 @@ impl Shards {
             rows.extend(read(&batches)?);
         }
         Ok(rows)
+    }
+}
+
+/// `n` completions for every prompt of the chunks `chunks` of `prompts` (user turns), sampled
+/// by the model in `model_dir` with seed [`mix_seed`]`(params.seed, [chunk])` and saved as the
+/// chunk's shard, which `shard` makes from the chunk's index and its completion groups. Run it
+/// with `run_on`.
+pub struct SampleChunks<'a, F> {
+    pub model_dir: PathBuf,
+    pub prompts: &'a [String],
+    pub chunks: Vec<usize>,
+    pub shards: &'a Shards,
+    pub params: SamplingParams,
+    pub n: usize,
+    pub batch_size: usize,
+    pub progress: &'a Progress,
+    pub shard: F,
+}
+
+impl<F> BackendTask for SampleChunks<'_, F>
+where
+    F: Fn(usize, Vec<Vec<Completion>>) -> anyhow::Result<RecordBatch>,
+{
+    type Output = ();
+
+    fn run<B: AutodiffBackend>(self, device: B::Device) -> anyhow::Result<()> {
+        let model = load_model::<B::InnerBackend>(&self.model_dir, &device)?;
+        let format = ChatFormat::load(&self.model_dir)?;
+        for c in self.chunks {
+            let texts = chunk(self.prompts, c);
+            let ids = texts
+                .iter()
+                .enumerate()
+                .map(|(i, text)| {
+                    format
+                        .prompt_ids(text)
+                        .with_context(|| format!("encoding prompt {}", c * CHUNK + i))
+                })
+                .collect::<anyhow::Result<Vec<_>>>()?;
+            let params = SamplingParams {
+                seed: mix_seed(self.params.seed, &[c as u64]),
+                ..self.params.clone()
+            };
+            let groups = sample_groups(&model, &format, &ids, self.n, &params, self.batch_size)?;
+            self.shards.save(c, &(self.shard)(c, groups)?)?;
+            self.progress.inc(texts.len() as u64);
+        }
+        Ok(())
     }
 }
 

@@ -403,14 +403,16 @@ impl ModelConfig {
 }
 
 /// Names of the built-in presets.
-pub const PRESETS: &[&str] = &["nano", "tiny", "small"];
+pub const PRESETS: &[&str] = &["pico", "nano", "tiny", "small"];
 
 /// Llama configs sized for training from scratch on CPU with a character-level vocabulary:
-/// `nano` ≈ 0.5 M, `tiny` ≈ 3 M, `small` ≈ 15 M parameters (excluding the embedding, which is
-/// tied and small for character vocabularies).
+/// `pico` ≈ 0.2 M (under half of `nano`: a distillation student), `nano` ≈ 0.5 M, `tiny` ≈ 3 M,
+/// `small` ≈ 15 M parameters (excluding the embedding, which is tied and small for character
+/// vocabularies).
 pub fn preset(name: &str, vocab_size: usize) -> Result<ModelConfig> {
     ensure!(vocab_size > 0, "preset `{name}`: vocab_size must be > 0");
     let config = match name {
+        "pico" => ModelConfig::llama(vocab_size, 96, 256, 2, 4, 4, 2048),
         "nano" => ModelConfig::llama(vocab_size, 128, 512, 2, 4, 4, 2048),
         "tiny" => ModelConfig::llama(vocab_size, 256, 688, 4, 4, 4, 2048),
         "small" => ModelConfig::llama(vocab_size, 384, 1024, 8, 6, 6, 2048),
@@ -432,16 +434,18 @@ mod tests {
             .iter()
             .map(|p| preset(p, 64).unwrap().num_params())
             .collect();
-        assert!((400_000..700_000).contains(&sizes[0]), "nano {}", sizes[0]);
+        assert!((150_000..250_000).contains(&sizes[0]), "pico {}", sizes[0]);
+        assert!(2 * sizes[0] <= sizes[1], "pico is at most half of nano");
+        assert!((400_000..700_000).contains(&sizes[1]), "nano {}", sizes[1]);
         assert!(
-            (2_500_000..3_500_000).contains(&sizes[1]),
+            (2_500_000..3_500_000).contains(&sizes[2]),
             "tiny {}",
-            sizes[1]
+            sizes[2]
         );
         assert!(
-            (13_000_000..17_000_000).contains(&sizes[2]),
+            (13_000_000..17_000_000).contains(&sizes[3]),
             "small {}",
-            sizes[2]
+            sizes[3]
         );
         assert!(preset("huge", 64).is_err());
     }

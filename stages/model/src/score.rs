@@ -6,7 +6,8 @@
 //! the memory of graphs that are never back-propagated) and it returns plain host vectors.
 //!
 //! Only the positions that predict completion tokens go through the LM head, which saves most of
-//! its cost when prompts are long or the vocabulary is large.
+//! its cost when prompts are long or the vocabulary is large. [`completion_logits`] returns those
+//! positions' logits themselves, for losses over whole distributions (distillation).
 //!
 //! [`score_with`] and [`score_host`] take a sampling temperature: logits are divided by it before
 //! the log-softmax, for log-probs and entropy alike, as TRL's GRPOTrainer scores the policy, the
@@ -84,20 +85,28 @@ pub fn score<B: Backend>(
     )
 }
 
-/// [`score`] with a choice of how entropy is computed, at sampling temperature `temperature`
-/// (logits ÷ temperature before the log-softmax).
-pub fn score_with<B: Backend>(
+/// The logits of the positions that predict completion tokens, for a loss over whole
+/// distributions (distillation) rather than the sampled tokens' log-probs.
+pub struct CompletionLogits<B: Backend> {
+    /// `[items · width, vocab]`: row `i · width + k` predicts completion token `k` of item `i`;
+    /// rows past an item's completion hold some position's logits and are 0 in `mask`.
+    pub logits: Tensor<B, 2>,
+    /// `[items · width]` the completion token each row predicts (0 in padding).
+    pub targets: Vec<u32>,
+    /// `[items, width]` 1.0 for real completion tokens, 0.0 for padding.
+    pub mask: Tensor<B, 2>,
+    /// The longest completion.
+    pub width: usize,
+}
+
+/// Runs `model` on `items` (right-padded with `pad_id`) and keeps only the logits of the
+/// positions that predict completion tokens.
+pub fn completion_logits<B: Backend>(
     model: &CausalLm<B>,
     items: &[ScoreItem],
     pad_id: u32,
-    entropy: Entropy,
-    temperature: f64,
-) -> Result<TokenScores<B>> {
+) -> Result<CompletionLogits<B>> {
     ensure!(!items.is_empty(), "score: no items");
-    ensure!(
-        temperature.is_finite() && temperature > 0.0,
-        "score: temperature is {temperature}; it must be above 0"
-    );
     for (i, item) in items.iter().enumerate() {
         ensure!(
             !item.prompt.is_empty(),
@@ -138,8 +147,35 @@ pub fn score_with<B: Backend>(
     let input = model.step_input(&batch, 0, None)?;
     let hidden = model.hidden(&input, None);
     let rows = Tensor::<B, 1, Int>::from_data(TensorData::new(rows, [n * width]), &device);
-    let logits = tempered(model.logits(hidden.select(0, rows)), temperature);
-    let mask = Tensor::<B, 2>::from_data(TensorData::new(mask, [n, width]), &device);
+    Ok(CompletionLogits {
+        logits: model.logits(hidden.select(0, rows)),
+        targets,
+        mask: Tensor::<B, 2>::from_data(TensorData::new(mask, [n, width]), &device),
+        width,
+    })
+}
+
+/// [`score`] with a choice of how entropy is computed, at sampling temperature `temperature`
+/// (logits ÷ temperature before the log-softmax).
+pub fn score_with<B: Backend>(
+    model: &CausalLm<B>,
+    items: &[ScoreItem],
+    pad_id: u32,
+    entropy: Entropy,
+    temperature: f64,
+) -> Result<TokenScores<B>> {
+    ensure!(
+        temperature.is_finite() && temperature > 0.0,
+        "score: temperature is {temperature}; it must be above 0"
+    );
+    let CompletionLogits {
+        logits,
+        targets,
+        mask,
+        width,
+    } = completion_logits(model, items, pad_id)?;
+    let n = items.len();
+    let logits = tempered(logits, temperature);
     let entropy = (entropy != Entropy::None).then(|| {
         let logits = if entropy == Entropy::Detached {
             logits.clone().detach()

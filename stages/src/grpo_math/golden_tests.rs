@@ -92,7 +92,8 @@ impl Fixture {
     }
 }
 
-fn flatten(value: &Value) -> Vec<f64> {
+/// Every number of a nested JSON array, in order (`distill_math`'s golden tests read it too).
+pub(crate) fn flatten(value: &Value) -> Vec<f64> {
     match value {
         Value::Array(items) => items.iter().flat_map(flatten).collect(),
         number => vec![number.as_f64().expect("a number")],
@@ -103,7 +104,8 @@ fn scale_of(name: &str) -> ScaleRewards {
     name.parse().unwrap()
 }
 
-fn assert_close(what: &str, got: f64, expected: f64, tolerance: f64) {
+/// Fails unless `got` is within `tolerance·max(1, |expected|)` of `expected`.
+pub(crate) fn assert_close(what: &str, got: f64, expected: f64, tolerance: f64) {
     let allowed = tolerance * expected.abs().max(1.0);
     assert!(
         (got - expected).abs() <= allowed,

@@ -11,7 +11,7 @@ mod advantages;
 mod loss;
 
 #[cfg(test)]
-mod golden_tests;
+pub(crate) mod golden_tests;
 
 pub use advantages::{AdvantageError, Advantages, ScaleRewards, compute_advantages};
 pub use loss::{
