@@ -79,7 +79,7 @@ fn prm_labels_trains_and_serves_eval_and_rejection_filter() {
         let bad = column(b, "bad_step").as_primitive::<Int32Type>();
         let held = column(b, "heldout").as_boolean();
         let source = strings(b, "source");
-        for i in 0..b.num_rows() {
+        for (i, origin) in source.iter().enumerate() {
             let n = steps.value(i).len();
             let l = labels.value(i);
             let l = l.as_primitive::<Float64Type>().values();
@@ -99,7 +99,7 @@ fn prm_labels_trains_and_serves_eval_and_rejection_filter() {
             );
             ones += l.iter().filter(|&&x| x == 1.0).count();
             zeros += l.iter().filter(|&&x| x == 0.0).count();
-            if source[i] == "perturbed" {
+            if origin == "perturbed" {
                 assert_eq!(bad.value(i) as usize, n - 1, "cut after the planted step");
                 planted += 1;
             } else {
