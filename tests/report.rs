@@ -1,7 +1,8 @@
 //! The run report: every run writes `report.html` and `report.md` into its directory, with a
 //! chart for each training curve and evaluation, the eval table per model, and nothing the
 //! HTML would fetch; `dagrun report FILE --out DIR` writes the same; a pipeline with a
-//! skipped stage, or a run whose stages failed, still gets a whole report.
+//! skipped stage, a stage moved elsewhere in the graph, or a run whose stages failed, still gets
+//! a whole report.
 
 mod common;
 
@@ -25,7 +26,7 @@ stages:
   rl:
     kind: grpo
     inputs: { model: cold_start.model, problems: problems.train }
-    params: { steps: 4, batch_prompts: 2, group_size: 2, max_new_tokens: 16, beta: 0.04 }
+    params: { steps: 4, batch_prompts: 2, group_size: 2, max_new_tokens: 16, beta: 0.04, rewards: { correctness: 1.0, repetition: 1.0 } }
   filter:
     kind: rejection_filter
     inputs: { model: rl.model, problems: problems.train }
@@ -218,6 +219,18 @@ fn every_run_writes_a_whole_self_contained_report() {
         assert_eq!(third.status(s), "cached", "{s}");
     }
     assert_eq!(third.status("rl"), "skipped");
+    assert_ne!(
+        run.output("rl", "model"),
+        run.output("cold_start", "model"),
+        "GRPO changed the weights (the repetition reward varies within a group)"
+    );
+    for s in ["filter", "eval"] {
+        assert_eq!(
+            third.status(s),
+            "ran",
+            "{s} reads what the skipped stage passes on"
+        );
+    }
     let html = std::fs::read_to_string(&path).unwrap();
     assert_self_contained(&html);
     for id in [
@@ -235,6 +248,47 @@ fn every_run_writes_a_whole_self_contained_report() {
     assert!(section(&html, "stages").contains(">skipped</span>"));
     let eval = section(&html, "eval-eval");
     assert!(eval.contains("<td>cold_start</td>") && !eval.contains("<td>rl</td>"));
+}
+
+#[test]
+fn moving_rejection_sampling_before_grpo_reruns_only_it_and_the_report_stays_whole() {
+    let p = Project::new("report-moved");
+    p.write("p.yaml", PIPELINE);
+    let (first, _) = run_with_report(&p, "p.yaml", true);
+    assert_ne!(
+        first.output("rl", "model"),
+        first.output("cold_start", "model"),
+        "GRPO changed the weights, so the move changes the filter's input"
+    );
+    // Rejection sampling moved before GRPO (from the cold-start model): only it re-runs, and
+    // the report is whole, GRPO's curves included.
+    p.write(
+        "p.yaml",
+        &PIPELINE.replace(
+            "inputs: { model: rl.model, problems: problems.train }",
+            "inputs: { model: cold_start.model, problems: problems.train }",
+        ),
+    );
+    let (moved, path) = run_with_report(&p, "p.yaml", true);
+    for s in ["problems", "base", "cold_start", "rl", "eval"] {
+        assert_eq!(moved.status(s), "cached", "{s}");
+    }
+    assert_eq!(moved.status("filter"), "ran");
+    let html = std::fs::read_to_string(&path).unwrap();
+    assert_self_contained(&html);
+    for id in [
+        "plot-dag",
+        "plot-sft-loss-cold_start",
+        "plot-grpo-reward-rl",
+        "plot-accuracy-eval",
+    ] {
+        assert_chart(&html, id);
+    }
+    let stages = section(&html, "stages");
+    assert!(
+        stages.contains("model ← cold_start.model"),
+        "{stages:.3000}"
+    );
 }
 
 #[test]
