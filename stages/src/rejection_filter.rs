@@ -19,29 +19,22 @@
 
 use std::collections::HashMap;
 use std::fmt::Write as _;
-use std::path::PathBuf;
 
 use anyhow::bail;
-use burn::tensor::backend::AutodiffBackend;
+use dagrun_engine::Params;
 use dagrun_engine::dataset::read_parquet;
 use dagrun_engine::kind::{
     ArtifactType, KindSpec, ParamError, ParamSpec, ParamType, PortSpec, StageContext, StageKind,
     WiringError,
 };
-use dagrun_engine::{Params, Progress};
-use dagrun_model::device::{BackendTask, DeviceSpec, run_on};
-use dagrun_model::generate::SamplingParams;
-use dagrun_model::load_model;
+use dagrun_model::device::{DeviceSpec, run_on};
+use dagrun_model::generate::{Completion, SamplingParams};
 use serde_json::json;
 
-use crate::chat::ChatFormat;
 use crate::dedupe::{Diversity, select_diverse};
 use crate::prm_score::{prm_wiring, score_on};
 use crate::rewards::{Judged, RewardSet};
-use crate::sampling::{
-    CHUNK, REWARD_NAMES, Shards, chunk, mix_seed, prompts_of, reward_set, sample_groups,
-    think_steps,
-};
+use crate::sampling::{CHUNK, REWARD_NAMES, SampleChunks, Shards, chunk, reward_set, think_steps};
 use crate::tables::{
     ChatRow, Message, ProblemRow, SampleRow, chat_batch, metrics_batch, read_problems,
     read_samples, samples_batch,
@@ -390,86 +383,62 @@ fn sample_from_model(
         ));
     }
     if !missing.is_empty() {
-        let task = SampleTask {
+        let prompts: Vec<String> = problems.iter().map(|q| q.prompt.clone()).collect();
+        let task = SampleChunks {
             model_dir: model_dir.to_path_buf(),
-            problems,
+            prompts: &prompts,
             chunks: missing,
             shards: &shards,
-            rewards,
             params,
             n,
             batch_size,
             progress: &progress,
+            shard: |c, groups| samples_batch(&judge_chunk(chunk(problems, c), groups, rewards)),
         };
         run_on(&device, task)?;
     }
     shards.read_all(problems.len(), read_samples)
 }
 
-struct SampleTask<'a> {
-    model_dir: PathBuf,
-    problems: &'a [ProblemRow],
-    chunks: Vec<usize>,
-    shards: &'a Shards,
-    rewards: &'a RewardSet,
-    params: SamplingParams,
-    n: usize,
-    batch_size: usize,
-    progress: &'a Progress,
-}
-
-impl BackendTask for SampleTask<'_> {
-    type Output = ();
-
-    fn run<B: AutodiffBackend>(self, device: B::Device) -> anyhow::Result<()> {
-        let model = load_model::<B::InnerBackend>(&self.model_dir, &device)?;
-        let format = ChatFormat::load(&self.model_dir)?;
-        for c in self.chunks {
-            let chunk = chunk(self.problems, c);
-            let prompts = prompts_of(&format, chunk)?;
-            let params = SamplingParams {
-                seed: mix_seed(self.params.seed, &[c as u64]),
-                ..self.params.clone()
+/// One chunk's sampled completions as sample rows, scored by `rewards`.
+fn judge_chunk(
+    problems: &[ProblemRow],
+    groups: Vec<Vec<Completion>>,
+    rewards: &RewardSet,
+) -> Vec<SampleRow> {
+    let mut rows = Vec::new();
+    for (problem, group) in problems.iter().zip(groups) {
+        for completion in group {
+            let length = completion.token_ids.len();
+            let judged = Judged {
+                task: &problem.task,
+                answer: &problem.answer,
+                steps: &problem.steps,
+                completion: &completion.text,
+                completion_tokens: length,
+                truncated: completion.truncated,
             };
-            let groups =
-                sample_groups(&model, &format, &prompts, self.n, &params, self.batch_size)?;
-            let mut rows = Vec::with_capacity(chunk.len() * self.n);
-            for (problem, group) in chunk.iter().zip(groups) {
-                for completion in group {
-                    let length = completion.token_ids.len();
-                    let judged = Judged {
-                        task: &problem.task,
-                        answer: &problem.answer,
-                        steps: &problem.steps,
-                        completion: &completion.text,
-                        completion_tokens: length,
-                        truncated: completion.truncated,
-                    };
-                    let scored = self.rewards.score(&judged);
-                    rows.push(SampleRow {
-                        step: 0,
-                        id: problem.id.clone(),
-                        task: problem.task.clone(),
-                        prompt: problem.prompt.clone(),
-                        answer: problem.answer.clone(),
-                        completion: completion.text,
-                        reward: scored.total.unwrap_or(f64::NAN),
-                        components: scored
-                            .components
-                            .into_iter()
-                            .map(|(n, v)| (n.to_string(), v))
-                            .collect(),
-                        advantage: 0.0,
-                        length: length as i32,
-                        truncated: completion.truncated,
-                    });
-                }
-            }
-            self.shards.save(c, &samples_batch(&rows)?)?;
-            self.progress.inc(chunk.len() as u64);
+            let scored = rewards.score(&judged);
+            rows.push(SampleRow {
+                step: 0,
+                id: problem.id.clone(),
+                task: problem.task.clone(),
+                prompt: problem.prompt.clone(),
+                answer: problem.answer.clone(),
+                completion: completion.text,
+                reward: scored.total.unwrap_or(f64::NAN),
+                components: scored
+                    .components
+                    .into_iter()
+                    .map(|(n, v)| (n.to_string(), v))
+                    .collect(),
+                advantage: 0.0,
+                length: length as i32,
+                truncated: completion.truncated,
+            });
         }
-        Ok(())
     }
+    rows
 }
 
 /// Which combinations of inputs make sense: `model` with `problems` (sample), or `samples`
