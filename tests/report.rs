@@ -254,7 +254,9 @@ fn every_run_writes_a_whole_self_contained_report() {
 fn moving_rejection_sampling_before_grpo_reruns_only_it_and_the_report_stays_whole() {
     let p = Project::new("report-moved");
     p.write("p.yaml", PIPELINE);
-    let (first, _) = run_with_report(&p, "p.yaml", true);
+    let (first, before) = run_with_report(&p, "p.yaml", true);
+    let before = std::fs::read_to_string(before).unwrap();
+    assert!(section(&before, "stages").contains("model ← rl.model"));
     assert_ne!(
         first.output("rl", "model"),
         first.output("cold_start", "model"),
@@ -286,8 +288,8 @@ fn moving_rejection_sampling_before_grpo_reruns_only_it_and_the_report_stays_who
     }
     let stages = section(&html, "stages");
     assert!(
-        stages.contains("model ← cold_start.model"),
-        "{stages:.3000}"
+        !stages.contains("model ← rl.model"),
+        "the filter's row shows its new input: {stages:.3000}"
     );
 }
 
