@@ -138,7 +138,17 @@ impl Store {
         let lock = match Lock::try_acquire(&path, LockMode::Exclusive)? {
             Some(lock) => lock,
             None => {
-                waiting(Lock::holder(&path));
+                // The holder announces itself just after it takes the lock: a moment's patience
+                // names it instead of "another process".
+                let mut holder = Lock::holder(&path);
+                for _ in 0..40 {
+                    if holder.is_some() {
+                        break;
+                    }
+                    std::thread::sleep(std::time::Duration::from_millis(5));
+                    holder = Lock::holder(&path);
+                }
+                waiting(holder);
                 Lock::acquire(&path, LockMode::Exclusive)?
             }
         };
