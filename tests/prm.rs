@@ -134,6 +134,7 @@ fn prm_labels_trains_and_serves_eval_and_rejection_filter() {
         "loss",
         "labels/solutions",
         "labels/perturbed/bad_step_label",
+        "labels/sample/truncated",
         "heldout/step_accuracy",
         "heldout/perturbed/weakest_is_bad",
     ] {

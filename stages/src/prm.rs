@@ -2,7 +2,8 @@
 //! completer's own decoder.
 //!
 //! 1. Solutions, per problem of `problems`: `samples_per_problem` of the completer's own
-//!    completions and `perturbations` reference solutions (the problem's `steps`) with one
+//!    completions (those that ran out of `max_new_tokens` are dropped, not labelled as finished
+//!    solutions, and counted in the `labels/sample/truncated` metric) and `perturbations` reference solutions (the problem's `steps`) with one
 //!    corrupted step, cut after it ([`crate::prm_labels::perturb`]); each assistant turn of the
 //!    optional `data` input is one more solution. Good and bad steps both occur, and the planted
 //!    one is recorded.
@@ -34,7 +35,7 @@ use dagrun_engine::kind::{
 };
 use dagrun_engine::{Params, Progress};
 use dagrun_model::device::{BackendTask, DeviceSpec, run_on};
-use dagrun_model::generate::SamplingParams;
+use dagrun_model::generate::{Completion, SamplingParams};
 use dagrun_model::load_model;
 use dagrun_model::prm::Aggregate;
 use rand::{Rng, SeedableRng};
@@ -370,6 +371,7 @@ impl StageKind for Prm {
             run_on(&device, task)?;
         }
         let rows = shards.read_all(jobs.len(), read_step_labels)?;
+        let truncated = read_truncated(&shards, jobs.len())?;
         if rows.iter().all(|r| r.heldout || r.steps.is_empty()) {
             bail!(
                 "no solution with steps outside the held-out problems to train on ({} labelled); label more problems or lower `heldout`",
@@ -391,7 +393,8 @@ impl StageKind for Prm {
         }
         ctx.info(format!("training: {}", outcome.speed));
         metrics_rows.extend(outcome.metrics);
-        metrics_rows.extend(label_metrics(&rows, total_steps as i64));
+        let truncated = (p.samples_per_problem > 0).then_some(truncated);
+        metrics_rows.extend(label_metrics(&rows, truncated, total_steps as i64));
         metrics_rows.extend(outcome.heldout);
         ctx.write_dataset("labels", &[step_labels_batch(&rows)?])?;
         finish_training(ctx, outcome.resumed_from, &metrics_rows)?;
@@ -489,23 +492,12 @@ impl BackendTask for LabelTask<'_> {
             }
             // (job in the chunk, its solution)
             let mut solutions: Vec<(usize, Solution)> = Vec::new();
+            let mut truncated = 0;
             for (j, (job, samples)) in jobs.iter().zip(sampled).enumerate() {
                 let problem = &job.problem;
-                let verify = |text: &str| {
-                    tasks::verify_with(&problem.task, &problem.answer, text, p.answer_fallback)
-                };
-                let mut seen = HashSet::new();
-                let texts = samples.iter().map(|s| (Source::Sample, s.text.as_str()));
-                for (source, text) in job
-                    .given
-                    .iter()
-                    .map(|g| (Source::Data, g.as_str()))
-                    .chain(texts)
-                {
-                    if seen.insert(text) {
-                        solutions.push((j, Solution::complete(source, text, verify(text))));
-                    }
-                }
+                let (complete, dropped) = complete_solutions(job, &samples, p.answer_fallback);
+                truncated += dropped;
+                solutions.extend(complete.into_iter().map(|s| (j, s)));
                 let mut rng =
                     ChaCha8Rng::seed_from_u64(mix_seed(self.seed, &[2, (c * CHUNK + j) as u64]));
                 for _ in 0..p.perturbations {
@@ -553,6 +545,8 @@ impl BackendTask for LabelTask<'_> {
                 });
                 index[j] += 1;
             }
+            // The count first: a chunk whose shard exists has its count too.
+            save_truncated(self.shards, c, truncated)?;
             self.shards.save(c, &step_labels_batch(&rows)?)?;
             solved += jobs.len();
             self.progress.inc(jobs.len() as u64);
@@ -563,6 +557,64 @@ impl BackendTask for LabelTask<'_> {
         }
         Ok(())
     }
+}
+
+/// A job's complete solutions, each text once: its given one, then the completer's samples
+/// that stopped by themselves, each judged by the verifier; and how many samples were dropped
+/// because they hit `max_new_tokens` (a truncated sample is no finished solution: its last
+/// line would be labelled as an answer it never wrote).
+fn complete_solutions(job: &Job, samples: &[Completion], fallback: bool) -> (Vec<Solution>, usize) {
+    let problem = &job.problem;
+    let verify = |text: &str| tasks::verify_with(&problem.task, &problem.answer, text, fallback);
+    let mut seen = HashSet::new();
+    let mut out = Vec::new();
+    let finished = samples.iter().filter(|s| !s.truncated);
+    for (source, text) in job
+        .given
+        .iter()
+        .map(|g| (Source::Data, g.as_str()))
+        .chain(finished.map(|s| (Source::Sample, s.text.as_str())))
+    {
+        if seen.insert(text) {
+            out.push(Solution::complete(source, text, verify(text)));
+        }
+    }
+    (out, samples.iter().filter(|s| s.truncated).count())
+}
+
+/// Where chunk `c`'s count of truncated samples is kept, beside its shard.
+fn truncated_path(shards: &Shards, c: usize) -> PathBuf {
+    shards.path(c).with_extension("truncated")
+}
+
+/// Saves chunk `c`'s count of truncated samples whole or not at all (a temporary file, flushed,
+/// then renamed), before the chunk's shard.
+fn save_truncated(shards: &Shards, c: usize, count: usize) -> anyhow::Result<()> {
+    use std::io::Write;
+    let path = truncated_path(shards, c);
+    let tmp = path.with_extension("truncated.tmp");
+    let mut f =
+        std::fs::File::create(&tmp).with_context(|| format!("cannot create {}", tmp.display()))?;
+    f.write_all(count.to_string().as_bytes())
+        .and_then(|()| f.sync_all())
+        .with_context(|| format!("cannot write {}", tmp.display()))?;
+    std::fs::rename(&tmp, &path)
+        .with_context(|| format!("cannot move {} into place", tmp.display()))
+}
+
+/// The truncated samples of every chunk of `n_jobs` jobs, dropped from labelling.
+fn read_truncated(shards: &Shards, n_jobs: usize) -> anyhow::Result<usize> {
+    let mut total = 0;
+    for c in 0..n_jobs.div_ceil(CHUNK) {
+        let path = truncated_path(shards, c);
+        let text = std::fs::read_to_string(&path)
+            .with_context(|| format!("checkpoint count {} is missing", path.display()))?;
+        total += text
+            .trim()
+            .parse::<usize>()
+            .with_context(|| format!("{} is not a count", path.display()))?;
+    }
+    Ok(total)
 }
 
 /// A corruption drawn by weight (`choices` are sorted by name and their weights positive).
@@ -618,6 +670,50 @@ mod tests {
             Prm.check_wiring(&["model", "problems", "data"], &none)
                 .is_ok()
         );
+    }
+
+    fn sample(text: &str, truncated: bool) -> Completion {
+        Completion {
+            token_ids: vec![],
+            text: text.into(),
+            logprobs: vec![],
+            truncated,
+            finish_reason: if truncated {
+                dagrun_model::generate::FinishReason::Length
+            } else {
+                dagrun_model::generate::FinishReason::Eos
+            },
+        }
+    }
+
+    #[test]
+    fn truncated_samples_are_dropped_and_counted_not_labelled_as_finished() {
+        let job = Job {
+            problem: ProblemRow {
+                id: "p".into(),
+                task: "addition".into(),
+                difficulty: 1,
+                prompt: "1+2+3=".into(),
+                answer: "6".into(),
+                steps: vec!["1+2+3=6 write 6".into()],
+            },
+            given: None,
+        };
+        let done = "<think>\n1+2+3=6 write 6\n</think>\n<answer>6</answer>";
+        // Cut off mid-reasoning: its last line would otherwise be judged as its answer.
+        let cut = "<think>\n1+2+3=6 wr";
+        let samples = [
+            sample(done, false),
+            sample(cut, true),
+            sample(done, false),
+            sample("<think>\n1+2+3=", true),
+        ];
+        let (solutions, truncated) = complete_solutions(&job, &samples, false);
+        assert_eq!(truncated, 2);
+        assert_eq!(solutions.len(), 1, "the finished sample, once");
+        assert_eq!(solutions[0].text, done);
+        assert_eq!(solutions[0].correct, Some(true));
+        assert!(solutions.iter().all(|s| s.text != cut));
     }
 
     #[test]

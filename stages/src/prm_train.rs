@@ -361,8 +361,13 @@ fn heldout_metrics<B: burn::tensor::backend::Backend>(
 }
 
 /// What the labels say, as `labels/…` rows at step `step`: counts, mean label and value, per
-/// source, and how the planted bad steps and the steps before them were labelled.
-pub fn label_metrics(rows: &[StepLabelRow], step: i64) -> Vec<(i64, String, f64)> {
+/// source, how many samples were dropped as truncated (`truncated`, when samples were asked
+/// for), and how the planted bad steps and the steps before them were labelled.
+pub fn label_metrics(
+    rows: &[StepLabelRow],
+    truncated: Option<usize>,
+    step: i64,
+) -> Vec<(i64, String, f64)> {
     let mean = |v: &[f64]| crate::eval_math::mean(v);
     let mut out = vec![
         (step, "labels/solutions".to_string(), rows.len() as f64),
@@ -394,6 +399,7 @@ pub fn label_metrics(rows: &[StepLabelRow], step: i64) -> Vec<(i64, String, f64)
         .filter_map(|r| r.correct.map(|c| f64::from(u8::from(c))))
         .collect();
     push("labels/sample/correct", mean(&correct));
+    push("labels/sample/truncated", truncated.map(|n| n as f64));
     let planted = |r: &&StepLabelRow| {
         r.bad_step
             .map(|b| b as usize)
@@ -453,13 +459,14 @@ mod tests {
             row("perturbed", &[1.0, 0.0], Some(1)),
             row("sample", &[1.0, 0.0, 1.0], None),
         ];
-        let m = label_metrics(&rows, 9);
+        let m = label_metrics(&rows, Some(3), 9);
         let get = |name: &str| m.iter().find(|r| r.1 == name).map(|r| (r.0, r.2));
         assert_eq!(get("labels/solutions"), Some((9, 3.0)));
         assert_eq!(get("labels/steps"), Some((9, 8.0)));
         assert_eq!(get("labels/perturbed/bad_step_label"), Some((9, 0.0)));
         assert_eq!(get("labels/perturbed/before_bad_label"), Some((9, 1.0)));
         assert_eq!(get("labels/sample/correct"), Some((9, 1.0)));
+        assert_eq!(get("labels/sample/truncated"), Some((9, 3.0)));
         assert_eq!(get("labels/data/solutions"), None);
         assert_eq!(get("labels/label_mean"), Some((9, 5.0 / 8.0)));
     }
