@@ -66,7 +66,8 @@ fn prm_labels_trains_and_serves_eval_and_rejection_filter() {
     let run = p.run("p.yaml", &[]);
     let cache = p.cache();
 
-    // Labels: one row per solution, one label and value per step, the planted step last.
+    // Labels: one row per solution, one label and value per step, a planted step in each
+    // perturbed one.
     let labels = batches(&cache, &run.output("reward", "labels"));
     let (mut sources, mut heldout, mut planted) = (Vec::new(), 0, 0);
     let (mut ones, mut zeros) = (0, 0);
@@ -100,7 +101,11 @@ fn prm_labels_trains_and_serves_eval_and_rejection_filter() {
             ones += l.iter().filter(|&&x| x == 1.0).count();
             zeros += l.iter().filter(|&&x| x == 0.0).count();
             if origin == "perturbed" {
-                assert_eq!(bad.value(i) as usize, n - 1, "cut after the planted step");
+                // One reasoning step per 1-digit sum: the planted step is the only one.
+                assert!(
+                    (bad.value(i) as usize) < n,
+                    "the planted step is one of them"
+                );
                 planted += 1;
             } else {
                 assert!(bad.is_null(i));

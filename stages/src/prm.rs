@@ -3,10 +3,12 @@
 //!
 //! 1. Solutions, per problem of `problems`: `samples_per_problem` of the completer's own
 //!    completions (those that ran out of `max_new_tokens` are dropped, not labelled as finished
-//!    solutions, and counted in the `labels/sample/truncated` metric) and `perturbations` reference solutions (the problem's `steps`) with one
-//!    corrupted step, cut after it ([`crate::prm_labels::perturb`]); each assistant turn of the
-//!    optional `data` input is one more solution. Good and bad steps both occur, and the planted
-//!    one is recorded.
+//!    solutions, and counted in the `labels/sample/truncated` metric) and `perturbations`
+//!    reference solutions (the problem's `steps`) with one corrupted step and the rest of the
+//!    reference reasoning after it, without an answer ([`crate::prm_perturb::perturb`]); each
+//!    assistant turn of the optional `data` input is one more solution. Good and bad steps both
+//!    occur, and the planted one is recorded; it is not always the last step, so its position
+//!    gives it away only when it is.
 //! 2. Labels ([`crate::prm_labels::label`]): every step prefix is continued `n_rollouts` times by
 //!    the completer, all of a chunk's prefixes batched through the KV-cache sampler, and the
 //!    continuations' answers verified by the shared verifier; `estimation: hard` labels a step
@@ -16,7 +18,9 @@
 //!    step's separator, binary cross-entropy against the labels, AdamW with warmup and cosine
 //!    decay, checkpoints every `checkpoint_every` steps. A share `heldout` of the problems is
 //!    kept out of training; the `metrics` output reports the PRM's step-level accuracy on them
-//!    and how often its weakest step is the planted one.
+//!    and how often its weakest step is the planted one (`heldout/perturbed/weakest_is_bad`),
+//!    also over the solutions whose planted step is not their last
+//!    (`heldout/perturbed/weakest_is_bad_not_last`), where position cannot give it away.
 //!
 //! The `model` output is a Hugging Face directory that transformers loads as
 //! `LlamaForTokenClassification` (see `dagrun_model::prm` and the README); other stages score

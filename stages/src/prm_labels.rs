@@ -37,7 +37,7 @@ use crate::tasks;
 pub enum Source {
     /// Sampled from the completer.
     Sample,
-    /// A reference solution with one corrupted step, cut after it.
+    /// A reference solution with one corrupted step (the rest of its reasoning kept).
     Perturbed,
     /// An assistant turn of the `data` input.
     Data,
@@ -57,7 +57,8 @@ impl Source {
 #[derive(Debug, Clone, PartialEq)]
 pub struct Solution {
     pub source: Source,
-    /// The completion text (for a perturbed reference, its think block up to the bad step).
+    /// The completion text (for a perturbed reference, its whole think block, without an
+    /// answer).
     pub text: String,
     pub steps: Steps,
     /// Whether the solution's own answer verifies; `None` when it stops before an answer (a
@@ -79,7 +80,8 @@ impl Solution {
         }
     }
 
-    /// Reasoning `steps` whose step `bad` was corrupted, as a think block cut after it.
+    /// Reasoning `steps` whose step `bad` was corrupted, as an open think block of all of them
+    /// (no answer: every step is labelled by rollouts).
     pub fn perturbed(steps: &[String], bad: usize) -> Solution {
         let text = format!("<think>\n{}\n", steps.join("\n"));
         Solution {
@@ -380,7 +382,7 @@ mod tests {
         let mut steps = reference();
         steps[bad] = steps[bad].replace("=21 write 1", "=23 write 3");
         steps[bad] = steps[bad].replace("=11 write 11", "=13 write 13");
-        Solution::perturbed(&steps[..=bad], bad)
+        Solution::perturbed(&steps, bad)
     }
 
     #[test]
@@ -389,7 +391,8 @@ mod tests {
         let hard = label(&solutions, &mut completer(1), 4, Estimation::Hard).unwrap();
         assert_eq!(hard[0].labels, [1.0, 0.0]);
         assert_eq!(hard[0].values, [0.25, 0.0]);
-        assert_eq!(hard[1].labels, [0.0]);
+        // The step after the planted one is kept, and rolled out like the others.
+        assert_eq!(hard[1].labels, [0.0, 0.0]);
         let soft = label(&solutions, &mut completer(3), 4, Estimation::Soft).unwrap();
         assert_eq!(soft[0].labels, [0.75, 0.0]);
         assert_eq!(soft[0].values, soft[0].labels);

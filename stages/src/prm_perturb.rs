@@ -1,9 +1,12 @@
 //! Planting a bad step in a reference solution, for the `prm` stage's labels (seed 000: "a
 //! corrupted number or operation in one step").
 //!
-//! [`perturb`] corrupts one step of a reference solution and cuts the solution after it, so the
-//! planted step is the last and the only wrong one: the steps before it are good, and a PRM
-//! that finds it scores it lowest. The corruptions ([`Corruption`]) work on the steps of every
+//! [`perturb`] corrupts one step of a reference solution and keeps the rest of the reasoning
+//! after it, so the planted step is the first wrong one wherever it sits: the steps before it are
+//! good, and a PRM that finds it scores it lowest. (Cutting the solution after the planted step
+//! would make it always the last one, a position a PRM could learn instead of the error.) The
+//! steps after it are the reference's, no longer consistent with the corrupted value. The
+//! corruptions ([`Corruption`]) work on the steps of every
 //! task family (`L=V write W carry C` columns, `3x=22-7=15`, `a+b=v`) without knowing which.
 //! Labels for the corrupted solution still come from rollouts (`prm_labels.rs`), which is what
 //! says whether the corruption derailed the completer.
@@ -103,8 +106,8 @@ fn corrupt_operation(step: &str, rng: &mut impl Rng) -> Option<String> {
     Some(format!("{}{swapped}{}", &step[..i], &step[i + 1..]))
 }
 
-/// A reference solution with one step corrupted by `corruption`, cut after that step, and the
-/// step's index; `None` when no step can be corrupted that way.
+/// A reference solution with one step corrupted by `corruption` (the other steps as they were),
+/// and the step's index; `None` when no step can be corrupted that way.
 pub fn perturb(
     steps: &[String],
     corruption: Corruption,
@@ -117,7 +120,7 @@ pub fn perturb(
         return None;
     }
     let bad = candidates[rng.random_range(0..candidates.len())];
-    let mut out = steps[..=bad].to_vec();
+    let mut out = steps.to_vec();
     out[bad] = corruption.apply(&steps[bad], rng)?;
     Some((out, bad))
 }
@@ -188,16 +191,17 @@ pub(crate) mod tests {
     }
 
     #[test]
-    fn perturb_cuts_after_the_corrupted_step() {
+    fn perturb_corrupts_one_step_and_keeps_the_rest_of_the_reasoning() {
         let mut rng = ChaCha8Rng::seed_from_u64(3);
         let steps = reference();
         let mut seen = [false; 2];
         for _ in 0..40 {
             let (out, bad) = perturb(&steps, Corruption::Number, &mut rng).unwrap();
             seen[bad] = true;
-            assert_eq!(out.len(), bad + 1);
+            assert_eq!(out.len(), steps.len(), "not cut after the planted step");
             assert_eq!(out[..bad], steps[..bad]);
             assert_ne!(out[bad], steps[bad]);
+            assert_eq!(out[bad + 1..], steps[bad + 1..]);
         }
         assert_eq!(seen, [true, true], "either step may be planted");
         assert_eq!(

@@ -8,7 +8,8 @@
 //! `checkpoint_every` steps, so a resumed run writes the bytes an uninterrupted one does.
 //! After the last step the PRM scores the held-out solutions: step-level accuracy (a score of
 //! at least 0.5 against a label of at least 0.5), BCE, and on perturbed solutions how often the
-//! weakest step is the planted one.
+//! weakest step is the planted one, over all of them and over those whose planted step is not
+//! their last (where a PRM cannot find it by its position).
 //!
 //! Labelling and the stage's params are `prm.rs`; the model side is `dagrun_model::prm`.
 
@@ -312,43 +313,57 @@ fn heldout_metrics<B: burn::tensor::backend::Backend>(
     batch_size: usize,
     step: i64,
 ) -> anyhow::Result<Vec<(i64, String, f64)>> {
+    let mut scores = Vec::with_capacity(examples.len());
+    for batch in examples.chunks(batch_size.max(1)) {
+        let items: Vec<StepItem> = batch.iter().map(|e| e.item.clone()).collect();
+        scores.extend(prm.step_scores(&items, pad_id)?);
+    }
+    Ok(heldout_figures(examples, &scores, step))
+}
+
+/// The `heldout/…` rows of `examples` whose step scores are `scores`: step accuracy and BCE,
+/// and on perturbed solutions whether the weakest step is the planted one, over all of them
+/// (`weakest_is_bad`) and over those whose planted step is not the last one scored
+/// (`weakest_is_bad_not_last`: there a PRM that learned "the last step is the bad one" fails).
+fn heldout_figures(
+    examples: &[Example],
+    scores: &[Vec<f64>],
+    step: i64,
+) -> Vec<(i64, String, f64)> {
     let mut sums: BTreeMap<&str, (f64, f64)> = BTreeMap::new();
     let mut add = |name: &'static str, value: f64| {
         let e = sums.entry(name).or_default();
         e.0 += value;
         e.1 += 1.0;
     };
-    for batch in examples.chunks(batch_size.max(1)) {
-        let items: Vec<StepItem> = batch.iter().map(|e| e.item.clone()).collect();
-        for (example, scores) in batch.iter().zip(prm.step_scores(&items, pad_id)?) {
-            add("heldout/solutions", 1.0);
-            for (&score, &label) in scores.iter().zip(&example.labels) {
-                let hit = f64::from(u8::from((score >= 0.5) == (label >= 0.5)));
-                let q = score.clamp(1e-7, 1.0 - 1e-7);
-                add("heldout/step_accuracy", hit);
-                add(
-                    "heldout/loss",
-                    -(label * q.ln() + (1.0 - label) * (1.0 - q).ln()),
-                );
-                if example.bad_step.is_some() {
-                    add("heldout/perturbed/step_accuracy", hit);
-                }
-            }
-            let weakest = aggregate(&scores, dagrun_model::prm::Aggregate::Min).map(|s| s.weakest);
-            if let Some(bad) = example.bad_step.filter(|&b| b < scores.len()) {
-                add(
-                    "heldout/perturbed/weakest_is_bad",
-                    f64::from(u8::from(weakest == Some(bad))),
-                );
-                add(
-                    "heldout/perturbed/bad_step_below_half",
-                    f64::from(u8::from(scores[bad] < 0.5)),
-                );
+    for (example, scores) in examples.iter().zip(scores) {
+        add("heldout/solutions", 1.0);
+        for (&score, &label) in scores.iter().zip(&example.labels) {
+            let hit = f64::from(u8::from((score >= 0.5) == (label >= 0.5)));
+            let q = score.clamp(1e-7, 1.0 - 1e-7);
+            add("heldout/step_accuracy", hit);
+            add(
+                "heldout/loss",
+                -(label * q.ln() + (1.0 - label) * (1.0 - q).ln()),
+            );
+            if example.bad_step.is_some() {
+                add("heldout/perturbed/step_accuracy", hit);
             }
         }
+        let weakest = aggregate(scores, dagrun_model::prm::Aggregate::Min).map(|s| s.weakest);
+        if let Some(bad) = example.bad_step.filter(|&b| b < scores.len()) {
+            let found = f64::from(u8::from(weakest == Some(bad)));
+            add("heldout/perturbed/weakest_is_bad", found);
+            if bad + 1 < scores.len() {
+                add("heldout/perturbed/weakest_is_bad_not_last", found);
+            }
+            add(
+                "heldout/perturbed/bad_step_below_half",
+                f64::from(u8::from(scores[bad] < 0.5)),
+            );
+        }
     }
-    Ok(sums
-        .into_iter()
+    sums.into_iter()
         .map(|(name, (sum, n))| {
             let value = if name == "heldout/solutions" {
                 sum
@@ -357,7 +372,7 @@ fn heldout_metrics<B: burn::tensor::backend::Backend>(
             };
             (step, name.to_string(), value)
         })
-        .collect())
+        .collect()
 }
 
 /// What the labels say, as `labels/…` rows at step `step`: counts, mean label and value, per
@@ -450,6 +465,55 @@ mod tests {
             correct: (source == "sample").then_some(true),
             heldout: false,
         }
+    }
+
+    fn example(labels: &[f64], bad_step: Option<usize>) -> Example {
+        Example {
+            item: StepItem {
+                ids: vec![],
+                ends: (0..labels.len()).collect(),
+            },
+            labels: labels.to_vec(),
+            bad_step,
+        }
+    }
+
+    #[test]
+    fn heldout_figures_say_whether_the_weakest_step_is_the_planted_one_away_from_the_end() {
+        let examples = [
+            // Planted last: found by a PRM that scores the last step lowest.
+            example(&[1.0, 0.0], Some(1)),
+            // Planted in the middle, each scored lowest by the PRM ...
+            example(&[1.0, 0.0, 0.0], Some(1)),
+            // ... or not (it picks the last step).
+            example(&[0.0, 0.0, 0.0], Some(0)),
+            example(&[1.0, 1.0], None),
+        ];
+        let scores = [
+            vec![0.9, 0.1],
+            vec![0.9, 0.2, 0.3],
+            vec![0.4, 0.3, 0.1],
+            vec![0.8, 0.7],
+        ];
+        let m = heldout_figures(&examples, &scores, 5);
+        let get = |name: &str| m.iter().find(|r| r.1 == name).map(|r| (r.0, r.2));
+        assert_eq!(get("heldout/solutions"), Some((5, 4.0)));
+        assert_eq!(
+            get("heldout/perturbed/weakest_is_bad"),
+            Some((5, 2.0 / 3.0))
+        );
+        assert_eq!(
+            get("heldout/perturbed/weakest_is_bad_not_last"),
+            Some((5, 0.5)),
+            "over the two solutions planted before their last step"
+        );
+        assert_eq!(get("heldout/perturbed/bad_step_below_half"), Some((5, 1.0)));
+        // Without a perturbed solution planted before its end, there is no such row.
+        let m = heldout_figures(&examples[..1], &scores[..1], 5);
+        assert!(
+            m.iter()
+                .all(|r| r.1 != "heldout/perturbed/weakest_is_bad_not_last")
+        );
     }
 
     #[test]
