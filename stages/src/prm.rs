@@ -414,14 +414,22 @@ struct Job {
 }
 
 /// The chats of `data` as jobs: the last user turn is the prompt, the last assistant turn the
-/// given solution, the chat's steps the reference to perturb.
+/// given solution, the chat's steps the reference to perturb. A chat to label without an
+/// `answer` is an error naming it and its row (counted from 0): nothing could verify its
+/// rollouts, so every step would be labelled 0.
 fn jobs_of_chats(batches: &[arrow::array::RecordBatch]) -> anyhow::Result<Vec<Job>> {
     let mut jobs = Vec::new();
-    for chat in read_chat(batches)? {
+    for (row, chat) in read_chat(batches)?.into_iter().enumerate() {
         let turn = |role: &str| chat.messages.iter().rev().find(|m| m.role == role);
         let (Some(user), Some(assistant)) = (turn("user"), turn("assistant")) else {
             continue;
         };
+        if chat.answer.trim().is_empty() {
+            bail!(
+                "input `data`: chat `{}` (row {row}) has no answer; PRM labels need a verifiable answer",
+                chat.id
+            );
+        }
         jobs.push(Job {
             problem: ProblemRow {
                 id: chat.id.clone(),
@@ -718,6 +726,40 @@ mod tests {
         assert_eq!(solutions[0].text, done);
         assert_eq!(solutions[0].correct, Some(true));
         assert!(solutions.iter().all(|s| s.text != cut));
+    }
+
+    fn chat(id: &str, answer: &str) -> crate::tables::ChatRow {
+        let message = |role: &str, content: &str| crate::tables::Message {
+            role: role.into(),
+            content: content.into(),
+        };
+        crate::tables::ChatRow {
+            id: id.into(),
+            task: "addition".into(),
+            answer: answer.into(),
+            messages: vec![
+                message("user", "1+2+3="),
+                message(
+                    "assistant",
+                    "<think>\n1+2+3=6\n</think>\n<answer>6</answer>",
+                ),
+            ],
+            steps: vec!["1+2+3=6".into()],
+        }
+    }
+
+    #[test]
+    fn a_data_chat_without_an_answer_is_an_error_naming_it() {
+        let good = crate::tables::chat_batch(&[chat("a", "6"), chat("b", "6")]).unwrap();
+        let jobs = jobs_of_chats(&[good]).unwrap();
+        assert_eq!(jobs.len(), 2);
+        assert_eq!(jobs[1].problem.answer, "6");
+        let bad = crate::tables::chat_batch(&[chat("a", "6"), chat("b", " ")]).unwrap();
+        let err = jobs_of_chats(&[bad]).err().expect("no answer to verify");
+        assert_eq!(
+            err.to_string(),
+            "input `data`: chat `b` (row 1) has no answer; PRM labels need a verifiable answer"
+        );
     }
 
     #[test]
