@@ -514,8 +514,8 @@ impl BackendTask for LabelTask<'_> {
                     ChaCha8Rng::seed_from_u64(mix_seed(self.seed, &[2, (c * CHUNK + j) as u64]));
                 for _ in 0..p.perturbations {
                     let corruption = pick(&corruptions, &mut rng);
-                    if let Some((steps, bad)) = perturb(&problem.steps, corruption, &mut rng) {
-                        solutions.push((j, Solution::perturbed(&steps, bad)));
+                    if let Some(perturbed) = perturb(&problem.steps, corruption, &mut rng) {
+                        solutions.push((j, Solution::perturbed(&perturbed)));
                     }
                 }
             }

@@ -25,6 +25,7 @@ use dagrun_model::generate::SamplingParams;
 use serde::Deserialize;
 
 use crate::chat::ChatFormat;
+use crate::prm_perturb::Perturbed;
 use crate::prm_score::{Steps, steps_of};
 use crate::sampling::sample_groups;
 use crate::tables::{
@@ -64,7 +65,7 @@ pub struct Solution {
     /// Whether the solution's own answer verifies; `None` when it stops before an answer (a
     /// perturbed reference), so that every step is labelled by rollouts.
     pub correct: Option<bool>,
-    /// Index of the planted bad step.
+    /// Index of the planted bad step among `steps`.
     pub bad_step: Option<usize>,
 }
 
@@ -80,16 +81,31 @@ impl Solution {
         }
     }
 
-    /// Reasoning `steps` whose step `bad` was corrupted, as an open think block of all of them
-    /// (no answer: every step is labelled by rollouts).
-    pub fn perturbed(steps: &[String], bad: usize) -> Solution {
-        let text = format!("<think>\n{}\n", steps.join("\n"));
+    /// A perturbed reference's steps as an open think block of all of them (no answer: every
+    /// step is labelled by rollouts).
+    ///
+    /// Its bad step is counted in the text's own steps ([`steps_of`]), which are the labels'
+    /// steps: the one holding the corrupted byte. That need not be the reference step's index:
+    /// a blank or tag-only reference step is no step of the text, and one with a line break is
+    /// two.
+    pub fn perturbed(perturbed: &Perturbed) -> Solution {
+        let text = format!("<think>\n{}\n", perturbed.steps.join("\n"));
+        let start: usize = "<think>\n".len()
+            + perturbed.steps[..perturbed.bad]
+                .iter()
+                .map(|s| s.len() + 1)
+                .sum::<usize>();
+        let changed = start + perturbed.at;
+        let steps = steps_of(&text);
+        // The first step whose line ends past the changed byte holds it (a corruption changes
+        // a digit or an operator, never a blank or a tag).
+        let bad_step = steps.ends.iter().position(|&end| end > changed);
         Solution {
             source: Source::Perturbed,
-            steps: steps_of(&text),
+            steps,
             text,
             correct: None,
-            bad_step: Some(bad),
+            bad_step,
         }
     }
 
@@ -353,6 +369,8 @@ pub fn read_step_labels(batches: &[RecordBatch]) -> anyhow::Result<Vec<StepLabel
 mod tests {
     use super::*;
     use crate::prm_perturb::tests::reference;
+    use crate::prm_perturb::{Corruption, first_difference, perturb};
+    use rand::SeedableRng;
 
     /// A completer that reaches the right answer `good_of_4` times in 4 from a prefix without
     /// the planted error, and never from one with it.
@@ -382,7 +400,38 @@ mod tests {
         let mut steps = reference();
         steps[bad] = steps[bad].replace("=21 write 1", "=23 write 3");
         steps[bad] = steps[bad].replace("=11 write 11", "=13 write 13");
-        Solution::perturbed(&steps, bad)
+        let at = first_difference(&reference()[bad], &steps[bad]);
+        Solution::perturbed(&Perturbed { steps, bad, at })
+    }
+
+    #[test]
+    fn the_bad_step_is_counted_in_the_texts_steps_not_the_references() {
+        // A blank and a tag-only step are no steps of the text; a step with a line break is two.
+        let reference: Vec<String> = [
+            "",
+            "<think>",
+            "7+5+9=21 write 1 carry 2",
+            "tens:\n2+3+4+2=11 write 11",
+            "so 111",
+        ]
+        .map(String::from)
+        .to_vec();
+        let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(5);
+        let mut seen = std::collections::BTreeSet::new();
+        for _ in 0..60 {
+            let p = perturb(&reference, Corruption::Number, &mut rng).unwrap();
+            let solution = Solution::perturbed(&p);
+            let clean = steps_of(&format!("<think>\n{}\n", reference.join("\n"))).texts;
+            let texts = &solution.steps.texts;
+            let bad = solution.bad_step.unwrap();
+            // The labelled bad step is the first of the text's steps that is not the reference's.
+            assert_eq!(texts[..bad], clean[..bad]);
+            assert_ne!(texts[bad], clean[bad], "{texts:?} at {bad}");
+            assert_eq!(texts[bad + 1..], clean[bad + 1..]);
+            seen.insert((p.bad, bad));
+        }
+        // Reference step 2 is the text's step 0, reference step 3's second line its step 2.
+        assert_eq!(seen.into_iter().collect::<Vec<_>>(), [(2, 0), (3, 2)]);
     }
 
     #[test]

@@ -106,13 +106,21 @@ fn corrupt_operation(step: &str, rng: &mut impl Rng) -> Option<String> {
     Some(format!("{}{swapped}{}", &step[..i], &step[i + 1..]))
 }
 
-/// A reference solution with one step corrupted by `corruption` (the other steps as they were),
-/// and the step's index; `None` when no step can be corrupted that way.
-pub fn perturb(
-    steps: &[String],
-    corruption: Corruption,
-    rng: &mut impl Rng,
-) -> Option<(Vec<String>, usize)> {
+/// A reference solution with one corrupted step.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Perturbed {
+    /// The reference's steps, step `bad` corrupted.
+    pub steps: Vec<String>,
+    /// The index of the corrupted step in `steps` (a reference step, which need not be one
+    /// step of the solution's text: see [`crate::prm_labels::Solution::perturbed`]).
+    pub bad: usize,
+    /// The byte offset in `steps[bad]` of the first byte the corruption changed.
+    pub at: usize,
+}
+
+/// A reference solution with one step corrupted by `corruption` (the other steps as they were);
+/// `None` when no step can be corrupted that way.
+pub fn perturb(steps: &[String], corruption: Corruption, rng: &mut impl Rng) -> Option<Perturbed> {
     let candidates: Vec<usize> = (0..steps.len())
         .filter(|&i| corruption.apply(&steps[i], &mut NoRandom).is_some())
         .collect();
@@ -122,7 +130,18 @@ pub fn perturb(
     let bad = candidates[rng.random_range(0..candidates.len())];
     let mut out = steps.to_vec();
     out[bad] = corruption.apply(&steps[bad], rng)?;
-    Some((out, bad))
+    let at = first_difference(&steps[bad], &out[bad]);
+    Some(Perturbed {
+        steps: out,
+        bad,
+        at,
+    })
+}
+
+/// The byte offset of the first byte where `a` and `b` differ (the shorter one's length when
+/// one starts the other).
+pub fn first_difference(a: &str, b: &str) -> usize {
+    a.bytes().zip(b.bytes()).take_while(|(x, y)| x == y).count()
 }
 
 /// A generator for asking whether a corruption applies at all (its draws are not used).
@@ -196,8 +215,14 @@ pub(crate) mod tests {
         let steps = reference();
         let mut seen = [false; 2];
         for _ in 0..40 {
-            let (out, bad) = perturb(&steps, Corruption::Number, &mut rng).unwrap();
+            let Perturbed {
+                steps: out,
+                bad,
+                at,
+            } = perturb(&steps, Corruption::Number, &mut rng).unwrap();
             seen[bad] = true;
+            assert_eq!(out[bad][..at], steps[bad][..at]);
+            assert_ne!(out[bad].as_bytes()[at], steps[bad].as_bytes()[at]);
             assert_eq!(out.len(), steps.len(), "not cut after the planted step");
             assert_eq!(out[..bad], steps[..bad]);
             assert_ne!(out[bad], steps[bad]);
