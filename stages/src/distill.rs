@@ -363,7 +363,7 @@ fn sequences(
             .collect());
     }
     let samples = teacher_solutions(ctx, device, teacher, prompts, p)?;
-    let kept = keep_solutions(prompts, &samples, p.require_correct);
+    let kept = keep_solutions(prompts, &samples, p.num_samples, p.require_correct)?;
     let judged: Vec<&SampleRow> = samples.iter().filter(|s| !s.answer.is_empty()).collect();
     let correct = judged
         .iter()
@@ -583,28 +583,38 @@ fn teacher_solutions(
 
 /// The teacher's solutions to train on, as (prompt index, solution): untruncated, verified when
 /// `require_correct` and the prompt has an answer, each distinct solution of a prompt once.
-/// `samples` are in prompt order, as [`teacher_solutions`] writes them.
+/// `samples` are `num_samples` per prompt in prompt order, as [`teacher_solutions`] writes them,
+/// so a sample's prompt is found by its position (ids need not be unique: `data` may repeat one).
 fn keep_solutions(
     prompts: &[Prompt],
     samples: &[SampleRow],
+    num_samples: usize,
     require_correct: bool,
-) -> Vec<(usize, String)> {
+) -> anyhow::Result<Vec<(usize, String)>> {
+    if samples.len() != prompts.len() * num_samples {
+        bail!(
+            "the teacher's checkpointed solutions are {} rows, not {num_samples} for each of {} prompts",
+            samples.len(),
+            prompts.len()
+        );
+    }
     let mut kept = Vec::new();
     let mut seen: HashSet<(usize, &str)> = HashSet::new();
-    let mut index = 0;
-    for s in samples {
-        while index < prompts.len() && prompts[index].id != s.id {
-            index += 1;
-        }
-        let Some(q) = prompts.get(index) else { break };
-        let verified = q.answer.is_empty()
-            || !require_correct
-            || tasks::verify(&q.task, &q.answer, &s.completion);
-        if !s.truncated && verified && seen.insert((index, s.completion.as_str())) {
-            kept.push((index, s.completion.clone()));
+    for (index, (q, group)) in prompts
+        .iter()
+        .zip(samples.chunks(num_samples.max(1)))
+        .enumerate()
+    {
+        for s in group {
+            let verified = q.answer.is_empty()
+                || !require_correct
+                || tasks::verify(&q.task, &q.answer, &s.completion);
+            if !s.truncated && verified && seen.insert((index, s.completion.as_str())) {
+                kept.push((index, s.completion.clone()));
+            }
         }
     }
-    kept
+    Ok(kept)
 }
 
 struct DistillTask {
@@ -811,20 +821,42 @@ mod tests {
             sample("a", right, false),
             sample("a", wrong, false),
             sample("b", wrong, false),
+            sample("b", wrong, false),
+            sample("b", wrong, false),
             sample("c", right, true),
+            sample("c", wrong, false),
+            sample("c", wrong, true),
         ];
-        let kept = keep_solutions(&prompts, &samples, true);
+        let kept = keep_solutions(&prompts, &samples, 3, true).unwrap();
         // Once per distinct solution; no answer to check keeps it; truncated never.
         assert_eq!(kept, [(0, right.to_string()), (1, wrong.to_string())]);
-        let lenient = keep_solutions(&prompts, &samples, false);
+        let lenient = keep_solutions(&prompts, &samples, 3, false).unwrap();
         assert_eq!(
             lenient,
             [
                 (0, right.to_string()),
                 (0, wrong.to_string()),
-                (1, wrong.to_string())
+                (1, wrong.to_string()),
+                (2, wrong.to_string())
             ]
         );
+        assert!(keep_solutions(&prompts, &samples[..8], 3, true).is_err());
+    }
+
+    #[test]
+    fn prompts_that_share_an_id_keep_their_own_solutions() {
+        let seven = "<think>\n3+4=7\n</think>\n<answer>7</answer>";
+        let eight = "<think>\n4+4=8\n</think>\n<answer>8</answer>";
+        // Two `data` chats with one id, different problems: each sample is its own prompt's.
+        let prompts = [prompt("x", "7"), prompt("x", "8")];
+        let samples = [
+            sample("x", seven, false),
+            sample("x", eight, false),
+            sample("x", eight, false),
+            sample("x", seven, false),
+        ];
+        let kept = keep_solutions(&prompts, &samples, 2, true).unwrap();
+        assert_eq!(kept, [(0, seven.to_string()), (1, eight.to_string())]);
     }
 
     #[test]
