@@ -10,8 +10,8 @@
 //! every one that is not a near-duplicate for `all_passing`; never more than
 //! `max_per_problem`. Whatever the rewards, a truncated completion is never kept, nor (with
 //! `require_correct`, the default) one whose answer does not verify. With a `prm` input (a
-//! process reward model) and `min_step_score`, a completion whose weakest step scores below it
-//! is dropped too ([`crate::prm_score`]). Sampling is checkpointed per chunk of [`CHUNK`]
+//! process reward model) and `min_step_score`, the PRM scores the completions that pass those
+//! filters, and one whose weakest step scores below it is dropped too ([`crate::prm_score`]). Sampling is checkpointed per chunk of [`CHUNK`]
 //! problems.
 //!
 //! Which inputs go together is checked when the graph is built ([`wiring`]), before anything
@@ -47,7 +47,7 @@ impl StageKind for RejectionFilter {
     fn spec(&self) -> KindSpec {
         KindSpec {
             name: "rejection_filter",
-            version: 2,
+            version: 3,
             doc: "sample N completions per problem (or take existing samples), keep the best-rewarded distinct ones as SFT chats",
             inputs: vec![
                 PortSpec::optional(
@@ -301,38 +301,27 @@ impl StageKind for RejectionFilter {
             max_similarity: p.f64("max_similarity"),
             ..Diversity::default()
         };
-        let steps = match (p.opt_f64("min_step_score"), ctx.input_opt("prm")) {
+        let mut filter = Filter {
+            min_reward: p.f64("min_reward"),
+            require_correct: p.bool("require_correct"),
+            fallback,
+            steps: None,
+        };
+        match (p.opt_f64("min_step_score"), ctx.input_opt("prm")) {
             (Some(min), Some(prm)) => {
-                let requests = samples
-                    .iter()
-                    .map(|s| (s.prompt.clone(), s.completion.clone()))
-                    .collect();
-                let scores = score_on(
-                    &ctx.device.parse()?,
-                    &prm.path,
-                    requests,
-                    p.i64("batch_size") as usize,
-                )?;
-                Some(StepFilter {
-                    min,
-                    weakest: scores
-                        .into_iter()
-                        .map(|s| s.map(|s| s.weakest_score))
-                        .collect(),
-                })
+                let device = ctx.device.parse()?;
+                let batch = p.i64("batch_size") as usize;
+                let score = |requests| {
+                    let scores = score_on(&device, &prm.path, requests, batch)?;
+                    Ok(scores.into_iter().map(|s| s.map(|s| s.weakest_score)))
+                };
+                filter.steps = Some(StepFilter::judge(&samples, &filter, min, score)?);
             }
             (min, prm) => {
                 prm_wiring("min_step_score", min.is_some(), prm.is_some())
                     .map_err(|e| anyhow::anyhow!("stage `{}`: {}", ctx.node, e.message))?;
-                None
             }
-        };
-        let filter = Filter {
-            min_reward: p.f64("min_reward"),
-            require_correct: p.bool("require_correct"),
-            fallback,
-            steps,
-        };
+        }
         let (data, tally) = select(&samples, &filter, &diversity);
         ctx.write_dataset("data", &[chat_batch(&data)?])?;
         ctx.write_dataset("samples", &[samples_batch(&samples)?])?;
@@ -476,14 +465,38 @@ struct Filter {
 }
 
 /// `min_step_score` and the weakest step's score of each sample (in sample order; `None` for a
-/// completion without steps, which never passes).
+/// completion without steps, which never passes, and for one the other filters drop).
 struct StepFilter {
     min: f64,
     weakest: Vec<Option<f64>>,
 }
 
 impl StepFilter {
-    /// `prm_dropped` (a share of the samples) and the mean and std of the weakest step scores.
+    /// The weakest step scores of the samples that pass `filter`'s other filters, from `score`
+    /// given their (prompt, completion) in sample order: the PRM judges only what it could
+    /// keep, not every sample (what the others drop it would score in vain).
+    fn judge<I: IntoIterator<Item = Option<f64>>>(
+        samples: &[SampleRow],
+        filter: &Filter,
+        min: f64,
+        score: impl FnOnce(Vec<(String, String)>) -> anyhow::Result<I>,
+    ) -> anyhow::Result<StepFilter> {
+        let judged: Vec<usize> = (0..samples.len())
+            .filter(|&i| filter.passes(&samples[i]))
+            .collect();
+        let requests = judged
+            .iter()
+            .map(|&i| (samples[i].prompt.clone(), samples[i].completion.clone()))
+            .collect();
+        let mut weakest = vec![None; samples.len()];
+        for (i, w) in judged.iter().zip(score(requests)?) {
+            weakest[*i] = w;
+        }
+        Ok(StepFilter { min, weakest })
+    }
+
+    /// `prm_dropped` (a share of the samples) and the mean and std of the weakest step scores
+    /// of the samples the PRM judged.
     fn metrics(&self, tally: &Tally) -> Vec<(i64, String, f64)> {
         let mut rows = vec![(
             0,
@@ -852,6 +865,42 @@ mod tests {
                 .prm_dropped,
             0
         );
+    }
+
+    #[test]
+    fn the_prm_scores_only_the_samples_that_pass_the_other_filters() {
+        let right = "<think>\n3+4=7 write 7\n</think>\n<answer>7</answer>";
+        let wrong = "<think>\n3+4=8 write 8\n</think>\n<answer>8</answer>";
+        let samples = vec![
+            sample("a", wrong, 1.0, false),
+            sample("a", right, 1.0, false),
+            sample("a", right, 1.0, true),
+            sample("b", right, -1.0, false),
+            sample("b", &format!("{right} "), 1.0, false),
+        ];
+        let filter = Filter {
+            min_reward: 0.0,
+            require_correct: true,
+            fallback: false,
+            steps: None,
+        };
+        let mut asked = Vec::new();
+        let steps = StepFilter::judge(&samples, &filter, 0.5, |requests| {
+            asked = requests;
+            Ok([Some(0.25), Some(0.75)])
+        })
+        .unwrap();
+        let completions: Vec<&str> = asked.iter().map(|(_, c)| c.as_str()).collect();
+        assert_eq!(completions, [right, &format!("{right} ")]);
+        assert_eq!(steps.weakest, [None, Some(0.25), None, None, Some(0.75)]);
+        let filter = Filter {
+            steps: Some(steps),
+            ..filter
+        };
+        let (_, tally) = select(&samples, &filter, &Diversity::default());
+        assert_eq!((tally.passing, tally.prm_dropped), (1, 1));
+        let metrics = filter.steps.as_ref().unwrap().metrics(&tally);
+        assert_eq!(metrics[1], (0, "prm/weakest_step/mean".to_string(), 0.5));
     }
 
     #[test]
