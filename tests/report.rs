@@ -325,3 +325,33 @@ fn a_failed_run_still_gets_a_report_and_report_needs_a_run() {
             .contains("| eval | eval | failed |")
     );
 }
+
+#[test]
+fn report_finds_the_latest_run_from_another_directory() {
+    let p = Project::new("report-elsewhere");
+    p.write("p.yaml", PIPELINE);
+    let ok = p.run("p.yaml", &["--only", "problems"]);
+    // The newest run fails, so the pipeline's index (stages that ran) still names the first.
+    let out = p.output(&["run", "p.yaml", "--only", "eval", "--json"]);
+    assert_eq!(out.status.code(), Some(1));
+    let failed = Run::parse(&out);
+    let elsewhere = p.dir.join("elsewhere");
+    std::fs::create_dir_all(&elsewhere).unwrap();
+    let out = p
+        .command(&["report", "../p.yaml"])
+        .current_dir(&elsewhere)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let printed = String::from_utf8_lossy(&out.stdout);
+    let run = |r: &Run| r.0["run"].as_str().unwrap().to_string();
+    assert!(
+        printed.contains(&run(&failed)) && !printed.contains(&run(&ok)),
+        "the report of the newest run ({}), not of the newest in the index: {printed}",
+        run(&failed)
+    );
+}

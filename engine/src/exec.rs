@@ -423,6 +423,11 @@ impl RunLog {
         RunRecord {
             run: self.run.clone(),
             pipeline: graph.pipeline.path.display().to_string(),
+            pipeline_absolute: Some(
+                crate::records::absolute(&graph.pipeline.path)
+                    .display()
+                    .to_string(),
+            ),
             started_unix: self.started_unix,
             seconds: self.started.elapsed().as_secs_f64(),
             stages,

@@ -45,7 +45,12 @@ pub struct StageRecord {
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct RunRecord {
     pub run: String,
+    /// The pipeline file's path as it was given (relative to where the run started), for show.
     pub pipeline: String,
+    /// The pipeline file's absolute path ([`absolute`]), to find the run from any directory;
+    /// `None` in records written before it was kept.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pipeline_absolute: Option<String>,
     pub started_unix: u64,
     pub seconds: f64,
     pub stages: Vec<StageRecord>,
@@ -128,18 +133,22 @@ impl Records {
         dirs
     }
 
-    /// The newest run record of `pipeline`. A record keeps the file's path as it was given,
-    /// relative to where that run started, so it may not match from elsewhere; the newest run
-    /// the pipeline's index names (indexes are keyed by absolute path) is taken when newer.
+    /// The newest run record of `pipeline`, matched by absolute path. A record written before
+    /// records kept the absolute path has only the path as it was given, relative to where
+    /// that run started, which is resolved against the current directory (so it may not match
+    /// from elsewhere); the newest run the pipeline's index names (indexes are keyed by
+    /// absolute path) is taken when newer.
     pub fn latest_run(&self, pipeline: &Path) -> Option<RunRecord> {
-        let abs = |p: &Path| std::path::absolute(p).unwrap_or_else(|_| p.to_path_buf());
-        let want = abs(pipeline);
+        let want = absolute(pipeline);
         let by_path = self
             .run_dirs()
             .iter()
             .rev()
             .filter_map(|d| read_json::<RunRecord>(&d.join("record.json")))
-            .find(|r| abs(Path::new(&r.pipeline)) == want);
+            .find(|r| match &r.pipeline_absolute {
+                Some(path) => absolute(Path::new(path)) == want,
+                None => absolute(Path::new(&r.pipeline)) == want,
+            });
         let by_index = self
             .index(pipeline)
             .into_values()
@@ -190,6 +199,15 @@ impl Records {
     }
 }
 
+/// `path` made absolute against the current directory, with symbolic links and `..` resolved
+/// when the file exists (so `p.yaml` from its directory and `../x/p.yaml` from a sibling name
+/// the same file).
+pub fn absolute(path: &Path) -> PathBuf {
+    path.canonicalize()
+        .or_else(|_| std::path::absolute(path))
+        .unwrap_or_else(|_| path.to_path_buf())
+}
+
 fn read_json<T: serde::de::DeserializeOwned>(path: &Path) -> Option<T> {
     serde_json::from_slice(&std::fs::read(path).ok()?).ok()
 }
@@ -222,9 +240,63 @@ pub fn utc_stamp(secs: u64) -> String {
 
 #[cfg(test)]
 mod tests {
+    use super::*;
+
+    fn record(run: &str, given: &str, absolute: Option<&Path>) -> RunRecord {
+        RunRecord {
+            run: run.into(),
+            pipeline: given.into(),
+            pipeline_absolute: absolute.map(|p| p.display().to_string()),
+            started_unix: 0,
+            seconds: 0.0,
+            stages: vec![],
+        }
+    }
+
+    #[test]
+    fn the_latest_run_is_found_by_absolute_path_whatever_the_directory_it_started_in() {
+        let root = std::env::temp_dir().join(format!("dagrun-records-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&root);
+        let (a, b) = (root.join("a"), root.join("b"));
+        for dir in [&a, &b] {
+            std::fs::create_dir_all(dir).unwrap();
+            std::fs::write(dir.join("p.yaml"), "stages: {}\n").unwrap();
+        }
+        let records = Records::new(&root.join("cache"));
+        // Two runs of two files both given as `p.yaml`, each from its own directory.
+        let in_a = record(
+            "20260101T000000.000-1",
+            "p.yaml",
+            Some(&absolute(&a.join("p.yaml"))),
+        );
+        let in_b = record(
+            "20260101T000001.000-1",
+            "p.yaml",
+            Some(&absolute(&b.join("p.yaml"))),
+        );
+        records.write_run(&in_a).unwrap();
+        records.write_run(&in_b).unwrap();
+        // Looked up from here (neither directory), by a path that is not the one given.
+        let found = |p: &Path| records.latest_run(p).map(|r| r.run);
+        assert_eq!(found(&a.join("p.yaml")), Some(in_a.run.clone()));
+        assert_eq!(found(&b.join("../b/p.yaml")), Some(in_b.run.clone()));
+        // `p.yaml` here is neither of them, though both runs were given that path.
+        assert_eq!(found(Path::new("p.yaml")), None);
+        // A record from before absolute paths were kept still resolves against the current
+        // directory.
+        let here = std::env::current_dir().unwrap().join("old-p.yaml");
+        records
+            .write_run(&record("20260101T000002.000-1", "old-p.yaml", None))
+            .unwrap();
+        assert_eq!(found(&here), Some("20260101T000002.000-1".into()));
+        let json = serde_json::to_string(&record("r", "p.yaml", None)).unwrap();
+        assert!(!json.contains("pipeline_absolute"), "{json}");
+        std::fs::remove_dir_all(&root).unwrap();
+    }
+
     #[test]
     fn utc_stamp_matches_known_dates() {
-        assert_eq!(super::utc_stamp(0), "19700101T000000");
-        assert_eq!(super::utc_stamp(1_795_320_000), "20261122T040000");
+        assert_eq!(utc_stamp(0), "19700101T000000");
+        assert_eq!(utc_stamp(1_795_320_000), "20261122T040000");
     }
 }
