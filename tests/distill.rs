@@ -1,7 +1,7 @@
 //! The `distill` stage end to end on a tiny teacher (a `nano` model after a short SFT) and a
 //! `pico` student: both modes train (the loss falls), a curriculum goes from easy to hard, a
-//! student with another tokenizer is refused naming both stages, and a killed run resumes to
-//! the bytes of an uninterrupted one.
+//! student with another tokenizer is refused at its place in the pipeline file (`file:line:col`)
+//! naming both stages, and a killed run resumes to the bytes of an uninterrupted one.
 
 mod common;
 
@@ -115,7 +115,7 @@ fn logits_mode_lowers_the_loss_and_a_killed_run_resumes_to_the_same_student() {
 }
 
 #[test]
-fn a_student_with_another_tokenizer_is_refused_naming_both_stages() {
+fn a_student_with_another_tokenizer_is_refused_at_its_input_naming_both_stages() {
     let p = Project::new("distill-tokenizer");
     let text = "\
 stages:
@@ -139,6 +139,17 @@ stages:
     let run = common::Run::parse(&out);
     assert_eq!(run.status("distilled"), "failed");
     let error = run.stage("distilled")["error"].as_str().unwrap();
+    // Located where the student is wired, as a wiring error would be: the key `student` of
+    // `    inputs: { teacher: big, student: small, … }` on line 13.
+    assert!(
+        error.starts_with("p.yaml:13:29: stage `distilled`: the student"),
+        "{error}"
+    );
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("p.yaml:13:29: stage `distilled`"),
+        "{stderr}"
+    );
     for part in [
         "different tokenizers",
         "stage `small`",

@@ -391,7 +391,15 @@ pub fn run(
                 tracing::info!(stage = %stage.name, "{verb} in {:.2}s", record.seconds);
             }
             Err(e) => {
-                let message = one_line(&e);
+                let message = match e.downcast_ref::<crate::kind::LocatedError>() {
+                    Some(located) => {
+                        let mut path = vec!["stages".to_string(), stage.name.clone()];
+                        path.extend(located.at.iter().cloned());
+                        let message = format!("stage `{}`: {}", stage.name, located.message);
+                        graph.pipeline.diag(&path, true, message).to_string()
+                    }
+                    None => one_line(&e),
+                };
                 tracing::error!(stage = %stage.name, "failed: {message}");
                 record.status = Status::Failed;
                 record.error = Some(message);

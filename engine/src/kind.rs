@@ -210,6 +210,33 @@ impl WiringError {
     }
 }
 
+/// A run-time error about something written in the pipeline file, for what only the inputs'
+/// contents can show (a wired model that does not fit). Returned from [`StageKind::run`] as an
+/// `anyhow::Error`, it is reported at the `file:line:col` of `at`, a path below the stage as
+/// in [`WiringError`].
+#[derive(Debug, Clone)]
+pub struct LocatedError {
+    pub at: Vec<String>,
+    pub message: String,
+}
+
+impl LocatedError {
+    pub fn at(at: &[&str], message: impl Into<String>) -> LocatedError {
+        LocatedError {
+            at: at.iter().map(|s| s.to_string()).collect(),
+            message: message.into(),
+        }
+    }
+}
+
+impl fmt::Display for LocatedError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.message)
+    }
+}
+
+impl std::error::Error for LocatedError {}
+
 /// A kind of stage. Implementations live in the `dagrun-stages` crate.
 pub trait StageKind: Send + Sync {
     fn spec(&self) -> KindSpec;

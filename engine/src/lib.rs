@@ -29,7 +29,8 @@ pub mod schema;
 
 pub use context::{InputArtifact, StageContext};
 pub use kind::{
-    ArtifactType, KindSpec, ParamSpec, ParamType, PortSpec, Registry, StageKind, WiringError,
+    ArtifactType, KindSpec, LocatedError, ParamSpec, ParamType, PortSpec, Registry, StageKind,
+    WiringError,
 };
 pub use params::Params;
 pub use progress::Progress;

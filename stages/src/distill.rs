@@ -36,7 +36,7 @@ use dagrun_engine::kind::{
     ArtifactType, KindSpec, ParamError, ParamSpec, ParamType, PortSpec, StageContext, StageKind,
     WiringError,
 };
-use dagrun_engine::{InputArtifact, Params};
+use dagrun_engine::{InputArtifact, LocatedError, Params};
 use dagrun_model::device::{BackendTask, DeviceSpec, run_on};
 use dagrun_model::generate::{Completion, SamplingParams};
 use dagrun_model::score::{ScoreItem, completion_logits};
@@ -442,14 +442,17 @@ fn wiring(
     Ok(())
 }
 
-/// A run-time error unless the student's tokenizer (and so its vocabulary) is the teacher's.
+/// A run-time error unless the student's tokenizer (and so its vocabulary) is the teacher's,
+/// located at the stage's `student` input in the pipeline file.
 fn same_tokenizer(teacher: &InputArtifact, student: &InputArtifact) -> anyhow::Result<()> {
     let differs = |what: String| {
-        anyhow::anyhow!(
-            "the student (input `student`, from stage `{}`) and the teacher (input `teacher`, from stage `{}`) have different tokenizers ({what}): distillation compares them token by token, so the student must use the teacher's tokenizer",
-            student.producer,
-            teacher.producer
-        )
+        anyhow::Error::new(LocatedError::at(
+            &["inputs", "student"],
+            format!(
+                "the student (input `student`, from stage `{}`) and the teacher (input `teacher`, from stage `{}`) have different tokenizers ({what}): distillation compares them token by token, so the student must use the teacher's tokenizer",
+                student.producer, teacher.producer
+            ),
+        ))
     };
     // Compared as JSON, so formatting alone never counts as a difference.
     let read = |dir: &Path, file: &str| -> Option<serde_json::Value> {
