@@ -11,7 +11,9 @@
 //!   trained on them by SFT, in `sft`'s step loop ([`crate::sft::StepLoop`]).
 //! - `mode: logits`, TRL's `GKDTrainer`: the loss of every completion token is the generalised
 //!   JSD of [`crate::distill_math`] between the two models' next-token distributions at
-//!   `temperature`. A micro-batch holds, with probability `lambda`, the student's own completions
+//!   `temperature`. That is the `temperature` argument of TRL's `generalized_jsd_loss`, which
+//!   divides both logits, and not `GKDConfig.temperature`: GKDTrainer samples at that one and
+//!   calls the loss at 1.0; our sampling temperature is `sample_temperature`. A micro-batch holds, with probability `lambda`, the student's own completions
 //!   of its prompts (on-policy, sampled at `sample_temperature`); otherwise `data`'s assistant
 //!   turns, or with `problems` the teacher's solutions written as in sequence mode (TRL's
 //!   `seq_kd`).
@@ -96,7 +98,7 @@ impl StageKind for Distill {
                     max: 100.0,
                 },
                 json!(1.0),
-                "logits mode: divides both models' logits in the loss (TRL's generalized_jsd_loss)",
+                "logits mode: the loss temperature of TRL's generalized_jsd_loss, dividing both models' logits; not GKDConfig's `temperature` (GKDTrainer samples on-policy completions at it and leaves the loss at 1), which is `sample_temperature` here",
             ),
             ParamSpec::new(
                 "sample_temperature",
@@ -878,6 +880,18 @@ mod tests {
             at(true, false, false, true, true).unwrap(),
             "params.curriculum"
         );
+    }
+
+    #[test]
+    fn the_temperature_doc_says_it_is_the_loss_temperature_not_gkds_sampling_one() {
+        let spec = Distill.spec();
+        let doc = spec
+            .params
+            .iter()
+            .find(|p| p.name == "temperature")
+            .unwrap()
+            .doc;
+        assert!(doc.contains("loss temperature") && doc.contains("`sample_temperature`"));
     }
 
     #[test]
