@@ -348,6 +348,7 @@ impl StageKind for Prm {
                 given: None,
             })
             .collect();
+        check_answers(&jobs)?;
         if let Some(data) = ctx.input_opt("data") {
             jobs.extend(jobs_of_chats(&read_parquet(&data.path)?.1)?);
         }
@@ -411,6 +412,18 @@ impl StageKind for Prm {
 struct Job {
     problem: ProblemRow,
     given: Option<String>,
+}
+
+/// Every problem to label needs an answer: with none, nothing could verify its rollouts and
+/// every step would be labelled 0. The error names the first such problem and its row.
+fn check_answers(jobs: &[Job]) -> anyhow::Result<()> {
+    match jobs.iter().position(|j| j.problem.answer.trim().is_empty()) {
+        Some(row) => bail!(
+            "input `problems`: problem `{}` (row {row}) has no answer; PRM labels need a verifiable answer",
+            jobs[row].problem.id
+        ),
+        None => Ok(()),
+    }
 }
 
 /// The chats of `data` as jobs: the last user turn is the prompt, the last assistant turn the
@@ -759,6 +772,27 @@ mod tests {
         assert_eq!(
             err.to_string(),
             "input `data`: chat `b` (row 1) has no answer; PRM labels need a verifiable answer"
+        );
+    }
+
+    #[test]
+    fn a_problem_without_an_answer_is_an_error_naming_it() {
+        let job = |id: &str, answer: &str| Job {
+            problem: ProblemRow {
+                id: id.into(),
+                task: "addition".into(),
+                difficulty: 1,
+                prompt: "1+2+3=".into(),
+                answer: answer.into(),
+                steps: vec!["1+2+3=6".into()],
+            },
+            given: None,
+        };
+        assert!(check_answers(&[job("a", "6"), job("b", "6")]).is_ok());
+        let err = check_answers(&[job("a", "6"), job("b", ""), job("c", "")]).unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "input `problems`: problem `b` (row 1) has no answer; PRM labels need a verifiable answer"
         );
     }
 
