@@ -161,8 +161,20 @@ impl Records {
             .max_by(|a: &RunRecord, b| a.run.cmp(&b.run))
     }
 
+    /// The index file of `pipeline`, named by its [`absolute`] path (symlinks and `..`
+    /// resolved), so every spelling of one file shares one index.
     fn index_path(&self, pipeline: &Path) -> PathBuf {
+        self.index_file(pipeline, &absolute(pipeline))
+    }
+
+    /// Where indexes were kept before symlinks and `..` were resolved, read when the current
+    /// one does not exist yet.
+    fn legacy_index_path(&self, pipeline: &Path) -> PathBuf {
         let abs = std::path::absolute(pipeline).unwrap_or_else(|_| pipeline.to_path_buf());
+        self.index_file(pipeline, &abs)
+    }
+
+    fn index_file(&self, pipeline: &Path, abs: &Path) -> PathBuf {
         let id = blake3::hash(abs.display().to_string().as_bytes()).to_hex();
         let stem = pipeline
             .file_stem()
@@ -175,7 +187,9 @@ impl Records {
 
     /// The latest record of each stage of `pipeline`, by stage name.
     pub fn index(&self, pipeline: &Path) -> BTreeMap<String, StageRecord> {
-        read_json(&self.index_path(pipeline)).unwrap_or_default()
+        read_json(&self.index_path(pipeline))
+            .or_else(|| read_json(&self.legacy_index_path(pipeline)))
+            .unwrap_or_default()
     }
 
     /// Merges a run's stage records into the pipeline's index (stages that failed, did not run
@@ -291,6 +305,51 @@ mod tests {
         assert_eq!(found(&here), Some("20260101T000002.000-1".into()));
         let json = serde_json::to_string(&record("r", "p.yaml", None)).unwrap();
         assert!(!json.contains("pipeline_absolute"), "{json}");
+        std::fs::remove_dir_all(&root).unwrap();
+    }
+
+    fn stage(name: &str) -> StageRecord {
+        StageRecord {
+            name: name.into(),
+            kind: "mix".into(),
+            status: Status::Ran,
+            key: None,
+            outputs: BTreeMap::new(),
+            seconds: 0.0,
+            resumed: false,
+            error: None,
+            parts: None,
+            run: "r".into(),
+        }
+    }
+
+    #[test]
+    fn every_spelling_of_a_pipeline_path_shares_its_index() {
+        let root = std::env::temp_dir().join(format!("dagrun-index-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&root);
+        let dir = root.join("a");
+        std::fs::create_dir_all(&dir).unwrap();
+        std::fs::write(dir.join("p.yaml"), "stages: {}\n").unwrap();
+        let records = Records::new(&root.join("cache"));
+        let mut run = record("r", "p.yaml", None);
+        run.stages = vec![stage("first")];
+        records
+            .update_index(&dir.join("../a/p.yaml"), &run)
+            .unwrap();
+        assert!(records.index(&dir.join("p.yaml")).contains_key("first"));
+        // An index written under the old name (`..` kept) is still read, and the next update
+        // carries it over.
+        let old = dir.join("../a/./p.yaml");
+        let mut legacy = BTreeMap::new();
+        legacy.insert("second".to_string(), stage("second"));
+        let other = root.join("b.yaml");
+        std::fs::write(&other, "stages: {}\n").unwrap();
+        write_json(&records.legacy_index_path(&other), &legacy).unwrap();
+        assert!(records.index(&other).contains_key("second"));
+        records.update_index(&other, &run).unwrap();
+        let index = records.index(&root.join("a/../b.yaml"));
+        assert!(index.contains_key("first") && index.contains_key("second"));
+        assert!(records.index(&old).contains_key("first"));
         std::fs::remove_dir_all(&root).unwrap();
     }
 
