@@ -35,7 +35,7 @@ def cell(x):
 
 
 k = int(table["k"].iloc[0])
-has_prm = "prm_correct" in table.columns
+has_prm = "prm_correct" in table.columns and table["prm_correct"].notna().any()
 print(f"| model | greedy | pass@1 | maj@{k} | PRM@{k} | pass@{k} |")
 print("|---|---:|---:|---:|---:|---:|")
 for m in models:
