@@ -145,9 +145,9 @@ impl Records {
             .iter()
             .rev()
             .filter_map(|d| read_json::<RunRecord>(&d.join("record.json")))
-            .find(|r| match &r.pipeline_absolute {
-                Some(path) => absolute(Path::new(path)) == want,
-                None => absolute(Path::new(&r.pipeline)) == want,
+            .find(|r| {
+                let path = r.pipeline_absolute.as_deref().unwrap_or(&r.pipeline);
+                absolute(Path::new(path)) == want
             });
         let by_index = self
             .index(pipeline)
