@@ -77,6 +77,7 @@ pub struct PrmParams {
     pub limit: Option<usize>,
     pub heldout: f64,
     pub aggregate: Aggregate,
+    pub extra_layers: usize,
     pub epochs: f64,
     pub max_steps: Option<u64>,
     pub batch_size: usize,
@@ -110,7 +111,7 @@ impl StageKind for Prm {
     fn spec(&self) -> KindSpec {
         KindSpec {
             name: "prm",
-            version: 2,
+            version: 3,
             doc: "a process reward model: steps labelled by the completer's rollouts (Math-Shepherd), a scalar head on its decoder trained with BCE",
             inputs: vec![
                 PortSpec::one(
@@ -223,6 +224,12 @@ impl StageKind for Prm {
                     },
                     json!("min"),
                     "how scorers combine step scores into a solution score (written to config.json)",
+                ),
+                ParamSpec::new(
+                    "extra_layers",
+                    int(0, 64),
+                    json!(0),
+                    "copies of the completer's top layers stacked on the PRM's decoder before training: a completer of a few layers finishes a step's arithmetic in its last one and leaves none to check it with",
                 ),
                 ParamSpec::new(
                     "epochs",

@@ -212,7 +212,7 @@ impl dagrun_model::BackendTask for TrainTask {
                     ..AdamWConfig::default()
                 };
                 (
-                    ProcessRewardModel::from_lm(lm, &self.prm, self.seed)?,
+                    ProcessRewardModel::from_lm(lm, &self.prm, self.seed, p.extra_layers)?,
                     AdamW::new(config),
                     TrainState::default(),
                 )

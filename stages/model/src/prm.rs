@@ -18,7 +18,7 @@
 use std::path::Path;
 
 use anyhow::{Context, Result, bail, ensure};
-use burn::module::Module;
+use burn::module::{Module, ModuleMapper, Param};
 use burn::tensor::activation::{log_sigmoid, sigmoid};
 use burn::tensor::backend::Backend;
 use burn::tensor::{Int, Tensor, TensorData};
@@ -153,8 +153,15 @@ fn token_classification(config: &ModelConfig) -> Result<&'static str> {
 impl<B: Backend> ProcessRewardModel<B> {
     /// A PRM on `lm`'s decoder with a fresh head (weight normal(0, initializer_range) from
     /// `seed` and bias 0, as transformers initialises `score`); its config gains the token-classification fields and
-    /// `prm`. The language-model head is dropped.
-    pub fn from_lm(mut lm: CausalLm<B>, prm: &PrmConfig, seed: u64) -> Result<Self> {
+    /// `prm`. The language-model head is dropped. `extra_layers` copies of the decoder's top
+    /// layers are stacked on it first (see [`stack_copied_layers`]).
+    pub fn from_lm(
+        mut lm: CausalLm<B>,
+        prm: &PrmConfig,
+        seed: u64,
+        extra_layers: usize,
+    ) -> Result<Self> {
+        stack_copied_layers(&mut lm, extra_layers)?;
         let config = &mut lm.config;
         config.architectures = vec![token_classification(config)?.to_string()];
         // No output embeddings to tie or to keep: the head replaces them.
@@ -229,6 +236,44 @@ impl<B: Backend> ProcessRewardModel<B> {
             at += n;
         }
         Ok(out)
+    }
+}
+
+/// Stacks `extra` copies of `lm`'s top layers on its decoder, in order (a 2-layer decoder with 2
+/// extra becomes layers 0, 1, 0, 1), each with fresh parameter ids so it trains on its own.
+///
+/// Why: a completer this small finishes a step's arithmetic in its last layer, so a head on it
+/// has no layer left to compare the result with the digits written after it; with two more
+/// layers a PRM learns the comparison (`bench/prm_probe.py`: held-out step accuracy 0.976
+/// after 500 steps, against the majority label's 0.66 without them).
+pub fn stack_copied_layers<B: Backend>(lm: &mut CausalLm<B>, extra: usize) -> Result<()> {
+    let n = lm.model.layers.len();
+    if extra == 0 {
+        return Ok(());
+    }
+    ensure!(n > 0, "cannot copy layers of a decoder without layers");
+    for i in 0..extra {
+        let source = n - 1 - (extra - 1 - i) % n;
+        let copy = lm.model.layers[source].clone().map(&mut FreshIds);
+        lm.model.layers.push(copy);
+        // Qwen2 configs list a type per layer; the copy has its source's.
+        if let Some(serde_json::Value::Array(types)) = lm.config.extra.get_mut("layer_types")
+            && let Some(t) = types.get(source).cloned()
+        {
+            types.push(t);
+        }
+    }
+    lm.config.num_hidden_layers = lm.model.layers.len();
+    Ok(())
+}
+
+/// Gives every parameter a new id (same values): a copied layer must not share its original's
+/// gradients or optimizer state.
+struct FreshIds;
+
+impl<B: Backend> ModuleMapper<B> for FreshIds {
+    fn map_float<const D: usize>(&mut self, param: Param<Tensor<B, D>>) -> Param<Tensor<B, D>> {
+        Param::from_tensor(param.val())
     }
 }
 
@@ -312,7 +357,7 @@ mod tests {
         let mut config = ModelConfig::llama(8, 16, 32, 1, 2, 2, 64);
         config.tie_word_embeddings = false;
         let lm = CausalLm::<B>::init_random(&config, seed, &Default::default()).unwrap();
-        ProcessRewardModel::from_lm(lm, &prm_config(), seed).unwrap()
+        ProcessRewardModel::from_lm(lm, &prm_config(), seed, 0).unwrap()
     }
 
     /// Token 4 is a good step, token 5 a bad one; 3 separates steps.
@@ -389,6 +434,50 @@ mod tests {
             weakest.weakest, 1,
             "the bad step is the weakest: {scores:?}"
         );
+    }
+
+    #[test]
+    fn copied_layers_start_equal_train_apart_and_save_as_a_deeper_model() {
+        let mut config = ModelConfig::llama(8, 16, 32, 2, 2, 2, 64);
+        config.tie_word_embeddings = false;
+        let lm = CausalLm::<Ad>::init_random(&config, 3, &Default::default()).unwrap();
+        let mut prm = ProcessRewardModel::from_lm(lm, &prm_config(), 3, 2).unwrap();
+        assert_eq!(prm.lm.model.layers.len(), 4);
+        assert_eq!(prm.lm.config.num_hidden_layers, 4);
+        let weight = |prm: &ProcessRewardModel<Ad>, l: usize| {
+            let w = &prm.lm.model.layers[l].mlp.up_proj.weight;
+            (w.id, w.val().inner().into_data().to_vec::<f32>().unwrap())
+        };
+        // Layers 0, 1, then copies of 0 and 1: equal values, their own parameter ids.
+        for (copy, source) in [(2, 0), (3, 1)] {
+            let ((copy_id, copy_w), (source_id, source_w)) =
+                (weight(&prm, copy), weight(&prm, source));
+            assert_eq!(copy_w, source_w);
+            assert_ne!(copy_id, source_id);
+        }
+        let mut opt = AdamW::<Inf>::new(AdamWConfig::default());
+        let (items, targets) = items();
+        for _ in 0..3 {
+            let mut acc = GradAccumulator::<Ad>::new();
+            let loss = bce_with_logits(prm.step_logits(&items, 0).unwrap(), &targets);
+            acc.backward(loss, &prm);
+            prm = opt.step(prm, &mut acc, 1e-2).unwrap().0;
+        }
+        assert_ne!(
+            weight(&prm, 2).1,
+            weight(&prm, 0).1,
+            "a copy trains on its own"
+        );
+        let prm = prm.valid();
+        let dir = std::env::temp_dir().join(format!("dagrun-prm-deep-{}", std::process::id()));
+        save_prm(&prm, &dir).unwrap();
+        let loaded = load_prm::<Inf>(&dir, &Default::default()).unwrap();
+        assert_eq!(loaded.lm.config.num_hidden_layers, 4);
+        assert_eq!(
+            loaded.step_scores(&items, 0).unwrap(),
+            prm.step_scores(&items, 0).unwrap()
+        );
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 
     #[test]
