@@ -117,11 +117,19 @@ fn every_layout_and_file_type_maps_to_problems_and_chats() {
         "quiz.csv",
         "passage,question,label,subject\n\"Ann has 3 pens.\nShe loses 1.\",How many pens?,2,count\nBob runs 5 km.,How far?,5,distance\n",
     );
+    // A directory of shards, read in name order; other files are left alone.
+    std::fs::create_dir_all(p.dir.join("shards")).unwrap();
+    p.write("shards/part-2.jsonl", &gsm8k_lines(1).replace("Tom", "Sue"));
+    p.write("shards/part-1.jsonl", &gsm8k_lines(2));
+    p.write("shards/README.md", "GSM8K-style shards\n");
     let text = "\
 stages:
   gsm8k:
     kind: dataset
     params: { path: gsm8k.jsonl }
+  shards:
+    kind: dataset
+    params: { path: shards }
   math:
     kind: dataset
     params: { path: math.json }
@@ -176,6 +184,13 @@ stages:
             .sum::<usize>(),
         0
     );
+
+    let t = table("shards", "train");
+    assert_eq!(
+        column(&t, "id"),
+        vec!["part-1-000001", "part-1-000002", "part-2-000001"]
+    );
+    assert!(column(&t, "prompt")[2].starts_with("Sue"));
 
     // MATH, from a list and from under `records:`: the last \boxed{}, level and type.
     for stage in ["math", "wrapped"] {
