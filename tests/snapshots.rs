@@ -61,6 +61,9 @@ stages:
     kind: eval
     inputs: { models: [tune.model], problems: problems.test, prm: reward }
     params: { k: 2, max_new_tokens: 12, rerank: prm }
+  imported:
+    kind: dataset
+    params: { path: gsm8k.jsonl, split: 0.25 }
   judged:
     kind: rejection_filter
     inputs: { model: rl.model, problems: problems.train, prm: reward }
@@ -91,7 +94,15 @@ fn run_with_threads(p: &Project, threads: &str) -> common::Run {
     run_pipeline(p, EVERY_KIND, threads)
 }
 
+/// The file the `dataset` stage imports.
+const GSM8K: &str = r#"{"question": "Ann has 3 pens and buys 2. How many pens?", "answer": "3+2 = <<3+2=5>>5\n#### 5"}
+{"question": "Bob has 7 cups and breaks 3. How many cups?", "answer": "7-3 = <<7-3=4>>4\n#### 4"}
+{"question": "Cy reads 4 pages a day for 3 days. How many pages?", "answer": "4*3 = <<4*3=12>>12\n#### 12"}
+{"question": "Di has 10 coins and gives away 6. How many coins?", "answer": "10-6 = <<10-6=4>>4\n#### 4"}
+"#;
+
 fn run_pipeline(p: &Project, text: &str, threads: &str) -> common::Run {
+    p.write("gsm8k.jsonl", GSM8K);
     p.write("p.yaml", text);
     let out = p
         .command(&["run", "p.yaml", "--json"])
@@ -128,6 +139,7 @@ fn every_kind_writes_the_committed_bytes_for_its_version() {
     let kinds: Vec<&str> = now.values().map(|s| s["kind"].as_str().unwrap()).collect();
     for kind in [
         "cot_generate",
+        "dataset",
         "mix",
         "init_model",
         "sft",

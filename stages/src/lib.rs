@@ -10,6 +10,9 @@ pub mod chat;
 pub mod checkpoint;
 pub mod cli;
 pub mod cot_generate;
+pub mod dataset;
+pub mod dataset_files;
+pub mod dataset_formats;
 pub mod dedupe;
 pub mod distill;
 pub mod distill_math;
@@ -37,6 +40,7 @@ use dagrun_engine::Registry;
 pub fn registry() -> Registry {
     let mut r = Registry::new();
     r.add(cot_generate::CotGenerate);
+    r.add(dataset::Dataset);
     r.add(distill::Distill);
     r.add(eval::Eval);
     r.add(grpo::Grpo);
