@@ -98,7 +98,7 @@ impl StageKind for Eval {
                     "answer_fallback",
                     ParamType::Bool,
                     json!(false),
-                    "read the last number of a completion without an <answer> block as its answer",
+                    "read the last \\boxed{} (else the last number) of a completion without an <answer> block as its answer",
                 ),
                 ParamSpec::new(
                     "temperature",
@@ -455,7 +455,7 @@ fn summary(rows: &[EvalRow], names: &[String], cfg: &Config) -> String {
     let n_problems = rows.len() / names.len().max(1);
     let mut out = String::new();
     let answers = if cfg.fallback {
-        "answers from <answer> blocks, else the last number"
+        "answers from <answer> blocks, else the last \\boxed{} or number"
     } else {
         "answers from <answer> blocks"
     };

@@ -147,7 +147,7 @@ impl StageKind for RejectionFilter {
                     "answer_fallback",
                     ParamType::Bool,
                     json!(false),
-                    "read the last number of a completion without an <answer> block as its answer",
+                    "read the last \\boxed{} (else the last number) of a completion without an <answer> block as its answer",
                 ),
                 ParamSpec::new(
                     "keep",

@@ -89,9 +89,9 @@ pub struct RewardParams {
     pub max_penalty: f64,
     /// `repetition`: what an n-gram is made of.
     pub ngram_unit: NgramUnit,
-    /// `correctness`: read the last number of a completion without an answer block as its
-    /// answer ([`crate::tasks::extract_answer_with`]). Off by default: it pays unformatted and
-    /// truncated completions.
+    /// `correctness`: read the last `\boxed{}` (else the last number) of a completion without
+    /// an answer block as its answer ([`crate::tasks::extract_answer_with`]). Off by default:
+    /// it pays unformatted and truncated completions.
     pub answer_fallback: bool,
 }
 

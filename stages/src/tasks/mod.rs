@@ -13,6 +13,7 @@ mod arithmetic;
 mod countdown;
 mod expr;
 mod linear;
+mod rational;
 mod verify;
 mod word;
 
