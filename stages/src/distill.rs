@@ -156,7 +156,7 @@ impl StageKind for Distill {
         ];
         KindSpec {
             name: "distill",
-            version: 1,
+            version: 2,
             doc: "train a smaller student on a teacher's verified solutions (sequence) or next-token distributions (logits, TRL's GKD)",
             inputs: vec![
                 PortSpec::one("teacher", ArtifactType::Model, "the model to learn from"),

@@ -51,7 +51,7 @@ impl StageKind for Eval {
     fn spec(&self) -> KindSpec {
         KindSpec {
             name: "eval",
-            version: 3,
+            version: 4,
             doc: "greedy accuracy, pass@1 over n samples, pass@k, maj@k, PRM best-of-k (rerank: prm), format rate and length of each model on held-out problems",
             inputs: vec![
                 PortSpec::list(

@@ -50,7 +50,7 @@ impl StageKind for Grpo {
     fn spec(&self) -> KindSpec {
         KindSpec {
             name: "grpo",
-            version: 2,
+            version: 3,
             doc: "GRPO with verifiable rewards (TRL's losses: grpo, bnpo, dr_grpo, dapo)",
             inputs: vec![
                 PortSpec::one(

@@ -47,7 +47,7 @@ impl StageKind for RejectionFilter {
     fn spec(&self) -> KindSpec {
         KindSpec {
             name: "rejection_filter",
-            version: 3,
+            version: 4,
             doc: "sample N completions per problem (or take existing samples), keep the best-rewarded distinct ones as SFT chats",
             inputs: vec![
                 PortSpec::optional(
