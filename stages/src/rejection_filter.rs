@@ -273,7 +273,6 @@ impl StageKind for RejectionFilter {
                     })
                     .collect();
                 let scores = rewards.score_all(&judged);
-                drop(judged); // it borrows `pairs`, which the loop below consumes
                 drop(judged); // it borrows `rows`, which the loop below changes
                 for (r, scored) in rows.iter_mut().zip(scores) {
                     r.reward = scored.total.unwrap_or(f64::NAN);
