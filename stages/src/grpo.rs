@@ -503,21 +503,22 @@ impl BackendTask for GrpoTask {
             generation.add(gen_tokens as f64, t0.elapsed().as_secs_f64());
 
             // 2. Rewards and advantages.
-            let scored: Vec<_> = completions
+            let judged: Vec<Judged> = completions
                 .iter()
                 .enumerate()
                 .map(|(k, c)| {
                     let prob = &self.problems[chosen[k / group]];
-                    self.rewards.score(&Judged {
+                    Judged {
                         task: &prob.task,
                         answer: &prob.answer,
                         steps: &prob.steps,
                         completion: &c.text,
                         completion_tokens: c.token_ids.len(),
                         truncated: c.truncated,
-                    })
+                    }
                 })
                 .collect();
+            let scored = self.rewards.score_all(&judged);
             let totals: Vec<Option<f64>> = scored.iter().map(|s| s.total).collect();
             let adv =
                 compute_advantages(&totals, group, scale).map_err(|e| anyhow::anyhow!("{e}"))?;

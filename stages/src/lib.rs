@@ -9,6 +9,7 @@
 pub mod chat;
 pub mod checkpoint;
 pub mod cli;
+pub mod code_exec;
 pub mod cot_generate;
 pub mod dataset;
 pub mod dataset_files;

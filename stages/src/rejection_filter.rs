@@ -259,17 +259,22 @@ impl StageKind for RejectionFilter {
                     let next = ids.len();
                     *ids.entry(r.id.clone()).or_insert(next) < limit
                 });
-                for r in &mut rows {
-                    // Samples carry no reference steps: `steps` cannot judge them and
-                    // `repetition` is TRL's.
-                    let scored = rewards.score(&Judged {
+                // Samples carry no reference steps: `steps` cannot judge them and
+                // `repetition` is TRL's.
+                let judged: Vec<Judged> = rows
+                    .iter()
+                    .map(|r| Judged {
                         task: &r.task,
                         answer: &r.answer,
                         steps: &[],
                         completion: &r.completion,
                         completion_tokens: r.length.max(0) as usize,
                         truncated: r.truncated,
-                    });
+                    })
+                    .collect();
+                let scores = rewards.score_all(&judged);
+                drop(judged); // it borrows `rows`, which the loop below changes
+                for (r, scored) in rows.iter_mut().zip(scores) {
                     r.reward = scored.total.unwrap_or(f64::NAN);
                     r.components = scored
                         .components
@@ -395,37 +400,44 @@ fn judge_chunk(
     groups: Vec<Vec<Completion>>,
     rewards: &RewardSet,
 ) -> Vec<SampleRow> {
+    let pairs: Vec<(&ProblemRow, Completion)> = problems
+        .iter()
+        .zip(groups)
+        .flat_map(|(problem, group)| group.into_iter().map(move |c| (problem, c)))
+        .collect();
+    let judged: Vec<Judged> = pairs
+        .iter()
+        .map(|(problem, completion)| Judged {
+            task: &problem.task,
+            answer: &problem.answer,
+            steps: &problem.steps,
+            completion: &completion.text,
+            completion_tokens: completion.token_ids.len(),
+            truncated: completion.truncated,
+        })
+        .collect();
+    let scores = rewards.score_all(&judged);
+    drop(judged); // it borrows `pairs`, which the loop below consumes
     let mut rows = Vec::new();
-    for (problem, group) in problems.iter().zip(groups) {
-        for completion in group {
-            let length = completion.token_ids.len();
-            let judged = Judged {
-                task: &problem.task,
-                answer: &problem.answer,
-                steps: &problem.steps,
-                completion: &completion.text,
-                completion_tokens: length,
-                truncated: completion.truncated,
-            };
-            let scored = rewards.score(&judged);
-            rows.push(SampleRow {
-                step: 0,
-                id: problem.id.clone(),
-                task: problem.task.clone(),
-                prompt: problem.prompt.clone(),
-                answer: problem.answer.clone(),
-                completion: completion.text,
-                reward: scored.total.unwrap_or(f64::NAN),
-                components: scored
-                    .components
-                    .into_iter()
-                    .map(|(n, v)| (n.to_string(), v))
-                    .collect(),
-                advantage: 0.0,
-                length: length as i32,
-                truncated: completion.truncated,
-            });
-        }
+    for ((problem, completion), scored) in pairs.into_iter().zip(scores) {
+        let length = completion.token_ids.len();
+        rows.push(SampleRow {
+            step: 0,
+            id: problem.id.clone(),
+            task: problem.task.clone(),
+            prompt: problem.prompt.clone(),
+            answer: problem.answer.clone(),
+            completion: completion.text,
+            reward: scored.total.unwrap_or(f64::NAN),
+            components: scored
+                .components
+                .into_iter()
+                .map(|(n, v)| (n.to_string(), v))
+                .collect(),
+            advantage: 0.0,
+            length: length as i32,
+            truncated: completion.truncated,
+        });
     }
     rows
 }

@@ -9,6 +9,7 @@
 //!
 //! | name          | value                                                                   |
 //! |---------------|-------------------------------------------------------------------------|
+//! | `code_tests`  | share of a `code` problem's tests its program passes, + bonus if all    |
 //! | `consistency` | 1.0 if the answer equals the result the `<think>` reasoning reached     |
 //! | `correctness` | 1.0 if [`crate::tasks::verify_with`] accepts the answer, else 0.0       |
 //! | `format`      | 1.0 if [`crate::tasks::has_format`], else 0.0                           |
@@ -23,11 +24,12 @@
 use std::collections::HashMap;
 use std::fmt;
 
-use crate::tasks;
+use crate::{code_exec, tasks};
 
 /// One reward function, by the name pipelines use for it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum RewardKind {
+    CodeTests,
     Consistency,
     Correctness,
     Format,
@@ -38,7 +40,8 @@ pub enum RewardKind {
 
 impl RewardKind {
     /// Every reward, in name order.
-    pub const ALL: [RewardKind; 6] = [
+    pub const ALL: [RewardKind; 7] = [
+        RewardKind::CodeTests,
         RewardKind::Consistency,
         RewardKind::Correctness,
         RewardKind::Format,
@@ -50,6 +53,7 @@ impl RewardKind {
     /// The name used in pipeline params, metrics and sample columns.
     pub fn name(self) -> &'static str {
         match self {
+            RewardKind::CodeTests => "code_tests",
             RewardKind::Consistency => "consistency",
             RewardKind::Correctness => "correctness",
             RewardKind::Format => "format",
@@ -93,6 +97,12 @@ pub struct RewardParams {
     /// an answer block as its answer ([`crate::tasks::extract_answer_with`]). Off by default:
     /// it pays unformatted and truncated completions.
     pub answer_fallback: bool,
+    /// `code_tests`: added to the pass rate when every test passes. TRL/open-r1 pay the pass
+    /// rate alone (bonus 0); 0.5 makes a fully correct program stand out from a nearly
+    /// correct one, which is what pass@k counts.
+    pub code_bonus: f64,
+    /// `code_tests`: the sandbox's time, memory and output limits.
+    pub code_limits: code_exec::Limits,
 }
 
 impl Default for RewardParams {
@@ -104,6 +114,8 @@ impl Default for RewardParams {
             max_penalty: -1.0,
             ngram_unit: NgramUnit::Chars,
             answer_fallback: false,
+            code_bonus: 0.5,
+            code_limits: code_exec::Limits::default(),
         }
     }
 }
@@ -206,6 +218,12 @@ impl RewardSet {
         }
         weighted.sort_by_key(|(kind, _)| kind.name());
         validate(&params)?;
+        if weighted
+            .iter()
+            .any(|(kind, _)| *kind == RewardKind::CodeTests)
+        {
+            code_exec::python().map_err(RewardError::BadParam)?;
+        }
         Ok(Self { weighted, params })
     }
 
@@ -237,6 +255,16 @@ impl RewardSet {
         }
         Scored { total, components }
     }
+
+    /// [`Self::score`] of each completion, in order; on all cores when a reward runs
+    /// programs (`code_tests`), else on this thread.
+    pub fn score_all(&self, judged: &[Judged]) -> Vec<Scored> {
+        if self.names().contains(&RewardKind::CodeTests.name()) {
+            code_exec::parallel_map(judged, |j| self.score(j))
+        } else {
+            judged.iter().map(|j| self.score(j)).collect()
+        }
+    }
 }
 
 fn validate(params: &RewardParams) -> Result<(), RewardError> {
@@ -250,6 +278,9 @@ fn validate(params: &RewardParams) -> Result<(), RewardError> {
             params.max_penalty
         ));
     }
+    if !params.code_bonus.is_finite() || params.code_limits.timeout.is_zero() {
+        return bad("code_bonus must be finite and the code timeout above 0".into());
+    }
     if params.soft_punish_cache > params.max_completion_len {
         return bad(format!(
             "soft_punish_cache ({}) exceeds max_completion_len ({})",
@@ -262,6 +293,13 @@ fn validate(params: &RewardParams) -> Result<(), RewardError> {
 /// One reward of one completion.
 pub fn reward(kind: RewardKind, judged: &Judged, params: &RewardParams) -> Option<f64> {
     match kind {
+        RewardKind::CodeTests => code_exec::reward(
+            judged.task,
+            judged.answer,
+            judged.completion,
+            &params.code_limits,
+            params.code_bonus,
+        ),
         RewardKind::Consistency => Some(consistency(judged.task, judged.completion)),
         RewardKind::Correctness => correctness(
             judged.task,
@@ -643,6 +681,27 @@ mod tests {
         // One judging component is enough for a total, like TRL's nansum.
         let rewards = set(&[("correctness", 1.0), ("format", 0.5)]);
         assert_eq!(rewards.score(&no_reference).total, Some(0.5));
+    }
+
+    #[test]
+    fn code_tests_judges_code_problems_only() {
+        if let Err(e) = crate::code_exec::python() {
+            eprintln!("skipped: {e}");
+            return;
+        }
+        let rewards = set(&[("code_tests", 1.0)]);
+        let spec = r#"{"tests": ["assert add(1, 2) == 3", "assert add(2, 2) == 4"]}"#;
+        let right = "<think>\nsum\n</think>\n```python\ndef add(a, b):\n    return a + b\n```";
+        let wrong = right.replace("a + b", "a * b");
+        let code = |completion| Judged {
+            task: "code",
+            answer: spec,
+            ..judged(completion)
+        };
+        let scored = rewards.score_all(&[code(right), code(&wrong), code("no code"), judged(GOOD)]);
+        let values: Vec<Option<f64>> = scored.iter().map(|s| s.components[0].1).collect();
+        // All pass: 1 + the default bonus 0.5; half pass: 0.5; an arithmetic problem: no say.
+        assert_eq!(values, [Some(1.5), Some(0.5), Some(0.0), None]);
     }
 
     #[test]

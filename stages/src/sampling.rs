@@ -34,6 +34,7 @@ use crate::tables::ProblemRow;
 /// The names of the reward functions of [`crate::rewards`], for a `rewards` weights param
 /// (`ParamType::Weights { keys: REWARD_NAMES }`).
 pub const REWARD_NAMES: &[&str] = &[
+    "code_tests",
     "consistency",
     "correctness",
     "format",
