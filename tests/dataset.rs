@@ -239,14 +239,12 @@ stages:
     assert_eq!(column(&t, "task"), vec!["code"]);
     assert_eq!(
         column(&t, "answer"),
-        vec![
-            r#"{"entry_point":"add","tests":[{"assert":"assert add(1, 2) == 3"},{"assert":"assert add(0, 0) == 0"}]}"#
-        ]
+        vec![r#"{"entry_point":"add","tests":["assert add(1, 2) == 3","assert add(0, 0) == 0"]}"#]
     );
     assert_eq!(assistant_turns(&table("asserts", "chat")).len(), 1);
     assert_eq!(
         column(&table("pairs", "train"), "answer"),
-        vec![r#"{"tests":[{"input":"1 2\n","output":"3\n"}]}"#]
+        vec![r#"{"io":[{"input":"1 2\n","output":"3\n"}]}"#]
     );
     assert!(
         assistant_turns(&table("pairs", "chat")).is_empty(),

@@ -578,14 +578,31 @@ enum CodeTest {
     Io { input: String, output: String },
 }
 
-/// A code problem's `answer`: JSON `{"entry_point": …, "tests": [{"assert": …} | {"input": …,
-/// "output": …}]}`. The `problems` schema has no column for tests; the answer is what a
-/// verifier checks a solution against, and for code that is its tests.
-#[derive(Debug, Serialize)]
-struct CodeAnswer<'a> {
-    #[serde(skip_serializing_if = "Option::is_none")]
-    entry_point: Option<&'a str>,
-    tests: Vec<CodeTest>,
+/// A code problem's `answer`: the test spec `code_exec` runs, as JSON: `{"entry_point": …,
+/// "tests": ["assert …", …]}` or `{"entry_point": …, "io": [{"input": …, "output": …}, …]}`. The
+/// `problems` schema has no column for tests; the answer is what a verifier checks a solution
+/// against, and for code that is its tests.
+fn code_answer(entry_point: Option<&str>, tests: Vec<CodeTest>) -> Result<String, String> {
+    let (mut asserts, mut io) = (Vec::new(), Vec::new());
+    for test in tests {
+        match test {
+            CodeTest::Assert { assert } => asserts.push(Value::String(assert)),
+            CodeTest::Io { input, output } => {
+                io.push(serde_json::json!({"input": input, "output": output}))
+            }
+        }
+    }
+    let mut spec = Map::new();
+    if let Some(e) = entry_point {
+        spec.insert("entry_point".into(), Value::String(e.into()));
+    }
+    match (asserts.is_empty(), io.is_empty()) {
+        (false, true) => spec.insert("tests".into(), Value::Array(asserts)),
+        (true, false) => spec.insert("io".into(), Value::Array(io)),
+        (false, false) => return Err("the tests mix assert lines and input/output pairs".into()),
+        (true, true) => return Err("the tests are empty".into()),
+    };
+    serde_json::to_string(&spec).map_err(|e| e.to_string())
 }
 
 fn value_text(v: &Value) -> String {
@@ -657,11 +674,8 @@ fn code(row: &Map<String, Value>) -> Result<Mapped, String> {
         .ok_or("the tests are empty")?;
     let tests = code_tests(value).map_err(|e| format!("`{column}`: {e}"))?;
     let entry_point = text(row, "entry_point").map(|e| e.trim().to_string());
-    let answer = serde_json::to_string(&CodeAnswer {
-        entry_point: entry_point.as_deref().filter(|e| !e.is_empty()),
-        tests,
-    })
-    .map_err(|e| e.to_string())?;
+    let answer = code_answer(entry_point.as_deref().filter(|e| !e.is_empty()), tests)
+        .map_err(|e| format!("`{column}`: {e}"))?;
     let solution = CODE_SOLUTIONS
         .iter()
         .find_map(|c| text(row, c).filter(|s| !s.trim().is_empty()));
@@ -864,20 +878,41 @@ mod tests {
             .unwrap();
         assert_eq!(
             asserts.answer,
-            r#"{"entry_point":"add","tests":[{"assert":"assert add(1, 2) == 3"}]}"#
+            r#"{"entry_point":"add","tests":["assert add(1, 2) == 3"]}"#
         );
         assert!(asserts.chat.is_none(), "no reference solution");
+        let spec = crate::code_exec::CodeTests::parse(&asserts.answer).unwrap();
+        assert_eq!(spec.len(), 1, "the answer is the spec code_tests runs");
         let pairs = mapping(Format::Code)
             .map(&row(json!({
                 "prompt": "Sum two numbers.", "tests": [{"input": "1 2\n", "output": "3\n"}],
                 "solution": "print(sum(map(int, input().split())))"
             })))
             .unwrap();
+        assert_eq!(pairs.answer, r#"{"io":[{"input":"1 2\n","output":"3\n"}]}"#);
         assert_eq!(
-            pairs.answer,
-            r#"{"tests":[{"input":"1 2\n","output":"3\n"}]}"#
+            crate::code_exec::CodeTests::parse(&pairs.answer)
+                .unwrap()
+                .len(),
+            1
         );
-        assert!(pairs.chat.unwrap()[1].content.contains("<answer>print("));
+        let chat = pairs.chat.unwrap();
+        assert!(chat[1].content.contains("<answer>print("));
+        // The imported reference solution passes its own tests (where Python is installed).
+        if crate::code_exec::python().is_ok() {
+            assert!(crate::tasks::verify_with(
+                "code",
+                &pairs.answer,
+                &chat[1].content,
+                false
+            ));
+            assert!(!crate::tasks::verify_with(
+                "code",
+                &pairs.answer,
+                "<answer>print(4)</answer>",
+                false
+            ));
+        }
         let text = mapping(Format::Code)
             .map(&row(
                 json!({"prompt": "p", "test": "def check(c):\n    assert c(1) == 2\n"}),

@@ -66,6 +66,10 @@ pub fn verify(task: &str, reference: &str, response: &str) -> bool {
 
 /// [`verify`], reading the answer as [`extract_answer_with`] does.
 pub fn verify_with(task: &str, reference: &str, response: &str, fallback: bool) -> bool {
+    // A code problem's reference is its test spec: correct means every test passes.
+    if task == crate::code_exec::CODE_TASK {
+        return crate::code_exec::verify(reference, response);
+    }
     let Some(answer) = extract_answer_with(task, response, fallback) else {
         return false;
     };
@@ -82,6 +86,10 @@ pub fn verify_with(task: &str, reference: &str, response: &str, fallback: bool) 
 /// the answer states no single value. (A percentage keeps its sign: `50%` matches both `50`
 /// and `0.5`, which do not match each other, so no one text can stand for all three.)
 pub fn canonical_answer(task: &str, answer: &str) -> Option<String> {
+    // Programs have no value to vote on.
+    if task == crate::code_exec::CODE_TASK {
+        return None;
+    }
     if task == COUNTDOWN {
         return countdown_value(answer).map(|value| value.to_string());
     }
