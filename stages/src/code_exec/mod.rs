@@ -470,6 +470,9 @@ def main():
     try:
         exec(compile(source, "solution.py", "exec"), ns)
         loaded = not entry or callable(ns.get(entry))
+        if loaded and entry:
+            # HumanEval's tests call the function under test `candidate`.
+            ns.setdefault("candidate", ns[entry])
         report("load", "ok" if loaded else "missing")
     except BaseException as e:
         loaded = False

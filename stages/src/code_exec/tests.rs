@@ -149,6 +149,19 @@ fn a_correct_program_scores_one_plus_bonus() {
 }
 
 #[test]
+fn humaneval_tests_call_the_entry_point_as_candidate() {
+    if !have_python() {
+        return;
+    }
+    let completion = "```python\ndef add(a, b):\n    return a + b\n```";
+    let spec = r#"{"tests": ["assert candidate(1, 2) == 3", "assert candidate(2, 2) == 4"], "entry_point": "add"}"#;
+    let limits = Limits::default();
+    assert_eq!(reward("code", spec, completion, &limits, BONUS), Some(1.5));
+    let wrong = completion.replace("a + b", "a - b");
+    assert_eq!(reward("code", spec, &wrong, &limits, BONUS), Some(0.0));
+}
+
+#[test]
 fn a_wrong_program_scores_its_fraction() {
     if !have_python() {
         return;
