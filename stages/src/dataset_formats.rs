@@ -6,7 +6,7 @@
 //! Rows arrive as JSON objects (whatever the file type; a null is an absent key), so one
 //! mapping serves every file type.
 
-use serde::{Deserialize, Serialize};
+use serde::Deserialize;
 use serde_json::{Map, Value};
 
 use crate::tables::Message;
@@ -570,9 +570,8 @@ fn chat(row: &Map<String, Value>) -> Result<Mapped, String> {
     Ok(m)
 }
 
-/// A code problem's test, as stored in its `answer`.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
-#[serde(untagged)]
+/// A code problem's test as read from a row; [`code_answer`] writes them as `code_exec`'s spec.
+#[derive(Debug, Clone, PartialEq, Eq)]
 enum CodeTest {
     Assert { assert: String },
     Io { input: String, output: String },
