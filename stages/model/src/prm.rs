@@ -239,8 +239,9 @@ impl<B: Backend> ProcessRewardModel<B> {
     }
 }
 
-/// Stacks `extra` copies of `lm`'s top layers on its decoder, in order (a 2-layer decoder with 2
-/// extra becomes layers 0, 1, 0, 1), each with fresh parameter ids so it trains on its own.
+/// Stacks `extra` copies of `lm`'s top layers on its decoder, the top layer's copy last (a
+/// 2-layer decoder with 2 extra becomes layers 0, 1, 0, 1; with 3 extra, 0, 1, 1, 0, 1), each
+/// with fresh parameter ids so it trains on its own.
 ///
 /// Why: a completer this small finishes a step's arithmetic in its last layer, so a head on it
 /// has no layer left to compare the result with the digits written after it; with two more
