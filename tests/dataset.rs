@@ -308,6 +308,13 @@ fn a_split_keeps_every_prompt_on_one_side_and_follows_the_seed() {
     p.write("p.yaml", &pipeline(2));
     let other = p.run("p.yaml", &[]);
     assert_ne!(sides(&p, &other).1, test);
+    // `split_seed` holds the test set still while the pipeline's seed moves.
+    let pinned = |seed: u64| pipeline(seed).replace("split: 0.25", "split: 0.25, split_seed: 1");
+    p.write("p.yaml", &pinned(2));
+    let pinned_2 = p.run("p.yaml", &[]);
+    assert_eq!(sides(&p, &pinned_2).1, test);
+    p.write("p.yaml", &pinned(3));
+    assert_eq!(sides(&p, &p.run("p.yaml", &[])).1, test);
 
     // A split column decides per row; a train row whose prompt is in test is dropped.
     p.write(
@@ -499,6 +506,37 @@ fn dropping_bad_rows_reports_how_many_and_the_first_lines() {
     assert!(stderr.contains("g.jsonl:4:30: expected value"), "{stderr}");
     assert!(
         stderr.contains("g.jsonl:5: `answer` does not end in a `#### n` line"),
+        "{stderr}"
+    );
+}
+
+#[test]
+fn dropping_bad_rows_steps_over_ragged_and_non_utf8_csv_records() {
+    let p = Project::new("dataset-drop-csv");
+    p.write_bytes(
+        "g.csv",
+        b"question,answer\nA?,1\nB?\nC?,3\ncaf\xe9?,4\nD?,5,extra\nE?,6\n",
+    );
+    p.write(
+        "p.yaml",
+        "stages:\n  import:\n    kind: dataset\n    params: { path: g.csv, format: generic, prompt: '{question}', answer: answer, on_bad_row: drop }\n",
+    );
+    let out = p.output(&["run", "p.yaml", "--json"]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stderr}");
+    let run = common::Run::parse(&out);
+    let train = rows_of(&p.cache(), &run.output("import", "train"));
+    assert_eq!(column(&train, "answer"), vec!["1", "3", "6"]);
+    assert!(
+        stderr.contains("3 bad rows dropped; the first:"),
+        "{stderr}"
+    );
+    assert!(
+        stderr.contains("g.csv:3: 1 fields where the header has 2"),
+        "{stderr}"
+    );
+    assert!(
+        stderr.contains("g.csv:5: field 1: not UTF-8 (byte 0xe9)"),
         "{stderr}"
     );
 }

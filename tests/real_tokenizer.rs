@@ -118,6 +118,43 @@ fn a_bpe_qwen2_runs_the_recipe_on_an_imported_gsm8k_file() {
         losses.len() >= 2 && losses[losses.len() - 1] < 0.6 * losses[0],
         "loss {losses:?}"
     );
+    // Sampling stops at the first end token (<|im_end|> 2, or <|endoftext|> 0, which the
+    // fixture's pretraining ended texts with; both are EOS ids, as in Qwen2-Instruct), and no
+    // other special token is generated before it (<|im_start|> 1), which the decoded text
+    // (special tokens skipped) could not show.
+    let out = p.output(&[
+        "generate",
+        "cold_start.model",
+        "-p",
+        "p.yaml",
+        "--chat",
+        "--prompt",
+        QUESTION,
+        "--max-new-tokens",
+        "160",
+        "--json",
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let reply: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let ids: Vec<u32> = reply["token_ids"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| v.as_u64().unwrap() as u32)
+        .collect();
+    assert_eq!(reply["truncated"], false, "the turn never ended: {reply}");
+    let (end, body) = ids.split_last().unwrap();
+    assert!([0, 2].contains(end), "{reply}");
+    assert!(!body.iter().any(|&id| id <= 2), "{ids:?}");
+    let format = ChatFormat::load(&fixtures().join("qwen2-bpe")).unwrap();
+    assert_eq!(
+        format.tokenizer.decode(body, false).unwrap(),
+        reply["text"].as_str().unwrap()
+    );
     // GRPO's samples are decoded BPE text: no template or end token leaks into a completion.
     let samples = batches(&cache, &run.output("rl", "samples"));
     let completions: Vec<String> = samples

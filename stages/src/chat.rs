@@ -1,6 +1,12 @@
 //! How problems and chats become token ids, the same way for every stage that trains or
 //! samples: the prompt is the user turn rendered by the model's chat template with the
 //! generation prompt; the completion is the assistant text followed by the turn's end token.
+//!
+//! Some templates open the reply themselves (QwQ's and DeepSeek-R1-Distill's generation prompt
+//! ends in `<think>\n`; Qwen3's non-thinking mode in an empty think block): the model then
+//! writes only the rest. [`ChatFormat::reply_prefix`] is that opening; generated text gets it
+//! back ([`ChatFormat::reply_text`]) so rewards and verifiers see whole replies, and training
+//! targets drop it ([`ChatFormat::completion_ids`]) so the prompt does not say it twice.
 
 use anyhow::Context;
 use dagrun_model::tokenizer::{ChatMessage, Tokenizer};
@@ -16,6 +22,9 @@ pub struct ChatFormat {
     /// Every id that stops generation.
     pub stop_ids: Vec<u32>,
     pub pad_id: u32,
+    /// The start of the reply that the generation prompt already holds: from the `<think>`
+    /// the generation prompt adds to its end; empty for templates that leave the reply open.
+    pub reply_prefix: String,
 }
 
 impl ChatFormat {
@@ -34,12 +43,20 @@ impl ChatFormat {
             stop_ids.push(end_id);
         }
         let pad_id = tokenizer.pad_id().unwrap_or(end_id);
+        let reply_prefix = reply_prefix(&tokenizer);
         Ok(ChatFormat {
             tokenizer,
             end_id,
             stop_ids,
             pad_id,
+            reply_prefix,
         })
+    }
+
+    /// A generated reply as a whole: the template's [`reply_prefix`](Self::reply_prefix)
+    /// followed by what the model wrote.
+    pub fn reply_text(&self, generated: &str) -> String {
+        format!("{}{generated}", self.reply_prefix)
     }
 
     /// The prompt ids for a user message, ready for the assistant's answer.
@@ -50,12 +67,44 @@ impl ChatFormat {
         self.tokenizer.encode(&text, false)
     }
 
-    /// The training target for an assistant message: its ids and the end-of-turn id.
+    /// The training target for an assistant message: its ids and the end-of-turn id. The
+    /// part the generation prompt already holds ([`reply_prefix`](Self::reply_prefix)) is
+    /// left out, so the model learns to continue the prompt it will be given.
     pub fn completion_ids(&self, assistant: &str) -> anyhow::Result<Vec<u32>> {
-        let mut ids = self.tokenizer.encode(assistant, false)?;
+        let mut ids = self.tokenizer.encode(self.reply_body(assistant), false)?;
         ids.push(self.end_id);
         Ok(ids)
     }
+
+    /// `assistant` without the reply prefix (compared up to whitespace after it).
+    pub fn reply_body<'a>(&self, assistant: &'a str) -> &'a str {
+        let prefix = self.reply_prefix.trim_end();
+        if prefix.is_empty() {
+            return assistant;
+        }
+        match assistant.trim_start().strip_prefix(prefix) {
+            Some(rest) => rest.trim_start_matches([' ', '\n', '\r', '\t']),
+            None => assistant,
+        }
+    }
+}
+
+/// What a tokenizer's chat template puts after the assistant header: the text from the last
+/// `<think>` in what `add_generation_prompt` adds. Empty without a template or a `<think>`.
+fn reply_prefix(tokenizer: &Tokenizer) -> String {
+    let user = [ChatMessage::new("user", "?")];
+    let (Ok(open), Ok(closed)) = (
+        tokenizer.apply_chat_template(&user, true),
+        tokenizer.apply_chat_template(&user, false),
+    ) else {
+        return String::new();
+    };
+    let Some(added) = open.strip_prefix(closed.as_str()) else {
+        return String::new();
+    };
+    added
+        .rfind("<think>")
+        .map_or_else(String::new, |at| added[at..].to_string())
 }
 
 #[cfg(test)]
@@ -99,6 +148,27 @@ mod tests {
         assert_eq!(format.end_id, 1, "<|eot_id|> ends the turn");
         assert_eq!(format.completion_ids("hi").unwrap(), vec![2, 1]);
         assert!(format.stop_ids.contains(&0) && format.stop_ids.contains(&1));
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn a_template_that_opens_the_think_block_is_continued_not_repeated() {
+        let dir = std::env::temp_dir().join(format!("dagrun-chat-think-{}", std::process::id()));
+        llama3_like(&dir);
+        let template = "{% for m in messages %}<|start|>{{ m.content }}<|eot_id|>{% endfor %}{% if add_generation_prompt %}<|start|><think>\n{% endif %}";
+        let config = serde_json::json!({"eos_token": "<|eot_id|>", "chat_template": template});
+        std::fs::write(dir.join("tokenizer_config.json"), config.to_string()).unwrap();
+        let format = ChatFormat::load(&dir).unwrap();
+        assert_eq!(format.reply_prefix, "<think>\n");
+        assert_eq!(format.reply_text("hi\n</think>"), "<think>\nhi\n</think>");
+        let body = format.tokenizer.encode("hi", false).unwrap();
+        let expected: Vec<u32> = body.iter().copied().chain([1]).collect();
+        assert_eq!(format.completion_ids("<think>\nhi").unwrap(), expected);
+        assert_eq!(
+            format.completion_ids("hi").unwrap(),
+            expected,
+            "a reply without the opening is trained as it is"
+        );
         std::fs::remove_dir_all(&dir).unwrap();
     }
 }

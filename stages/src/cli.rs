@@ -10,7 +10,9 @@ use dagrun_engine::cli::{EXIT_OK, EXIT_STAGE_FAILED, EXIT_USAGE, GlobalArgs, res
 use dagrun_model::bench::{BenchShape, run_bench};
 use dagrun_model::device::{BackendTask, DeviceSpec, run_on};
 use dagrun_model::generate::{SamplingParams, generate};
-use dagrun_model::tokenizer::{ChatMessage, Tokenizer};
+use dagrun_model::tokenizer::Tokenizer;
+
+use crate::chat::ChatFormat;
 
 #[derive(Debug, Args)]
 pub struct GenerateArgs {
@@ -79,15 +81,21 @@ struct Generate {
 impl BackendTask for Generate {
     type Output = serde_json::Value;
     fn run<B: AutodiffBackend>(self, device: B::Device) -> anyhow::Result<serde_json::Value> {
-        let tokenizer = Tokenizer::load(&self.dir)?;
         let model = dagrun_model::load_model::<B::InnerBackend>(&self.dir, &device)?;
         let a = &self.args;
-        let text = if a.chat {
-            tokenizer.apply_chat_template(&[ChatMessage::new("user", &a.prompt)], true)?
+        // A chat prompt stops at the template's turn end, as every stage's sampling does; a
+        // raw prompt at the tokenizer's EOS ids.
+        let (tokenizer, ids, stop_ids, reply_prefix) = if a.chat {
+            let format = ChatFormat::load(&self.dir)?;
+            let ids = format.prompt_ids(&a.prompt)?;
+            let (stop, prefix) = (format.stop_ids.clone(), format.reply_prefix.clone());
+            (format.tokenizer, ids, stop, prefix)
         } else {
-            a.prompt.clone()
+            let tokenizer = Tokenizer::load(&self.dir)?;
+            let ids = tokenizer.encode(&a.prompt, true)?;
+            let eos = tokenizer.eos_ids.clone();
+            (tokenizer, ids, eos, String::new())
         };
-        let ids = tokenizer.encode(&text, !a.chat)?;
         let params = SamplingParams {
             temperature: a.temperature,
             top_k: a.top_k,
@@ -96,14 +104,8 @@ impl BackendTask for Generate {
             stop_strings: Vec::new(),
             seed: a.seed,
         };
-        let out = generate(
-            &model,
-            Some(&tokenizer),
-            &[ids],
-            &tokenizer.eos_ids,
-            &params,
-        )?
-        .remove(0);
+        let mut out = generate(&model, Some(&tokenizer), &[ids], &stop_ids, &params)?.remove(0);
+        out.text = format!("{reply_prefix}{}", out.text);
         Ok(
             serde_json::json!({ "text": out.text, "token_ids": out.token_ids, "logprobs": out.logprobs, "truncated": out.truncated }),
         )

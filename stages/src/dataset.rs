@@ -47,6 +47,7 @@ struct DatasetParams {
     id: Option<String>,
     task: Option<String>,
     split: Option<f64>,
+    split_seed: Option<u64>,
     split_column: Option<String>,
     on_bad_row: OnBadRow,
 }
@@ -153,7 +154,15 @@ impl StageKind for Dataset {
                 ParamSpec::unset(
                     "split",
                     ParamType::Float { min: 0.0, max: 1.0 },
-                    "share of prompts held out as test, by a hash of the prompt and the seed (default: everything in train)",
+                    "share of prompts held out as test, by a hash of the prompt and `split_seed` (default: everything in train)",
+                ),
+                ParamSpec::unset(
+                    "split_seed",
+                    ParamType::Int {
+                        min: 0,
+                        max: i64::MAX,
+                    },
+                    "the seed of the `split` hash (default: the stage's seed); fix it to keep one test set across runs with different seeds",
                 ),
                 text_param(
                     "split_column",
@@ -205,6 +214,12 @@ impl StageKind for Dataset {
             return fail(
                 "split_column",
                 "give `split` or `split_column`, not both".into(),
+            );
+        }
+        if p.split_seed.is_some() && p.split.is_none() {
+            return fail(
+                "split_seed",
+                "param `split_seed` seeds `split`, which is not set".into(),
             );
         }
         if p.records.is_some() && p.file_type.is_some_and(|t| t != FileType::Json) {
@@ -322,7 +337,9 @@ impl<'a> Import<'a> {
         let key = prompt_key(&m.prompt);
         let test = match (m.test, self.p.split) {
             (Some(side), _) => side,
-            (None, Some(share)) => held_out(self.ctx.seed, &m.prompt, share),
+            (None, Some(share)) => {
+                held_out(self.p.split_seed.unwrap_or(self.ctx.seed), &m.prompt, share)
+            }
             (None, None) => false,
         };
         let problem = ProblemRow {

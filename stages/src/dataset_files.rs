@@ -595,53 +595,116 @@ fn read_parquet(path: &Path, sink: &mut dyn Sink) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// The line each record of a CSV file starts on, after checking that every record has the
-/// header's number of fields and is UTF-8 (whatever `on_bad_row` says, a file that fails here
-/// is not read: Arrow's CSV reader cannot step over a record).
-fn csv_lines(path: &Path) -> anyhow::Result<Vec<u64>> {
-    let mut reader = csv::ReaderBuilder::new()
-        .has_headers(true)
-        .flexible(true)
-        .from_path(path)
-        .with_context(|| format!("cannot open {}", path.display()))?;
+/// A CSV file's records: the line each starts on and its number from 1, with the bad ones
+/// (a field count other than the header's, or bytes that are not UTF-8) left out after
+/// `sink` heard of them, so `on_bad_row: drop` can step over them.
+struct CsvRecords {
+    good: Vec<RowAt>,
+    bad: usize,
+}
+
+fn csv_records(path: &Path, sink: &mut dyn Sink) -> anyhow::Result<CsvRecords> {
+    let mut reader = csv_reader(path)?;
     let fail = |line: u64, message: String| anyhow!("{}:{line}: {message}", path.display());
     let csv_error = |e: csv::Error| {
         let line = e.position().map_or(0, |p| p.line());
         fail(line, e.to_string())
     };
     let header = reader.byte_headers().map_err(csv_error)?.clone();
-    let check_utf8 = |line: u64, record: &csv::ByteRecord| {
-        for (i, field) in record.iter().enumerate() {
-            if let Err((_, message)) = utf8(field) {
-                return Err(fail(line, format!("field {}: {message}", i + 1)));
+    let utf8_error = |record: &csv::ByteRecord| {
+        record.iter().enumerate().find_map(|(i, field)| {
+            utf8(field)
+                .err()
+                .map(|(_, message)| format!("field {}: {message}", i + 1))
+        })
+    };
+    if let Some(message) = utf8_error(&header) {
+        return Err(fail(1, message));
+    }
+    let mut records = CsvRecords {
+        good: Vec::new(),
+        bad: 0,
+    };
+    let mut record = csv::ByteRecord::new();
+    let mut n = 0;
+    while reader.read_byte_record(&mut record).map_err(csv_error)? {
+        n += 1;
+        let line = record.position().map_or(0, |p| p.line());
+        let problem = if record.len() != header.len() {
+            Some(format!(
+                "{} fields where the header has {}",
+                record.len(),
+                header.len()
+            ))
+        } else {
+            utf8_error(&record)
+        };
+        match problem {
+            Some(message) => {
+                sink.bad_row(format!("{}:{line}", path.display()), message)?;
+                records.bad += 1;
+            }
+            None => records.good.push(RowAt {
+                n,
+                line: Some(line),
+            }),
+        }
+    }
+    Ok(records)
+}
+
+fn csv_reader(path: &Path) -> anyhow::Result<csv::Reader<File>> {
+    csv::ReaderBuilder::new()
+        .has_headers(true)
+        .flexible(true)
+        .from_path(path)
+        .with_context(|| format!("cannot open {}", path.display()))
+}
+
+/// A copy of a CSV file without its bad records, for Arrow's reader (which cannot step over
+/// a record); removed when dropped.
+struct CleanCopy(PathBuf);
+
+impl CleanCopy {
+    fn new(path: &Path, good: &[RowAt]) -> anyhow::Result<CleanCopy> {
+        static NEXT: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+        let copy = CleanCopy(std::env::temp_dir().join(format!(
+            "dagrun-csv-{}-{}.csv",
+            std::process::id(),
+            NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+        )));
+        let mut reader = csv_reader(path)?;
+        let mut writer = csv::Writer::from_path(&copy.0)
+            .with_context(|| format!("cannot write {}", copy.0.display()))?;
+        writer.write_byte_record(reader.byte_headers()?)?;
+        let keep: HashSet<u64> = good.iter().map(|r| r.n).collect();
+        let mut record = csv::ByteRecord::new();
+        let mut n = 0;
+        while reader.read_byte_record(&mut record)? {
+            n += 1;
+            if keep.contains(&n) {
+                writer.write_byte_record(&record)?;
             }
         }
-        Ok(())
-    };
-    check_utf8(1, &header)?;
-    let mut lines = Vec::new();
-    let mut record = csv::ByteRecord::new();
-    while reader.read_byte_record(&mut record).map_err(csv_error)? {
-        let line = record.position().map_or(0, |p| p.line());
-        if record.len() != header.len() {
-            return Err(fail(
-                line,
-                format!(
-                    "{} fields where the header has {}",
-                    record.len(),
-                    header.len()
-                ),
-            ));
-        }
-        check_utf8(line, &record)?;
-        lines.push(line);
+        writer.flush()?;
+        Ok(copy)
     }
-    Ok(lines)
+}
+
+impl Drop for CleanCopy {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.0);
+    }
 }
 
 fn read_csv(path: &Path, sink: &mut dyn Sink) -> anyhow::Result<()> {
-    let lines = csv_lines(path)?;
-    let open = || File::open(path).with_context(|| format!("cannot open {}", path.display()));
+    let records = csv_records(path, sink)?;
+    let copy = match records.bad {
+        0 => None,
+        _ => Some(CleanCopy::new(path, &records.good)?),
+    };
+    let readable = copy.as_ref().map_or(path, |c| c.0.as_path());
+    let open = || File::open(readable).with_context(|| format!("cannot open {}", path.display()));
     let format = arrow::csv::reader::Format::default().with_header(true);
     let (inferred, _) = format
         .infer_schema(open()?, Some(1))
@@ -661,23 +724,19 @@ fn read_csv(path: &Path, sink: &mut dyn Sink) -> anyhow::Result<()> {
     let mut n = 0;
     for batch in reader {
         let batch = batch.map_err(|e| anyhow!("{}: {}", path.display(), arrow_message(&e)))?;
-        let rows = (0..batch.num_rows())
-            .map(|i| {
-                let n = n + i;
-                RowAt {
-                    n: n as u64 + 1,
-                    line: lines.get(n).copied(),
-                }
-            })
+        let rows = records.good[n.min(records.good.len())..]
+            .iter()
+            .take(batch.num_rows())
+            .copied()
             .collect();
         n += batch.num_rows();
         sink.chunk(path, Chunk { batch, rows })?;
     }
-    if n != lines.len() {
+    if n != records.good.len() {
         bail!(
             "{}: Arrow read {n} records where the csv check counted {}",
             path.display(),
-            lines.len()
+            records.good.len()
         );
     }
     Ok(())
@@ -847,21 +906,39 @@ mod tests {
     }
 
     #[test]
-    fn csv_rows_know_their_lines_and_bad_records_fail_the_file() {
+    fn csv_rows_know_their_lines_and_bad_records_fail_the_file_or_are_dropped() {
         let path = scratch("t.csv", b"q,a\n\"two\nlines\",007\nx,1\n");
         let c = read_all(&path, FileType::Csv, None, true).unwrap();
         assert_eq!(c.rows.len(), 2);
         assert_eq!(c.rows[0].1["a"], "007");
         assert_eq!(c.rows[1].0.line, Some(4));
-        let ragged = scratch("r.csv", b"q,a\nx,1\ny\n");
-        let err = read_all(&ragged, FileType::Csv, None, false).err().unwrap();
+        let ragged = scratch("r.csv", b"q,a\nx,1\ny\nz,3\n");
+        let dropped = read_all(&ragged, FileType::Csv, None, false).unwrap();
+        assert_eq!(dropped.bad.len(), 1, "{:?}", dropped.bad);
+        assert!(dropped.bad[0].ends_with("r.csv:3: 1 fields where the header has 2"));
+        let kept: Vec<(u64, Option<u64>)> =
+            dropped.rows.iter().map(|(r, _)| (r.n, r.line)).collect();
+        assert_eq!(
+            kept,
+            vec![(1, Some(2)), (3, Some(4))],
+            "the others keep their numbers"
+        );
+        assert_eq!(dropped.rows[1].1["q"], "z");
+        let err = read_all(&ragged, FileType::Csv, None, true).err().unwrap();
         assert!(
             err.to_string()
                 .ends_with("r.csv:3: 1 fields where the header has 2"),
             "{err}"
         );
         let latin = scratch("l.csv", b"q,a\nx,1\ncaf\xe9,2\n");
-        let err = read_all(&latin, FileType::Csv, None, false).err().unwrap();
+        assert_eq!(
+            read_all(&latin, FileType::Csv, None, false)
+                .unwrap()
+                .rows
+                .len(),
+            1
+        );
+        let err = read_all(&latin, FileType::Csv, None, true).err().unwrap();
         assert!(
             err.to_string()
                 .ends_with("l.csv:3: field 1: not UTF-8 (byte 0xe9)"),

@@ -611,24 +611,20 @@ fn value_text(v: &Value) -> String {
     }
 }
 
-/// Tests given as assert lines (a list, or a text whose `assert` lines count) or input/output
+/// Tests given as assert lines (a list, or Python text: see [`python_tests`]) or input/output
 /// pairs (a list of `{input, output}`, or `{inputs: [...], outputs: [...]}`, maybe as JSON text).
-fn code_tests(v: &Value) -> Result<Vec<CodeTest>, String> {
+/// `entry_point` is the function under test, which HumanEval's `check(candidate)` is called on.
+fn code_tests(v: &Value, entry_point: Option<&str>) -> Result<Vec<CodeTest>, String> {
     let io = |i: &Value, o: &Value| CodeTest::Io {
         input: value_text(i),
         output: value_text(o),
     };
     let tests = match v {
         Value::String(s) => match serde_json::from_str::<Value>(s) {
-            Ok(parsed @ (Value::Array(_) | Value::Object(_))) => return code_tests(&parsed),
-            _ => s
-                .lines()
-                .map(str::trim)
-                .filter(|l| l.starts_with("assert"))
-                .map(|l| CodeTest::Assert {
-                    assert: l.to_string(),
-                })
-                .collect(),
+            Ok(parsed @ (Value::Array(_) | Value::Object(_))) => {
+                return code_tests(&parsed, entry_point);
+            }
+            _ => python_tests(s, entry_point)?,
         },
         Value::Array(items) => items
             .iter()
@@ -665,23 +661,134 @@ fn code_tests(v: &Value) -> Result<Vec<CodeTest>, String> {
     Ok(tests)
 }
 
+/// Tests written as one Python text. When it is nothing but top-level `assert` statements,
+/// each is a test (an assert may continue over indented or bracketed lines), so a solution
+/// earns partial credit. Anything else (setup code, loops, HumanEval's `def check(candidate):`)
+/// is one test that runs the whole text; a `check` it defines but never calls is called on
+/// the entry point, as HumanEval's harness does.
+fn python_tests(text: &str, entry_point: Option<&str>) -> Result<Vec<CodeTest>, String> {
+    let statements = top_level_statements(text);
+    if statements.iter().all(|s| s.starts_with("assert")) {
+        return Ok(statements
+            .into_iter()
+            .map(|assert| CodeTest::Assert { assert })
+            .collect());
+    }
+    let mut whole = text.trim_end().to_string();
+    let defines_check = statements.iter().any(|s| s.starts_with("def check("));
+    let calls_check = statements.iter().any(|s| s.starts_with("check("));
+    if defines_check && !calls_check {
+        if entry_point.is_none() {
+            return Err(
+                "the tests define `check(candidate)` but the row has no `entry_point` naming the function to check"
+                    .into(),
+            );
+        }
+        // The harness binds the entry point as `candidate`.
+        whole.push_str("\n\ncheck(candidate)");
+    }
+    Ok(vec![CodeTest::Assert { assert: whole }])
+}
+
+/// The top-level statements of Python source, each with its continuation lines (indented,
+/// inside open brackets, or after a backslash); blank and comment lines are left out. A
+/// reader for splitting test files, not a Python parser: triple-quoted strings spanning
+/// lines at the top level are not understood.
+fn top_level_statements(text: &str) -> Vec<String> {
+    let mut statements: Vec<String> = Vec::new();
+    let mut depth = 0i32;
+    let mut continued = false;
+    for line in text.lines() {
+        let trimmed = line.trim();
+        let starts_new = !continued
+            && depth <= 0
+            && !line.starts_with([' ', '\t'])
+            && !trimmed.is_empty()
+            && !trimmed.starts_with('#');
+        if starts_new {
+            statements.push(trimmed.to_string());
+            depth = 0;
+        } else if let Some(last) = statements.last_mut() {
+            if trimmed.is_empty() || trimmed.starts_with('#') && depth <= 0 {
+                continue;
+            }
+            last.push('\n');
+            last.push_str(line.trim_end());
+        } else {
+            continue;
+        }
+        depth += bracket_balance(line);
+        continued = trimmed.ends_with('\\');
+    }
+    statements
+}
+
+/// Opening minus closing brackets on a line, outside string literals and comments.
+fn bracket_balance(line: &str) -> i32 {
+    let mut balance = 0;
+    let mut quote: Option<char> = None;
+    let mut chars = line.chars();
+    while let Some(c) = chars.next() {
+        match (quote, c) {
+            (Some(_), '\\') => {
+                chars.next();
+            }
+            (Some(q), c) if c == q => quote = None,
+            (Some(_), _) => {}
+            (None, '\'' | '"') => quote = Some(c),
+            (None, '#') => break,
+            (None, '(' | '[' | '{') => balance += 1,
+            (None, ')' | ']' | '}') => balance -= 1,
+            _ => {}
+        }
+    }
+    balance
+}
+
+/// Whether Python source defines function `name` at any level.
+fn defines(source: &str, name: &str) -> bool {
+    source
+        .lines()
+        .any(|l| l.trim_start().starts_with(&format!("def {name}(")))
+}
+
+/// The reference program of a code row: its solution, or, when the solution is a function's
+/// body (HumanEval's `canonical_solution`), the prompt's signature and docstring followed by it.
+fn reference_program(prompt: &str, solution: &str, entry_point: Option<&str>) -> String {
+    // Leading blank lines go; the first line's indentation is part of a body.
+    let first = solution
+        .lines()
+        .position(|l| !l.trim().is_empty())
+        .unwrap_or(0);
+    let body = solution.lines().skip(first).collect::<Vec<_>>().join("\n");
+    let body = body.trim_end();
+    match entry_point {
+        Some(e) if !defines(body, e) && defines(prompt, e) => {
+            format!("{}\n{}", prompt.trim_end(), body)
+        }
+        _ => body.to_string(),
+    }
+}
+
 fn code(row: &Map<String, Value>) -> Result<Mapped, String> {
     let prompt = required(row, "prompt")?;
     let (column, value) = CODE_TESTS
         .iter()
         .find_map(|c| row.get(*c).filter(|v| !v.is_null()).map(|v| (*c, v)))
         .ok_or("the tests are empty")?;
-    let tests = code_tests(value).map_err(|e| format!("`{column}`: {e}"))?;
     let entry_point = text(row, "entry_point").map(|e| e.trim().to_string());
-    let answer = code_answer(entry_point.as_deref().filter(|e| !e.is_empty()), tests)
-        .map_err(|e| format!("`{column}`: {e}"))?;
+    let entry_point = entry_point.as_deref().filter(|e| !e.is_empty());
+    let tests = code_tests(value, entry_point).map_err(|e| format!("`{column}`: {e}"))?;
+    let answer = code_answer(entry_point, tests).map_err(|e| format!("`{column}`: {e}"))?;
     let solution = CODE_SOLUTIONS
         .iter()
         .find_map(|c| text(row, c).filter(|s| !s.trim().is_empty()));
+    let raw_prompt = text(row, "prompt").unwrap_or_default();
     let mut m = problem("code", prompt, answer, Vec::new(), solution.is_some());
-    if let (Some(chat), Some(code)) = (&mut m.chat, solution) {
+    if let (Some(chat), Some(solution)) = (&mut m.chat, solution) {
         // The code is the reply's answer; there are no reasoning steps to show.
-        chat[1].content = tasks::format_completion(&[], code.trim());
+        let program = reference_program(&raw_prompt, &solution, entry_point);
+        chat[1].content = tasks::format_completion(&[], &program);
     }
     Ok(m)
 }
@@ -912,15 +1019,79 @@ mod tests {
                 false
             ));
         }
-        let text = mapping(Format::Code)
-            .map(&row(
-                json!({"prompt": "p", "test": "def check(c):\n    assert c(1) == 2\n"}),
-            ))
-            .unwrap();
-        assert!(text.answer.contains("assert c(1) == 2"));
-        let apps = code_tests(&json!("{\"inputs\": [\"1\"], \"outputs\": [\"2\"]}")).unwrap();
+        let apps = code_tests(&json!("{\"inputs\": [\"1\"], \"outputs\": [\"2\"]}"), None).unwrap();
         assert_eq!(apps.len(), 1);
-        assert!(code_tests(&json!([1])).is_err());
+        assert!(code_tests(&json!([1]), None).is_err());
+    }
+
+    /// A HumanEval row as the published file has it: the prompt is the signature and
+    /// docstring, `canonical_solution` the body, `test` a `check(candidate)` function.
+    fn humaneval_row() -> Map<String, Value> {
+        row(json!({
+            "task_id": "HumanEval/0",
+            "prompt": "def add(a, b):\n    \"\"\"Adds two numbers.\"\"\"\n",
+            "canonical_solution": "    return a + b\n",
+            "test": "\n\nMETADATA = {}\n\n\ndef check(candidate):\n    assert candidate(1, 2) == 3\n    assert candidate(\n        -1, 1\n    ) == 0\n",
+            "entry_point": "add"
+        }))
+    }
+
+    #[test]
+    fn humaneval_rows_call_check_and_join_the_body_to_its_signature() {
+        let m = mapping(Format::Code).map(&humaneval_row()).unwrap();
+        let spec = crate::code_exec::CodeTests::parse(&m.answer).unwrap();
+        let crate::code_exec::Cases::Asserts(tests) = &spec.cases else {
+            panic!("{:?}", spec.cases)
+        };
+        assert_eq!(tests.len(), 1, "check() is one test");
+        assert!(tests[0].ends_with("check(candidate)"), "{}", tests[0]);
+        let reply = &m.chat.as_ref().unwrap()[1].content;
+        assert!(
+            reply.contains("def add(a, b):\n    \"\"\"Adds two numbers.\"\"\"\n    return a + b"),
+            "{reply}"
+        );
+        let mut no_entry = humaneval_row();
+        no_entry.remove("entry_point");
+        let err = mapping(Format::Code).map(&no_entry).unwrap_err();
+        assert!(err.contains("no `entry_point`"), "{err}");
+        if crate::code_exec::python().is_err() {
+            eprintln!("SKIPPED running the HumanEval row: no Python here");
+            return;
+        }
+        assert!(crate::tasks::verify_with("code", &m.answer, reply, false));
+        let wrong = reply.replace("a + b", "a - b");
+        assert!(!crate::tasks::verify_with("code", &m.answer, &wrong, false));
+        // A check() that is never called would pass anything: it must be called.
+        let never = "<answer>def add(a, b):\n    return 0</answer>";
+        assert!(!crate::tasks::verify_with("code", &m.answer, never, false));
+    }
+
+    #[test]
+    fn assert_text_splits_into_statements_with_their_continuation_lines() {
+        let text = "# tests\nassert f(1) == [\n    1,\n]\nassert f(2) == \\\n    [1, 2]\n\nassert f(')') == 3  # ')'\n";
+        let tests = python_tests(text, None).unwrap();
+        assert_eq!(
+            tests,
+            vec![
+                CodeTest::Assert {
+                    assert: "assert f(1) == [\n    1,\n]".into()
+                },
+                CodeTest::Assert {
+                    assert: "assert f(2) == \\\n    [1, 2]".into()
+                },
+                CodeTest::Assert {
+                    assert: "assert f(')') == 3  # ')'".into()
+                },
+            ]
+        );
+        let looped = "for i in range(3):\n    assert f(i) == i\n";
+        assert_eq!(
+            python_tests(looped, None).unwrap(),
+            vec![CodeTest::Assert {
+                assert: looped.trim_end().into()
+            }],
+            "a loop is one test, not its inner assert alone"
+        );
     }
 
     #[test]

@@ -365,6 +365,12 @@ fn sequences(
             .collect());
     }
     let samples = teacher_solutions(ctx, device, teacher, prompts, p)?;
+    crate::code_exec::prejudge(
+        samples
+            .iter()
+            .map(|s| (s.task.as_str(), s.answer.as_str(), s.completion.as_str())),
+    )
+    .map_err(|e| anyhow::anyhow!(e))?;
     let kept = keep_solutions(prompts, &samples, p.num_samples, p.require_correct)?;
     let judged: Vec<&SampleRow> = samples.iter().filter(|s| !s.answer.is_empty()).collect();
     let correct = judged

@@ -344,6 +344,16 @@ impl BackendTask for EvalTask<'_> {
                 }
                 None => vec![None; chunk.len()],
             };
+            // Code problems are judged by running programs: all of the chunk's at once, on
+            // every core; the verdicts below come from the memo.
+            crate::code_exec::prejudge(chunk.iter().zip(&greedy).zip(&sampled).flat_map(
+                |((p, g), s)| {
+                    g.iter()
+                        .chain(s)
+                        .map(move |c| (p.task.as_str(), p.answer.as_str(), c.text.as_str()))
+                },
+            ))
+            .map_err(|e| anyhow::anyhow!(e))?;
             let mut rows = Vec::with_capacity(chunk.len());
             for (((problem, greedy), samples), scores) in
                 chunk.iter().zip(greedy).zip(sampled).zip(ranked)

@@ -260,7 +260,10 @@ impl StageKind for Grpo {
                     json!(10),
                     "steps between checkpoints",
                 ),
-            ],
+            ]
+            .into_iter()
+            .chain(crate::sampling::code_reward_params())
+            .collect(),
             device_dependent: true,
             variadic_inputs: false,
         }
@@ -303,6 +306,8 @@ impl StageKind for Grpo {
             params.i64("max_new_tokens") as usize,
         )?
         .with_answer_fallback(params.bool("answer_fallback"));
+        let (bonus, limits) = crate::sampling::code_reward(&params);
+        let rewards = rewards.with_code(bonus, limits);
         let progress = ctx.progress(params.i64("steps") as u64, "steps");
         let task = GrpoTask {
             params,
@@ -481,7 +486,7 @@ impl BackendTask for GrpoTask {
                     .seed
                     .wrapping_add(step.wrapping_mul(0x2545_F491_4F6C_DD1D)),
             };
-            let completions = generate(
+            let mut completions = generate(
                 &policy,
                 Some(&self.format.tokenizer),
                 &prompts,
@@ -499,6 +504,9 @@ impl BackendTask for GrpoTask {
                 ),
                 None => e,
             })?;
+            for c in &mut completions {
+                c.text = self.format.reply_text(&c.text);
+            }
             let gen_tokens: usize = completions.iter().map(|c| c.token_ids.len()).sum();
             generation.add(gen_tokens as f64, t0.elapsed().as_secs_f64());
 

@@ -224,7 +224,12 @@ impl<B: Backend> Rollouts for ModelRollouts<'_, B> {
         let mut inputs = Vec::with_capacity(requests.len());
         for (s, prefix) in requests {
             let mut ids = self.prompts[self.owner[*s]].clone();
-            ids.extend(self.format.tokenizer.encode(prefix, false)?);
+            // The prompt may already open the reply (`<think>`): continue it, not repeat it.
+            ids.extend(
+                self.format
+                    .tokenizer
+                    .encode(self.format.reply_body(prefix), false)?,
+            );
             inputs.push(ids);
         }
         // Similar lengths share a batch, so left padding costs little.
@@ -239,16 +244,36 @@ impl<B: Backend> Rollouts for ModelRollouts<'_, B> {
             &self.params,
             self.batch_size,
         )?;
+        let wholes: Vec<Vec<String>> = order
+            .iter()
+            .zip(&groups)
+            .map(|(&i, group)| {
+                let prefix = requests[i].1;
+                // `sample_groups` put the reply's opening before each continuation; here the
+                // prefix holds it already.
+                let opening = self.format.reply_prefix.as_str();
+                group
+                    .iter()
+                    .map(|c| {
+                        format!(
+                            "{prefix}{}",
+                            c.text.strip_prefix(opening).unwrap_or(&c.text)
+                        )
+                    })
+                    .collect()
+            })
+            .collect();
+        crate::code_exec::prejudge(order.iter().zip(&wholes).flat_map(|(&i, group)| {
+            let (task, answer) = self.answers[self.owner[requests[i].0]];
+            group.iter().map(move |w| (task, answer, w.as_str()))
+        }))
+        .map_err(|e| anyhow::anyhow!(e))?;
         let mut out = vec![Vec::new(); requests.len()];
-        for (&i, group) in order.iter().zip(groups) {
-            let (s, prefix) = requests[i];
-            let (task, answer) = self.answers[self.owner[s]];
+        for (&i, group) in order.iter().zip(wholes) {
+            let (task, answer) = self.answers[self.owner[requests[i].0]];
             out[i] = group
                 .iter()
-                .map(|c| {
-                    let whole = format!("{prefix}{}", c.text);
-                    tasks::verify_with(task, answer, &whole, self.fallback)
-                })
+                .map(|whole| tasks::verify_with(task, answer, whole, self.fallback))
                 .collect();
         }
         Ok(out)

@@ -203,7 +203,10 @@ impl StageKind for RejectionFilter {
                     ParamType::Float { min: 0.0, max: 1.0 },
                     "drop completions whose weakest step the `prm` input scores below this (unset: no PRM)",
                 ),
-            ],
+            ]
+            .into_iter()
+            .chain(crate::sampling::code_reward_params())
+            .collect(),
             device_dependent: true,
             variadic_inputs: false,
         }
@@ -237,6 +240,8 @@ impl StageKind for RejectionFilter {
         let fallback = p.bool("answer_fallback");
         let rewards =
             reward_set(&p.weights("rewards"), max_new_tokens)?.with_answer_fallback(fallback);
+        let (bonus, limits) = crate::sampling::code_reward(&p);
+        let rewards = rewards.with_code(bonus, limits);
         let limit = p.opt_i64("limit").map(|l| l as usize).unwrap_or(usize::MAX);
         let (model, problems, given) = (
             ctx.input_opt("model").cloned(),
@@ -306,6 +311,13 @@ impl StageKind for RejectionFilter {
             max_similarity: p.f64("max_similarity"),
             ..Diversity::default()
         };
+        // Code samples are judged by running them: all at once, on every core.
+        crate::code_exec::prejudge(
+            samples
+                .iter()
+                .map(|s| (s.task.as_str(), s.answer.as_str(), s.completion.as_str())),
+        )
+        .map_err(|e| anyhow::anyhow!(e))?;
         let mut filter = Filter {
             min_reward: p.f64("min_reward"),
             require_correct: p.bool("require_correct"),

@@ -233,6 +233,13 @@ impl RewardSet {
         self
     }
 
+    /// The `code_tests` reward's bonus and sandbox limits.
+    pub fn with_code(mut self, bonus: f64, limits: code_exec::Limits) -> Self {
+        self.params.code_bonus = bonus;
+        self.params.code_limits = limits;
+        self
+    }
+
     /// The chosen rewards' names, in name order.
     pub fn names(&self) -> Vec<&'static str> {
         self.weighted.iter().map(|(kind, _)| kind.name()).collect()
@@ -257,9 +264,11 @@ impl RewardSet {
     }
 
     /// [`Self::score`] of each completion, in order; on all cores when a reward runs
-    /// programs (`code_tests`), else on this thread.
+    /// programs (`code_tests`, or `correctness` of a code problem), else on this thread.
     pub fn score_all(&self, judged: &[Judged]) -> Vec<Scored> {
-        if self.names().contains(&RewardKind::CodeTests.name()) {
+        let runs_programs = self.names().contains(&RewardKind::CodeTests.name())
+            || judged.iter().any(|j| j.task == code_exec::CODE_TASK);
+        if runs_programs {
             code_exec::parallel_map(judged, |j| self.score(j))
         } else {
             judged.iter().map(|j| self.score(j)).collect()

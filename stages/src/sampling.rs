@@ -21,11 +21,15 @@ use std::path::{Path, PathBuf};
 use anyhow::Context;
 use arrow::array::RecordBatch;
 use burn::tensor::backend::{AutodiffBackend, Backend};
+use dagrun_engine::Params;
 use dagrun_engine::Progress;
 use dagrun_engine::dataset::{read_parquet, write_parquet_atomic};
+use dagrun_engine::kind::{ParamSpec, ParamType};
 use dagrun_model::device::BackendTask;
 use dagrun_model::generate::{Completion, SamplingParams, generate};
 use dagrun_model::{CausalLm, load_model};
+
+use serde_json::json;
 
 use crate::chat::ChatFormat;
 use crate::rewards::{RewardParams, RewardSet};
@@ -98,7 +102,8 @@ pub fn sample_groups<B: Backend>(
             &format.stop_ids,
             &call,
         )?;
-        for ((i, _), c) in batch.iter().zip(completions) {
+        for ((i, _), mut c) in batch.iter().zip(completions) {
+            c.text = format.reply_text(&c.text);
             groups[*i].push(c);
         }
     }
@@ -116,6 +121,50 @@ pub fn reward_set(weights: &[(String, f64)], max_new_tokens: usize) -> anyhow::R
         ..RewardParams::default()
     };
     RewardSet::with_params(weights, params).map_err(|e| anyhow::anyhow!("param `rewards`: {e}"))
+}
+
+/// The `code_tests` reward's params, for stages that score with rewards: read back by
+/// [`code_reward`].
+pub fn code_reward_params() -> Vec<ParamSpec> {
+    vec![
+        ParamSpec::new(
+            "code_bonus",
+            ParamType::Float {
+                min: 0.0,
+                max: 100.0,
+            },
+            json!(0.5),
+            "code_tests: added to the share of tests passed when all pass (open-r1 pays the share alone: 0)",
+        ),
+        ParamSpec::new(
+            "code_timeout",
+            ParamType::Float {
+                min: 0.01,
+                max: 3600.0,
+            },
+            json!(2.0),
+            "code_tests: wall-clock seconds a program may run (all its asserts share one run; each input/output pair has its own)",
+        ),
+        ParamSpec::new(
+            "code_memory_mb",
+            ParamType::Int {
+                min: 16,
+                max: 1 << 20,
+            },
+            json!(512),
+            "code_tests: address-space limit of a program's process, in MiB",
+        ),
+    ]
+}
+
+/// The bonus and sandbox limits that [`code_reward_params`] declare.
+pub fn code_reward(p: &Params) -> (f64, crate::code_exec::Limits) {
+    let limits = crate::code_exec::Limits {
+        timeout: std::time::Duration::from_secs_f64(p.f64("code_timeout")),
+        memory_bytes: (p.i64("code_memory_mb") as u64) << 20,
+        ..crate::code_exec::Limits::default()
+    };
+    (p.f64("code_bonus"), limits)
 }
 
 /// The non-blank lines inside a completion's first `<think>…</think>` block, trimmed; none

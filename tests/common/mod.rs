@@ -27,6 +27,12 @@ impl Project {
         path
     }
 
+    pub fn write_bytes(&self, file: &str, bytes: &[u8]) -> PathBuf {
+        let path = self.dir.join(file);
+        std::fs::write(&path, bytes).unwrap();
+        path
+    }
+
     pub fn cache(&self) -> PathBuf {
         self.dir.join(".dagrun")
     }

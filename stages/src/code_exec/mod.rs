@@ -40,8 +40,9 @@
 //! It does NOT prevent: reading any file the user can read (the interpreter here lives under
 //! `/root`, so runs stay uid 0 and read what root reads); writing to device nodes root owns;
 //! a program inspecting the test harness in its own interpreter to forge results (result
-//! lines carry a per-run nonce the program is not handed, which stops printing fake results
-//! but not introspection); anything on a machine where the probe found a part missing. It
+//! lines carry a per-run nonce the program is not handed (it comes on stdin, read before the
+//! program runs), which stops printing fake results but not introspection; nor does anything
+//! stop a function returning an object whose `__eq__` is always true); anything on a machine where the probe found a part missing. It
 //! contains accidents and reward hacking by output, not a determined attacker: run
 //! untrusted models' code in a container as well.
 //!
@@ -58,7 +59,9 @@ pub mod sandbox;
 #[cfg(test)]
 mod tests;
 
+use std::collections::HashMap;
 use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Mutex, OnceLock};
 
 use serde::Deserialize;
 
@@ -194,8 +197,63 @@ fn last_fenced(text: &str) -> Option<&str> {
     found
 }
 
-/// Runs `code` against `tests` under `limits` (see the module doc for what counts).
+/// Runs `code` against `tests` under `limits` (see the module doc for what counts), once per
+/// process: a later call with the same program, tests and limits returns the first outcome.
+/// Eval, rejection sampling and rewards judge one completion several times (pass@1, maj@k,
+/// `correctness` next to `code_tests`), and a run costs a Python start.
 pub fn run_tests(code: &str, tests: &CodeTests, limits: &Limits) -> TestOutcome {
+    let key = {
+        let mut h = blake3::Hasher::new();
+        h.update(format!("{tests:?}\0{limits:?}\0").as_bytes());
+        h.update(code.as_bytes());
+        *h.finalize().as_bytes()
+    };
+    if let Some(known) = memo().lock().ok().and_then(|m| m.get(&key).cloned()) {
+        return known;
+    }
+    let outcome = run_uncached(code, tests, limits);
+    // An error (no Python, no scratch directory) says nothing about the program: not kept.
+    if outcome.status != Status::Error
+        && let Ok(mut m) = memo().lock()
+    {
+        if m.len() >= MEMO_CAPACITY {
+            m.clear();
+        }
+        m.insert(key, outcome.clone());
+    }
+    outcome
+}
+
+/// Outcomes kept by [`run_tests`]; cleared when full (a GRPO run judges new programs every
+/// step, so old ones are rarely asked for again).
+const MEMO_CAPACITY: usize = 65_536;
+
+fn memo() -> &'static Mutex<HashMap<[u8; 32], TestOutcome>> {
+    static MEMO: OnceLock<Mutex<HashMap<[u8; 32], TestOutcome>>> = OnceLock::new();
+    MEMO.get_or_init(Default::default)
+}
+
+/// Judges the `code` problems among `(task, answer, completion)` on every core, so that the
+/// [`verify`] calls that follow (in any order, on one thread) find their outcomes in the
+/// memo. Other tasks are skipped. Fails when there is a code problem and no Python to judge
+/// it with, rather than scoring every program 0.
+pub fn prejudge<'a>(
+    jobs: impl IntoIterator<Item = (&'a str, &'a str, &'a str)>,
+) -> Result<(), String> {
+    let code: Vec<(&str, &str)> = jobs
+        .into_iter()
+        .filter(|(task, _, _)| *task == CODE_TASK)
+        .map(|(_, answer, completion)| (answer, completion))
+        .collect();
+    if code.is_empty() {
+        return Ok(());
+    }
+    python().map_err(|e| format!("problems of task `code` are judged by running them: {e}"))?;
+    parallel_map(&code, |(answer, completion)| verify(answer, completion));
+    Ok(())
+}
+
+fn run_uncached(code: &str, tests: &CodeTests, limits: &Limits) -> TestOutcome {
     let total = tests.len();
     let error = TestOutcome {
         passed: 0,
@@ -221,8 +279,11 @@ pub fn run_tests(code: &str, tests: &CodeTests, limits: &Limits) -> TestOutcome 
             if !written {
                 return error;
             }
-            let args = ["harness.py", nonce.as_str(), entry];
-            match sandbox::run(python, &args, dir.path(), b"", limits, iso) {
+            // The nonce comes on stdin, which the harness reads to its end before the
+            // program runs: a program could read its arguments back from /proc.
+            let args = ["harness.py", entry];
+            let stdin = format!("{nonce}\n");
+            match sandbox::run(python, &args, dir.path(), stdin.as_bytes(), limits, iso) {
                 Ok(run) => harness_outcome(&run, &nonce, total),
                 Err(_) => error,
             }
@@ -233,7 +294,16 @@ pub fn run_tests(code: &str, tests: &CodeTests, limits: &Limits) -> TestOutcome 
                 total,
                 status: Status::Ok,
             };
+            let started = std::time::Instant::now();
             for (input, expected) in pairs {
+                if started.elapsed() > limits.timeout * IO_BUDGET {
+                    // Many slow pairs would hold a worker for minutes: the rest time out.
+                    return TestOutcome {
+                        status: Status::Timeout,
+                        passed: 0,
+                        total,
+                    };
+                }
                 let run = match sandbox::run(
                     python,
                     &["solution.py"],
@@ -270,6 +340,9 @@ pub fn run_tests(code: &str, tests: &CodeTests, limits: &Limits) -> TestOutcome 
         }
     }
 }
+
+/// All input/output pairs of one program together get this many timeouts' time.
+const IO_BUDGET: u32 = 5;
 
 /// [`run_tests`] for many programs, as many at once as there are cores; in input order.
 pub fn run_many(jobs: &[(&str, &CodeTests)], limits: &Limits) -> Vec<TestOutcome> {
@@ -452,7 +525,7 @@ fn harness_outcome(run: &sandbox::Run, nonce: &str, total: usize) -> TestOutcome
 /// printing one result line per step on the stdout it had before the program ran.
 const HARNESS: &str = r#"import json, sys
 def main():
-    nonce, entry = sys.argv[1], sys.argv[2]
+    nonce, entry = sys.stdin.read().strip(), sys.argv[1]
     del sys.argv[1:]
     out = sys.stdout
     with open("tests.json") as f:

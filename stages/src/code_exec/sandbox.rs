@@ -22,7 +22,7 @@ use super::confine::Confinement;
 #[derive(Debug, Clone, PartialEq)]
 pub struct Limits {
     /// Wall-clock time of one process (all asserts share one; each stdin/stdout pair has its
-    /// own).
+    /// own, and all pairs together five).
     pub timeout: Duration,
     /// Address space (`RLIMIT_AS`), in bytes.
     pub memory_bytes: u64,
