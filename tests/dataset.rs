@@ -594,3 +594,59 @@ fn an_imported_gsm8k_file_feeds_sft_grpo_and_eval_as_it_is() {
         assert_eq!(run.status(stage), "ran", "{stage}");
     }
 }
+
+#[test]
+fn the_shipped_code_problems_import_with_reference_solutions_that_pass_their_tests() {
+    let p = Project::new("dataset-code-mini");
+    let fixture = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/code-mini.jsonl");
+    p.write(
+        "p.yaml",
+        &format!(
+            "stages:\n  import:\n    kind: dataset\n    params: {{ path: {}, format: code }}\n",
+            fixture.display()
+        ),
+    );
+    let run = p.run("p.yaml", &[]);
+    let chats = rows_of(&p.cache(), &run.output("import", "chat"));
+    let answers = column(&chats, "answer");
+    let replies = assistant_turns(&chats);
+    assert_eq!(replies.len(), 40, "pipelines/code.yaml trains on all 40");
+    if dagrun_stages::code_exec::python().is_err() {
+        eprintln!("SKIPPED running the reference solutions: no Python 3 here");
+        return;
+    }
+    for (answer, reply) in answers.iter().zip(&replies) {
+        assert!(
+            dagrun_stages::tasks::verify_with("code", answer, reply, false),
+            "the reference {reply:?} fails its own tests {answer}"
+        );
+        // A wrong program fails them: the tests test something.
+        let spec: serde_json::Value = serde_json::from_str(answer).unwrap();
+        let entry = spec["entry_point"].as_str().unwrap();
+        let broken = format!("<answer>def {entry}(*a):\n    return None</answer>");
+        assert!(!dagrun_stages::tasks::verify_with(
+            "code", answer, &broken, false
+        ));
+    }
+}
+
+#[test]
+fn a_copy_under_another_name_is_imported_under_its_own_name() {
+    let p = Project::new("dataset-copy");
+    let lines = gsm8k_lines(3);
+    p.write("a.jsonl", &lines);
+    p.write("b.jsonl", &lines);
+    let import = |file: &str| {
+        format!("stages:\n  import:\n    kind: dataset\n    params: {{ path: {file} }}\n")
+    };
+    p.write("p.yaml", &import("a.jsonl"));
+    let first = p.run("p.yaml", &[]);
+    let ids = column(&rows_of(&p.cache(), &first.output("import", "train")), "id");
+    assert!(ids.iter().all(|id| id.starts_with("a-")), "{ids:?}");
+    // The same bytes under another name: ids come from the name, so the stage runs again.
+    p.write("p.yaml", &import("b.jsonl"));
+    let second = p.run("p.yaml", &[]);
+    assert_eq!(second.status("import"), "ran");
+    let ids = column(&rows_of(&p.cache(), &second.output("import", "train")), "id");
+    assert!(ids.iter().all(|id| id.starts_with("b-")), "{ids:?}");
+}

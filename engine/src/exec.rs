@@ -108,6 +108,9 @@ pub(crate) fn key_parts(
         inputs.insert(input.port.clone(), parts);
     }
     let mut params = stage.params.as_map().clone();
+    for p in node.spec.params.iter().filter(|p| !p.keyed) {
+        params.remove(p.name);
+    }
     for p in node
         .spec
         .params
@@ -127,8 +130,18 @@ pub(crate) fn key_parts(
                 .pipeline
                 .diag(&at, false, format!("param `{}`: {e}", p.name))
         })?;
-        // The content decides, not where it lies.
-        params.insert(p.name.to_string(), serde_json::json!({ "content": digest }));
+        // The content decides, not where it lies; a file's name too, since a stage may read
+        // it (an import's ids come from the file's stem, its type from the extension).
+        let file_name = std::path::Path::new(&path)
+            .is_file()
+            .then(|| std::path::Path::new(&path).file_name())
+            .flatten()
+            .map(|n| n.to_string_lossy().into_owned());
+        let keyed = match file_name {
+            Some(name) => serde_json::json!({ "content": digest, "name": name }),
+            None => serde_json::json!({ "content": digest }),
+        };
+        params.insert(p.name.to_string(), keyed);
     }
     let output_schemas = node
         .outputs

@@ -140,6 +140,10 @@ pub struct ParamSpec {
     pub ty: ParamType,
     pub default: Default,
     pub doc: &'static str,
+    /// Whether the param is part of the stage's key. Only for params that cannot change what
+    /// the stage writes (how many requests in flight, timeouts, retries): changing them must
+    /// not throw away a finished or half-finished result.
+    pub keyed: bool,
 }
 
 impl ParamSpec {
@@ -149,6 +153,7 @@ impl ParamSpec {
             ty,
             default: Default::Value(default),
             doc,
+            keyed: true,
         }
     }
     pub fn required(name: &'static str, ty: ParamType, doc: &'static str) -> ParamSpec {
@@ -157,6 +162,7 @@ impl ParamSpec {
             ty,
             default: Default::Required,
             doc,
+            keyed: true,
         }
     }
     pub fn unset(name: &'static str, ty: ParamType, doc: &'static str) -> ParamSpec {
@@ -165,6 +171,15 @@ impl ParamSpec {
             ty,
             default: Default::Unset,
             doc,
+            keyed: true,
+        }
+    }
+
+    /// The param, left out of the key (see [`ParamSpec::keyed`]).
+    pub fn unkeyed(self) -> ParamSpec {
+        ParamSpec {
+            keyed: false,
+            ..self
         }
     }
 }

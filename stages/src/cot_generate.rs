@@ -1,5 +1,6 @@
 //! Stage kind `cot_generate`: a programmatic teacher that writes verifiable problems and
-//! step-by-step solutions in the R1 chat format.
+//! step-by-step solutions in the R1 chat format; with `teacher:`, an OpenAI-compatible
+//! endpoint writes the solutions instead (see [`crate::teacher`]).
 //!
 //! Every problem is drawn from its own RNG stream (seed, split, index), so the output does not
 //! depend on how the work was split up: a run resumed from its shards writes the same bytes as
@@ -17,8 +18,9 @@ use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use serde_json::json;
 
-use crate::tables::{ChatRow, Message, ProblemRow, chat_batch, problems_batch};
+use crate::tables::{ChatRow, Message, ProblemRow, chat_batch, metrics_batch, problems_batch};
 use crate::tasks::{self, Family};
+use crate::teacher::{self, Endpoint, Job, TeacherSpec};
 
 /// Problems per checkpoint shard.
 const SHARD_ROWS: usize = 4096;
@@ -31,8 +33,8 @@ impl StageKind for CotGenerate {
     fn spec(&self) -> KindSpec {
         KindSpec {
             name: "cot_generate",
-            version: 2,
-            doc: "generate verifiable problems (train/test) and chain-of-thought chats for the train split",
+            version: 3,
+            doc: "generate verifiable problems (train/test) and chain-of-thought chats for the train split, written by the built-in teacher or an OpenAI-compatible endpoint",
             inputs: vec![],
             outputs: vec![
                 PortSpec::one(
@@ -49,6 +51,11 @@ impl StageKind for CotGenerate {
                     "cot",
                     ArtifactType::Dataset(Some("chat")),
                     "the train problems as user/assistant chats with <think> steps",
+                ),
+                PortSpec::one(
+                    "metrics",
+                    ArtifactType::Dataset(Some("metrics")),
+                    "chats kept, and with a teacher endpoint: requests, resumed, retries, verified share, prompt and completion tokens",
                 ),
             ],
             params: vec![
@@ -84,6 +91,72 @@ impl StageKind for CotGenerate {
                     json!(200),
                     "held-out problems (unique prompts)",
                 ),
+                ParamSpec::unset(
+                    "teacher",
+                    ParamType::Map(Box::new(ParamType::Str { choices: &[] })),
+                    "an OpenAI-compatible endpoint that writes the solutions: {endpoint: URL, model: NAME, api_key_env: VAR} (the key is read from that variable only); unset: the built-in teacher",
+                ),
+                ParamSpec::new(
+                    "samples_per_problem",
+                    ParamType::Int { min: 1, max: 64 },
+                    json!(1),
+                    "teacher: solutions asked for per problem",
+                ),
+                ParamSpec::new(
+                    "verify",
+                    ParamType::Bool,
+                    json!(true),
+                    "teacher: keep only solutions whose answer verifies",
+                ),
+                ParamSpec::new(
+                    "temperature",
+                    ParamType::Float { min: 0.0, max: 2.0 },
+                    json!(0.6),
+                    "teacher: sampling temperature",
+                ),
+                ParamSpec::new(
+                    "max_tokens",
+                    ParamType::Int {
+                        min: 1,
+                        max: 1_000_000,
+                    },
+                    json!(4096),
+                    "teacher: longest reply, in tokens",
+                ),
+                ParamSpec::new(
+                    "concurrency",
+                    ParamType::Int { min: 1, max: 1024 },
+                    json!(4),
+                    "teacher: requests in flight (not in the key)",
+                )
+                .unkeyed(),
+                ParamSpec::new(
+                    "request_timeout",
+                    ParamType::Float {
+                        min: 0.001,
+                        max: 86_400.0,
+                    },
+                    json!(300.0),
+                    "teacher: seconds one request may take (not in the key)",
+                )
+                .unkeyed(),
+                ParamSpec::new(
+                    "max_retries",
+                    ParamType::Int { min: 0, max: 1000 },
+                    json!(6),
+                    "teacher: retries of a request after 429, 5xx, a timeout or a dropped connection (not in the key)",
+                )
+                .unkeyed(),
+                ParamSpec::new(
+                    "retry_backoff",
+                    ParamType::Float {
+                        min: 0.0,
+                        max: 600.0,
+                    },
+                    json!(1.0),
+                    "teacher: seconds before the first retry, doubled each time, with jitter; a Retry-After header wins (not in the key)",
+                )
+                .unkeyed(),
             ],
             device_dependent: false,
             variadic_inputs: false,
@@ -91,6 +164,12 @@ impl StageKind for CotGenerate {
     }
 
     fn check(&self, params: &Params) -> Result<(), ParamError> {
+        if let Err(message) = teacher_spec(params) {
+            return Err(ParamError {
+                param: "teacher".into(),
+                message,
+            });
+        }
         let range: Vec<i64> = params.get_as("difficulty").unwrap_or_default();
         match range.as_slice() {
             [lo, hi] if lo <= hi => Ok(()),
@@ -179,14 +258,157 @@ impl StageKind for CotGenerate {
             }
             progress.inc(rows);
         }
+        let metrics = match teacher_spec(&ctx.params).map_err(anyhow::Error::msg)? {
+            None => vec![(0, "kept".to_string(), n_train as f64)],
+            Some(spec) => {
+                let problems = crate::tables::read_problems(&train_batches)?;
+                let (chats, metrics) = ask_teacher(ctx, &spec, &problems)?;
+                cot_batches = vec![chat_batch(&chats)?];
+                metrics
+            }
+        };
         ctx.write_dataset("test", &[problems_batch(&test)?])?;
         ctx.write_dataset("train", &train_batches)?;
         ctx.write_dataset("cot", &cot_batches)?;
+        ctx.write_dataset("metrics", &[metrics_batch(&metrics)?])?;
         ctx.info(format!(
             "{n_train} train and {n_test} test problems in {shards} shards"
         ));
         Ok(())
     }
+}
+
+/// Metric rows: (step, name, value).
+type Metrics = Vec<(i64, String, f64)>;
+
+/// The `teacher` param, checked: `None` for the built-in teacher.
+fn teacher_spec(params: &Params) -> Result<Option<TeacherSpec>, String> {
+    let value = params.get("teacher");
+    if value.is_null() {
+        return Ok(None);
+    }
+    if let Some(map) = value.as_object() {
+        for key in map.keys() {
+            if !teacher::TEACHER_KEYS.contains(&key.as_str()) {
+                let hint = dagrun_engine::diag::did_you_mean(key, teacher::TEACHER_KEYS)
+                    .or_else(|| {
+                        teacher::TEACHER_KEYS
+                            .iter()
+                            .copied()
+                            .find(|k| k.starts_with(key.as_str()))
+                    })
+                    .map(|s| format!(" (did you mean `{s}`?)"))
+                    .unwrap_or_default();
+                return Err(format!(
+                    "param `teacher`: unknown key `{key}`{hint}; it takes endpoint, model, api_key_env"
+                ));
+            }
+        }
+    }
+    let spec: TeacherSpec =
+        serde_json::from_value(value.clone()).map_err(|e| format!("param `teacher`: {e}"))?;
+    match spec.problem() {
+        Some(p) => Err(format!("param `teacher`: {p}")),
+        None => Ok(Some(spec)),
+    }
+}
+
+/// The teacher's chats for `problems` (`samples_per_problem` each, in problem order; only
+/// verified ones with `verify`), and the stage's metrics.
+fn ask_teacher(
+    ctx: &StageContext,
+    spec: &TeacherSpec,
+    problems: &[ProblemRow],
+) -> anyhow::Result<(Vec<ChatRow>, Metrics)> {
+    let p = &ctx.params;
+    let samples = p.i64("samples_per_problem") as usize;
+    let endpoint = Endpoint {
+        url: spec.chat_url(),
+        model: spec.model.clone(),
+        api_key: spec.api_key()?,
+        timeout: std::time::Duration::from_secs_f64(p.f64("request_timeout")),
+        max_retries: p.i64("max_retries") as u32,
+        backoff: std::time::Duration::from_secs_f64(p.f64("retry_backoff")),
+        temperature: p.f64("temperature"),
+        max_tokens: p.i64("max_tokens") as u64,
+    };
+    let jobs: Vec<Job> = problems
+        .iter()
+        .flat_map(|q| {
+            (0..samples).map(|sample| Job {
+                id: q.id.clone(),
+                sample,
+                prompt: q.prompt.clone(),
+            })
+        })
+        .collect();
+    let progress = ctx.progress(jobs.len() as u64, "requests");
+    let (answers, usage) = teacher::ask_all(
+        &endpoint,
+        &jobs,
+        p.i64("concurrency") as usize,
+        ctx.resume_dir(),
+        &progress,
+    )?;
+    let verify = p.bool("verify");
+    let (mut chats, mut verified) = (Vec::new(), 0usize);
+    for q in problems {
+        for sample in 0..samples {
+            let Some(a) = answers.get(&(q.id.clone(), sample)) else {
+                continue;
+            };
+            let completion = a.completion();
+            let ok = tasks::verify_with(&q.task, &q.answer, &completion, true);
+            verified += usize::from(ok);
+            if verify && !ok {
+                continue;
+            }
+            chats.push(ChatRow {
+                id: format!("{}-{sample}", q.id),
+                task: q.task.clone(),
+                answer: q.answer.clone(),
+                steps: crate::sampling::think_steps(&completion),
+                messages: vec![
+                    Message {
+                        role: "user".into(),
+                        content: q.prompt.clone(),
+                    },
+                    Message {
+                        role: "assistant".into(),
+                        content: completion,
+                    },
+                ],
+            });
+        }
+    }
+    ctx.info(format!(
+        "teacher {} ({}): {} requests ({} from an earlier run, {} retries), {verified} of {} verify, {} chats kept; {} prompt and {} completion tokens",
+        spec.model,
+        endpoint.url,
+        usage.requests,
+        usage.resumed,
+        usage.retries,
+        jobs.len(),
+        chats.len(),
+        usage.prompt_tokens,
+        usage.completion_tokens
+    ));
+    let metrics = [
+        ("kept", chats.len() as f64),
+        ("requests", usage.requests as f64),
+        ("resumed", usage.resumed as f64),
+        ("retries", usage.retries as f64),
+        ("verified", verified as f64 / jobs.len().max(1) as f64),
+        ("prompt_tokens", usage.prompt_tokens as f64),
+        ("completion_tokens", usage.completion_tokens as f64),
+    ];
+    Ok((
+        chats,
+        metrics
+            .iter()
+            .map(|(m, v)| (0, m.to_string(), *v))
+            .collect(),
+    ))
 }
 
 struct Plan {

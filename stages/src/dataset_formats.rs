@@ -676,8 +676,12 @@ fn python_tests(text: &str, entry_point: Option<&str>) -> Result<Vec<CodeTest>, 
     }
     let mut whole = text.trim_end().to_string();
     let defines_check = statements.iter().any(|s| s.starts_with("def check("));
-    let calls_check = statements.iter().any(|s| s.starts_with("check("));
-    if defines_check && !calls_check {
+    let calls = |name: &str| {
+        statements
+            .iter()
+            .any(|s| s.starts_with(&format!("{name}(")))
+    };
+    if defines_check && !calls("check") {
         if entry_point.is_none() {
             return Err(
                 "the tests define `check(candidate)` but the row has no `entry_point` naming the function to check"
@@ -686,6 +690,24 @@ fn python_tests(text: &str, entry_point: Option<&str>) -> Result<Vec<CodeTest>, 
         }
         // The harness binds the entry point as `candidate`.
         whole.push_str("\n\ncheck(candidate)");
+    }
+    // pytest-style functions and unittest cases run only when called: call them, or a
+    // program would pass tests that never ran.
+    for name in statements.iter().filter_map(|s| defined_name(s, "def ")) {
+        if name.starts_with("test") && !calls(name) {
+            whole.push_str(&format!("\n{name}()"));
+        }
+    }
+    let cases: Vec<&str> = statements
+        .iter()
+        .filter(|s| s.contains("TestCase)") || s.contains("TestCase):"))
+        .filter_map(|s| defined_name(s, "class "))
+        .collect();
+    if !cases.is_empty() {
+        whole.push_str(&format!(
+            "\nimport io as _dagrun_io, unittest as _dagrun_unittest\n_dagrun_suite = _dagrun_unittest.TestSuite([_dagrun_unittest.defaultTestLoader.loadTestsFromTestCase(c) for c in ({},)])\nassert _dagrun_unittest.TextTestRunner(stream=_dagrun_io.StringIO()).run(_dagrun_suite).wasSuccessful()",
+            cases.join(", ")
+        ));
     }
     Ok(vec![CodeTest::Assert { assert: whole }])
 }
@@ -743,6 +765,13 @@ fn bracket_balance(line: &str) -> i32 {
         }
     }
     balance
+}
+
+/// The name a statement `def name(` or `class name(` defines, for `keyword` `def ` or `class `.
+fn defined_name<'a>(statement: &'a str, keyword: &str) -> Option<&'a str> {
+    let rest = statement.strip_prefix(keyword)?;
+    let end = rest.find(['(', ':'])?;
+    Some(rest[..end].trim()).filter(|n| !n.is_empty())
 }
 
 /// Whether Python source defines function `name` at any level.
@@ -1064,6 +1093,44 @@ mod tests {
         // A check() that is never called would pass anything: it must be called.
         let never = "<answer>def add(a, b):\n    return 0</answer>";
         assert!(!crate::tasks::verify_with("code", &m.answer, never, false));
+    }
+
+    #[test]
+    fn test_functions_and_unittest_cases_are_run_not_only_defined() {
+        let spec = |tests: &str| {
+            let m = mapping(Format::Code)
+                .map(&row(
+                    json!({"prompt": "add", "entry_point": "add", "tests": tests}),
+                ))
+                .unwrap();
+            m.answer
+        };
+        let pytest = spec("def test_add():\n    assert add(1, 2) == 3\n");
+        let unit = spec(
+            "import unittest\n\nclass T(unittest.TestCase):\n    def test_add(self):\n        self.assertEqual(add(1, 2), 3)\n\nif __name__ == '__main__':\n    unittest.main()\n",
+        );
+        assert!(pytest.contains("test_add()"), "{pytest}");
+        if crate::code_exec::python().is_err() {
+            eprintln!("SKIPPED running the tests: no Python here");
+            return;
+        }
+        for answer in [&pytest, &unit] {
+            let right = "<answer>def add(a, b):\n    return a + b</answer>";
+            let wrong = "<answer>def add(a, b):\n    return 0</answer>";
+            let quits = "<answer>def add(a, b):\n    raise SystemExit(0)</answer>";
+            assert!(
+                crate::tasks::verify_with("code", answer, right, false),
+                "{answer}"
+            );
+            assert!(
+                !crate::tasks::verify_with("code", answer, wrong, false),
+                "{answer}"
+            );
+            assert!(
+                !crate::tasks::verify_with("code", answer, quits, false),
+                "{answer}"
+            );
+        }
     }
 
     #[test]

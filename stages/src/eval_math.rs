@@ -50,7 +50,12 @@ pub fn majority_vote<S: AsRef<str>>(
     // value -> (first index, spellings with their counts in order of appearance)
     let mut votes: Vec<(String, Vec<(String, usize)>)> = Vec::new();
     for completion in completions {
-        let Some(answer) = tasks::extract_answer_with(task, completion.as_ref(), fallback) else {
+        // A code reply's answer is the program its tests run, wherever it stands.
+        let answer = match task {
+            crate::code_exec::CODE_TASK => crate::code_exec::extract_code(completion.as_ref()),
+            _ => tasks::extract_answer_with(task, completion.as_ref(), fallback),
+        };
+        let Some(answer) = answer else {
             continue;
         };
         let answer = answer.trim().to_owned();

@@ -34,6 +34,7 @@ pub mod sampling;
 pub mod sft;
 pub mod tables;
 pub mod tasks;
+pub mod teacher;
 
 use dagrun_engine::Registry;
 

@@ -310,6 +310,11 @@ pub fn reward(kind: RewardKind, judged: &Judged, params: &RewardParams) -> Optio
             params.code_bonus,
         ),
         RewardKind::Consistency => Some(consistency(judged.task, judged.completion)),
+        // A code problem is correct when every test passes under the configured limits (the
+        // same run `code_tests` makes, so the memo serves both).
+        RewardKind::Correctness if judged.task == code_exec::CODE_TASK => Some(indicator(
+            code_exec::passes(judged.answer, judged.completion, &params.code_limits),
+        )),
         RewardKind::Correctness => correctness(
             judged.task,
             judged.answer,

@@ -230,8 +230,8 @@ impl Confinement {
 }
 
 /// A seccomp program that refuses new processes (fork, vfork, clone without CLONE_THREAD)
-/// with EAGAIN and clone3 with ENOSYS (so libc falls back to clone, whose flags BPF can read);
-/// threads stay allowed. `None` on architectures it is not written for.
+/// with EAGAIN and clone3 with ENOSYS (so libc falls back to clone, whose flags BPF can read),
+/// and signals or tracing aimed at other processes with EPERM; threads stay allowed. `None` on architectures it is not written for.
 fn no_fork_filter() -> Option<Vec<libc::sock_filter>> {
     #[cfg(target_arch = "x86_64")]
     const ARCH: u32 = 0xC000_003E; // AUDIT_ARCH_X86_64
@@ -266,6 +266,25 @@ fn no_fork_filter() -> Option<Vec<libc::sock_filter>> {
             op(jeq, libc::SYS_clone3 as u32, 0, 1),
             op(ret, nosys, 0, 0),
         ];
+        // Signals and tracing reach other processes of the same uid (the stage itself, or
+        // every process with kill(-1)): refused, except kill(0, ...) to the run's own group.
+        let eperm = libc::SECCOMP_RET_ERRNO | libc::EPERM as u32;
+        for nr in [
+            libc::SYS_tkill,
+            libc::SYS_tgkill,
+            libc::SYS_pidfd_send_signal,
+            libc::SYS_ptrace,
+            libc::SYS_process_vm_writev,
+        ] {
+            program.extend([op(jeq, nr as u32, 0, 1), op(ret, eperm, 0, 0)]);
+        }
+        program.extend([
+            op(jeq, libc::SYS_kill as u32, 0, 4),
+            op(ld, 16, 0, 0),
+            op(jeq, 0, 0, 1),
+            op(ret, libc::SECCOMP_RET_ALLOW, 0, 0),
+            op(ret, eperm, 0, 0),
+        ]);
         // fork and vfork jump to the EAGAIN return after clone's check below.
         #[cfg(target_arch = "x86_64")]
         program.extend([

@@ -12,7 +12,10 @@
 //! A JSON object with exactly one of:
 //! - `"tests"`: Python snippets, usually one `assert` each (`["assert add(1, 2) == 3"]`);
 //!   each runs after the program, in the program's namespace, and passes if it raises
-//!   nothing. The program runs with `__name__ == "solution"`, so a `__main__` block does not.
+//!   nothing (a `SystemExit`, even with status 0, fails it: a program must not end its
+//!   tests early). The program and the tests run with `__name__ == "solution"`, so a
+//!   `__main__` block does not run; the dataset import calls test functions and runs
+//!   `unittest` cases explicitly.
 //! - `"io"`: stdin/stdout pairs, `[["1 2\n", "3\n"], …]` or `[{"input": …, "output": …}]`;
 //!   the program runs once per pair with the input on stdin and passes if it exits 0 and its
 //!   stdout equals the output up to trailing whitespace on each line and trailing blank lines.
@@ -167,9 +170,12 @@ pub struct TestOutcome {
 /// or bare ```` ``` ````) after the last `</think>`; else the inside of `<answer>…</answer>`
 /// (its fenced block if it has one). `None` when there is none or it is blank.
 pub fn extract_code(completion: &str) -> Option<String> {
-    let after = completion
-        .rfind("</think>")
-        .map_or(completion, |at| &completion[at + "</think>".len()..]);
+    let after = match completion.rfind("</think>") {
+        Some(at) => &completion[at + "</think>".len()..],
+        // Reasoning that never ended (a truncated reply) has no answer to run.
+        None if completion.contains("<think>") => return None,
+        None => completion,
+    };
     let code = last_fenced(after).or_else(|| {
         let start = after.find("<answer>")? + "<answer>".len();
         let inside = &after[start..];
@@ -185,7 +191,10 @@ fn last_fenced(text: &str) -> Option<&str> {
     let mut rest = text;
     while let Some(open) = rest.find("```") {
         let after_open = &rest[open + 3..];
-        let line_end = after_open.find('\n')?;
+        // A fence with no line after it opens nothing: keep what was found before it.
+        let Some(line_end) = after_open.find('\n') else {
+            break;
+        };
         let lang = after_open[..line_end].trim().to_ascii_lowercase();
         let body = &after_open[line_end + 1..];
         let Some(close) = body.find("```") else { break };
@@ -417,10 +426,15 @@ pub fn score(outcome: &TestOutcome, bonus: f64) -> Option<f64> {
 /// of `answer` under default limits. For `tasks::verify_with` to call on task [`CODE_TASK`];
 /// false when there is no code, the spec is bad or Python is missing.
 pub fn verify(answer: &str, completion: &str) -> bool {
+    passes(answer, completion, &Limits::default())
+}
+
+/// [`verify`] under `limits`.
+pub fn passes(answer: &str, completion: &str, limits: &Limits) -> bool {
     let (Ok(tests), Some(code)) = (CodeTests::parse(answer), extract_code(completion)) else {
         return false;
     };
-    all_passed(&run_tests(&code, &tests, &Limits::default()))
+    all_passed(&run_tests(&code, &tests, limits))
 }
 
 /// Whether every test passed and nothing went wrong: what `correctness` of a `code` problem

@@ -65,6 +65,11 @@ fn extracts_the_last_python_block_after_the_reasoning() {
     assert_eq!(extract_code("```python\nx = 1\n"), None);
     assert_eq!(extract_code("```python\n\n```"), None);
     assert_eq!(extract_code(""), None);
+    // A truncated reply's unfinished reasoning is not run; a stray fence after a block
+    // does not lose the block.
+    assert_eq!(extract_code("<think>\n```python\nx = 1\n```\n"), None);
+    let stray = "```python\ndef f(): return 1\n```\nuse ```f```";
+    assert_eq!(extract_code(stray).as_deref(), Some("def f(): return 1\n"));
 }
 
 #[test]
@@ -252,6 +257,37 @@ fn a_fork_bomb_scores_zero_and_leaves_no_process() {
 }
 
 #[test]
+fn a_program_cannot_signal_processes_outside_its_run() {
+    if !have_python() {
+        return;
+    }
+    let python = python().unwrap();
+    let iso = sandbox::isolation(python);
+    if !iso.no_fork {
+        eprintln!("SKIPPED: this kernel refused the seccomp filter, so signals are not confined");
+        return;
+    }
+    // Signal 0 only asks whether the stage could be signalled: harmless if it could.
+    let probe = "import os\ntry:\n    os.kill(os.getppid(), 0)\n    print('reached')\nexcept PermissionError:\n    print('refused')\ntry:\n    os.kill(0, 0)\n    print('own group')\nexcept PermissionError:\n    print('own group refused')\n";
+    let dir = Scratch::new().unwrap();
+    let run = sandbox::run(
+        python,
+        &["-c", probe],
+        dir.path(),
+        b"",
+        &Limits::default(),
+        iso,
+    )
+    .unwrap();
+    assert_eq!(
+        String::from_utf8_lossy(&run.stdout),
+        "refused\nown group\n",
+        "{}",
+        String::from_utf8_lossy(&run.stderr)
+    );
+}
+
+#[test]
 fn no_network_inside_the_sandbox() {
     if !have_python() {
         return;
@@ -351,11 +387,15 @@ fn parallel_runs_use_the_cores() {
     }
     let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
     let tests = asserts(&["assert True"]);
-    let code = "import time\ntime.sleep(0.5)\n";
-    let jobs: Vec<(&str, &CodeTests)> = (0..8).map(|_| (code, &tests)).collect();
+    // Distinct programs: identical ones would come from the memo after the first.
+    let codes: Vec<String> = (0..9)
+        .map(|i| format!("import time\ntime.sleep(0.5)\nrun = {i}\n"))
+        .collect();
+    let jobs: Vec<(&str, &CodeTests)> = codes[1..].iter().map(|c| (c.as_str(), &tests)).collect();
+    let first = [(codes[0].as_str(), &tests)];
     sandbox::isolation(python().unwrap()); // probe outside the timing
     let start = Instant::now();
-    let one = run_many(&jobs[..1], &Limits::default());
+    let one = run_many(&first, &Limits::default());
     let single = start.elapsed().as_secs_f64();
     let start = Instant::now();
     let outcomes = run_many(&jobs, &Limits::default());
