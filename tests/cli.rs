@@ -108,7 +108,7 @@ fn stages_lists_every_kind_with_ports_and_params() {
     let p = Project::new("stages");
     let text = stdout(&p.output(&["stages"]));
     for needle in [
-        "cot_generate (v2)",
+        "cot_generate (v3)",
         "out  cot            dataset<chat>",
         "param n_train",
         "mix (v2)",

@@ -647,6 +647,9 @@ fn a_copy_under_another_name_is_imported_under_its_own_name() {
     p.write("p.yaml", &import("b.jsonl"));
     let second = p.run("p.yaml", &[]);
     assert_eq!(second.status("import"), "ran");
-    let ids = column(&rows_of(&p.cache(), &second.output("import", "train")), "id");
+    let ids = column(
+        &rows_of(&p.cache(), &second.output("import", "train")),
+        "id",
+    );
     assert!(ids.iter().all(|id| id.starts_with("b-")), "{ids:?}");
 }
