@@ -581,7 +581,11 @@ enum CodeTest {
 /// "tests": ["assert …", …]}` or `{"entry_point": …, "io": [{"input": …, "output": …}, …]}`. The
 /// `problems` schema has no column for tests; the answer is what a verifier checks a solution
 /// against, and for code that is its tests.
-fn code_answer(entry_point: Option<&str>, tests: Vec<CodeTest>) -> Result<String, String> {
+fn code_answer(
+    entry_point: Option<&str>,
+    tests: Vec<CodeTest>,
+    prelude: Option<&str>,
+) -> Result<String, String> {
     let (mut asserts, mut io) = (Vec::new(), Vec::new());
     for test in tests {
         match test {
@@ -594,6 +598,9 @@ fn code_answer(entry_point: Option<&str>, tests: Vec<CodeTest>) -> Result<String
     let mut spec = Map::new();
     if let Some(e) = entry_point {
         spec.insert("entry_point".into(), Value::String(e.into()));
+    }
+    if let Some(p) = prelude.filter(|_| !asserts.is_empty()) {
+        spec.insert("prelude".into(), Value::String(p.into()));
     }
     match (asserts.is_empty(), io.is_empty()) {
         (false, true) => spec.insert("tests".into(), Value::Array(asserts)),
@@ -808,11 +815,16 @@ fn code(row: &Map<String, Value>) -> Result<Mapped, String> {
     let entry_point = text(row, "entry_point").map(|e| e.trim().to_string());
     let entry_point = entry_point.as_deref().filter(|e| !e.is_empty());
     let tests = code_tests(value, entry_point).map_err(|e| format!("`{column}`: {e}"))?;
-    let answer = code_answer(entry_point, tests).map_err(|e| format!("`{column}`: {e}"))?;
+    let raw_prompt = text(row, "prompt").unwrap_or_default();
+    // A prompt that is code defining the function (HumanEval) runs before the program.
+    let prelude = entry_point
+        .filter(|e| defines(&raw_prompt, e))
+        .map(|_| raw_prompt.as_str());
+    let answer =
+        code_answer(entry_point, tests, prelude).map_err(|e| format!("`{column}`: {e}"))?;
     let solution = CODE_SOLUTIONS
         .iter()
         .find_map(|c| text(row, c).filter(|s| !s.trim().is_empty()));
-    let raw_prompt = text(row, "prompt").unwrap_or_default();
     let mut m = problem("code", prompt, answer, Vec::new(), solution.is_some());
     if let (Some(chat), Some(solution)) = (&mut m.chat, solution) {
         // The code is the reply's answer; there are no reasoning steps to show.
@@ -1007,7 +1019,7 @@ mod tests {
     fn code_tests_are_assert_lines_or_input_output_pairs() {
         let asserts = mapping(Format::Code)
             .map(&row(json!({
-                "prompt": "def add(a, b):", "tests": ["assert add(1, 2) == 3"],
+                "prompt": "Write add(a, b).", "tests": ["assert add(1, 2) == 3"],
                 "entry_point": "add"
             })))
             .unwrap();
@@ -1093,6 +1105,20 @@ mod tests {
         // A check() that is never called would pass anything: it must be called.
         let never = "<answer>def add(a, b):\n    return 0</answer>";
         assert!(!crate::tasks::verify_with("code", &m.answer, never, false));
+        // As HumanEval's harness runs prompt + completion, the prompt's imports and helpers
+        // are there for a completion that writes the function alone.
+        let mut helper = humaneval_row();
+        helper.insert(
+            "prompt".into(),
+            json!("from typing import List\n\ndef shift(x: int) -> int:\n    return x\n\ndef add(a: int, b: int) -> int:\n    \"\"\"Adds.\"\"\"\n"),
+        );
+        let h = mapping(Format::Code).map(&helper).unwrap();
+        let alone = "<answer>def add(a: int, b: List[int] = None) -> int:\n    return shift(a) + b</answer>";
+        assert!(
+            crate::tasks::verify_with("code", &h.answer, alone, false),
+            "{}",
+            h.answer
+        );
     }
 
     #[test]

@@ -20,7 +20,10 @@
 //!   the program runs once per pair with the input on stdin and passes if it exits 0 and its
 //!   stdout equals the output up to trailing whitespace on each line and trailing blank lines.
 //!
-//! and optionally `"entry_point"`: a function the program must define (for `tests`, a
+//! Optionally `"prelude"`: code run before the program, in its namespace (HumanEval's prompt:
+//! its imports and helper functions, which a completion that writes only the function under
+//! test relies on, as the official harness runs prompt + completion); its errors are ignored.
+//! And optionally `"entry_point"`: a function the program must define (for `tests`, a
 //! program without it fails every test).
 //!
 //! # The sandbox
@@ -79,6 +82,8 @@ pub const CODE_TASK: &str = "code";
 pub struct CodeTests {
     pub cases: Cases,
     pub entry_point: Option<String>,
+    /// Run before the program (see the module doc).
+    pub prelude: Option<String>,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -98,6 +103,8 @@ struct Spec {
     io: Option<Vec<IoPair>>,
     #[serde(default)]
     entry_point: Option<String>,
+    #[serde(default)]
+    prelude: Option<String>,
 }
 
 #[derive(Deserialize)]
@@ -128,6 +135,7 @@ impl CodeTests {
         Ok(Self {
             cases,
             entry_point: spec.entry_point.filter(|e| !e.is_empty()),
+            prelude: spec.prelude.filter(|p| !p.trim().is_empty()),
         })
     }
 
@@ -284,6 +292,11 @@ fn run_uncached(code: &str, tests: &CodeTests, limits: &Limits) -> TestOutcome {
             let written = serde_json::to_vec(asserts).ok().is_some_and(|json| {
                 std::fs::write(dir.path().join("tests.json"), json).is_ok()
                     && std::fs::write(dir.path().join("harness.py"), HARNESS).is_ok()
+                    && std::fs::write(
+                        dir.path().join("prelude.py"),
+                        tests.prelude.as_deref().unwrap_or(""),
+                    )
+                    .is_ok()
             });
             if !written {
                 return error;
@@ -546,6 +559,8 @@ def main():
         tests = json.load(f)
     with open("solution.py") as f:
         source = f.read()
+    with open("prelude.py") as f:
+        prelude = f.read()
     def report(what, result):
         out.write("\n%s %s %s\n" % (nonce, what, result))
         out.flush()
@@ -554,6 +569,10 @@ def main():
             return "memory"
         return "fail" if isinstance(error, AssertionError) else "error"
     ns = {"__name__": "solution"}
+    try:
+        exec(compile(prelude, "prelude.py", "exec"), ns)
+    except Exception:
+        pass
     try:
         exec(compile(source, "solution.py", "exec"), ns)
         loaded = not entry or callable(ns.get(entry))

@@ -22,6 +22,7 @@ fn asserts(tests: &[&str]) -> CodeTests {
     CodeTests {
         cases: Cases::Asserts(tests.iter().map(|t| t.to_string()).collect()),
         entry_point: None,
+        prelude: None,
     }
 }
 
@@ -80,6 +81,7 @@ fn parses_both_spec_forms_and_rejects_others() {
         Ok(CodeTests {
             cases: Cases::Asserts(vec!["assert f(1) == 2".into()]),
             entry_point: Some("f".into()),
+            prelude: None,
         })
     );
     let io =
