@@ -284,3 +284,43 @@ fn a_teacher_without_its_key_or_with_a_typo_is_a_clear_error() {
         "{stderr}"
     );
 }
+
+#[test]
+fn a_local_model_teaches_through_the_sampler_and_must_be_wired() {
+    let p = Project::new("teacher-local");
+    let model = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/qwen2-bpe");
+    let pipeline = format!(
+        "stages:\n  base:\n    kind: init_model\n    params: {{ from: {} }}\n  gen:\n    kind: cot_generate\n    inputs: {{ teacher: base.model }}\n    params: {{ families: [addition], n_train: 6, n_test: 2, samples_per_problem: 2, verify: false, max_tokens: 24, teacher: {{ model: teacher }} }}\n",
+        model.display()
+    );
+    p.write("p.yaml", &pipeline);
+    let run = p.run("p.yaml", &[]);
+    let cot = batches(&p.cache(), &run.output("gen", "cot"));
+    let ids: Vec<String> = cot.iter().flat_map(|b| strings(b, "id")).collect();
+    assert_eq!(ids.len(), 12, "two samples of six problems: {ids:?}");
+    assert!(ids.contains(&"train-0000000-1".to_string()), "{ids:?}");
+    let metrics = batches(&p.cache(), &run.output("gen", "metrics"));
+    let named: HashMap<String, f64> = strings(&metrics[0], "metric")
+        .into_iter()
+        .zip(floats(&metrics[0], "value"))
+        .collect();
+    assert_eq!(named["requests"], 12.0);
+    assert!(named["completion_tokens"] > 0.0);
+    // The same pipeline elsewhere writes the same chats: sampling is seeded.
+    let q = Project::new("teacher-local-again");
+    q.write("p.yaml", &pipeline);
+    let again = q.run("p.yaml", &[]);
+    assert_eq!(again.output("gen", "cot"), run.output("gen", "cot"));
+    // `{model: teacher}` without a model on the input is a located error.
+    p.write(
+        "q.yaml",
+        &pipeline.replace("    inputs: { teacher: base.model }\n", ""),
+    );
+    let out = p.output(&["run", "q.yaml"]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{stderr}");
+    assert!(
+        stderr.contains("q.yaml:") && stderr.contains("needs a model on the `teacher` input"),
+        "{stderr}"
+    );
+}

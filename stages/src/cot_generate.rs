@@ -13,6 +13,7 @@ use dagrun_engine::Params;
 use dagrun_engine::dataset::{read_checkpoint, write_parquet_atomic};
 use dagrun_engine::kind::{
     ArtifactType, KindSpec, ParamError, ParamSpec, ParamType, PortSpec, StageContext, StageKind,
+    WiringError,
 };
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
@@ -20,7 +21,7 @@ use serde_json::json;
 
 use crate::tables::{ChatRow, Message, ProblemRow, chat_batch, metrics_batch, problems_batch};
 use crate::tasks::{self, Family};
-use crate::teacher::{self, Endpoint, Job, TeacherSpec};
+use crate::teacher::{self, Endpoint, Job, Teacher, TeacherSpec};
 
 /// Problems per checkpoint shard.
 const SHARD_ROWS: usize = 4096;
@@ -35,7 +36,11 @@ impl StageKind for CotGenerate {
             name: "cot_generate",
             version: 3,
             doc: "generate verifiable problems (train/test) and chain-of-thought chats for the train split, written by the built-in teacher or an OpenAI-compatible endpoint",
-            inputs: vec![],
+            inputs: vec![PortSpec::optional(
+                teacher::TEACHER_PORT,
+                ArtifactType::Model,
+                "a model that writes the solutions, with `teacher: {model: teacher}`",
+            )],
             outputs: vec![
                 PortSpec::one(
                     "train",
@@ -94,7 +99,7 @@ impl StageKind for CotGenerate {
                 ParamSpec::unset(
                     "teacher",
                     ParamType::Map(Box::new(ParamType::Str { choices: &[] })),
-                    "an OpenAI-compatible endpoint that writes the solutions: {endpoint: URL, model: NAME, api_key_env: VAR} (the key is read from that variable only); unset: the built-in teacher",
+                    "who writes the solutions: an OpenAI-compatible endpoint {endpoint: URL, model: NAME, api_key_env: VAR} (the key is read from that variable only), or {model: teacher} for the model on the `teacher` input; unset: the built-in teacher",
                 ),
                 ParamSpec::new(
                     "samples_per_problem",
@@ -158,7 +163,8 @@ impl StageKind for CotGenerate {
                 )
                 .unkeyed(),
             ],
-            device_dependent: false,
+            // A local teacher model samples on the device.
+            device_dependent: true,
             variadic_inputs: false,
         }
     }
@@ -179,6 +185,22 @@ impl StageKind for CotGenerate {
                     "param `difficulty` must be [min, max] with min ≤ max, got {range:?}"
                 ),
             }),
+        }
+    }
+
+    fn check_wiring(&self, wired: &[&str], params: &Params) -> Result<(), WiringError> {
+        let local = matches!(teacher_spec(params), Ok(Some(Teacher::Local(_))));
+        let has = wired.contains(&teacher::TEACHER_PORT);
+        match (local, has) {
+            (true, false) => Err(WiringError {
+                at: vec!["params".into(), "teacher".into()],
+                message: "`teacher: {model: teacher}` needs a model on the `teacher` input".into(),
+            }),
+            (false, true) => Err(WiringError {
+                at: vec!["inputs".into(), teacher::TEACHER_PORT.into()],
+                message: "the `teacher` input is read only with `teacher: {model: teacher}`".into(),
+            }),
+            _ => Ok(()),
         }
     }
 
@@ -260,9 +282,9 @@ impl StageKind for CotGenerate {
         }
         let metrics = match teacher_spec(&ctx.params).map_err(anyhow::Error::msg)? {
             None => vec![(0, "kept".to_string(), n_train as f64)],
-            Some(spec) => {
+            Some(teacher) => {
                 let problems = crate::tables::read_problems(&train_batches)?;
-                let (chats, metrics) = ask_teacher(ctx, &spec, &problems)?;
+                let (chats, metrics) = ask_teacher(ctx, &teacher, &problems)?;
                 cot_batches = vec![chat_batch(&chats)?];
                 metrics
             }
@@ -282,7 +304,7 @@ impl StageKind for CotGenerate {
 type Metrics = Vec<(i64, String, f64)>;
 
 /// The `teacher` param, checked: `None` for the built-in teacher.
-fn teacher_spec(params: &Params) -> Result<Option<TeacherSpec>, String> {
+fn teacher_spec(params: &Params) -> Result<Option<Teacher>, String> {
     let value = params.get("teacher");
     if value.is_null() {
         return Ok(None);
@@ -305,33 +327,18 @@ fn teacher_spec(params: &Params) -> Result<Option<TeacherSpec>, String> {
             }
         }
     }
-    let spec: TeacherSpec =
-        serde_json::from_value(value.clone()).map_err(|e| format!("param `teacher`: {e}"))?;
-    match spec.problem() {
-        Some(p) => Err(format!("param `teacher`: {p}")),
-        None => Ok(Some(spec)),
-    }
+    Teacher::parse(value).map(Some)
 }
 
 /// The teacher's chats for `problems` (`samples_per_problem` each, in problem order; only
 /// verified ones with `verify`), and the stage's metrics.
 fn ask_teacher(
     ctx: &StageContext,
-    spec: &TeacherSpec,
+    teacher: &Teacher,
     problems: &[ProblemRow],
 ) -> anyhow::Result<(Vec<ChatRow>, Metrics)> {
     let p = &ctx.params;
     let samples = p.i64("samples_per_problem") as usize;
-    let endpoint = Endpoint {
-        url: spec.chat_url(),
-        model: spec.model.clone(),
-        api_key: spec.api_key()?,
-        timeout: std::time::Duration::from_secs_f64(p.f64("request_timeout")),
-        max_retries: p.i64("max_retries") as u32,
-        backoff: std::time::Duration::from_secs_f64(p.f64("retry_backoff")),
-        temperature: p.f64("temperature"),
-        max_tokens: p.i64("max_tokens") as u64,
-    };
     let jobs: Vec<Job> = problems
         .iter()
         .flat_map(|q| {
@@ -343,13 +350,35 @@ fn ask_teacher(
         })
         .collect();
     let progress = ctx.progress(jobs.len() as u64, "requests");
-    let (answers, usage) = teacher::ask_all(
-        &endpoint,
-        &jobs,
-        p.i64("concurrency") as usize,
-        ctx.resume_dir(),
-        &progress,
-    )?;
+    let (name, (answers, usage)) = match teacher {
+        Teacher::Endpoint(spec) => {
+            let endpoint = endpoint(spec, p)?;
+            let asked = teacher::ask_all(
+                &endpoint,
+                &jobs,
+                p.i64("concurrency") as usize,
+                ctx.resume_dir(),
+                &progress,
+            )?;
+            (format!("{} ({})", spec.model, endpoint.url), asked)
+        }
+        Teacher::Local(port) => {
+            let input = ctx.input(port)?;
+            let local = teacher::local::LocalTeacher {
+                model_dir: input.path.clone(),
+                jobs: &jobs,
+                samples,
+                temperature: p.f64("temperature"),
+                max_tokens: p.i64("max_tokens") as usize,
+                seed: ctx.seed,
+                resume: ctx.resume_dir(),
+                progress: &progress,
+            };
+            let device: dagrun_model::device::DeviceSpec = ctx.device.parse()?;
+            let sampled = dagrun_model::device::run_on(&device, local)?;
+            (format!("the `{port}` model"), sampled)
+        }
+    };
     let verify = p.bool("verify");
     let (mut chats, mut verified) = (Vec::new(), 0usize);
     for q in problems {
@@ -382,9 +411,7 @@ fn ask_teacher(
         }
     }
     ctx.info(format!(
-        "teacher {} ({}): {} requests ({} from an earlier run, {} retries), {verified} of {} verify, {} chats kept; {} prompt and {} completion tokens",
-        spec.model,
-        endpoint.url,
+        "teacher {name}: {} requests ({} from an earlier run, {} retries), {verified} of {} verify, {} chats kept; {} prompt and {} completion tokens",
         usage.requests,
         usage.resumed,
         usage.retries,
@@ -409,6 +436,20 @@ fn ask_teacher(
             .map(|(m, v)| (0, m.to_string(), *v))
             .collect(),
     ))
+}
+
+/// The endpoint a spec and the stage's params describe.
+fn endpoint(spec: &TeacherSpec, p: &Params) -> anyhow::Result<Endpoint> {
+    Ok(Endpoint {
+        url: spec.chat_url(),
+        model: spec.model.clone(),
+        api_key: spec.api_key()?,
+        timeout: std::time::Duration::from_secs_f64(p.f64("request_timeout")),
+        max_retries: p.i64("max_retries") as u32,
+        backoff: std::time::Duration::from_secs_f64(p.f64("retry_backoff")),
+        temperature: p.f64("temperature"),
+        max_tokens: p.i64("max_tokens") as u64,
+    })
 }
 
 struct Plan {

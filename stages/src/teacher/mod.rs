@@ -11,6 +11,7 @@
 //! asks only for what is missing; a torn last line is asked again.
 
 pub mod http;
+pub mod local;
 
 use std::collections::HashMap;
 use std::io::{BufRead, Write};
@@ -26,6 +27,43 @@ pub use http::{Endpoint, Reply};
 
 /// The keys a `teacher` map may have.
 pub const TEACHER_KEYS: &[&str] = &["endpoint", "model", "api_key_env"];
+
+/// The `teacher` param: an endpoint, or `{model: teacher}` for the model on the `teacher`
+/// input.
+#[derive(Debug, Clone)]
+pub enum Teacher {
+    Endpoint(TeacherSpec),
+    /// The input port the model comes from.
+    Local(String),
+}
+
+/// The input port a local teacher model comes in on.
+pub const TEACHER_PORT: &str = "teacher";
+
+impl Teacher {
+    /// Reads a `teacher` map: with `endpoint`, an endpoint; `{model: <port>}` alone, a local
+    /// model.
+    pub fn parse(value: &serde_json::Value) -> Result<Teacher, String> {
+        let map = value.as_object().ok_or("param `teacher` must be a map")?;
+        if !map.contains_key("endpoint") && map.len() == 1 {
+            let port = map.get("model").and_then(|m| m.as_str()).ok_or(
+                "param `teacher` needs `endpoint` (a server) or `model` alone (an input port)",
+            )?;
+            if port != TEACHER_PORT {
+                return Err(format!(
+                    "param `teacher`: `model: {port}` must name the input port `{TEACHER_PORT}` (wire the model there), or give `endpoint` for a server"
+                ));
+            }
+            return Ok(Teacher::Local(port.to_string()));
+        }
+        let spec: TeacherSpec =
+            serde_json::from_value(value.clone()).map_err(|e| format!("param `teacher`: {e}"))?;
+        match spec.problem() {
+            Some(p) => Err(format!("param `teacher`: {p}")),
+            None => Ok(Teacher::Endpoint(spec)),
+        }
+    }
+}
 
 /// `teacher: {endpoint, model, api_key_env}` as written in the pipeline file.
 #[derive(Debug, Clone, Deserialize)]
@@ -238,7 +276,7 @@ fn request_seed(id: &str, sample: usize) -> u64 {
 }
 
 /// The answers an earlier run journaled; a torn or unreadable line is skipped (asked again).
-fn read_journal(path: &Path) -> anyhow::Result<Answers> {
+pub(crate) fn read_journal(path: &Path) -> anyhow::Result<Answers> {
     let mut out = HashMap::new();
     let file = match std::fs::File::open(path) {
         Ok(f) => f,
@@ -255,13 +293,13 @@ fn read_journal(path: &Path) -> anyhow::Result<Answers> {
 }
 
 /// The append-only journal file.
-struct Journal {
+pub(crate) struct Journal {
     file: std::fs::File,
     path: PathBuf,
 }
 
 impl Journal {
-    fn open(path: &Path) -> anyhow::Result<Journal> {
+    pub(crate) fn open(path: &Path) -> anyhow::Result<Journal> {
         // A torn last line (a kill mid-write) must not glue onto the next one.
         let torn = std::fs::read(path)
             .ok()
@@ -280,7 +318,7 @@ impl Journal {
         })
     }
 
-    fn append(&mut self, a: &Answered) -> Result<(), String> {
+    pub(crate) fn append(&mut self, a: &Answered) -> Result<(), String> {
         let mut line = serde_json::to_string(a).map_err(|e| e.to_string())?;
         line.push('\n');
         self.file
