@@ -115,7 +115,7 @@ pub(crate) fn key_parts(
         .spec
         .params
         .iter()
-        .filter(|p| matches!(p.ty, ParamType::Path))
+        .filter(|p| p.keyed && matches!(p.ty, ParamType::Path))
     {
         let Some(path) = params
             .get(p.name)

@@ -163,8 +163,10 @@ impl StageKind for CotGenerate {
                 )
                 .unkeyed(),
             ],
-            // A local teacher model samples on the device.
-            device_dependent: true,
+            // Not in the key: the built-in and endpoint teachers do not use it, and switching it
+            // must not re-ask a paid API. A local teacher samples on the device, and its samples
+            // from one device are reused on another.
+            device_dependent: false,
             variadic_inputs: false,
         }
     }

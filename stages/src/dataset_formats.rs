@@ -705,12 +705,36 @@ fn python_tests(text: &str, entry_point: Option<&str>) -> Result<Vec<CodeTest>, 
             whole.push_str(&format!("\n{name}()"));
         }
     }
+    let is_case = |s: &&String| s.contains("TestCase)") || s.contains("TestCase):");
     let cases: Vec<&str> = statements
         .iter()
-        .filter(|s| s.contains("TestCase)") || s.contains("TestCase):"))
+        .filter(is_case)
         .filter_map(|s| defined_name(s, "class "))
         .collect();
+    // pytest's test classes (no TestCase base): every `test*` method of a fresh instance.
+    for name in statements
+        .iter()
+        .filter(|s| !is_case(s))
+        .filter_map(|s| defined_name(s, "class "))
+        .filter(|n| n.starts_with("Test"))
+    {
+        whole.push_str(&format!(
+            "\nfor _dagrun_name in sorted(dir({name})):\n    if _dagrun_name.startswith('test'):\n        getattr({name}(), _dagrun_name)()"
+        ));
+    }
     if !cases.is_empty() {
+        // Our runner replaces a top-level `unittest.main()`, which would end the test early.
+        whole = whole
+            .lines()
+            .map(|l| {
+                if l.starts_with("unittest.main(") {
+                    "pass"
+                } else {
+                    l
+                }
+            })
+            .collect::<Vec<_>>()
+            .join("\n");
         whole.push_str(&format!(
             "\nimport io as _dagrun_io, unittest as _dagrun_unittest\n_dagrun_suite = _dagrun_unittest.TestSuite([_dagrun_unittest.defaultTestLoader.loadTestsFromTestCase(c) for c in ({},)])\nassert _dagrun_unittest.TextTestRunner(stream=_dagrun_io.StringIO()).run(_dagrun_suite).wasSuccessful()",
             cases.join(", ")
@@ -1140,7 +1164,12 @@ mod tests {
             eprintln!("SKIPPED running the tests: no Python here");
             return;
         }
-        for answer in [&pytest, &unit] {
+        let class =
+            spec("class TestAdd:\n    def test_small(self):\n        assert add(1, 2) == 3\n");
+        let bare = spec(
+            "import unittest\nclass T(unittest.TestCase):\n    def test_add(self):\n        self.assertEqual(add(1, 2), 3)\nunittest.main()\n",
+        );
+        for answer in [&pytest, &unit, &class, &bare] {
             let right = "<answer>def add(a, b):\n    return a + b</answer>";
             let wrong = "<answer>def add(a, b):\n    return 0</answer>";
             let quits = "<answer>def add(a, b):\n    raise SystemExit(0)</answer>";

@@ -369,6 +369,7 @@ fn sequences(
         samples
             .iter()
             .map(|s| (s.task.as_str(), s.answer.as_str(), s.completion.as_str())),
+        &crate::code_exec::Limits::default(),
     )
     .map_err(|e| anyhow::anyhow!(e))?;
     let kept = keep_solutions(prompts, &samples, p.num_samples, p.require_correct)?;

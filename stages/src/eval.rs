@@ -346,13 +346,18 @@ impl BackendTask for EvalTask<'_> {
             };
             // Code problems are judged by running programs: all of the chunk's at once, on
             // every core; the verdicts below come from the memo.
-            crate::code_exec::prejudge(chunk.iter().zip(&greedy).zip(&sampled).flat_map(
-                |((p, g), s)| {
-                    g.iter()
-                        .chain(s)
-                        .map(move |c| (p.task.as_str(), p.answer.as_str(), c.text.as_str()))
-                },
-            ))
+            crate::code_exec::prejudge(
+                chunk
+                    .iter()
+                    .zip(&greedy)
+                    .zip(&sampled)
+                    .flat_map(|((p, g), s)| {
+                        g.iter()
+                            .chain(s)
+                            .map(move |c| (p.task.as_str(), p.answer.as_str(), c.text.as_str()))
+                    }),
+                &crate::code_exec::Limits::default(),
+            )
             .map_err(|e| anyhow::anyhow!(e))?;
             let mut rows = Vec::with_capacity(chunk.len());
             for (((problem, greedy), samples), scores) in

@@ -263,10 +263,13 @@ impl<B: Backend> Rollouts for ModelRollouts<'_, B> {
                     .collect()
             })
             .collect();
-        crate::code_exec::prejudge(order.iter().zip(&wholes).flat_map(|(&i, group)| {
-            let (task, answer) = self.answers[self.owner[requests[i].0]];
-            group.iter().map(move |w| (task, answer, w.as_str()))
-        }))
+        crate::code_exec::prejudge(
+            order.iter().zip(&wholes).flat_map(|(&i, group)| {
+                let (task, answer) = self.answers[self.owner[requests[i].0]];
+                group.iter().map(move |w| (task, answer, w.as_str()))
+            }),
+            &crate::code_exec::Limits::default(),
+        )
         .map_err(|e| anyhow::anyhow!(e))?;
         let mut out = vec![Vec::new(); requests.len()];
         for (&i, group) in order.iter().zip(wholes) {

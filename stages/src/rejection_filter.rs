@@ -241,7 +241,7 @@ impl StageKind for RejectionFilter {
         let rewards =
             reward_set(&p.weights("rewards"), max_new_tokens)?.with_answer_fallback(fallback);
         let (bonus, limits) = crate::sampling::code_reward(&p);
-        let rewards = rewards.with_code(bonus, limits);
+        let rewards = rewards.with_code(bonus, limits.clone());
         let limit = p.opt_i64("limit").map(|l| l as usize).unwrap_or(usize::MAX);
         let (model, problems, given) = (
             ctx.input_opt("model").cloned(),
@@ -316,9 +316,11 @@ impl StageKind for RejectionFilter {
             samples
                 .iter()
                 .map(|s| (s.task.as_str(), s.answer.as_str(), s.completion.as_str())),
+            &limits,
         )
         .map_err(|e| anyhow::anyhow!(e))?;
         let mut filter = Filter {
+            code_limits: limits.clone(),
             min_reward: p.f64("min_reward"),
             require_correct: p.bool("require_correct"),
             fallback,
@@ -484,6 +486,8 @@ struct Filter {
     require_correct: bool,
     /// Read untagged answers when checking correctness.
     fallback: bool,
+    /// How a code problem's program is run when checking correctness (the reward's limits).
+    code_limits: crate::code_exec::Limits,
     /// The PRM's verdicts, when `min_step_score` is set.
     steps: Option<StepFilter>,
 }
@@ -537,6 +541,9 @@ impl StepFilter {
 
 impl Filter {
     fn correct(&self, s: &SampleRow) -> bool {
+        if s.task == crate::code_exec::CODE_TASK {
+            return crate::code_exec::passes(&s.answer, &s.completion, &self.code_limits);
+        }
         tasks::verify_with(&s.task, &s.answer, &s.completion, self.fallback)
     }
 
@@ -787,12 +794,14 @@ mod tests {
             min_reward: 0.0,
             require_correct: true,
             fallback: false,
+            code_limits: Default::default(),
             steps: None,
         };
         assert_eq!(kept(&samples, &strict), [right]);
         // With the fallback the untagged answer counts as correct.
         let lenient = Filter {
             fallback: true,
+            code_limits: Default::default(),
             ..strict
         };
         assert_eq!(kept(&samples, &lenient), [right, "the answer is 7"]);
@@ -801,6 +810,7 @@ mod tests {
             min_reward: 0.0,
             require_correct: false,
             fallback: false,
+            code_limits: Default::default(),
             steps: None,
         };
         let all = kept(&samples, &any);
@@ -811,6 +821,7 @@ mod tests {
             min_reward: 2.0,
             require_correct: false,
             fallback: false,
+            code_limits: Default::default(),
             steps: None,
         };
         assert!(kept(&samples, &high).is_empty());
@@ -828,6 +839,7 @@ mod tests {
             min_reward: 0.0,
             require_correct: true,
             fallback: false,
+            code_limits: Default::default(),
             steps: None,
         };
         let (_, tally) = select(&samples, &filter, &Diversity::default());
@@ -863,6 +875,7 @@ mod tests {
             min_reward: 0.0,
             require_correct: true,
             fallback: false,
+            code_limits: Default::default(),
             steps: Some(StepFilter { min: 0.5, weakest }),
         };
         let strict = filter(vec![Some(0.9), Some(0.2), None]);
@@ -906,6 +919,7 @@ mod tests {
             min_reward: 0.0,
             require_correct: true,
             fallback: false,
+            code_limits: Default::default(),
             steps: None,
         };
         let mut asked = Vec::new();

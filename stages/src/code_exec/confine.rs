@@ -269,22 +269,31 @@ fn no_fork_filter() -> Option<Vec<libc::sock_filter>> {
         // Signals and tracing reach other processes of the same uid (the stage itself, or
         // every process with kill(-1)): refused, except kill(0, ...) to the run's own group.
         let eperm = libc::SECCOMP_RET_ERRNO | libc::EPERM as u32;
+        // Joining another process group (then kill(0, …) would reach it) is refused too.
         for nr in [
             libc::SYS_tkill,
             libc::SYS_tgkill,
+            libc::SYS_rt_sigqueueinfo,
+            libc::SYS_rt_tgsigqueueinfo,
             libc::SYS_pidfd_send_signal,
+            libc::SYS_pidfd_open,
             libc::SYS_ptrace,
             libc::SYS_process_vm_writev,
+            libc::SYS_setpgid,
         ] {
             program.extend([op(jeq, nr as u32, 0, 1), op(ret, eperm, 0, 0)]);
         }
-        program.extend([
-            op(jeq, libc::SYS_kill as u32, 0, 4),
-            op(ld, 16, 0, 0),
-            op(jeq, 0, 0, 1),
-            op(ret, libc::SECCOMP_RET_ALLOW, 0, 0),
-            op(ret, eperm, 0, 0),
-        ]);
+        // kill(0, …) (the run's own group) and prlimit64(0, …) (its own limits, which
+        // setrlimit uses) only.
+        for nr in [libc::SYS_kill, libc::SYS_prlimit64] {
+            program.extend([
+                op(jeq, nr as u32, 0, 4),
+                op(ld, 16, 0, 0),
+                op(jeq, 0, 0, 1),
+                op(ret, libc::SECCOMP_RET_ALLOW, 0, 0),
+                op(ret, eperm, 0, 0),
+            ]);
+        }
         // fork and vfork jump to the EAGAIN return after clone's check below.
         #[cfg(target_arch = "x86_64")]
         program.extend([

@@ -250,12 +250,13 @@ fn memo() -> &'static Mutex<HashMap<[u8; 32], TestOutcome>> {
     MEMO.get_or_init(Default::default)
 }
 
-/// Judges the `code` problems among `(task, answer, completion)` on every core, so that the
-/// [`verify`] calls that follow (in any order, on one thread) find their outcomes in the
+/// Judges the `code` problems among `(task, answer, completion)` on every core under
+/// `limits`, so that the [`passes`] (or, under default limits, [`verify`]) calls that follow (in any order, on one thread) find their outcomes in the
 /// memo. Other tasks are skipped. Fails when there is a code problem and no Python to judge
 /// it with, rather than scoring every program 0.
 pub fn prejudge<'a>(
     jobs: impl IntoIterator<Item = (&'a str, &'a str, &'a str)>,
+    limits: &Limits,
 ) -> Result<(), String> {
     let code: Vec<(&str, &str)> = jobs
         .into_iter()
@@ -266,7 +267,9 @@ pub fn prejudge<'a>(
         return Ok(());
     }
     python().map_err(|e| format!("problems of task `code` are judged by running them: {e}"))?;
-    parallel_map(&code, |(answer, completion)| verify(answer, completion));
+    parallel_map(&code, |(answer, completion)| {
+        passes(answer, completion, limits)
+    });
     Ok(())
 }
 

@@ -270,7 +270,7 @@ fn a_program_cannot_signal_processes_outside_its_run() {
         return;
     }
     // Signal 0 only asks whether the stage could be signalled: harmless if it could.
-    let probe = "import os\ntry:\n    os.kill(os.getppid(), 0)\n    print('reached')\nexcept PermissionError:\n    print('refused')\ntry:\n    os.kill(0, 0)\n    print('own group')\nexcept PermissionError:\n    print('own group refused')\n";
+    let probe = "import os, resource\ntry:\n    os.kill(os.getppid(), 0)\n    print('reached')\nexcept PermissionError:\n    print('refused')\ntry:\n    os.kill(0, 0)\n    print('own group')\nexcept PermissionError:\n    print('own group refused')\ntry:\n    os.setpgid(0, os.getpgid(os.getppid()))\n    print('joined')\nexcept PermissionError:\n    print('join refused')\ntry:\n    resource.prlimit(os.getppid(), resource.RLIMIT_CPU)\n    print('prlimit reached')\nexcept PermissionError:\n    print('prlimit refused')\nresource.setrlimit(resource.RLIMIT_NOFILE, (32, 32))\nprint('own limits')\n";
     let dir = Scratch::new().unwrap();
     let run = sandbox::run(
         python,
@@ -283,7 +283,7 @@ fn a_program_cannot_signal_processes_outside_its_run() {
     .unwrap();
     assert_eq!(
         String::from_utf8_lossy(&run.stdout),
-        "refused\nown group\n",
+        "refused\nown group\njoin refused\nprlimit refused\nown limits\n",
         "{}",
         String::from_utf8_lossy(&run.stderr)
     );

@@ -110,9 +110,7 @@ impl Endpoint {
             .headers()
             .get("retry-after")
             .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.trim().parse::<f64>().ok())
-            .filter(|s| s.is_finite() && *s >= 0.0)
-            .map(Duration::from_secs_f64);
+            .and_then(retry_after_seconds);
         let mut text = String::new();
         response
             .body_mut()
@@ -124,7 +122,7 @@ impl Endpoint {
                 retry: true,
                 retry_after: None,
             })?;
-        if status != 200 {
+        if !(200..300).contains(&status) {
             return Err(Failure {
                 message: format!("HTTP {status}: {}", error_message(&text)),
                 retry: status == 408 || status == 429 || status >= 500,
@@ -137,6 +135,14 @@ impl Endpoint {
             retry_after: None,
         })
     }
+}
+
+/// A `Retry-After` in seconds (an HTTP date is not read: the backoff applies), at most
+/// [`MAX_BACKOFF`].
+fn retry_after_seconds(value: &str) -> Option<Duration> {
+    let secs = value.trim().parse::<f64>().ok()?;
+    (secs.is_finite() && secs >= 0.0)
+        .then(|| Duration::from_secs_f64(secs.min(MAX_BACKOFF.as_secs_f64())))
 }
 
 /// A transport error (refused, reset, timed out): worth retrying.
@@ -162,9 +168,12 @@ pub fn parse_reply(body: &str) -> Result<Reply, String> {
     let v: Value =
         serde_json::from_str(body).map_err(|e| format!("the response is not JSON: {e}"))?;
     let message = &v["choices"][0]["message"];
-    let content = message["content"]
-        .as_str()
-        .ok_or("the response has no choices[0].message.content")?;
+    if !message.is_object() {
+        return Err("the response has no choices[0].message".into());
+    }
+    // A null content (reasoning cut off at max_tokens, a refusal) is an answer too: kept as
+    // empty, so it is paid for once and `verify` drops it.
+    let content = message["content"].as_str().unwrap_or("");
     let reasoning = message["reasoning_content"]
         .as_str()
         .filter(|r| !r.trim().is_empty())
@@ -194,8 +203,22 @@ mod tests {
         assert!(
             parse_reply(r#"{"choices":[]}"#)
                 .unwrap_err()
-                .contains("content")
+                .contains("message")
         );
+        let cut =
+            parse_reply(r#"{"choices":[{"message":{"content":null,"reasoning_content":"long"}}]}"#)
+                .unwrap();
+        assert_eq!(
+            (cut.content.as_str(), cut.reasoning.as_deref()),
+            ("", Some("long"))
+        );
+        assert_eq!(retry_after_seconds("2"), Some(Duration::from_secs(2)));
+        assert_eq!(
+            retry_after_seconds("99999999999999999999"),
+            Some(MAX_BACKOFF)
+        );
+        assert_eq!(retry_after_seconds("Wed, 21 Oct 2015 07:28:00 GMT"), None);
+        assert_eq!(retry_after_seconds("-1"), None);
         assert_eq!(
             error_message(r#"{"error":{"message":"slow down","type":"rate_limit"}}"#),
             "slow down"

@@ -1,7 +1,8 @@
 //! A local model artifact as the teacher (`teacher: {model: teacher}` with the `teacher` input
 //! wired): the problems' solutions sampled through the batched KV-cache sampler, and journaled
-//! a chunk of problems at a time in the same `teacher.jsonl` an endpoint's replies go to, so a
-//! killed run resumes after its last whole chunk and writes what an uninterrupted one would.
+//! a chunk of problems at a time in the same `teacher.jsonl` an endpoint's replies go to. Chunks
+//! are fixed over all problems and seeded by their first, and a chunk with any answer missing
+//! is sampled again whole, so a killed run resumes and writes what an uninterrupted one would.
 
 use std::path::{Path, PathBuf};
 
@@ -38,18 +39,19 @@ impl BackendTask for LocalTeacher<'_> {
             resumed: answers.len() as u64,
             ..Usage::default()
         };
-        // Whole problems: a problem with any sample missing is sampled again.
+        // Chunks of whole problems, fixed over all of them (so seeds and batches do not depend
+        // on where a run stopped); a chunk with any answer missing is sampled again whole.
         let problems: Vec<&[Job]> = self.jobs.chunks(self.samples.max(1)).collect();
-        let pending: Vec<&[Job]> = problems
-            .iter()
-            .copied()
-            .filter(|p| {
-                p.iter()
-                    .any(|j| !answers.contains_key(&(j.id.clone(), j.sample)))
-            })
+        let missing = |p: &&[Job]| {
+            p.iter()
+                .any(|j| !answers.contains_key(&(j.id.clone(), j.sample)))
+        };
+        let pending: Vec<&[&[Job]]> = problems
+            .chunks(CHUNK)
+            .filter(|chunk| chunk.iter().any(missing))
             .collect();
-        self.progress
-            .inc((self.jobs.len() - pending.len() * self.samples) as u64);
+        let redo: usize = pending.iter().map(|c| c.len() * self.samples).sum();
+        self.progress.inc((self.jobs.len() - redo) as u64);
         if !pending.is_empty() {
             self.sample::<B>(&device, &pending, &mut answers, &mut usage, &journal_path)?;
         }
@@ -66,7 +68,7 @@ impl LocalTeacher<'_> {
     fn sample<B: AutodiffBackend>(
         &self,
         device: &B::Device,
-        pending: &[&[Job]],
+        pending: &[&[&[Job]]],
         answers: &mut Answers,
         usage: &mut Usage,
         journal_path: &Path,
@@ -74,7 +76,7 @@ impl LocalTeacher<'_> {
         let format = ChatFormat::load(&self.model_dir)?;
         let model = load_model::<B::InnerBackend>(&self.model_dir, device)?;
         let mut journal = Journal::open(journal_path)?;
-        for chunk in pending.chunks(CHUNK) {
+        for &chunk in pending {
             let prompts: Vec<Vec<u32>> = chunk
                 .iter()
                 .map(|p| format.prompt_ids(&p[0].prompt))

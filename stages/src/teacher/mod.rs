@@ -144,9 +144,15 @@ impl Answered {
     /// The reply in the R1 format: the reasoning (`reasoning_content`) in a `<think>` block
     /// before the content; a content that holds its own `<think>` stays as it is.
     pub fn completion(&self) -> String {
+        let content = self.content.trim();
         match &self.reasoning {
-            Some(r) => format!("<think>\n{}\n</think>\n{}", r.trim(), self.content.trim()),
-            None => self.content.trim().to_string(),
+            Some(r) => format!("<think>\n{}\n</think>\n{content}", r.trim()),
+            // A template that opens `<think>` in the prompt (QwQ, R1-Distill without a
+            // reasoning parser) sends the rest: the reply gets its opening back.
+            None if content.contains("</think>") && !content.contains("<think>") => {
+                format!("<think>\n{content}")
+            }
+            None => content.to_string(),
         }
     }
 }
@@ -283,9 +289,11 @@ pub(crate) fn read_journal(path: &Path) -> anyhow::Result<Answers> {
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(out),
         Err(e) => return Err(e).with_context(|| format!("reading {}", path.display())),
     };
-    for line in std::io::BufReader::new(file).lines() {
-        let Ok(line) = line else { break };
-        if let Ok(a) = serde_json::from_str::<Answered>(&line) {
+    // By bytes: a line torn inside a multi-byte character is not UTF-8, and must not stop the
+    // lines after it from being read.
+    for line in std::io::BufReader::new(file).split(b'\n') {
+        let line = line.with_context(|| format!("reading {}", path.display()))?;
+        if let Ok(a) = serde_json::from_slice::<Answered>(&line) {
             out.insert((a.id.clone(), a.sample), a);
         }
     }
@@ -325,5 +333,68 @@ impl Journal {
             .write_all(line.as_bytes())
             .and_then(|()| self.file.flush())
             .map_err(|e| format!("writing {}: {e}", self.path.display()))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn answered(reasoning: Option<&str>, content: &str) -> Answered {
+        Answered {
+            id: "p".into(),
+            sample: 0,
+            reasoning: reasoning.map(str::to_string),
+            content: content.into(),
+            prompt_tokens: 0,
+            completion_tokens: 0,
+            attempts: 1,
+        }
+    }
+
+    #[test]
+    fn replies_become_r1_completions() {
+        assert_eq!(
+            answered(Some("2+2=4"), "<answer>4</answer>").completion(),
+            "<think>\n2+2=4\n</think>\n<answer>4</answer>"
+        );
+        assert_eq!(
+            answered(None, "2+2=4\n</think>\n4").completion(),
+            "<think>\n2+2=4\n</think>\n4",
+            "a reply continuing the template's <think> gets its opening"
+        );
+        let whole = "<think>\nx\n</think>\n4";
+        assert_eq!(answered(None, whole).completion(), whole);
+    }
+
+    #[test]
+    fn a_torn_journal_line_skips_that_answer_only() {
+        let dir = std::env::temp_dir().join(format!("dagrun-journal-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("teacher.jsonl");
+        let line = |id: &str| {
+            serde_json::to_string(&Answered {
+                id: id.into(),
+                ..answered(None, "×")
+            })
+            .unwrap()
+        };
+        let mut bytes = format!("{}\n", line("a")).into_bytes();
+        let torn = line("b");
+        // Cut inside the two-byte `×`: not UTF-8.
+        bytes.extend_from_slice(&torn.as_bytes()[..torn.find('×').unwrap() + 1]);
+        std::fs::write(&path, &bytes).unwrap();
+        let mut journal = Journal::open(&path).unwrap();
+        journal
+            .append(&Answered {
+                id: "c".into(),
+                ..answered(None, "ok")
+            })
+            .unwrap();
+        let read = read_journal(&path).unwrap();
+        let mut ids: Vec<&str> = read.keys().map(|(id, _)| id.as_str()).collect();
+        ids.sort();
+        assert_eq!(ids, vec!["a", "c"]);
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 }
