@@ -1,0 +1,329 @@
+//! The scheduler: one thread owns the model and a running batch ([`Decoder`]); requests wait in
+//! a bounded queue and join the batch between decoding steps (continuous batching), so requests
+//! that arrive together are generated together and a late one does not wait for the batch to
+//! finish. Each step's tokens go straight to their requests' channels (streaming).
+//!
+//! A request's choices are seeded `row_seed(seed, i)`, as `generate` seeds its rows, so a
+//! request's samples do not depend on what else is in the batch.
+
+use std::collections::{HashMap, VecDeque};
+use std::path::PathBuf;
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+
+use axum::http::StatusCode;
+use burn::tensor::backend::AutodiffBackend;
+use dagrun_model::decoder::{Decoder, Sequence};
+use dagrun_model::device::BackendTask;
+use dagrun_model::generate::{Completion, TooLarge, row_seed};
+use tokio::sync::mpsc::UnboundedSender;
+
+use crate::model::ServedModel;
+use crate::request::GenerationRequest;
+
+/// What a request's channel receives. `choice` numbers the request's sequences (prompt-major).
+#[derive(Debug)]
+pub enum Event {
+    Token {
+        choice: usize,
+        token: u32,
+        logprob: f32,
+    },
+    Done {
+        choice: usize,
+        completion: Completion,
+    },
+    /// The request ends without its completions (a runtime error, or cancelled at shutdown).
+    Failed { status: StatusCode, message: String },
+}
+
+struct Job {
+    request: GenerationRequest,
+    events: UnboundedSender<Event>,
+}
+
+impl Job {
+    fn sequences(&self) -> usize {
+        self.request.prompts.len() * self.request.n
+    }
+}
+
+#[derive(Debug, PartialEq, Eq)]
+pub enum Refused {
+    Full,
+    Closed,
+}
+
+#[derive(Default)]
+struct QueueState {
+    jobs: VecDeque<Job>,
+    /// Sequences of the queued jobs.
+    waiting: usize,
+    /// No more jobs: finish what is queued and running, then stop.
+    closing: bool,
+    /// Stop now: fail what is queued and running.
+    cancelling: bool,
+}
+
+/// Requests waiting for the scheduler, at most `max_waiting` sequences.
+pub struct Queue {
+    state: Mutex<QueueState>,
+    wake: Condvar,
+    max_waiting: usize,
+}
+
+impl Queue {
+    pub fn new(max_waiting: usize) -> Queue {
+        Queue {
+            state: Mutex::new(QueueState::default()),
+            wake: Condvar::new(),
+            max_waiting,
+        }
+    }
+
+    fn lock(&self) -> MutexGuard<'_, QueueState> {
+        // A panic while holding the lock leaves plain data behind; keep serving.
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    pub fn submit(
+        &self,
+        request: GenerationRequest,
+        events: UnboundedSender<Event>,
+    ) -> Result<(), Refused> {
+        let job = Job { request, events };
+        let mut state = self.lock();
+        if state.closing || state.cancelling {
+            return Err(Refused::Closed);
+        }
+        if state.waiting + job.sequences() > self.max_waiting {
+            return Err(Refused::Full);
+        }
+        state.waiting += job.sequences();
+        state.jobs.push_back(job);
+        self.wake.notify_one();
+        Ok(())
+    }
+
+    /// Refuses new requests; the scheduler finishes the queued and running ones, then stops.
+    pub fn close(&self) {
+        self.lock().closing = true;
+        self.wake.notify_one();
+    }
+
+    /// Refuses new requests and fails the queued and running ones; the scheduler stops.
+    pub fn cancel(&self) {
+        let mut state = self.lock();
+        state.closing = true;
+        state.cancelling = true;
+        self.wake.notify_one();
+    }
+}
+
+/// Where a sequence of the running batch reports to.
+struct Live {
+    events: UnboundedSender<Event>,
+    choice: usize,
+}
+
+/// The scheduler's work, run on the device's backend by `run_on`. `ready` hears once that the
+/// model loaded (or why it did not).
+pub struct Scheduler {
+    pub dir: PathBuf,
+    pub model: Arc<ServedModel>,
+    pub queue: Arc<Queue>,
+    pub ready: std::sync::mpsc::Sender<Result<(), String>>,
+}
+
+impl BackendTask for Scheduler {
+    type Output = ();
+
+    fn run<B: AutodiffBackend>(self, device: B::Device) -> anyhow::Result<()> {
+        let lm = match dagrun_model::load_model::<B::InnerBackend>(&self.dir, &device) {
+            Ok(lm) => {
+                let _ = self.ready.send(Ok(()));
+                lm
+            }
+            Err(e) => {
+                let _ = self.ready.send(Err(format!("{e:#}")));
+                return Err(e);
+            }
+        };
+        let served = &self.model;
+        let mut decoder = Decoder::new(&lm, Some(&served.format.tokenizer));
+        let mut live: HashMap<u64, Live> = HashMap::new();
+        let mut next_key = 0u64;
+        // Jobs that did not fit in memory beside the running batch: they go first once it is empty.
+        let mut deferred: VecDeque<Job> = VecDeque::new();
+        loop {
+            let admitted = {
+                let mut state = self.queue.lock();
+                loop {
+                    if state.cancelling {
+                        let message = "the server is shutting down; the request was cancelled";
+                        let jobs = deferred.drain(..).chain(state.jobs.drain(..));
+                        for job in jobs {
+                            fail(&job.events, StatusCode::SERVICE_UNAVAILABLE, message);
+                        }
+                        for l in live.values() {
+                            fail(&l.events, StatusCode::SERVICE_UNAVAILABLE, message);
+                        }
+                        return Ok(());
+                    }
+                    if !decoder.is_empty() || !state.jobs.is_empty() || !deferred.is_empty() {
+                        break;
+                    }
+                    if state.closing {
+                        return Ok(());
+                    }
+                    state = self
+                        .queue
+                        .wake
+                        .wait(state)
+                        .unwrap_or_else(|p| p.into_inner());
+                }
+                admit(&mut state, &mut deferred, decoder.len(), served.max_batch)
+            };
+            // Sequences whose client went away leave the batch.
+            let gone: Vec<u64> = live
+                .iter()
+                .filter(|(_, l)| l.events.is_closed())
+                .map(|(k, _)| *k)
+                .collect();
+            if !gone.is_empty() {
+                decoder.remove(&gone);
+                for k in &gone {
+                    live.remove(k);
+                }
+            }
+            let admitted: Vec<Job> = admitted
+                .into_iter()
+                .filter(|j| !j.events.is_closed())
+                .collect();
+            if !admitted.is_empty() {
+                let mut sequences = Vec::new();
+                let mut entries = Vec::new();
+                for job in &admitted {
+                    let r = &job.request;
+                    for (p, prompt) in r.prompts.iter().enumerate() {
+                        for i in 0..r.n {
+                            let key = next_key;
+                            next_key += 1;
+                            sequences.push(Sequence {
+                                key,
+                                prompt: prompt.clone(),
+                                params: dagrun_model::generate::SamplingParams {
+                                    seed: row_seed(r.params.seed, i),
+                                    ..r.params.clone()
+                                },
+                                stop_ids: r.stop_ids.clone(),
+                            });
+                            let live = Live {
+                                events: job.events.clone(),
+                                choice: p * r.n + i,
+                            };
+                            entries.push((key, live));
+                        }
+                    }
+                }
+                let running = decoder.len();
+                match decoder.add(sequences) {
+                    Ok(()) => live.extend(entries),
+                    Err(e) if e.is::<TooLarge>() && running > 0 && decoder.len() == running => {
+                        deferred.extend(admitted);
+                    }
+                    Err(e) => {
+                        let status = if e.is::<TooLarge>() {
+                            StatusCode::BAD_REQUEST
+                        } else {
+                            StatusCode::INTERNAL_SERVER_ERROR
+                        };
+                        for job in &admitted {
+                            fail(&job.events, status, &format!("{e:#}"));
+                        }
+                        if decoder.len() != running {
+                            fail_all(&mut decoder, &mut live, &e);
+                        }
+                    }
+                }
+            }
+            if decoder.is_empty() {
+                continue;
+            }
+            match decoder.step() {
+                Ok(tokens) => {
+                    for t in tokens {
+                        let Some(l) = live.get(&t.key) else { continue };
+                        let _ = l.events.send(Event::Token {
+                            choice: l.choice,
+                            token: t.token,
+                            logprob: t.logprob,
+                        });
+                        if let Some(completion) = t.finished {
+                            let _ = l.events.send(Event::Done {
+                                choice: l.choice,
+                                completion,
+                            });
+                            live.remove(&t.key);
+                        }
+                    }
+                }
+                Err(e) => fail_all(&mut decoder, &mut live, &e),
+            }
+        }
+    }
+}
+
+/// Takes whole jobs, oldest first, while the batch has room for their sequences; the deferred
+/// ones only once the batch is empty (they did not fit beside it).
+fn admit(
+    state: &mut QueueState,
+    deferred: &mut VecDeque<Job>,
+    running: usize,
+    max_batch: usize,
+) -> Vec<Job> {
+    let mut taken = Vec::new();
+    let mut size = running;
+    if !deferred.is_empty() {
+        if running == 0 {
+            while let Some(job) = deferred.pop_front() {
+                if size > 0 && size + job.sequences() > max_batch {
+                    deferred.push_front(job);
+                    break;
+                }
+                size += job.sequences();
+                taken.push(job);
+            }
+        }
+        return taken;
+    }
+    while let Some(job) = state.jobs.front() {
+        if size + job.sequences() > max_batch {
+            break;
+        }
+        let Some(job) = state.jobs.pop_front() else {
+            break;
+        };
+        size += job.sequences();
+        state.waiting -= job.sequences();
+        taken.push(job);
+    }
+    taken
+}
+
+fn fail(events: &UnboundedSender<Event>, status: StatusCode, message: &str) {
+    let _ = events.send(Event::Failed {
+        status,
+        message: message.to_string(),
+    });
+}
+
+/// A decoding error takes the whole batch with it: every running request fails with it.
+fn fail_all(decoder: &mut Decoder<'_, impl burn::tensor::backend::Backend>, live: &mut HashMap<u64, Live>, e: &anyhow::Error) {
+    tracing::error!("generation failed: {e:#}");
+    let keys: Vec<u64> = live.keys().copied().collect();
+    for l in live.values() {
+        fail(&l.events, StatusCode::INTERNAL_SERVER_ERROR, &format!("generation failed: {e:#}"));
+    }
+    decoder.remove(&keys);
+    live.clear();
+}
