@@ -120,7 +120,14 @@ fn http(address: &str, method: &str, path: &str, body: Option<&str>) -> (u16, St
     let chunked = head
         .to_ascii_lowercase()
         .contains("transfer-encoding: chunked");
-    (status, if chunked { dechunk(rest) } else { rest.to_string() })
+    (
+        status,
+        if chunked {
+            dechunk(rest)
+        } else {
+            rest.to_string()
+        },
+    )
 }
 
 fn dechunk(mut rest: &str) -> String {
@@ -160,10 +167,16 @@ fn assert_openai_error(status: u16, body: &str, expected: u16) {
     assert_eq!(status, expected, "{body}");
     let v: Value = serde_json::from_str(body).unwrap_or_else(|e| panic!("{e}: {body}"));
     let e = &v["error"];
-    assert!(e["message"].as_str().is_some_and(|m| !m.is_empty()), "{body}");
+    assert!(
+        e["message"].as_str().is_some_and(|m| !m.is_empty()),
+        "{body}"
+    );
     assert!(e["type"].is_string(), "{body}");
     let fields = e.as_object().unwrap();
-    assert!(fields.contains_key("param") && fields.contains_key("code"), "{body}");
+    assert!(
+        fields.contains_key("param") && fields.contains_key("code"),
+        "{body}"
+    );
 }
 
 #[test]
@@ -184,7 +197,11 @@ fn serve_answers_like_generate_streams_batches_and_refuses_bad_requests() {
         &MAX_TOKENS.to_string(),
         "--json",
     ]);
-    assert!(generated.status.success(), "{}", String::from_utf8_lossy(&generated.stderr));
+    assert!(
+        generated.status.success(),
+        "{}",
+        String::from_utf8_lossy(&generated.stderr)
+    );
     let generated: Value = serde_json::from_slice(&generated.stdout).unwrap();
     let expected = generated["text"].as_str().unwrap().to_string();
     let expected_tokens = generated["token_ids"].as_array().unwrap().len();
@@ -225,11 +242,20 @@ fn serve_answers_like_generate_streams_batches_and_refuses_bad_requests() {
         .collect();
     assert_eq!(streamed, expected);
     assert!(chunks.len() > 3, "the text came in pieces: {events}");
-    assert!(chunks.iter().all(|c| c["object"] == "chat.completion.chunk"));
-    let last = chunks.last().unwrap();
-    assert_eq!(last["usage"]["completion_tokens"], expected_tokens, "{last}");
     assert!(
-        chunks.iter().any(|c| c["choices"][0]["finish_reason"].is_string()),
+        chunks
+            .iter()
+            .all(|c| c["object"] == "chat.completion.chunk")
+    );
+    let last = chunks.last().unwrap();
+    assert_eq!(
+        last["usage"]["completion_tokens"], expected_tokens,
+        "{last}"
+    );
+    assert!(
+        chunks
+            .iter()
+            .any(|c| c["choices"][0]["finish_reason"].is_string()),
         "{events}"
     );
 
@@ -316,7 +342,8 @@ fn serve_answers_like_generate_streams_batches_and_refuses_bad_requests() {
     let unknown = chat_request(json!({"model": "gpt-4"})).to_string();
     let (status, body) = server.request("POST", "/v1/chat/completions", Some(&unknown));
     assert_openai_error(status, &body, 404);
-    let long = chat_request(json!({"messages": [{"role": "user", "content": "twelve ".repeat(600)}]}));
+    let long =
+        chat_request(json!({"messages": [{"role": "user", "content": "twelve ".repeat(600)}]}));
     let (status, body) = server.request("POST", "/v1/chat/completions", Some(&long.to_string()));
     assert_openai_error(status, &body, 400);
     assert!(body.contains("context_length_exceeded"), "{body}");

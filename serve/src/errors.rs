@@ -38,7 +38,9 @@ impl ApiError {
     pub fn model_not_found(model: &str) -> Self {
         ApiError {
             status: StatusCode::NOT_FOUND,
-            message: format!("The model `{model}` does not exist; GET /v1/models lists the one served"),
+            message: format!(
+                "The model `{model}` does not exist; GET /v1/models lists the one served"
+            ),
             kind: "invalid_request_error",
             param: Some("model".into()),
             code: Some("model_not_found"),

@@ -73,11 +73,8 @@ async fn generate(state: AppState, body: &[u8], endpoint: Endpoint) -> Response 
     match state.queue.submit(request.clone(), events) {
         Ok(()) => {}
         Err(Refused::Full) => {
-            return ApiError::unavailable(
-                "the request queue is full; retry later",
-                "queue_full",
-            )
-            .into_response();
+            return ApiError::unavailable("the request queue is full; retry later", "queue_full")
+                .into_response();
         }
         Err(Refused::Closed) => {
             return ApiError::unavailable("the server is shutting down", "shutting_down")
@@ -99,8 +96,7 @@ async fn generate(state: AppState, body: &[u8], endpoint: Endpoint) -> Response 
                 }
             }
             Some(Event::Failed { status, message }) => {
-                return ApiError::from_status(status, message)
-                .into_response();
+                return ApiError::from_status(status, message).into_response();
             }
             None => return ApiError::internal("the scheduler stopped").into_response(),
         }

@@ -77,7 +77,11 @@ pub fn parse(
                 .map(|p| model.raw_prompt(p))
                 .collect::<anyhow::Result<Vec<_>>>()
                 .map_err(|e| ApiError::invalid(Some("prompt"), format!("{e:#}")))?;
-            (prompts, model.format.tokenizer.eos_ids.clone(), String::new())
+            (
+                prompts,
+                model.format.tokenizer.eos_ids.clone(),
+                String::new(),
+            )
         }
     };
     let longest = prompts.iter().map(Vec::len).max().unwrap_or(0);
@@ -145,7 +149,10 @@ pub fn parse(
     if let Some(best_of) = uint(&body, "best_of")?
         && best_of != n
     {
-        return Err(ApiError::invalid(Some("best_of"), "`best_of` is not supported"));
+        return Err(ApiError::invalid(
+            Some("best_of"),
+            "`best_of` is not supported",
+        ));
     }
     // vLLM's extension: generate until max_tokens or a stop string (for benchmarks).
     let stop_ids = if flag(&body, "ignore_eos")? {
@@ -186,9 +193,10 @@ fn chat_messages(body: &Map<String, Value>) -> Result<Vec<ChatMessage>, ApiError
     list.iter()
         .enumerate()
         .map(|(i, m)| {
-            let role = m.get("role").and_then(Value::as_str).ok_or_else(|| {
-                bad(&format!("messages[{i}] needs a `role` string"))
-            })?;
+            let role = m
+                .get("role")
+                .and_then(Value::as_str)
+                .ok_or_else(|| bad(&format!("messages[{i}] needs a `role` string")))?;
             let content = match m.get("content") {
                 Some(Value::String(s)) => s.clone(),
                 // Content parts: the text ones, joined (images and audio are not supported).
@@ -196,11 +204,17 @@ fn chat_messages(body: &Map<String, Value>) -> Result<Vec<ChatMessage>, ApiError
                     .iter()
                     .map(|p| match (p.get("type"), p.get("text")) {
                         (Some(t), Some(Value::String(text))) if t == "text" => Ok(text.as_str()),
-                        _ => Err(bad(&format!("messages[{i}]: only text content parts are supported"))),
+                        _ => Err(bad(&format!(
+                            "messages[{i}]: only text content parts are supported"
+                        ))),
                     })
                     .collect::<Result<String, _>>()?,
                 None | Some(Value::Null) => String::new(),
-                Some(_) => return Err(bad(&format!("messages[{i}].content must be a string or a list of parts"))),
+                Some(_) => {
+                    return Err(bad(&format!(
+                        "messages[{i}].content must be a string or a list of parts"
+                    )));
+                }
             };
             Ok(ChatMessage::new(role, &content))
         })
@@ -220,7 +234,9 @@ fn completion_prompts(body: &Map<String, Value>) -> Result<Vec<String>, ApiError
             })
             .collect(),
         None => Err(bad("`prompt` is required")),
-        Some(_) => Err(bad("`prompt` must be a string or a non-empty list of strings")),
+        Some(_) => Err(bad(
+            "`prompt` must be a string or a non-empty list of strings",
+        )),
     }
 }
 
@@ -249,7 +265,12 @@ fn logprobs(body: &Map<String, Value>, endpoint: Endpoint) -> Result<bool, ApiEr
 }
 
 fn stops(body: &Map<String, Value>) -> Result<Vec<String>, ApiError> {
-    let bad = || ApiError::invalid(Some("stop"), "`stop` must be a string or a list of up to 4 strings");
+    let bad = || {
+        ApiError::invalid(
+            Some("stop"),
+            "`stop` must be a string or a list of up to 4 strings",
+        )
+    };
     let stops = match body.get("stop") {
         None | Some(Value::Null) => Vec::new(),
         Some(Value::String(s)) => vec![s.clone()],
@@ -260,7 +281,10 @@ fn stops(body: &Map<String, Value>) -> Result<Vec<String>, ApiError> {
         Some(_) => return Err(bad()),
     };
     if stops.iter().any(String::is_empty) {
-        return Err(ApiError::invalid(Some("stop"), "stop strings must not be empty"));
+        return Err(ApiError::invalid(
+            Some("stop"),
+            "stop strings must not be empty",
+        ));
     }
     Ok(stops)
 }
@@ -293,6 +317,9 @@ fn flag(body: &Map<String, Value>, key: &str) -> Result<bool, ApiError> {
     match body.get(key) {
         None | Some(Value::Null) => Ok(false),
         Some(Value::Bool(b)) => Ok(*b),
-        Some(_) => Err(ApiError::invalid(Some(key), format!("`{key}` must be true or false"))),
+        Some(_) => Err(ApiError::invalid(
+            Some(key),
+            format!("`{key}` must be true or false"),
+        )),
     }
 }

@@ -318,11 +318,19 @@ fn fail(events: &UnboundedSender<Event>, status: StatusCode, message: &str) {
 }
 
 /// A decoding error takes the whole batch with it: every running request fails with it.
-fn fail_all(decoder: &mut Decoder<'_, impl burn::tensor::backend::Backend>, live: &mut HashMap<u64, Live>, e: &anyhow::Error) {
+fn fail_all(
+    decoder: &mut Decoder<'_, impl burn::tensor::backend::Backend>,
+    live: &mut HashMap<u64, Live>,
+    e: &anyhow::Error,
+) {
     tracing::error!("generation failed: {e:#}");
     let keys: Vec<u64> = live.keys().copied().collect();
     for l in live.values() {
-        fail(&l.events, StatusCode::INTERNAL_SERVER_ERROR, &format!("generation failed: {e:#}"));
+        fail(
+            &l.events,
+            StatusCode::INTERNAL_SERVER_ERROR,
+            &format!("generation failed: {e:#}"),
+        );
     }
     decoder.remove(&keys);
     live.clear();

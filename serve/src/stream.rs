@@ -116,7 +116,11 @@ impl Streamer {
                     Endpoint::Completion => completion.text.clone(),
                 };
                 let rest = text.finish(&full);
-                self.push_text(choice, &rest, Some(finish_reason(&completion.finish_reason)));
+                self.push_text(
+                    choice,
+                    &rest,
+                    Some(finish_reason(&completion.finish_reason)),
+                );
                 self.open -= 1;
                 if self.open == 0 {
                     let mut last = self.header.body(self.request.endpoint, true, Vec::new());

@@ -208,9 +208,18 @@ mod tests {
         assert_eq!(a, "<answer>4</answer>");
         let chars: Vec<String> = text.chars().map(String::from).collect();
         let pieces: Vec<&str> = chars.iter().map(String::as_str).collect();
-        assert_eq!(streamed(&pieces), ("2+2 is 4.".into(), "<answer>4</answer>".into()));
-        assert_eq!(streamed(&["<thi", "nk>a b </th", "ink> c"]), ("a b".into(), "c".into()));
-        assert_eq!(streamed(&["<think> a ", " b\n", "c</think>d"]), ("a  b\nc".into(), "d".into()));
+        assert_eq!(
+            streamed(&pieces),
+            ("2+2 is 4.".into(), "<answer>4</answer>".into())
+        );
+        assert_eq!(
+            streamed(&["<thi", "nk>a b </th", "ink> c"]),
+            ("a b".into(), "c".into())
+        );
+        assert_eq!(
+            streamed(&["<think> a ", " b\n", "c</think>d"]),
+            ("a  b\nc".into(), "d".into())
+        );
     }
 
     #[test]
@@ -221,6 +230,9 @@ mod tests {
             split_reasoning("<think>still going"),
             (Some("still going".into()), String::new())
         );
-        assert_eq!(streamed(&["  4 ", "<think>x"]), (String::new(), "  4 <think>x".into()));
+        assert_eq!(
+            streamed(&["  4 ", "<think>x"]),
+            (String::new(), "  4 <think>x".into())
+        );
     }
 }

@@ -127,8 +127,12 @@ impl<'a, B: Backend> Decoder<'a, B> {
             None => batch.seq + new_most.unwrap_or(0),
             Some(_) => batch.seq,
         };
-        let mut cache =
-            KvCache::<B>::new(&self.model.config, batch.batch, capacity, &self.model.device());
+        let mut cache = KvCache::<B>::new(
+            &self.model.config,
+            batch.batch,
+            capacity,
+            &self.model.device(),
+        );
         let logits = self.model.forward_cached(&batch, &mut cache)?;
         let (cache, logits) = match (self.cache.take(), self.logits.take()) {
             (Some(running), Some(waiting)) => {

@@ -459,7 +459,10 @@ impl<B: Backend> KvCache<B> {
         let mut keys: Vec<Vec<Tensor<B, 4>>> = vec![Vec::new(); layers];
         let mut values: Vec<Vec<Tensor<B, 4>>> = vec![Vec::new(); layers];
         for part in parts {
-            ensure!(part.keys.len() == layers, "KV cache join: layer counts differ");
+            ensure!(
+                part.keys.len() == layers,
+                "KV cache join: layer counts differ"
+            );
             let kept = part.len.min(len);
             let from = part.len - kept;
             for r in 0..part.batch {
