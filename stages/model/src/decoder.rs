@@ -391,3 +391,116 @@ fn finish(
         finish_reason: reason,
     })
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::ModelConfig;
+
+    type Cpu = burn::backend::Flex;
+
+    fn model() -> CausalLm<Cpu> {
+        let config = ModelConfig::llama(32, 16, 32, 2, 2, 1, 128);
+        CausalLm::<Cpu>::init_random(&config, 7, &Default::default()).unwrap()
+    }
+
+    fn sequence(key: u64, prompt: &[u32], temperature: f32, max_new_tokens: usize) -> Sequence {
+        Sequence {
+            key,
+            prompt: prompt.to_vec(),
+            params: SamplingParams {
+                temperature,
+                max_new_tokens,
+                seed: 100 + key,
+                ..SamplingParams::default()
+            },
+            stop_ids: Vec::new(),
+        }
+    }
+
+    /// Steps until every sequence is done, adding `late` after `after` steps; the tokens of
+    /// each key in order.
+    fn run(
+        decoder: &mut Decoder<'_, Cpu>,
+        mut late: Option<Vec<Sequence>>,
+        after: usize,
+    ) -> std::collections::BTreeMap<u64, Vec<u32>> {
+        let mut out = std::collections::BTreeMap::<u64, Vec<u32>>::new();
+        let mut steps = 0;
+        while !decoder.is_empty() || late.is_some() {
+            if steps == after
+                && let Some(l) = late.take()
+            {
+                decoder.add(l).unwrap();
+            }
+            for t in decoder.step().unwrap() {
+                out.entry(t.key).or_default().push(t.token);
+                if let Some(done) = t.finished {
+                    assert_eq!(done.token_ids, out[&t.key]);
+                }
+            }
+            steps += 1;
+        }
+        out
+    }
+
+    fn alone(s: Sequence) -> Vec<u32> {
+        let model = model();
+        let mut decoder = Decoder::new(&model, None);
+        let key = s.key;
+        decoder.add(vec![s]).unwrap();
+        run(&mut decoder, None, 0).remove(&key).unwrap()
+    }
+
+    #[test]
+    fn a_sequence_that_joins_a_running_batch_decodes_as_it_would_alone() {
+        for temperature in [0.0, 1.0] {
+            let early = [
+                sequence(1, &[3, 4, 5], temperature, 12),
+                sequence(2, &[6, 7, 8, 9, 10, 11, 12], temperature, 5),
+            ];
+            // Longer than what the running rows hold by then, and shorter.
+            let late = [
+                sequence(3, &[1; 20], temperature, 9),
+                sequence(4, &[2], temperature, 14),
+            ];
+            let model = model();
+            let mut decoder = Decoder::new(&model, None);
+            decoder.add(early.to_vec()).unwrap();
+            let together = run(&mut decoder, Some(late.to_vec()), 3);
+            for s in early.iter().chain(&late) {
+                assert_eq!(
+                    together[&s.key],
+                    alone(s.clone()),
+                    "sequence {} at T {temperature}",
+                    s.key
+                );
+                assert_eq!(together[&s.key].len(), s.params.max_new_tokens);
+            }
+        }
+    }
+
+    #[test]
+    fn removed_sequences_leave_the_others_undisturbed() {
+        let model = model();
+        let mut decoder = Decoder::new(&model, None);
+        let a = sequence(1, &[3, 4, 5], 1.0, 10);
+        let b = sequence(2, &[9, 8], 1.0, 10);
+        decoder.add(vec![a, b.clone()]).unwrap();
+        let mut tokens = Vec::new();
+        for step in 0..10 {
+            if step == 4 {
+                decoder.remove(&[1]);
+                assert_eq!(decoder.len(), 1);
+            }
+            for t in decoder.step().unwrap() {
+                assert!(step < 4 || t.key == 2, "a removed sequence came back");
+                if t.key == 2 {
+                    tokens.push(t.token);
+                }
+            }
+        }
+        assert!(decoder.is_empty());
+        assert_eq!(tokens, alone(b));
+    }
+}
