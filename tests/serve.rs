@@ -14,6 +14,10 @@ use common::Project;
 use serde_json::{Value, json};
 
 const QUESTION: &str = "Ava has 12 apples and gets 30 more. How many apples does Ava have now?";
+/// The tests take turns: the timing of concurrent requests should not share the cores with
+/// the other test's server.
+static SERIAL: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
 /// Enough tokens that generation, not HTTP, dominates a request's time.
 const MAX_TOKENS: usize = 48;
 
@@ -181,6 +185,7 @@ fn assert_openai_error(status: u16, body: &str, expected: u16) {
 
 #[test]
 fn serve_answers_like_generate_streams_batches_and_refuses_bad_requests() {
+    let _turn = SERIAL.lock().unwrap_or_else(|p| p.into_inner());
     let p = Project::new("serve");
     p.write("p.yaml", &pipeline());
     p.run("p.yaml", &[]);
@@ -223,6 +228,45 @@ fn serve_answers_like_generate_streams_batches_and_refuses_bad_requests() {
         prompt_tokens + expected_tokens as u64
     );
 
+    // Log-probs are the sampler's own, as `dagrun generate` reports them (a final stop id,
+    // which the text does not show, left out).
+    let (_, scored) = server.chat(&chat_request(json!({"logprobs": true})));
+    let entries = scored["choices"][0]["logprobs"]["content"]
+        .as_array()
+        .unwrap();
+    let shown = match scored["choices"][0]["finish_reason"].as_str() {
+        Some("length") => expected_tokens,
+        _ => expected_tokens - 1,
+    };
+    assert_eq!(entries.len(), shown, "{scored}");
+    for (e, g) in entries
+        .iter()
+        .zip(generated["logprobs"].as_array().unwrap())
+    {
+        let (e, g) = (e["logprob"].as_f64().unwrap(), g.as_f64().unwrap());
+        assert!((e - g).abs() < 1e-5, "{e} vs {g}");
+    }
+    // Reasoning asked for: this model's replies open no think block, so all of it is content.
+    let (_, reasoned) = server.chat(&chat_request(json!({"include_reasoning": true})));
+    assert_eq!(content(&reasoned), expected);
+    assert!(reasoned["choices"][0]["message"]["reasoning_content"].is_null());
+    // Raw completions: n choices, reproducible by seed.
+    let raw = json!({"model": "tuned.model", "prompt": QUESTION, "max_tokens": 8, "n": 2,
+        "seed": 3, "temperature": 1.0})
+    .to_string();
+    let (status, first) = server.request("POST", "/v1/completions", Some(&raw));
+    assert_eq!(status, 200, "{first}");
+    let (_, again) = server.request("POST", "/v1/completions", Some(&raw));
+    let (first, again): (Value, Value) = (
+        serde_json::from_str(&first).unwrap(),
+        serde_json::from_str(&again).unwrap(),
+    );
+    assert_eq!(first["object"], "text_completion");
+    assert_eq!(first["choices"].as_array().unwrap().len(), 2);
+    assert_eq!(first["choices"], again["choices"]);
+    let used = first["usage"]["completion_tokens"].as_u64().unwrap();
+    assert!((2..=16).contains(&used), "{first}");
+
     // (2) Streamed chunks concatenate to the same text; usage in the last chunk, then [DONE].
     let body = chat_request(json!({"stream": true})).to_string();
     let (status, events) = server.request("POST", "/v1/chat/completions", Some(&body));
@@ -261,9 +305,9 @@ fn serve_answers_like_generate_streams_batches_and_refuses_bad_requests() {
 
     // (3) 16 clients at once are generated together: far less than 16 × one request's time
     // (timed on 200 tokens each, so that decoding dominates), and each gets what it would get
-    // alone.
+    // alone. "16 × one" is measured as 16 requests one after another, and the concurrent
+    // round is the better of two: the machine is shared, and one hiccup should not decide.
     let timed = chat_request(json!({"max_tokens": 200, "ignore_eos": true}));
-    // Best of three each: the machine is shared, and a hiccup should not decide the ratio.
     let at_once = |body: &Value| -> (Duration, Vec<(u16, Value)>) {
         let started = Instant::now();
         let replies = std::thread::scope(|s| {
@@ -272,26 +316,26 @@ fn serve_answers_like_generate_streams_batches_and_refuses_bad_requests() {
         });
         (started.elapsed(), replies)
     };
-    let mut one = Duration::MAX;
+    let started = Instant::now();
     let mut reply = Value::Null;
-    for _ in 0..3 {
-        let started = Instant::now();
+    for _ in 0..16 {
         let (status, r) = server.chat(&timed);
-        one = one.min(started.elapsed());
         assert_eq!(status, 200, "{r}");
         assert_eq!(r["usage"]["completion_tokens"], 200);
         reply = r;
     }
+    let one_after_another = started.elapsed();
     let (mut sixteen, mut replies) = at_once(&timed);
-    for _ in 0..2 {
-        let (t, r) = at_once(&timed);
-        if t < sixteen {
-            (sixteen, replies) = (t, r);
-        }
+    let (again, more) = at_once(&timed);
+    if again < sixteen {
+        (sixteen, replies) = (again, more);
     }
+    let one = one_after_another / 16;
     println!(
-        "200 tokens: one request {:.0} ms; 16 concurrent requests {:.0} ms ({:.1}× one)",
+        "200 tokens: one request {:.0} ms (16 one after another {:.0} ms); 16 concurrent \
+         requests {:.0} ms ({:.1}× one)",
         one.as_secs_f64() * 1e3,
+        one_after_another.as_secs_f64() * 1e3,
         sixteen.as_secs_f64() * 1e3,
         sixteen.as_secs_f64() / one.as_secs_f64()
     );
@@ -299,8 +343,13 @@ fn serve_answers_like_generate_streams_batches_and_refuses_bad_requests() {
         assert_eq!(*status, 200, "{r}");
         assert_eq!(content(r), content(&reply));
     }
+    // Unbatched, 16 requests take about 16× one. Batched, the floor is the runtime's own batch
+    // efficiency, which for this 64-wide model is only about 4× (`dagrun bench --layers 2
+    // --hidden 64 --heads 4 --kv-heads 2 --ffn 128 --vocab 402 --seq 40 --new-tokens 200`: batch
+    // 16 makes 3.3–4× the tokens/s of batch 1; per-row work, not FLOPs, dominates at this
+    // size); measured 5–7.5× on 2 shared cores, so 10× leaves room for a busy machine.
     assert!(
-        sixteen < one * 8,
+        sixteen < one * 10,
         "16 concurrent requests took {sixteen:?}, one took {one:?}"
     );
     let (_, replies) = at_once(&chat_request(json!({})));
@@ -369,6 +418,7 @@ fn serve_answers_like_generate_streams_batches_and_refuses_bad_requests() {
 
 #[test]
 fn a_full_queue_answers_503() {
+    let _turn = SERIAL.lock().unwrap_or_else(|p| p.into_inner());
     let p = Project::new("serve-queue");
     p.write("p.yaml", &pipeline());
     p.run("p.yaml", &[]);
