@@ -303,6 +303,35 @@ fn serve_answers_like_generate_streams_batches_and_refuses_bad_requests() {
         "{events}"
     );
 
+    // With a stop string, what streams is still exactly the (cut) text.
+    let stopped = chat_request(json!({"stop": ["000", "never"]}));
+    let (_, whole) = server.chat(&stopped);
+    let cut = content(&whole);
+    assert_eq!(whole["choices"][0]["finish_reason"], "stop", "{whole}");
+    assert_eq!(
+        expected.find("000").map(|at| &expected[..at]),
+        Some(cut.as_str())
+    );
+    let mut streamed_stop = stopped.clone();
+    streamed_stop["stream"] = true.into();
+    let (_, events) = server.request(
+        "POST",
+        "/v1/chat/completions",
+        Some(&streamed_stop.to_string()),
+    );
+    let pieces: String = events
+        .lines()
+        .filter_map(|l| l.strip_prefix("data: "))
+        .filter(|d| *d != "[DONE]")
+        .filter_map(|d| {
+            let v: Value = serde_json::from_str(d).unwrap();
+            v["choices"][0]["delta"]["content"]
+                .as_str()
+                .map(str::to_string)
+        })
+        .collect();
+    assert_eq!(pieces, cut);
+
     // (3) 16 clients at once are generated together: far less than 16 × one request's time
     // (timed on 200 tokens each, so that decoding dominates), and each gets what it would get
     // alone. "16 × one" is measured as 16 requests one after another, and the concurrent

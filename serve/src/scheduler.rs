@@ -11,10 +11,10 @@ use std::path::PathBuf;
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 
 use axum::http::StatusCode;
-use burn::tensor::backend::AutodiffBackend;
+use burn::tensor::backend::{AutodiffBackend, Backend};
 use dagrun_model::decoder::{Decoder, Sequence};
 use dagrun_model::device::BackendTask;
-use dagrun_model::generate::{Completion, TooLarge, row_seed};
+use dagrun_model::generate::{Completion, SamplingParams, TooLarge, row_seed};
 use tokio::sync::mpsc::UnboundedSender;
 
 use crate::model::ServedModel;
@@ -148,28 +148,22 @@ impl BackendTask for Scheduler {
                 return Err(e);
             }
         };
-        let served = &self.model;
-        let mut decoder = Decoder::new(&lm, Some(&served.format.tokenizer));
-        let mut live: HashMap<u64, Live> = HashMap::new();
-        let mut next_key = 0u64;
-        // Jobs that did not fit in memory beside the running batch: they go first once it is empty.
-        let mut deferred: VecDeque<Job> = VecDeque::new();
+        let mut batch = Batch {
+            decoder: Decoder::new(&lm, Some(&self.model.format.tokenizer)),
+            live: HashMap::new(),
+            next_key: 0,
+            deferred: VecDeque::new(),
+        };
         loop {
             let admitted = {
                 let mut state = self.queue.lock();
                 loop {
                     if state.cancelling {
-                        let message = "the server is shutting down; the request was cancelled";
-                        let jobs = deferred.drain(..).chain(state.jobs.drain(..));
-                        for job in jobs {
-                            fail(&job.events, StatusCode::SERVICE_UNAVAILABLE, message);
-                        }
-                        for l in live.values() {
-                            fail(&l.events, StatusCode::SERVICE_UNAVAILABLE, message);
-                        }
+                        let jobs: Vec<Job> = state.jobs.drain(..).collect();
+                        batch.cancel(jobs);
                         return Ok(());
                     }
-                    if !decoder.is_empty() || !state.jobs.is_empty() || !deferred.is_empty() {
+                    if !batch.is_idle() || !state.jobs.is_empty() {
                         break;
                     }
                     if state.closing {
@@ -181,133 +175,182 @@ impl BackendTask for Scheduler {
                         .wait(state)
                         .unwrap_or_else(|p| p.into_inner());
                 }
-                admit(&mut state, &mut deferred, decoder.len(), served.max_batch)
+                batch.admit(&mut state, self.model.max_batch)
             };
-            // Sequences whose client went away leave the batch.
-            let gone: Vec<u64> = live
-                .iter()
-                .filter(|(_, l)| l.events.is_closed())
-                .map(|(k, _)| *k)
-                .collect();
-            if !gone.is_empty() {
-                decoder.remove(&gone);
-                for k in &gone {
-                    live.remove(k);
-                }
-            }
-            let admitted: Vec<Job> = admitted
-                .into_iter()
-                .filter(|j| !j.events.is_closed())
-                .collect();
-            if !admitted.is_empty() {
-                let mut sequences = Vec::new();
-                let mut entries = Vec::new();
-                for job in &admitted {
-                    let r = &job.request;
-                    for (p, prompt) in r.prompts.iter().enumerate() {
-                        for i in 0..r.n {
-                            let key = next_key;
-                            next_key += 1;
-                            sequences.push(Sequence {
-                                key,
-                                prompt: prompt.clone(),
-                                params: dagrun_model::generate::SamplingParams {
-                                    seed: row_seed(r.params.seed, i),
-                                    ..r.params.clone()
-                                },
-                                stop_ids: r.stop_ids.clone(),
-                            });
-                            let live = Live {
-                                events: job.events.clone(),
-                                choice: p * r.n + i,
-                            };
-                            entries.push((key, live));
-                        }
-                    }
-                }
-                let running = decoder.len();
-                match decoder.add(sequences) {
-                    Ok(()) => live.extend(entries),
-                    Err(e) if e.is::<TooLarge>() && running > 0 && decoder.len() == running => {
-                        deferred.extend(admitted);
-                    }
-                    Err(e) => {
-                        let status = if e.is::<TooLarge>() {
-                            StatusCode::BAD_REQUEST
-                        } else {
-                            StatusCode::INTERNAL_SERVER_ERROR
-                        };
-                        for job in &admitted {
-                            fail(&job.events, status, &format!("{e:#}"));
-                        }
-                        if decoder.len() != running {
-                            fail_all(&mut decoder, &mut live, &e);
-                        }
-                    }
-                }
-            }
-            if decoder.is_empty() {
-                continue;
-            }
-            match decoder.step() {
-                Ok(tokens) => {
-                    for t in tokens {
-                        let Some(l) = live.get(&t.key) else { continue };
-                        let _ = l.events.send(Event::Token {
-                            choice: l.choice,
-                            token: t.token,
-                            logprob: t.logprob,
-                        });
-                        if let Some(completion) = t.finished {
-                            let _ = l.events.send(Event::Done {
-                                choice: l.choice,
-                                completion,
-                            });
-                            live.remove(&t.key);
-                        }
-                    }
-                }
-                Err(e) => fail_all(&mut decoder, &mut live, &e),
-            }
+            batch.drop_abandoned();
+            batch.start(admitted);
+            batch.step();
         }
     }
 }
 
-/// Takes whole jobs, oldest first, while the batch has room for their sequences; the deferred
-/// ones only once the batch is empty (they did not fit beside it).
-fn admit(
-    state: &mut QueueState,
-    deferred: &mut VecDeque<Job>,
-    running: usize,
-    max_batch: usize,
-) -> Vec<Job> {
-    let mut taken = Vec::new();
-    let mut size = running;
-    if !deferred.is_empty() {
-        if running == 0 {
-            while let Some(job) = deferred.pop_front() {
-                if size > 0 && size + job.sequences() > max_batch {
-                    deferred.push_front(job);
-                    break;
-                }
-                size += job.sequences();
-                taken.push(job);
+/// The running batch and where its sequences report to.
+struct Batch<'a, B: Backend> {
+    decoder: Decoder<'a, B>,
+    live: HashMap<u64, Live>,
+    next_key: u64,
+    /// Jobs that did not fit in memory beside the running batch: they go first once it is
+    /// empty.
+    deferred: VecDeque<Job>,
+}
+
+impl<B: Backend> Batch<'_, B> {
+    fn is_idle(&self) -> bool {
+        self.decoder.is_empty() && self.deferred.is_empty()
+    }
+
+    /// Takes whole jobs, oldest first, while the batch has room for their sequences; the
+    /// deferred ones only once the batch is empty (they did not fit beside it).
+    fn admit(&mut self, state: &mut QueueState, max_batch: usize) -> Vec<Job> {
+        let mut taken = Vec::new();
+        let mut size = self.decoder.len();
+        let from_queue = self.deferred.is_empty();
+        let source = if from_queue {
+            &mut state.jobs
+        } else if size == 0 {
+            &mut self.deferred
+        } else {
+            return taken;
+        };
+        while let Some(job) = source.front() {
+            // A job alone always fits: `n` × prompts ≤ max_batch is checked on arrival.
+            if size > 0 && size + job.sequences() > max_batch {
+                break;
+            }
+            let Some(job) = source.pop_front() else {
+                break;
+            };
+            size += job.sequences();
+            taken.push(job);
+        }
+        if from_queue {
+            state.waiting -= taken.iter().map(Job::sequences).sum::<usize>();
+        }
+        taken
+    }
+
+    /// Sequences whose client went away (its channel closed) leave the batch.
+    fn drop_abandoned(&mut self) {
+        let gone: Vec<u64> = (self.live.iter())
+            .filter(|(_, l)| l.events.is_closed())
+            .map(|(k, _)| *k)
+            .collect();
+        if !gone.is_empty() {
+            self.decoder.remove(&gone);
+            for k in &gone {
+                self.live.remove(k);
             }
         }
-        return taken;
     }
-    while let Some(job) = state.jobs.front() {
-        if size + job.sequences() > max_batch {
-            break;
+
+    /// Prefills the admitted jobs' sequences into the batch; choice `i` of a request samples
+    /// with `row_seed(seed, i)`.
+    fn start(&mut self, admitted: Vec<Job>) {
+        let admitted: Vec<Job> = admitted
+            .into_iter()
+            .filter(|j| !j.events.is_closed())
+            .collect();
+        if admitted.is_empty() {
+            return;
         }
-        let Some(job) = state.jobs.pop_front() else {
-            break;
-        };
-        size += job.sequences();
-        state.waiting -= job.sequences();
-        taken.push(job);
+        let mut sequences = Vec::new();
+        let mut entries = Vec::new();
+        for job in &admitted {
+            let r = &job.request;
+            for (p, prompt) in r.prompts.iter().enumerate() {
+                for i in 0..r.n {
+                    let key = self.next_key;
+                    self.next_key += 1;
+                    sequences.push(Sequence {
+                        key,
+                        prompt: prompt.clone(),
+                        params: SamplingParams {
+                            seed: row_seed(r.params.seed, i),
+                            ..r.params.clone()
+                        },
+                        stop_ids: r.stop_ids.clone(),
+                    });
+                    let live = Live {
+                        events: job.events.clone(),
+                        choice: p * r.n + i,
+                    };
+                    entries.push((key, live));
+                }
+            }
+        }
+        let running = self.decoder.len();
+        match self.decoder.add(sequences) {
+            Ok(()) => self.live.extend(entries),
+            Err(e) if e.is::<TooLarge>() && running > 0 && self.decoder.len() == running => {
+                self.deferred.extend(admitted);
+            }
+            Err(e) => {
+                // Too large alone is the request's fault; anything else is ours.
+                let status = if e.is::<TooLarge>() {
+                    StatusCode::BAD_REQUEST
+                } else {
+                    StatusCode::INTERNAL_SERVER_ERROR
+                };
+                for job in &admitted {
+                    fail(&job.events, status, &format!("{e:#}"));
+                }
+                if self.decoder.len() != running {
+                    self.fail_all(&e);
+                }
+            }
+        }
     }
-    taken
+
+    /// One decoding step; its tokens (and finished completions) go to their requests.
+    fn step(&mut self) {
+        if self.decoder.is_empty() {
+            return;
+        }
+        let tokens = match self.decoder.step() {
+            Ok(tokens) => tokens,
+            Err(e) => return self.fail_all(&e),
+        };
+        for t in tokens {
+            let Some(l) = self.live.get(&t.key) else {
+                continue;
+            };
+            let _ = l.events.send(Event::Token {
+                choice: l.choice,
+                token: t.token,
+                logprob: t.logprob,
+            });
+            if let Some(completion) = t.finished {
+                let _ = l.events.send(Event::Done {
+                    choice: l.choice,
+                    completion,
+                });
+                self.live.remove(&t.key);
+            }
+        }
+    }
+
+    /// A decoding error takes the whole batch with it: every running request fails with it.
+    fn fail_all(&mut self, e: &anyhow::Error) {
+        tracing::error!("generation failed: {e:#}");
+        let message = format!("generation failed: {e:#}");
+        for l in self.live.values() {
+            fail(&l.events, StatusCode::INTERNAL_SERVER_ERROR, &message);
+        }
+        let keys: Vec<u64> = self.live.keys().copied().collect();
+        self.decoder.remove(&keys);
+        self.live.clear();
+    }
+
+    /// Shutdown without waiting: every queued, deferred and running request gets a 503.
+    fn cancel(&mut self, queued: Vec<Job>) {
+        let message = "the server is shutting down; the request was cancelled";
+        for job in self.deferred.drain(..).chain(queued) {
+            fail(&job.events, StatusCode::SERVICE_UNAVAILABLE, message);
+        }
+        for l in self.live.values() {
+            fail(&l.events, StatusCode::SERVICE_UNAVAILABLE, message);
+        }
+    }
 }
 
 fn fail(events: &UnboundedSender<Event>, status: StatusCode, message: &str) {
@@ -315,23 +358,4 @@ fn fail(events: &UnboundedSender<Event>, status: StatusCode, message: &str) {
         status,
         message: message.to_string(),
     });
-}
-
-/// A decoding error takes the whole batch with it: every running request fails with it.
-fn fail_all(
-    decoder: &mut Decoder<'_, impl burn::tensor::backend::Backend>,
-    live: &mut HashMap<u64, Live>,
-    e: &anyhow::Error,
-) {
-    tracing::error!("generation failed: {e:#}");
-    let keys: Vec<u64> = live.keys().copied().collect();
-    for l in live.values() {
-        fail(
-            &l.events,
-            StatusCode::INTERNAL_SERVER_ERROR,
-            &format!("generation failed: {e:#}"),
-        );
-    }
-    decoder.remove(&keys);
-    live.clear();
 }

@@ -135,12 +135,13 @@ impl ReasoningSplit {
                         continue;
                     }
                     // Send what cannot be the start of `</think>` or whitespace before it.
-                    let mut safe = self.pending.trim_end().len();
+                    let mut safe = self.pending.len();
                     for (at, _) in self.pending.char_indices().rev().take(CLOSE.len()) {
                         if CLOSE.starts_with(&self.pending[at..]) {
                             safe = safe.min(at);
                         }
                     }
+                    let safe = self.pending[..safe].trim_end().len();
                     reasoning.extend(self.pending.drain(..safe));
                     return (reasoning, answer);
                 }
