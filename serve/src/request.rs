@@ -39,6 +39,9 @@ pub struct GenerationRequest {
 
 /// Most choices (`n` × prompts) one request may ask for.
 const MAX_CHOICES: usize = 128;
+/// Chat's `max_tokens` when a request does not say: the decoder reserves KV cache for every
+/// token a sequence may make, so "the rest of a 32k context" would reserve gigabytes per row.
+const DEFAULT_CHAT_MAX_TOKENS: usize = 4096;
 /// OpenAI's limit on `stop` strings.
 const MAX_STOPS: usize = 4;
 
@@ -98,8 +101,9 @@ pub fn parse(
     let max_tokens = match uint(&body, max_key)? {
         Some(0) => return Err(ApiError::invalid(Some(max_key), "must be at least 1")),
         Some(m) => m,
-        // OpenAI's defaults: the rest of the context for chat, 16 tokens for completions.
-        None if endpoint == Endpoint::Chat => context - longest,
+        // OpenAI's defaults: the rest of the context for chat (capped: the KV cache is sized
+        // for `max_tokens` up front), 16 tokens for completions.
+        None if endpoint == Endpoint::Chat => (context - longest).min(DEFAULT_CHAT_MAX_TOKENS),
         None => 16.min(context - longest),
     };
     if longest.saturating_add(max_tokens) > context {
