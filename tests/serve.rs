@@ -431,6 +431,10 @@ fn serve_answers_like_generate_streams_batches_and_refuses_bad_requests() {
     assert!(body.contains("\"param\":\"temperature\""), "{body}");
     let (status, body) = server.request("GET", "/v1/nothing", None);
     assert_openai_error(status, &body, 404);
+    let (status, body) = server.request("GET", "/v1/chat/completions", None);
+    assert_openai_error(status, &body, 405);
+    let (status, body) = server.request("POST", "/v1/completions", Some(r#"{"prompt": 7}"#));
+    assert_openai_error(status, &body, 400);
 
     // Ctrl-C: the request in flight still gets its answer, and the server exits 0.
     let address = server.address.clone();

@@ -4,9 +4,9 @@
 use std::sync::Arc;
 
 use axum::Router;
-use axum::body::Bytes;
+use axum::body::{Body, to_bytes};
 use axum::extract::State;
-use axum::http::Uri;
+use axum::http::{Method, StatusCode, Uri};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use serde_json::json;
@@ -32,6 +32,7 @@ pub fn router(state: AppState) -> Router {
         .route("/v1/chat/completions", post(chat))
         .route("/v1/completions", post(completions))
         .fallback(not_found)
+        .method_not_allowed_fallback(method_not_allowed)
         .with_state(state)
 }
 
@@ -56,16 +57,35 @@ async fn not_found(uri: Uri) -> Response {
     ApiError::not_found(uri.path()).into_response()
 }
 
-async fn chat(State(state): State<AppState>, body: Bytes) -> Response {
-    generate(state, &body, Endpoint::Chat).await
+async fn method_not_allowed(method: Method, uri: Uri) -> Response {
+    ApiError {
+        status: StatusCode::METHOD_NOT_ALLOWED,
+        ..ApiError::invalid(None, format!("{method} is not allowed on {}", uri.path()))
+    }
+    .into_response()
 }
 
-async fn completions(State(state): State<AppState>, body: Bytes) -> Response {
-    generate(state, &body, Endpoint::Completion).await
+/// Largest request body read (a prompt past any context is refused long before this).
+const MAX_BODY: usize = 16 << 20;
+
+async fn chat(State(state): State<AppState>, body: Body) -> Response {
+    generate(state, body, Endpoint::Chat).await
 }
 
-async fn generate(state: AppState, body: &[u8], endpoint: Endpoint) -> Response {
-    let request = match request::parse(body, endpoint, &state.model) {
+async fn completions(State(state): State<AppState>, body: Body) -> Response {
+    generate(state, body, Endpoint::Completion).await
+}
+
+async fn generate(state: AppState, body: Body, endpoint: Endpoint) -> Response {
+    // Read here rather than by an extractor, so that a body too large is an OpenAI-shaped 413.
+    let Ok(body) = to_bytes(body, MAX_BODY).await else {
+        return ApiError {
+            status: StatusCode::PAYLOAD_TOO_LARGE,
+            ..ApiError::invalid(None, format!("the body is larger than {MAX_BODY} bytes"))
+        }
+        .into_response();
+    };
+    let request = match request::parse(&body, endpoint, &state.model) {
         Ok(r) => r,
         Err(e) => return e.into_response(),
     };

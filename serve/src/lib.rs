@@ -30,6 +30,7 @@ use anyhow::{Context, bail};
 use clap::Args;
 use dagrun_engine::cli::{EXIT_OK, EXIT_STAGE_FAILED, EXIT_USAGE, GlobalArgs, resolve_artifact};
 use dagrun_model::device::{DeviceSpec, run_on};
+use futures_util::future::{Either, select};
 use tokio::signal::unix::{Signal, SignalKind, signal};
 
 use crate::http::{AppState, router};
@@ -133,7 +134,15 @@ async fn listen(host: &str, port: u16, state: AppState) -> anyhow::Result<()> {
     let _ = std::io::stdout().flush();
     let queue = state.queue.clone();
     let shutdown = async move {
-        signals.next().await;
+        let signalled = {
+            let signal = Box::pin(signals.next());
+            let stopped = Box::pin(queue.stopped());
+            matches!(select(signal, stopped).await, Either::Left(_))
+        };
+        if !signalled {
+            eprintln!("error: the scheduler stopped; shutting down");
+            return;
+        }
         eprintln!(
             "stopping: no new requests; finishing those in flight (a second Ctrl-C cancels them)"
         );
@@ -167,6 +176,6 @@ impl Signals {
     async fn next(&mut self) {
         let interrupt = Box::pin(self.interrupt.recv());
         let terminate = Box::pin(self.terminate.recv());
-        futures_util::future::select(interrupt, terminate).await;
+        select(interrupt, terminate).await;
     }
 }

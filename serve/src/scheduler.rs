@@ -69,6 +69,8 @@ pub struct Queue {
     state: Mutex<QueueState>,
     wake: Condvar,
     max_waiting: usize,
+    /// Told when the scheduler has stopped, however it stopped.
+    gone: tokio::sync::Notify,
 }
 
 impl Queue {
@@ -77,6 +79,7 @@ impl Queue {
             state: Mutex::new(QueueState::default()),
             wake: Condvar::new(),
             max_waiting,
+            gone: tokio::sync::Notify::new(),
         }
     }
 
@@ -117,6 +120,34 @@ impl Queue {
         state.cancelling = true;
         self.wake.notify_one();
     }
+
+    /// Completes once the scheduler has stopped (after a shutdown, or if it died).
+    pub async fn stopped(&self) {
+        self.gone.notified().await;
+    }
+
+    /// The scheduler is gone: refuse new requests and fail the waiting ones, so that no
+    /// client waits for an answer that will not come.
+    fn abandon(&self) {
+        let mut state = self.lock();
+        state.closing = true;
+        state.waiting = 0;
+        for job in state.jobs.drain(..) {
+            let message = "the scheduler stopped before this request ran";
+            fail(&job.events, StatusCode::SERVICE_UNAVAILABLE, message);
+        }
+        drop(state);
+        self.gone.notify_one();
+    }
+}
+
+/// Abandons the queue when the scheduler returns or unwinds from a panic.
+struct AbandonOnExit<'a>(&'a Queue);
+
+impl Drop for AbandonOnExit<'_> {
+    fn drop(&mut self) {
+        self.0.abandon();
+    }
 }
 
 /// Where a sequence of the running batch reports to.
@@ -138,6 +169,8 @@ impl BackendTask for Scheduler {
     type Output = ();
 
     fn run<B: AutodiffBackend>(self, device: B::Device) -> anyhow::Result<()> {
+        // Running requests hear of a panic by their channels closing as the batch unwinds.
+        let _abandon = AbandonOnExit(&self.queue);
         let lm = match dagrun_model::load_model::<B::InnerBackend>(&self.dir, &device) {
             Ok(lm) => {
                 let _ = self.ready.send(Ok(()));
