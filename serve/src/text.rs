@@ -189,6 +189,48 @@ pub fn split_reasoning(text: &str) -> (Option<String>, String) {
 mod tests {
     use super::*;
 
+    fn tokenizer() -> Tokenizer {
+        let dir =
+            std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures/qwen2-bpe");
+        Tokenizer::load(&dir).unwrap()
+    }
+
+    /// Streams `text`'s tokens through a [`ChoiceText`] until `stop` shows up, as the decoder
+    /// would; returns the deltas and the final text.
+    fn stream(text: &str, stop: &str) -> (Vec<String>, String) {
+        let tok = tokenizer();
+        let ids = tok.encode(text, false).unwrap();
+        let mut choice = ChoiceText::new("<p>", &[stop.to_string()]);
+        let mut deltas = Vec::new();
+        let mut made = Vec::new();
+        for &id in &ids {
+            made.push(id);
+            deltas.push(choice.push(&tok, id));
+            if tok.decode(&made, true).unwrap().contains(stop) {
+                break;
+            }
+        }
+        let generated = tok.decode(&made, true).unwrap();
+        let cut = generated
+            .find(stop)
+            .map_or(generated.as_str(), |at| &generated[..at]);
+        let final_text = format!("<p>{cut}");
+        deltas.push(choice.finish(&final_text));
+        (deltas, final_text)
+    }
+
+    #[test]
+    fn streamed_deltas_add_up_to_the_final_text_and_never_pass_a_stop_string() {
+        let (deltas, final_text) = stream("Sum: 12 + 30 = 42 apples", "= 42");
+        assert_eq!(final_text, "<p>Sum: 12 + 30 ");
+        assert_eq!(deltas.concat(), final_text);
+        // Split characters are held back until whole.
+        let (deltas, final_text) = stream("I like 🍎 and é a lot", "never");
+        assert!(deltas.iter().all(|d| !d.contains('\u{FFFD}')), "{deltas:?}");
+        assert_eq!(deltas.concat(), final_text);
+        assert_eq!(final_text, "<p>I like 🍎 and é a lot");
+    }
+
     fn streamed(pieces: &[&str]) -> (String, String) {
         let mut split = ReasoningSplit::default();
         let (mut r, mut a) = (String::new(), String::new());
