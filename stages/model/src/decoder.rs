@@ -9,7 +9,7 @@
 //! Every sequence carries its own sampling settings, stop ids and RNG (ChaCha seeded with its
 //! `params.seed` as given), so its samples do not depend on what else is in the batch.
 
-use anyhow::{Result, ensure};
+use anyhow::{Result, bail, ensure};
 use burn::tensor::activation::log_softmax;
 use burn::tensor::backend::Backend;
 use burn::tensor::{Int, Tensor, TensorData};
@@ -87,8 +87,10 @@ impl<'a, B: Backend> Decoder<'a, B> {
 
     /// Prefills `sequences` together and adds them to the batch; their first tokens come with
     /// the next [`step`](Self::step). On an error (a bad sequence, or a batch that would not fit
-    /// in memory: [`TooLarge`](crate::generate::TooLarge)) the batch is left as it was.
-    pub fn add(&mut self, sequences: Vec<Sequence>) -> Result<()> {
+    /// in memory: [`TooLarge`](crate::generate::TooLarge)) the batch is left as it was, except
+    /// when the running batch itself cannot go on (an earlier step failed): then it is dropped,
+    /// which [`len`](Self::len) shows.
+    pub fn add(&mut self, mut sequences: Vec<Sequence>) -> Result<()> {
         if sequences.is_empty() {
             return Ok(());
         }
@@ -118,14 +120,17 @@ impl<'a, B: Backend> Decoder<'a, B> {
             most_new,
             memory_limit::<B>(),
         )?;
-        let prompts: Vec<Vec<u32>> = sequences.iter().map(|s| s.prompt.clone()).collect();
+        // The rows keep only their lengths, so the prompts move into the prefill batch.
+        let prompts: Vec<Vec<u32>> = (sequences.iter_mut())
+            .map(|s| std::mem::take(&mut s.prompt))
+            .collect();
         let batch = TokenBatch::left_padded(&prompts, 0);
         let new_most = sequences.iter().map(|s| s.params.max_new_tokens).max();
         // Alone, the prefill's cache is the batch's (room for every new token); joining a
         // running batch, it only needs the prompts, and the join makes room.
-        let capacity = match self.cache {
-            None => batch.seq + new_most.unwrap_or(0),
-            Some(_) => batch.seq,
+        let capacity = match self.rows.is_empty() {
+            true => batch.seq + new_most.unwrap_or(0),
+            false => batch.seq,
         };
         let mut cache = KvCache::<B>::new(
             &self.model.config,
@@ -134,31 +139,34 @@ impl<'a, B: Backend> Decoder<'a, B> {
             &self.model.device(),
         );
         let logits = self.model.forward_cached(&batch, &mut cache)?;
-        let (cache, logits) = match (self.cache.take(), self.logits.take()) {
-            (Some(running), Some(waiting)) => {
-                let joined = KvCache::join(vec![running, cache], longest, longest + most_new);
-                match joined {
-                    Ok(joined) => (joined, Tensor::cat(vec![waiting, logits], 0)),
-                    Err(e) => {
-                        // `join` consumed the running cache; without it the batch is lost.
-                        self.rows.clear();
-                        return Err(e);
-                    }
+        let (cache, logits) = if self.rows.is_empty() {
+            (cache, logits)
+        } else {
+            let (Some(running), Some(waiting)) = (self.cache.take(), self.logits.take()) else {
+                self.rows.clear();
+                bail!("the running batch lost its cache or logits (an earlier step failed)");
+            };
+            match KvCache::join(vec![running, cache], longest, longest + most_new) {
+                Ok(joined) => (joined, Tensor::cat(vec![waiting, logits], 0)),
+                Err(e) => {
+                    // `join` consumed the running cache; without it the batch is lost.
+                    self.rows.clear();
+                    return Err(e);
                 }
             }
-            _ => (cache, logits),
         };
         self.cache = Some(cache);
         self.logits = Some(logits);
-        self.rows.extend(sequences.into_iter().map(|s| Row {
-            key: s.key,
-            rng: ChaCha8Rng::seed_from_u64(s.params.seed),
-            next_position: s.prompt.len(),
-            params: s.params,
-            stop_ids: s.stop_ids,
-            tokens: Vec::new(),
-            logprobs: Vec::new(),
-        }));
+        self.rows
+            .extend(sequences.into_iter().zip(&prompts).map(|(s, prompt)| Row {
+                key: s.key,
+                rng: ChaCha8Rng::seed_from_u64(s.params.seed),
+                next_position: prompt.len(),
+                params: s.params,
+                stop_ids: s.stop_ids,
+                tokens: Vec::new(),
+                logprobs: Vec::new(),
+            }));
         Ok(())
     }
 
