@@ -27,12 +27,15 @@ enum Command {
     /// Write report.html and report.md of a pipeline's latest run (the DAG, times, curves,
     /// evaluation); every run also writes one into its directory.
     Report(dagrun_report::cli::ReportArgs),
+    /// Serve a model (`node.model` or a Hugging Face directory) over an OpenAI-compatible HTTP
+    /// API: /v1/chat/completions, /v1/completions, /v1/models, /health.
+    Serve(dagrun_serve::ServeArgs),
 }
 
 fn main() {
     let args = cli::expand_shorthand(
         std::env::args_os().collect(),
-        &["generate", "bench", "report"],
+        &["generate", "bench", "report", "serve"],
     );
     let parsed = Cli::parse_from(args);
     let registry = dagrun_stages::registry();
@@ -50,6 +53,10 @@ fn main() {
         Command::Bench(a) => {
             cli::init_logging(&parsed.globals);
             dagrun_stages::cli::bench_command(a)
+        }
+        Command::Serve(a) => {
+            cli::init_logging(&parsed.globals);
+            dagrun_serve::serve_command(a, &parsed.globals)
         }
         Command::Report(a) => dagrun_report::cli::report_command(a, &parsed.globals, &registry),
     };

@@ -28,6 +28,7 @@ mod attention_kernel;
 pub mod bench;
 pub mod config;
 pub mod cuda_probe;
+pub mod decoder;
 pub mod device;
 pub mod fused;
 pub mod generate;

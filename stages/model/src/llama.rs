@@ -12,7 +12,7 @@
 
 use std::sync::Arc;
 
-use anyhow::{Result, bail, ensure};
+use anyhow::{Context, Result, bail, ensure};
 use burn::module::{Module, Param};
 use burn::tensor::backend::Backend;
 use burn::tensor::{Int, Tensor, TensorData};
@@ -438,6 +438,78 @@ impl<B: Backend> KvCache<B> {
         }
         self.key_mask = mask;
         self.batch = rows.len();
+    }
+
+    /// Stacks caches into one (rows in order), `len` filled columns and room for `capacity`.
+    ///
+    /// Every row's real tokens are the last columns of its cache (prompts are left-padded and
+    /// each step appends a column to every row), so each cache keeps its last `len` columns
+    /// (none of its rows may hold more) and is right-aligned, with masked padding before it.
+    /// What lies before a row's tokens is masked, and positions are explicit, so moving the
+    /// columns does not change what a row attends to. Used to add sequences to a running batch.
+    pub fn join(parts: Vec<KvCache<B>>, len: usize, capacity: usize) -> Result<Self> {
+        ensure!(
+            0 < len && len <= capacity,
+            "KV cache join: {len} columns, capacity {capacity}"
+        );
+        let first = parts.first().context("KV cache join: no caches")?;
+        let layers = first.keys.len();
+        let batch: usize = parts.iter().map(|p| p.batch).sum();
+        let mut key_mask = Vec::with_capacity(batch * capacity);
+        let mut keys: Vec<Vec<Tensor<B, 4>>> = vec![Vec::new(); layers];
+        let mut values: Vec<Vec<Tensor<B, 4>>> = vec![Vec::new(); layers];
+        for part in parts {
+            ensure!(
+                part.keys.len() == layers,
+                "KV cache join: layer counts differ"
+            );
+            let kept = part.len.min(len);
+            let from = part.len - kept;
+            for r in 0..part.batch {
+                let row = &part.key_mask[r * part.capacity..(r + 1) * part.capacity];
+                ensure!(
+                    !row[..from].contains(&true),
+                    "KV cache join: a row holds more than {len} tokens"
+                );
+                key_mask.extend(std::iter::repeat_n(false, len - kept));
+                key_mask.extend_from_slice(&row[from..part.len]);
+                key_mask.extend(std::iter::repeat_n(false, capacity - len));
+            }
+            let place = |t: Tensor<B, 4>| {
+                let [b, h, _, d] = t.dims();
+                let device = t.device();
+                // Zero-width pieces are left out: not every backend takes empty tensors.
+                let pieces = [
+                    (len - kept, None),
+                    (kept, Some(from..part.len)),
+                    (capacity - len, None),
+                ];
+                let pieces: Vec<Tensor<B, 4>> = pieces
+                    .into_iter()
+                    .filter(|(width, _)| *width > 0)
+                    .map(|(width, cols)| match cols {
+                        Some(cols) => t.clone().slice([0..b, 0..h, cols, 0..d]),
+                        None => Tensor::zeros([b, h, width, d], &device),
+                    })
+                    .collect();
+                Tensor::cat(pieces, 2)
+            };
+            for (l, (k, v)) in part.keys.into_iter().zip(part.values).enumerate() {
+                keys[l].push(place(k));
+                values[l].push(place(v));
+            }
+        }
+        let stack = |per_layer: Vec<Vec<Tensor<B, 4>>>| -> Vec<Tensor<B, 4>> {
+            per_layer.into_iter().map(|t| Tensor::cat(t, 0)).collect()
+        };
+        Ok(KvCache {
+            keys: stack(keys),
+            values: stack(values),
+            len,
+            capacity,
+            batch,
+            key_mask,
+        })
     }
 }
 
