@@ -478,3 +478,113 @@ fn a_full_queue_answers_503() {
     assert!((2..=3).contains(&refused), "{statuses:?}");
     assert!(server.interrupt().success());
 }
+
+/// A `dagrun serve` of `tuned.model` on a fixed port (the teacher's URL is in its key).
+fn serve_on(p: &Project, port: u16) -> Child {
+    let mut child = p
+        .command(&[
+            "serve",
+            "tuned.model",
+            "-p",
+            "p.yaml",
+            "--port",
+            &port.to_string(),
+        ])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut line = String::new();
+    BufReader::new(child.stdout.take().unwrap())
+        .read_line(&mut line)
+        .unwrap();
+    assert!(line.contains(&format!(":{port}/v1")), "{line:?}");
+    child
+}
+
+/// Lines of the teacher journals under the cache's resume directories.
+fn journaled(cache: &std::path::Path) -> usize {
+    fn walk(dir: &std::path::Path, n: &mut usize) {
+        for e in std::fs::read_dir(dir).into_iter().flatten().flatten() {
+            let path = e.path();
+            if path.is_dir() {
+                walk(&path, n);
+            } else if path.file_name().is_some_and(|f| f == "teacher.jsonl") {
+                *n += std::fs::read_to_string(&path)
+                    .map_or(0, |t| t.lines().filter(|l| l.ends_with('}')).count());
+            }
+        }
+    }
+    let mut n = 0;
+    walk(&cache.join("resume"), &mut n);
+    n
+}
+
+#[test]
+fn a_served_model_teaches_cot_generate_and_a_killed_server_costs_no_request_twice() {
+    let _turn = SERIAL.lock().unwrap_or_else(|p| p.into_inner());
+    let p = Project::new("serve-teacher");
+    p.write("p.yaml", &pipeline());
+    p.run("p.yaml", &[]);
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let n = 120;
+    p.write(
+        "t.yaml",
+        &format!(
+            "stages:\n  gen:\n    kind: cot_generate\n    params:\n      families: [addition]\n      n_train: {n}\n      n_test: 2\n      verify: false\n      max_tokens: 24\n      concurrency: 1\n      max_retries: 1\n      retry_backoff: 0.01\n      teacher: {{ endpoint: 'http://127.0.0.1:{port}/v1', model: tuned.model }}\n"
+        ),
+    );
+    let mut server = serve_on(&p, port);
+    let mut run = p.spawn(&["run", "t.yaml"]);
+    // The server dies once a few answers are journaled.
+    let deadline = Instant::now() + Duration::from_secs(120);
+    while journaled(&p.cache()) < 3 {
+        assert!(Instant::now() < deadline, "no answers journaled");
+        assert!(
+            run.try_wait().unwrap().is_none(),
+            "finished before the kill"
+        );
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    server.kill().unwrap();
+    server.wait().unwrap();
+    let out = run.wait_with_output().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(stderr.contains("teacher request for"), "{stderr}");
+    let before = journaled(&p.cache());
+    assert!(
+        (3..n).contains(&before),
+        "{before} of {n} answered before the kill"
+    );
+    // Back on the same address: the re-run asks only for the rest.
+    let mut server = serve_on(&p, port);
+    let out = p.output(&["run", "t.yaml", "--json"]);
+    server.kill().unwrap();
+    server.wait().unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let result = common::Run::parse(&out);
+    let cache = p.cache();
+    let metrics = common::batches(&cache, &result.output("gen", "metrics"));
+    let named: std::collections::HashMap<String, f64> = common::strings(&metrics[0], "metric")
+        .into_iter()
+        .zip(common::floats(&metrics[0], "value"))
+        .collect();
+    assert_eq!(named["resumed"], before as f64);
+    assert_eq!(
+        named["requests"],
+        (n - before) as f64,
+        "re-asked finished rows"
+    );
+    let cot = common::batches(&cache, &result.output("gen", "cot"));
+    let rows: usize = cot.iter().map(|b| b.num_rows()).sum();
+    assert_eq!(rows, n, "every problem has its served solution");
+}
