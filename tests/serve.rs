@@ -266,6 +266,16 @@ fn serve_answers_like_generate_streams_batches_and_refuses_bad_requests() {
     assert_eq!(first["choices"], again["choices"]);
     let used = first["usage"]["completion_tokens"].as_u64().unwrap();
     assert!((2..=16).contains(&used), "{first}");
+    // Every choice samples its own stream, across prompts too: the same prompt twice differs.
+    let twice = json!({"model": "tuned.model", "prompt": [QUESTION, QUESTION], "max_tokens": 12,
+        "seed": 3, "temperature": 1.0})
+    .to_string();
+    let (_, twice) = server.request("POST", "/v1/completions", Some(&twice));
+    let twice: Value = serde_json::from_str(&twice).unwrap();
+    assert_ne!(
+        twice["choices"][0]["text"], twice["choices"][1]["text"],
+        "{twice}"
+    );
 
     // (2) Streamed chunks concatenate to the same text; usage in the last chunk, then [DONE].
     let body = chat_request(json!({"stream": true})).to_string();
@@ -300,6 +310,25 @@ fn serve_answers_like_generate_streams_batches_and_refuses_bad_requests() {
         chunks
             .iter()
             .any(|c| c["choices"][0]["finish_reason"].is_string()),
+        "{events}"
+    );
+    assert!(
+        chunks
+            .iter()
+            .all(|c| c["choices"].as_array().is_some_and(|a| !a.is_empty())),
+        "a chunk without choices, unasked: {events}"
+    );
+    // Asked for (`stream_options.include_usage`), usage comes in a last chunk of its own.
+    let body = chat_request(json!({"stream": true, "stream_options": {"include_usage": true}}));
+    let (_, events) = server.request("POST", "/v1/chat/completions", Some(&body.to_string()));
+    let data: Vec<&str> = events
+        .lines()
+        .filter_map(|l| l.strip_prefix("data: "))
+        .collect();
+    let last: Value = serde_json::from_str(data[data.len() - 2]).unwrap();
+    assert_eq!(last["choices"], json!([]), "{events}");
+    assert_eq!(
+        last["usage"]["completion_tokens"], expected_tokens,
         "{events}"
     );
 

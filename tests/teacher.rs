@@ -23,6 +23,8 @@ enum Fault {
     ServerError,
     Dropped,
     Slow,
+    /// 503 on every request, not only the first.
+    Unavailable,
 }
 
 /// Requests seen, per prompt, with their arrival times.
@@ -97,7 +99,18 @@ fn answer(mut stream: TcpStream, fault: fn(&str) -> Fault, seen: &Seen) {
             r#"{"error":{"message":"bad key"}}"#,
         );
     }
-    match if first { fault(&prompt) } else { Fault::None } {
+    let fault = match fault(&prompt) {
+        Fault::Unavailable => Fault::Unavailable,
+        f if first => f,
+        _ => Fault::None,
+    };
+    match fault {
+        Fault::Unavailable => respond(
+            &mut stream,
+            "503 Service Unavailable",
+            "",
+            r#"{"error":{"message":"overloaded"}}"#,
+        ),
         Fault::RateLimited => respond(
             &mut stream,
             "429 Too Many Requests",
@@ -323,4 +336,29 @@ fn a_local_model_teaches_through_the_sampler_and_must_be_wired() {
         stderr.contains("q.yaml:") && stderr.contains("needs a model on the `teacher` input"),
         "{stderr}"
     );
+}
+
+#[test]
+fn a_server_that_keeps_failing_is_given_up_on_after_the_retry_limit() {
+    let p = Project::new("teacher-give-up");
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let seen: Seen = Arc::default();
+    serve(listener, None, |_| Fault::Unavailable, seen.clone());
+    p.write(
+        "p.yaml",
+        &pipeline(port, 3, "      concurrency: 1\n      max_retries: 2\n"),
+    );
+    let out = run(&p, "p.yaml");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(
+        stderr.contains("HTTP 503: overloaded (gave up after 3 attempts)"),
+        "{stderr}"
+    );
+    assert!(!stderr.contains(KEY), "{stderr}");
+    // One problem was tried, three times; the others were not started.
+    let seen = seen.lock().unwrap();
+    assert_eq!(seen.len(), 1);
+    assert_eq!(seen.values().next().unwrap().len(), 3);
 }

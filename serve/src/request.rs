@@ -25,10 +25,14 @@ pub struct GenerationRequest {
     /// One prompt for chat; one or more for completions. Each gets `n` choices.
     pub prompts: Vec<Vec<u32>>,
     pub n: usize,
-    /// `seed` here is the request's; choice `i` samples with `row_seed(seed, i)`.
+    /// `seed` here is the request's; choice `i` of prompt `p` samples with
+    /// `row_seed(seed, p * n + i)`.
     pub params: SamplingParams,
     pub stop_ids: Vec<u32>,
     pub stream: bool,
+    /// `stream_options.include_usage`: usage in a last chunk with no choices, as OpenAI sends
+    /// it; otherwise usage rides on each choice's finishing chunk.
+    pub include_usage: bool,
     pub logprobs: bool,
     /// Split `<think>…</think>` into `reasoning_content` (chat only).
     pub reasoning: bool,
@@ -180,6 +184,11 @@ pub fn parse(
         },
         stop_ids,
         stream: flag(&body, "stream")?,
+        include_usage: body
+            .get("stream_options")
+            .and_then(|o| o.get("include_usage"))
+            .and_then(Value::as_bool)
+            .unwrap_or(false),
         logprobs,
         reasoning,
         reply_prefix,

@@ -298,7 +298,8 @@ impl<B: Backend> Batch<'_, B> {
                         key,
                         prompt: prompt.clone(),
                         params: SamplingParams {
-                            seed: row_seed(r.params.seed, i),
+                            // Every choice its own stream, across prompts too.
+                            seed: row_seed(r.params.seed, p * r.n + i),
                             ..r.params.clone()
                         },
                         stop_ids: r.stop_ids.clone(),

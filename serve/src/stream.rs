@@ -1,7 +1,9 @@
 //! `stream: true`: server-sent events in OpenAI's chunk format. A chat stream opens each
 //! choice with `{"role": "assistant"}`; text arrives as the tokens are made (held back only
 //! where it may still change, see `text.rs`); each choice ends with a chunk carrying its
-//! `finish_reason`; a last chunk with no choices carries `usage`; then `data: [DONE]`.
+//! `finish_reason`; the last of those carries `usage` (or, with `stream_options:
+//! {include_usage: true}`, a last chunk with no choices does, as OpenAI sends it); then
+//! `data: [DONE]`.
 
 use std::collections::VecDeque;
 use std::convert::Infallible;
@@ -123,9 +125,19 @@ impl Streamer {
                 );
                 self.open -= 1;
                 if self.open == 0 {
-                    let mut last = self.header.body(self.request.endpoint, true, Vec::new());
-                    last["usage"] = usage(&self.request, self.generated);
-                    self.out.push_back(last.to_string());
+                    let totals = usage(&self.request, self.generated);
+                    if self.request.include_usage {
+                        let mut last = self.header.body(self.request.endpoint, true, Vec::new());
+                        last["usage"] = totals;
+                        self.out.push_back(last.to_string());
+                    } else if let Some(finishing) = self.out.pop_back() {
+                        // Clients read `choices[0]` of every chunk: no empty-choices chunk
+                        // unless asked for; the usage goes on the finishing one.
+                        let mut chunk: Value =
+                            serde_json::from_str(&finishing).unwrap_or_else(|_| json!({}));
+                        chunk["usage"] = totals;
+                        self.out.push_back(chunk.to_string());
+                    }
                     self.out.push_back("[DONE]".into());
                     self.ended = true;
                 }
