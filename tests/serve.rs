@@ -506,6 +506,15 @@ fn a_full_queue_answers_503() {
     let refused = statuses.iter().filter(|&&s| s == 503).count();
     assert!((2..=3).contains(&refused), "{statuses:?}");
     assert!(server.interrupt().success());
+    // More choices than the queue ever holds: a 400 naming `n`, not a 503 to retry forever.
+    let server = Server::start(&p, &["--max-batch", "4", "--max-queue", "2"]);
+    let (status, body) = server.request(
+        "POST",
+        "/v1/chat/completions",
+        Some(&chat_request(json!({"n": 3})).to_string()),
+    );
+    assert_openai_error(status, &body, 400);
+    assert!(body.contains("--max-queue"), "{body}");
 }
 
 /// A `dagrun serve` of `tuned.model` on a fixed port (the teacher's URL is in its key).

@@ -100,6 +100,16 @@ async fn generate(state: AppState, body: Body, endpoint: Endpoint) -> Response {
             return ApiError::unavailable("the server is shutting down", "shutting_down")
                 .into_response();
         }
+        Err(Refused::TooLarge { most }) => {
+            let asked = request.prompts.len() * request.n;
+            return ApiError::invalid(
+                Some("n"),
+                format!(
+                    "the request asks for {asked} choices (n × prompts); this server queues at most {most} (--max-queue)"
+                ),
+            )
+            .into_response();
+        }
     }
     if request.stream {
         return stream::respond(received, request, state.model.clone());

@@ -51,6 +51,10 @@ impl Job {
 pub enum Refused {
     Full,
     Closed,
+    /// More sequences than the queue ever holds: retrying cannot help.
+    TooLarge {
+        most: usize,
+    },
 }
 
 #[derive(Default)]
@@ -97,6 +101,11 @@ impl Queue {
         let mut state = self.lock();
         if state.closing || state.cancelling {
             return Err(Refused::Closed);
+        }
+        if job.sequences() > self.max_waiting {
+            return Err(Refused::TooLarge {
+                most: self.max_waiting,
+            });
         }
         if state.waiting + job.sequences() > self.max_waiting {
             return Err(Refused::Full);

@@ -805,6 +805,18 @@ fn defined_name<'a>(statement: &'a str, keyword: &str) -> Option<&'a str> {
     Some(rest[..end].trim()).filter(|n| !n.is_empty())
 }
 
+/// Whether `source` defines function `name` with an indented line after its `def` line.
+fn defines_with_body(source: &str, name: &str) -> bool {
+    let mut lines = source.lines();
+    let found = lines
+        .by_ref()
+        .any(|l| l.trim_start().starts_with(&format!("def {name}(")));
+    found
+        && lines
+            .find(|l| !l.trim().is_empty())
+            .is_some_and(|l| l.starts_with([' ', '\t']))
+}
+
 /// Whether Python source defines function `name` at any level.
 fn defines(source: &str, name: &str) -> bool {
     source
@@ -840,9 +852,10 @@ fn code(row: &Map<String, Value>) -> Result<Mapped, String> {
     let entry_point = entry_point.as_deref().filter(|e| !e.is_empty());
     let tests = code_tests(value, entry_point).map_err(|e| format!("`{column}`: {e}"))?;
     let raw_prompt = text(row, "prompt").unwrap_or_default();
-    // A prompt that is code defining the function (HumanEval) runs before the program.
+    // A prompt that is code defining the function (HumanEval: a signature and a docstring,
+    // which is a body) runs before the program; a bare signature would not compile.
     let prelude = entry_point
-        .filter(|e| defines(&raw_prompt, e))
+        .filter(|e| defines_with_body(&raw_prompt, e))
         .map(|_| raw_prompt.as_str());
     let answer =
         code_answer(entry_point, tests, prelude).map_err(|e| format!("`{column}`: {e}"))?;
