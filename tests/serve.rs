@@ -51,7 +51,13 @@ struct Server {
 
 impl Server {
     fn start(p: &Project, extra: &[&str]) -> Server {
-        let mut args = vec!["serve", "tuned.model", "-p", "p.yaml", "--port", "0"];
+        Server::start_on(p, 0, extra)
+    }
+
+    /// On `port` (0: any free one).
+    fn start_on(p: &Project, port: u16, extra: &[&str]) -> Server {
+        let port = port.to_string();
+        let mut args = vec!["serve", "tuned.model", "-p", "p.yaml", "--port", &port];
         args.extend_from_slice(extra);
         let mut child = p
             .command(&args)
@@ -517,29 +523,6 @@ fn a_full_queue_answers_503() {
     assert!(body.contains("--max-queue"), "{body}");
 }
 
-/// A `dagrun serve` of `tuned.model` on a fixed port (the teacher's URL is in its key).
-fn serve_on(p: &Project, port: u16) -> Child {
-    let mut child = p
-        .command(&[
-            "serve",
-            "tuned.model",
-            "-p",
-            "p.yaml",
-            "--port",
-            &port.to_string(),
-        ])
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    let mut line = String::new();
-    BufReader::new(child.stdout.take().unwrap())
-        .read_line(&mut line)
-        .unwrap();
-    assert!(line.contains(&format!(":{port}/v1")), "{line:?}");
-    child
-}
-
 /// Lines of the teacher journals under the cache's resume directories.
 fn journaled(cache: &std::path::Path) -> usize {
     fn walk(dir: &std::path::Path, n: &mut usize) {
@@ -576,7 +559,8 @@ fn a_served_model_teaches_cot_generate_and_a_killed_server_costs_no_request_twic
             "stages:\n  gen:\n    kind: cot_generate\n    params:\n      families: [addition]\n      n_train: {n}\n      n_test: 2\n      verify: false\n      max_tokens: 24\n      concurrency: 1\n      max_retries: 1\n      retry_backoff: 0.01\n      teacher: {{ endpoint: 'http://127.0.0.1:{port}/v1', model: tuned.model }}\n"
         ),
     );
-    let mut server = serve_on(&p, port);
+    // On a fixed port: the teacher's URL is in its key.
+    let server = Server::start_on(&p, port, &[]);
     let mut run = p.spawn(&["run", "t.yaml"]);
     // The server dies once a few answers are journaled.
     let deadline = Instant::now() + Duration::from_secs(120);
@@ -588,8 +572,7 @@ fn a_served_model_teaches_cot_generate_and_a_killed_server_costs_no_request_twic
         );
         std::thread::sleep(Duration::from_millis(5));
     }
-    server.kill().unwrap();
-    server.wait().unwrap();
+    drop(server); // killed
     let out = run.wait_with_output().unwrap();
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(1), "{stderr}");
@@ -600,10 +583,9 @@ fn a_served_model_teaches_cot_generate_and_a_killed_server_costs_no_request_twic
         "{before} of {n} answered before the kill"
     );
     // Back on the same address: the re-run asks only for the rest.
-    let mut server = serve_on(&p, port);
+    let server = Server::start_on(&p, port, &[]);
     let out = p.output(&["run", "t.yaml", "--json"]);
-    server.kill().unwrap();
-    server.wait().unwrap();
+    drop(server);
     assert!(
         out.status.success(),
         "{}",
