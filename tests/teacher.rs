@@ -175,7 +175,7 @@ fn retries_end_in_answers_and_the_key_stays_out_of_the_cache() {
     let listener = TcpListener::bind("127.0.0.1:0").unwrap();
     let port = listener.local_addr().unwrap().port();
     let seen: Seen = Arc::default();
-    // A fault per prompt, by its first operand's last digit.
+    // A fault per prompt, by its first digit.
     fn fault(prompt: &str) -> Fault {
         match prompt.bytes().find(|b| b.is_ascii_digit()).map(|b| b % 5) {
             Some(0) => Fault::RateLimited,

@@ -311,24 +311,6 @@ fn teacher_spec(params: &Params) -> Result<Option<Teacher>, String> {
     if value.is_null() {
         return Ok(None);
     }
-    if let Some(map) = value.as_object() {
-        for key in map.keys() {
-            if !teacher::TEACHER_KEYS.contains(&key.as_str()) {
-                let hint = dagrun_engine::diag::did_you_mean(key, teacher::TEACHER_KEYS)
-                    .or_else(|| {
-                        teacher::TEACHER_KEYS
-                            .iter()
-                            .copied()
-                            .find(|k| k.starts_with(key.as_str()))
-                    })
-                    .map(|s| format!(" (did you mean `{s}`?)"))
-                    .unwrap_or_default();
-                return Err(format!(
-                    "param `teacher`: unknown key `{key}`{hint}; it takes endpoint, model, api_key_env"
-                ));
-            }
-        }
-    }
     Teacher::parse(value).map(Some)
 }
 

@@ -55,10 +55,7 @@ impl BackendTask for LocalTeacher<'_> {
         if !pending.is_empty() {
             self.sample::<B>(&device, &pending, &mut answers, &mut usage, &journal_path)?;
         }
-        for a in answers.values() {
-            usage.prompt_tokens += a.prompt_tokens;
-            usage.completion_tokens += a.completion_tokens;
-        }
+        usage.count_tokens(&answers);
         Ok((answers, usage))
     }
 }

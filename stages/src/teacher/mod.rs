@@ -45,6 +45,20 @@ impl Teacher {
     /// model.
     pub fn parse(value: &serde_json::Value) -> Result<Teacher, String> {
         let map = value.as_object().ok_or("param `teacher` must be a map")?;
+        if let Some(key) = map.keys().find(|k| !TEACHER_KEYS.contains(&k.as_str())) {
+            let hint = dagrun_engine::diag::did_you_mean(key, TEACHER_KEYS)
+                .or_else(|| {
+                    TEACHER_KEYS
+                        .iter()
+                        .copied()
+                        .find(|k| k.starts_with(key.as_str()))
+                })
+                .map(|s| format!(" (did you mean `{s}`?)"))
+                .unwrap_or_default();
+            return Err(format!(
+                "param `teacher`: unknown key `{key}`{hint}; it takes endpoint, model, api_key_env"
+            ));
+        }
         if !map.contains_key("endpoint") && map.len() == 1 {
             let port = map.get("model").and_then(|m| m.as_str()).ok_or(
                 "param `teacher` needs `endpoint` (a server) or `model` alone (an input port)",
@@ -171,6 +185,16 @@ pub struct Usage {
     pub completion_tokens: u64,
 }
 
+impl Usage {
+    /// Adds the token counts of every answer, earlier runs' included.
+    pub fn count_tokens(&mut self, answers: &Answers) {
+        for a in answers.values() {
+            self.prompt_tokens += a.prompt_tokens;
+            self.completion_tokens += a.completion_tokens;
+        }
+    }
+}
+
 /// Asks `endpoint` for every job not in the journal under `resume`, `concurrency` at a time;
 /// returns every answer (journal and new), keyed by (id, sample). On a request that fails for
 /// good, the requests in flight finish and are journaled, then the error is returned.
@@ -258,10 +282,7 @@ pub fn ask_all(
             answers.len()
         );
     }
-    for a in answers.values() {
-        usage.prompt_tokens += a.prompt_tokens;
-        usage.completion_tokens += a.completion_tokens;
-    }
+    usage.count_tokens(&answers);
     Ok((answers, usage))
 }
 
