@@ -25,6 +25,8 @@ pub struct RunOptions {
     pub force: Vec<String>,
     pub keep_going: bool,
     pub progress: Option<ProgressMode>,
+    /// Stages run at once (0 and 1: one at a time).
+    pub jobs: usize,
 }
 
 /// An artifact known to exist in the store.
@@ -240,207 +242,88 @@ pub(crate) fn cached_outputs(store: &Store, key: &str) -> Option<BTreeMap<String
     cached(store, key).map(|f| f.outputs)
 }
 
-/// Executes the selected stages of `graph`. Returns the run's record; a stage failure is a
-/// `Failed` status in it, not an error. Errors are problems with the input (exit code 2).
+/// Executes the selected stages of `graph` (see [`crate::scheduler`]).
 pub fn run(
     graph: &Graph,
     registry: &Registry,
     store: &Store,
     opts: &RunOptions,
 ) -> Result<RunRecord, Diagnostics> {
-    let selected = select(graph, opts)?;
-    let records = Records::new(store.root());
-    let _store_lock = crate::cli::lock_store_shared(store)?;
-    let run_id = Records::new_run_id();
-    let run_log = RunLog {
-        run: run_id.clone(),
-        started: Instant::now(),
-        started_unix: SystemTime::now()
-            .duration_since(UNIX_EPOCH)
-            .map(|d| d.as_secs())
-            .unwrap_or(0),
-    };
-    let progress = opts.progress.unwrap_or(ProgressMode::Log);
-    let mut available: HashMap<Source, Available> = HashMap::new();
-    let mut path_digests = PathDigests::new(store);
-    let mut stage_records = Vec::new();
-    let mut failed: BTreeSet<usize> = BTreeSet::new();
-    let mut stop = false;
+    crate::scheduler::run(graph, registry, store, opts)
+}
 
-    for &i in &graph.order {
-        let stage = &graph.pipeline.stages[i];
-        let node = &graph.nodes[i];
-        let mut record = StageRecord {
-            name: stage.name.clone(),
-            kind: stage.kind.clone(),
-            status: Status::Skipped,
-            key: None,
-            outputs: BTreeMap::new(),
-            seconds: 0.0,
-            resumed: false,
-            error: None,
-            parts: None,
-            run: run_id.clone(),
-        };
-        if stage.skip {
-            if selected.contains(&i) {
-                tracing::info!(stage = %stage.name, "skipped (passing its input through)");
-                stage_records.push(record);
-            }
-            continue;
-        }
-        let parts =
-            key_parts(graph, i, &available, &mut path_digests).map_err(Diagnostics::from)?;
-        path_digests.save();
-        if !selected.contains(&i) || stop {
-            // Not ours to run, but its cached outputs may feed selected stages.
-            if let Some(parts) = &parts {
-                for (name, a) in cached_outputs(store, &parts.key()).unwrap_or_default() {
-                    available.insert(
-                        Source {
-                            node: i,
-                            output: name,
-                        },
-                        a,
-                    );
-                }
-            }
-            if selected.contains(&i) {
-                record.status = Status::NotRun;
-                record.key = parts.map(|p| p.key());
-                record.error = Some("not run: an earlier stage failed (--keep-going runs the stages that do not depend on it)".into());
-                stage_records.push(record);
-            }
-            continue;
-        }
-        let Some(parts) = parts else {
-            let missing: Vec<String> = node
-                .inputs
-                .iter()
-                .flat_map(|x| &x.sources)
-                .filter(|s| !available.contains_key(s))
-                .map(|s| format!("{}.{}", graph.name(s.node), s.output))
-                .collect();
-            let upstream_failed = node
-                .inputs
-                .iter()
-                .flat_map(|x| &x.sources)
-                .any(|s| failed.contains(&s.node));
-            record.status = Status::Failed;
-            record.error = Some(if upstream_failed {
-                format!("not run: its input {} failed", missing.join(", "))
-            } else {
-                format!(
-                    "not run: {} is not in the cache; run the stages that make it first",
-                    missing.join(", ")
-                )
-            });
-            tracing::error!(stage = %stage.name, "{}", record.error.as_deref().unwrap_or_default());
-            failed.insert(i);
-            stage_records.push(record);
-            continue;
-        };
-        let key = parts.key();
-        record.key = Some(key.clone());
-        record.parts = Some(parts.clone());
-        let forced = opts.force.iter().any(|f| f == &stage.name);
-        let t0 = Instant::now();
-        let outcome = if forced { None } else { cached(store, &key) };
-        let outcome = match outcome {
-            Some(found) => Ok((Status::Cached, found)),
-            None => {
-                let note = format!(
-                    "stage `{}` of {}",
-                    stage.name,
-                    graph.pipeline.path.display()
-                );
-                let _lock = store
-                    .lock_key(&key, &note, |holder| {
-                        let who = holder.map(|h| format!("process {h}")).unwrap_or_else(|| "another process".into());
-                        tracing::info!(stage = %stage.name, "waiting for {who}, which is running this stage's key {}", &key[..12]);
-                    })
-                    .map_err(|e| Diagnostic::at_field("--cache-dir", e.to_string()))?;
-                // Another process may have finished this key while we waited for its lock.
-                match (forced, cached(store, &key)) {
-                    (false, Some(found)) => Ok((Status::Cached, found)),
-                    _ => {
-                        // Say which key is in flight before starting, so that `gc` keeps its
-                        // checkpoints if this process dies.
-                        let mut running = record.clone();
-                        running.status = Status::Running;
-                        run_log.save(&records, graph, &stage_records, Some(running));
-                        execute(
-                            graph, registry, store, &records, &run_id, i, &key, &available,
-                            progress,
-                        )
-                        .map(|made| (Status::Ran, made))
-                    }
-                }
-            }
-        };
-        record.seconds = t0.elapsed().as_secs_f64();
-        match outcome {
-            Ok((status, finished)) => {
-                record.status = status;
-                record.resumed = finished.resumed;
-                for (name, a) in finished.outputs {
-                    record.outputs.insert(name.clone(), a.digest.clone());
-                    available.insert(
-                        Source {
-                            node: i,
-                            output: name,
-                        },
-                        a,
-                    );
-                }
-                if let Some(report) = &finished.report {
-                    append_summary(&records, &run_id, &stage.name, report);
-                }
-                let verb = if status == Status::Cached {
-                    "cached"
-                } else {
-                    "ran"
-                };
-                tracing::info!(stage = %stage.name, "{verb} in {:.2}s", record.seconds);
-            }
-            Err(e) => {
-                let message = match e.downcast_ref::<crate::kind::LocatedError>() {
-                    Some(located) => {
-                        let mut path = vec!["stages".to_string(), stage.name.clone()];
-                        path.extend(located.at.iter().cloned());
-                        let message = format!("stage `{}`: {}", stage.name, located.message);
-                        graph.pipeline.diag(&path, true, message).to_string()
-                    }
-                    None => one_line(&e),
-                };
-                tracing::error!(stage = %stage.name, "failed: {message}");
-                record.status = Status::Failed;
-                record.error = Some(message);
-                failed.insert(i);
-                stop = !opts.keep_going;
-            }
-        }
-        // After every stage that did work, not only at the end: a killed run keeps what it
-        // finished. (A cached stage changes nothing worth a write of its own.)
-        let did_work = record.status != Status::Cached;
-        stage_records.push(record);
-        if did_work {
-            run_log.save(&records, graph, &stage_records, None);
-        }
+/// Runs stage `i` under its key's lock, unless another process finished the key while this
+/// one waited for the lock. An error outside the stage (the lock) is a [`Diagnostic`].
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn lock_and_execute(
+    graph: &Graph,
+    registry: &Registry,
+    store: &Store,
+    records: &Records,
+    run_id: &str,
+    i: usize,
+    key: &str,
+    forced: bool,
+    available: &HashMap<Source, Available>,
+    progress: ProgressMode,
+) -> Result<anyhow::Result<(Status, Finished)>, Diagnostic> {
+    let stage = &graph.pipeline.stages[i];
+    let note = format!(
+        "stage `{}` of {}",
+        stage.name,
+        graph.pipeline.path.display()
+    );
+    let _lock = store
+        .lock_key(key, &note, |holder| {
+            let who = holder
+                .map(|h| format!("process {h}"))
+                .unwrap_or_else(|| "another process".into());
+            tracing::info!(stage = %stage.name, "waiting for {who}, which is running this stage's key {}", &key[..12]);
+        })
+        .map_err(|e| Diagnostic::at_field("--cache-dir", e.to_string()))?;
+    if !forced && let Some(found) = cached(store, key) {
+        return Ok(Ok((Status::Cached, found)));
     }
-    run_log.save(&records, graph, &stage_records, None);
-    Ok(run_log.record(graph, stage_records))
+    Ok(execute(
+        graph, registry, store, records, run_id, i, key, available, progress,
+    )
+    .map(|made| (Status::Ran, made)))
+}
+
+/// A stage's error as one line; an error located in its params names the file:line:col.
+pub(crate) fn located_message(graph: &Graph, i: usize, e: &anyhow::Error) -> String {
+    let stage = &graph.pipeline.stages[i];
+    match e.downcast_ref::<crate::kind::LocatedError>() {
+        Some(located) => {
+            let mut path = vec!["stages".to_string(), stage.name.clone()];
+            path.extend(located.at.iter().cloned());
+            let message = format!("stage `{}`: {}", stage.name, located.message);
+            graph.pipeline.diag(&path, true, message).to_string()
+        }
+        None => one_line(e),
+    }
 }
 
 /// The run record as it grows: written after every stage.
-struct RunLog {
-    run: String,
+pub(crate) struct RunLog {
+    pub run: String,
     started: Instant,
     started_unix: u64,
 }
 
 impl RunLog {
-    fn record(&self, graph: &Graph, stages: Vec<StageRecord>) -> RunRecord {
+    pub fn start() -> RunLog {
+        RunLog {
+            run: Records::new_run_id(),
+            started: Instant::now(),
+            started_unix: SystemTime::now()
+                .duration_since(UNIX_EPOCH)
+                .map(|d| d.as_secs())
+                .unwrap_or(0),
+        }
+    }
+
+    pub fn record(&self, graph: &Graph, stages: Vec<StageRecord>) -> RunRecord {
         RunRecord {
             run: self.run.clone(),
             pipeline: graph.pipeline.path.display().to_string(),
@@ -455,14 +338,14 @@ impl RunLog {
         }
     }
 
-    /// Writes the record and merges it into the pipeline's index; `running` is the stage in
-    /// flight, if any.
-    fn save(
+    /// Writes the record and merges it into the pipeline's index; `running` are the stages in
+    /// flight.
+    pub fn save(
         &self,
         records: &Records,
         graph: &Graph,
         done: &[StageRecord],
-        running: Option<StageRecord>,
+        running: Vec<StageRecord>,
     ) {
         let mut stages = done.to_vec();
         stages.extend(running);
@@ -551,7 +434,10 @@ fn execute(
         progress_mode: progress,
     };
     tracing::info!(stage = %stage.name, kind = %stage.kind, "running (key {})", &key[..12]);
-    let result = std::panic::catch_unwind(AssertUnwindSafe(|| kind.run(&mut ctx)));
+    let cpus = stage.resources.cpus;
+    let result = std::panic::catch_unwind(AssertUnwindSafe(|| {
+        with_threads(cpus, || kind.run(&mut ctx))
+    }));
     let result = match result {
         Ok(r) => r,
         Err(panic) => {
@@ -616,6 +502,27 @@ fn execute(
     })
 }
 
+/// Runs `work` on a thread pool of `cpus` threads when the stage asked for a number of CPUs
+/// (its data-parallel work then uses that many), else on the process's global pool.
+fn with_threads<T: Send>(
+    cpus: Option<u32>,
+    work: impl FnOnce() -> anyhow::Result<T> + Send,
+) -> anyhow::Result<T> {
+    let Some(n) = cpus else {
+        return work();
+    };
+    match rayon::ThreadPoolBuilder::new()
+        .num_threads(n.max(1) as usize)
+        .build()
+    {
+        Ok(pool) => pool.install(work),
+        Err(e) => {
+            tracing::warn!("could not start {n} threads ({e}); using the shared pool");
+            work()
+        }
+    }
+}
+
 /// What made a result, kept in its action record; `dagrun export` writes it into an exported
 /// Parquet file's footer.
 fn provenance(
@@ -657,7 +564,7 @@ pub fn one_line(e: &anyhow::Error) -> String {
 }
 
 /// Adds a stage's report to the run's `summary.md`.
-fn append_summary(records: &Records, run_id: &str, stage: &str, report: &str) {
+pub(crate) fn append_summary(records: &Records, run_id: &str, stage: &str, report: &str) {
     use std::io::Write;
     let path = records.run_dir(run_id).join("summary.md");
     let _ = std::fs::create_dir_all(records.run_dir(run_id));

@@ -4,7 +4,9 @@
 //! - reading a pipeline file and checking it ([`pipeline`], [`params`], [`locate`], [`diag`]):
 //!   every problem is one `file:line:col: message` line;
 //! - the stage graph ([`graph`]): typed wiring, `skip` as passthrough, cycles, run order;
-//! - keys ([`key`]), planning ([`plan`]), execution ([`exec`]) and run records ([`records`]);
+//! - keys ([`key`]), planning ([`plan`]), execution ([`exec`]: one stage), scheduling
+//!   ([`scheduler`]: stages at once in this process; [`slurm`]: stages as Slurm jobs) and run
+//!   records ([`records`]);
 //! - the stage contract ([`kind`], [`context`]) and Parquet artifacts ([`dataset`]);
 //! - the command line ([`cli`]).
 //!
@@ -25,7 +27,10 @@ pub mod pipeline;
 pub mod plan;
 pub mod progress;
 pub mod records;
+pub mod resources;
+pub mod scheduler;
 pub mod schema;
+pub mod slurm;
 
 pub use context::{InputArtifact, StageContext};
 pub use kind::{

@@ -9,9 +9,27 @@ use crate::diag::{Diagnostic, Diagnostics, Pos, did_you_mean};
 use crate::kind::{ParamType, Registry};
 use crate::locate::Locator;
 use crate::params::{self, Params};
+use crate::resources::{self, Resources};
 
-const TOP_LEVEL: &[&str] = &["name", "seed", "device", "stages"];
-const STAGE_FIELDS: &[&str] = &["kind", "inputs", "params", "skip", "seed", "device", "doc"];
+const TOP_LEVEL: &[&str] = &["name", "seed", "device", "executor", "resources", "stages"];
+const STAGE_FIELDS: &[&str] = &[
+    "kind",
+    "inputs",
+    "params",
+    "skip",
+    "seed",
+    "device",
+    "resources",
+    "doc",
+];
+
+/// Where the stages run: in this process (`local`) or as Slurm jobs (`slurm`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Executor {
+    #[default]
+    Local,
+    Slurm,
+}
 
 /// A checked pipeline file.
 #[derive(Debug, Clone)]
@@ -20,6 +38,8 @@ pub struct Pipeline {
     /// Relative paths in params are relative to this directory.
     pub dir: PathBuf,
     pub name: String,
+    /// `executor:` in the file (`--executor` overrides it).
+    pub executor: Option<Executor>,
     pub stages: Vec<Stage>,
     pub(crate) locator: Locator,
     /// Paths set with `--set`, and the flag text: problems there are reported against the flag.
@@ -36,6 +56,8 @@ pub struct Stage {
     pub skip: bool,
     pub seed: u64,
     pub device: String,
+    /// Its own `resources`, with unset fields from the pipeline's.
+    pub resources: Resources,
     pub doc: Option<String>,
 }
 
@@ -181,6 +203,7 @@ pub fn parse(
         path: path.to_path_buf(),
         dir,
         name: String::new(),
+        executor: None,
         stages: Vec::new(),
         locator,
         overridden,
@@ -248,6 +271,28 @@ pub fn parse(
         None => "cpu".to_string(),
         Some(v) => check_device(&pipeline, v, &p(&["device"]), &mut errors),
     };
+    pipeline.executor = match root.get("executor") {
+        None => None,
+        Some(Value::String(s)) if s == "local" => Some(Executor::Local),
+        Some(Value::String(s)) if s == "slurm" => Some(Executor::Slurm),
+        Some(v) => {
+            errors.push(pipeline.diag(
+                &p(&["executor"]),
+                false,
+                format!(
+                    "`executor` must be local or slurm, got {}",
+                    params::short(v)
+                ),
+            ));
+            None
+        }
+    };
+    let default_resources = resources::check(
+        &pipeline,
+        root.get("resources"),
+        &p(&["resources"]),
+        &mut errors,
+    );
 
     let stages = match root.get("stages") {
         Some(Value::Object(m)) if !m.is_empty() => m.clone(),
@@ -286,6 +331,8 @@ pub fn parse(
         if let Some(stage) =
             check_stage(&pipeline, registry, name, decl, seed, &device, &mut errors)
         {
+            let mut stage = stage;
+            stage.resources = stage.resources.or(&default_resources);
             pipeline.stages.push(stage);
         }
     }
@@ -488,6 +535,7 @@ fn check_stage(
         Some(v) => check_device(pl, v, &sub("device"), errors),
     };
     let doc = decl.get("doc").and_then(Value::as_str).map(str::to_string);
+    let resources = resources::check(pl, decl.get("resources"), &sub("resources"), errors);
     let inputs = check_inputs(pl, name, decl.get("inputs"), &sub("inputs"), errors);
 
     let raw_params = match decl.get("params") {
@@ -546,6 +594,7 @@ fn check_stage(
         skip,
         seed,
         device,
+        resources,
         doc,
     })
 }

@@ -5,7 +5,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
+use indicatif::{MultiProgress, ProgressBar, ProgressDrawTarget, ProgressStyle};
 
 /// How progress is shown, chosen once per process.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -13,6 +13,23 @@ pub enum ProgressMode {
     Bar,
     Log,
     Off,
+}
+
+fn bars() -> &'static MultiProgress {
+    static BARS: std::sync::OnceLock<MultiProgress> = std::sync::OnceLock::new();
+    BARS.get_or_init(|| MultiProgress::with_draw_target(ProgressDrawTarget::stderr()))
+}
+
+/// Where log lines go: stderr, above the progress bars rather than through them.
+pub struct LogWriter;
+
+impl Write for LogWriter {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        bars().suspend(|| std::io::stderr().write(buf))
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        std::io::stderr().flush()
+    }
 }
 
 /// A shared log sink: the stage's own log file in the run directory.
@@ -45,7 +62,8 @@ impl Progress {
         log: LogSink,
     ) -> Progress {
         let bar = (mode == ProgressMode::Bar).then(|| {
-            let bar = ProgressBar::with_draw_target(Some(total), ProgressDrawTarget::stderr());
+            // One display for the process: stages running at once each get a line of it.
+            let bar = bars().add(ProgressBar::new(total));
             let style = ProgressStyle::with_template(&format!(
                 "{{prefix:>14}} [{{bar:30}}] {{pos}}/{{len}} {unit} {{per_sec}} eta {{eta}} {{msg}}"
             ))

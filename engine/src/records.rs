@@ -40,6 +40,12 @@ pub struct StageRecord {
     pub parts: Option<KeyParts>,
     #[serde(default)]
     pub run: String,
+    /// When it started (Unix seconds, to the millisecond): stages of one run may overlap.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub started_unix: Option<f64>,
+    /// The Slurm job that ran it, under the Slurm executor.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub slurm_job: Option<u64>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -67,6 +73,12 @@ impl RunRecord {
                     "name": s.name, "kind": s.kind, "status": s.status, "key": s.key,
                     "outputs": s.outputs, "seconds": s.seconds, "resumed": s.resumed,
                 });
+                if let Some(t) = s.started_unix {
+                    v["started_unix"] = serde_json::json!(t);
+                }
+                if let Some(job) = s.slurm_job {
+                    v["slurm_job"] = serde_json::json!(job);
+                }
                 if let Some(e) = &s.error {
                     v["error"] = serde_json::Value::String(e.clone());
                 }
@@ -195,6 +207,11 @@ impl Records {
     /// Merges a run's stage records into the pipeline's index (stages that failed, did not run
     /// or are still running keep their last good record).
     pub fn update_index(&self, pipeline: &Path, run: &RunRecord) -> anyhow::Result<()> {
+        // Read, merge, write: several processes (Slurm jobs of one pipeline) do this at once.
+        let _lock = dagrun_cache::Lock::acquire(
+            &self.root.join("locks").join("index.lock"),
+            dagrun_cache::LockMode::Exclusive,
+        )?;
         let mut index = self.index(pipeline);
         for s in &run.stages {
             if matches!(s.status, Status::Ran | Status::Cached | Status::Skipped) {
@@ -319,6 +336,8 @@ mod tests {
             resumed: false,
             error: None,
             parts: None,
+            started_unix: None,
+            slurm_job: None,
             run: "r".into(),
         }
     }

@@ -20,6 +20,10 @@ struct PipelineFile {
     seed: Option<u64>,
     /// Where burn stages compute: `cpu`, `cuda` or `cuda:N`.
     device: Option<String>,
+    /// Where stages run: `local` (this process; the default) or `slurm` (one job per stage).
+    executor: Option<ExecutorName>,
+    /// Every stage's default `resources`.
+    resources: Option<ResourcesDecl>,
     /// Stage name → stage. Order does not matter: edges come from `inputs`.
     stages: BTreeMap<String, StageDecl>,
 }
@@ -41,8 +45,43 @@ struct StageDecl {
     seed: Option<u64>,
     /// This stage's device (default: the pipeline's).
     device: Option<String>,
+    /// What the stage asks of the machine or the scheduler (default: the pipeline's).
+    resources: Option<ResourcesDecl>,
     /// A note for people reading the pipeline.
     doc: Option<String>,
+}
+
+#[derive(JsonSchema)]
+#[serde(rename_all = "lowercase")]
+#[allow(dead_code)]
+enum ExecutorName {
+    Local,
+    Slurm,
+}
+
+/// A stage's requests; they never change its key.
+#[derive(JsonSchema)]
+#[schemars(deny_unknown_fields)]
+#[allow(dead_code)]
+struct ResourcesDecl {
+    /// CPU cores (local `--jobs` budget; Slurm `--cpus-per-task`; the stage's thread count).
+    cpus: Option<u32>,
+    /// Memory: `500M`, `4G` or megabytes (Slurm `--mem`; local budget).
+    mem: Option<SizeDecl>,
+    /// GPUs (Slurm `--gres=gpu:N`).
+    gpus: Option<u32>,
+    /// Slurm time limit: minutes, `HH:MM:SS` or `D-HH:MM:SS`.
+    time: Option<SizeDecl>,
+    /// Slurm partition.
+    partition: Option<String>,
+}
+
+#[derive(JsonSchema)]
+#[serde(untagged)]
+#[allow(dead_code)]
+enum SizeDecl {
+    Number(u64),
+    Text(String),
 }
 
 #[derive(JsonSchema)]

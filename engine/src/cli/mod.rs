@@ -20,6 +20,8 @@ use crate::progress::ProgressMode;
 pub const EXIT_OK: i32 = 0;
 pub const EXIT_STAGE_FAILED: i32 = 1;
 pub const EXIT_USAGE: i32 = 2;
+/// Ctrl-C (128 + SIGINT), as shells report it.
+pub const EXIT_INTERRUPTED: i32 = 130;
 
 /// Flags every command takes.
 #[derive(Debug, Clone, Args)]
@@ -68,12 +70,26 @@ pub enum Command {
     Hash(maintain::HashArgs),
     /// Print the JSON Schema of pipeline files.
     Schema,
+    /// Run one stage inside a Slurm job (what `--executor slurm` submits).
+    #[command(hide = true)]
+    StageJob(crate::slurm::StageJobArgs),
 }
 
 /// Names of the engine's commands, for the `dagrun FILE` shorthand.
 pub const COMMANDS: &[&str] = &[
-    "run", "plan", "status", "dag", "show", "export", "gc", "verify", "stages", "schema", "hash",
+    "run",
+    "plan",
+    "status",
+    "dag",
+    "show",
+    "export",
+    "gc",
+    "verify",
+    "stages",
+    "schema",
+    "hash",
     "help",
+    "stage-job",
 ];
 
 /// Turns `dagrun FILE …` into `dagrun run FILE …` when FILE is not a command name.
@@ -115,7 +131,7 @@ pub fn init_logging(g: &GlobalArgs) -> ProgressMode {
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(level));
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_writer(std::io::stderr)
+        .with_writer(|| crate::progress::LogWriter)
         .with_target(false)
         .with_ansi(std::io::stderr().is_terminal());
     let _ = match g.log_format {
@@ -165,6 +181,7 @@ pub fn execute_with(
         Command::Verify(a) => maintain::verify(a, g),
         Command::Stages => inspect::stages(registry),
         Command::Hash(a) => maintain::hash(a),
+        Command::StageJob(a) => Ok(crate::slurm::stage_job(a, g, registry)),
         Command::Schema => {
             println!(
                 "{}",

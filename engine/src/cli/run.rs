@@ -4,7 +4,9 @@ use std::path::PathBuf;
 
 use clap::Args;
 
-use super::{EXIT_OK, EXIT_STAGE_FAILED, GlobalArgs, RunDone, cache_root_for, open_store};
+use super::{
+    EXIT_INTERRUPTED, EXIT_OK, EXIT_STAGE_FAILED, GlobalArgs, RunDone, cache_root_for, open_store,
+};
 use crate::diag::Diagnostics;
 use crate::exec::{self, RunOptions};
 use crate::graph;
@@ -13,6 +15,7 @@ use crate::pipeline::{self, Override, Pipeline};
 use crate::plan::{self, Action};
 use crate::progress::ProgressMode;
 use crate::records::{Records, Status};
+use crate::slurm::{self, SlurmOptions};
 
 #[derive(Debug, Args)]
 pub struct FileArg {
@@ -82,6 +85,31 @@ pub struct RunArgs {
     /// End with one JSON line describing the run.
     #[arg(long)]
     pub json: bool,
+    /// Stages run at once in this process, within the machine's CPUs and memory (each
+    /// stage's `resources`). One model stage already uses every core of a CPU machine.
+    #[arg(short = 'j', long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..))]
+    pub jobs: u32,
+    /// Where stages run: here (`local`), or one Slurm job each (`slurm`). Default: the file's
+    /// `executor:`, else local.
+    #[arg(long, value_enum)]
+    pub executor: Option<ExecutorArg>,
+    /// With `--executor slurm`: submit and exit; `dagrun status FILE` follows the jobs.
+    #[arg(long)]
+    pub detach: bool,
+    /// With `--executor slurm`: an extra `sbatch` argument for every job (repeatable), e.g.
+    /// `--sbatch-arg=--account=nlp`.
+    #[arg(long = "sbatch-arg", value_name = "ARG", allow_hyphen_values = true)]
+    pub sbatch_args: Vec<String>,
+    /// With `--executor slurm`: accept a cache on a local filesystem although the cluster has
+    /// other nodes (when every node mounts it at the same path by other means).
+    #[arg(long)]
+    pub allow_local_cache: bool,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum ExecutorArg {
+    Local,
+    Slurm,
 }
 
 #[derive(Debug, Args)]
@@ -128,9 +156,52 @@ pub fn run(
     let opts = RunOptions {
         keep_going: a.keep_going,
         progress: Some(progress),
+        jobs: a.jobs as usize,
         ..a.selection.options()
     };
-    let record = exec::run(&graph, registry, &store, &opts)?;
+    let slurm = match a.executor {
+        Some(ExecutorArg::Slurm) => true,
+        Some(ExecutorArg::Local) => false,
+        None => pl.executor == Some(pipeline::Executor::Slurm),
+    };
+    if a.detach && !slurm {
+        return Err(crate::diag::Diagnostic::at_field(
+            "--detach",
+            "only with the Slurm executor (`--executor slurm` or `executor: slurm` in the file)",
+        )
+        .into());
+    }
+    let record = if slurm {
+        let _store_lock = super::lock_store_shared(&store)?;
+        let options = SlurmOptions {
+            detach: a.detach,
+            sbatch_args: a.sbatch_args.clone(),
+            set: a.selection.set.clone(),
+            allow_local_cache: a.allow_local_cache,
+        };
+        let sub = slurm::submit(&graph, &store, &opts, &options)?;
+        if a.detach {
+            let jobs: Vec<String> = sub.jobs.iter().map(|j| j.job.to_string()).collect();
+            eprintln!(
+                "submitted {} jobs ({}) for {}; {} stages cached. `dagrun status {}` follows them.",
+                sub.jobs.len(),
+                jobs.join(", "),
+                a.file.display(),
+                sub.cached.len(),
+                a.file.display()
+            );
+            return Ok(EXIT_OK);
+        }
+        let ends = slurm::follow(&store, &sub);
+        let record = slurm::collect(&graph, &store, &sub, &ends)?;
+        if slurm::interrupted_run() {
+            eprintln!("{}", summary_line(&record));
+            return Ok(EXIT_INTERRUPTED);
+        }
+        record
+    } else {
+        exec::run(&graph, registry, &store, &opts)?
+    };
     let failed = record.stages.iter().any(|s| s.status == Status::Failed);
     if !g.quiet {
         eprintln!("{}", summary_line(&record));
@@ -216,6 +287,9 @@ pub fn status(a: FileArg, g: &GlobalArgs, registry: &Registry) -> Result<i32, Di
             .map(|r| format!("last run {} ({:.1}s)", r.run, r.seconds))
             .unwrap_or_else(|| "never run".into());
         println!("{:<width$}  {:<10} {:<16} {}", p.name, state, p.kind, last);
+    }
+    for line in slurm::status_lines(&graph, &store)? {
+        println!("{line}");
     }
     Ok(EXIT_OK)
 }

@@ -1,0 +1,47 @@
+//! The Slurm executor: every stage that must run becomes one `sbatch` job that runs
+//! `dagrun stage-job` on it against the shared cache, with `--dependency=afterok:` on the jobs
+//! of its inputs, so the whole DAG is queued at once and the scheduler runs independent
+//! branches side by side. Cached stages are never submitted.
+//!
+//! The head (this process) writes `<cache>/slurm/<id>/submission.json` and the job scripts,
+//! then follows the jobs with `scontrol show job` until they end (or exits at once with
+//! `--detach`; `dagrun status` follows later). The cache stays the source of truth: a job
+//! publishes its stage like a local run does, under the key's lock, so a cancelled job leaves
+//! only its checkpoints, which the next run resumes, and two heads never run one key twice.
+
+pub mod commands;
+pub mod job;
+mod shared_fs;
+mod submit;
+
+pub use job::{StageJobArgs, stage_job};
+pub use submit::{SlurmOptions, collect, follow, status_lines, submit};
+
+use std::sync::atomic::{AtomicBool, Ordering};
+
+static INTERRUPTED: AtomicBool = AtomicBool::new(false);
+
+extern "C" fn on_interrupt(_: libc::c_int) {
+    INTERRUPTED.store(true, Ordering::SeqCst);
+}
+
+/// Makes Ctrl-C (and SIGTERM) set a flag the head checks, so it cancels its jobs before it
+/// exits instead of leaving them queued.
+pub(crate) fn catch_interrupts() {
+    for sig in [libc::SIGINT, libc::SIGTERM] {
+        // SAFETY: the handler only stores to an atomic, which is async-signal-safe; the
+        // function pointer lives for the whole program.
+        unsafe {
+            libc::signal(sig, on_interrupt as *const () as libc::sighandler_t);
+        }
+    }
+}
+
+/// Whether the head was interrupted (its jobs were cancelled).
+pub fn interrupted_run() -> bool {
+    interrupted()
+}
+
+pub(crate) fn interrupted() -> bool {
+    INTERRUPTED.load(Ordering::SeqCst)
+}
