@@ -323,6 +323,18 @@ impl RunLog {
         }
     }
 
+    /// A record, with a new id, of a run that began at `started_unix` (a Slurm submission
+    /// collected when its jobs have ended).
+    pub fn started_at(started_unix: u64) -> RunLog {
+        let mut log = RunLog::start();
+        let ago = log.started_unix.saturating_sub(started_unix);
+        log.started = Instant::now()
+            .checked_sub(std::time::Duration::from_secs(ago))
+            .unwrap_or(log.started);
+        log.started_unix = started_unix;
+        log
+    }
+
     pub fn record(&self, graph: &Graph, stages: Vec<StageRecord>) -> RunRecord {
         RunRecord {
             run: self.run.clone(),

@@ -438,14 +438,25 @@ fn list(ids: &[u64]) -> String {
 fn failure_message(j: &SubmittedJob, end: &JobEnd) -> String {
     let state = end.state.as_ref();
     let how = match state {
-        Some(s)
-            if s.reason == "DependencyNeverSatisfied"
-                || (s.state == "CANCELLED" && end.result.is_none() && s.start.is_none()) =>
-        {
+        Some(s) if s.reason == "DependencyNeverSatisfied" && end.result.is_none() => {
             return format!(
                 "not run: an input's job failed or was cancelled (Slurm job {} {})",
                 j.job,
                 s.state.to_lowercase()
+            );
+        }
+        // Slurm gives a job cancelled while pending its cancel time as start and end.
+        Some(s) if s.state == "CANCELLED" && end.result.is_none() && s.start == s.end => {
+            return format!(
+                "not run: Slurm job {} was cancelled before it started",
+                j.job
+            );
+        }
+        Some(s) if s.state == "CANCELLED" && end.result.is_none() => {
+            return format!(
+                "cancelled mid-stage (Slurm job {}, log {}); the next run resumes it from its checkpoints",
+                j.job,
+                j.log.display()
             );
         }
         Some(s) => format!(
@@ -475,7 +486,7 @@ pub fn collect(
         .filter(|&i| sub.selected.contains(&graph.pipeline.stages[i].name))
         .collect();
     let records = Records::new(store.root());
-    let log = RunLog::start();
+    let log = RunLog::started_at(sub.submitted_unix);
     let mut available: HashMap<Source, Available> = HashMap::new();
     let mut path_digests = PathDigests::new(store);
     let mut stages = Vec::new();
@@ -557,6 +568,7 @@ pub fn collect(
                 });
                 let message = failure_message(j, &end);
                 let not_run = message.starts_with("not run:");
+                record.started_unix = record.started_unix.filter(|_| !not_run);
                 record.error = Some(message);
                 if not_run {
                     Status::NotRun
