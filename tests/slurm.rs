@@ -115,7 +115,7 @@ const LONG: &str = "
   long:
     kind: sft
     inputs: { model: base, data: problems.cot }
-    params: { max_steps: 240, batch_size: 8, lr: 2e-3, checkpoint_every: 10 }
+    params: { max_steps: 160, batch_size: 8, lr: 2e-3, checkpoint_every: 10 }
     resources: { cpus: 1 }
 ";
 
@@ -253,6 +253,42 @@ fn slurm_runs_the_dag_as_jobs_like_the_local_executor() {
     assert!(
         shown.contains(&format!("job {long_job}")) && shown.contains("cancelled"),
         "`dagrun status` does not show the cancelled job: {shown}"
+    );
+
+    // Ctrl-C on a following head cancels its jobs (exit 130), leaving the checkpoints too.
+    let head = p
+        .command(&["run", "p.yaml", "--json", "--executor", "slurm"])
+        .env("SLURM_CONF", &cluster.conf)
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut second = None;
+    while second.is_none() {
+        assert!(Instant::now() < deadline, "the head submitted nothing");
+        let sub = latest_submission(&p.cache());
+        second = sub["jobs"][0]["job"].as_u64().filter(|&j| j != long_job);
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let second = second.unwrap();
+    while cluster.job(second).0 != "RUNNING" {
+        assert!(Instant::now() < deadline, "job {second} never ran");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    std::thread::sleep(Duration::from_millis(1500));
+    // SAFETY: signals a child this test spawned and has not reaped yet.
+    unsafe { libc::kill(head.id() as i32, libc::SIGINT) };
+    let head = head.wait_with_output().unwrap();
+    assert_eq!(
+        head.status.code(),
+        Some(130),
+        "{}",
+        String::from_utf8_lossy(&head.stderr)
+    );
+    let (state, _, _) = cluster.job(second);
+    assert!(
+        state.starts_with("CANCELLED"),
+        "job {second} is {state} after Ctrl-C"
     );
 
     let resumed = json_line(ok(
