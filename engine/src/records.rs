@@ -208,8 +208,10 @@ impl Records {
     /// or are still running keep their last good record).
     pub fn update_index(&self, pipeline: &Path, run: &RunRecord) -> anyhow::Result<()> {
         // Read, merge, write: several processes (Slurm jobs of one pipeline) do this at once.
+        let locks = self.root.join("locks");
+        std::fs::create_dir_all(&locks)?;
         let _lock = dagrun_cache::Lock::acquire(
-            &self.root.join("locks").join("index.lock"),
+            &locks.join("index.lock"),
             dagrun_cache::LockMode::Exclusive,
         )?;
         let mut index = self.index(pipeline);
