@@ -18,7 +18,8 @@ struct PipelineFile {
     name: Option<String>,
     /// The default seed of every stage.
     seed: Option<u64>,
-    /// Where burn stages compute: `cpu`, `cuda` or `cuda:N`.
+    /// Where burn stages compute: `cpu`, `cuda`, `cuda:N`, or GPUs `cuda:N,M` (training stages
+    /// use them all, data-parallel; the others the first).
     device: Option<String>,
     /// Stage name → stage. Order does not matter: edges come from `inputs`.
     stages: BTreeMap<String, StageDecl>,
