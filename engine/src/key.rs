@@ -175,7 +175,10 @@ fn write_canonical(v: &Value, out: &mut String) {
     }
 }
 
-/// `cuda:1` and `cuda` compute alike; cpu differs from both.
+/// `cuda:1` and `cuda` compute alike; cpu differs from both. A GPU list (`cuda:0,1`) is class
+/// `cuda` too: data-parallel training adds the micro-batches' gradients on the first GPU in the
+/// order one GPU adds them (`dagrun_model::parallel`; an all-reduce of per-GPU partial sums
+/// would change the float bits and would need a class of its own), so it trains the same bits.
 pub fn device_class(device: &str) -> &str {
     device.split(':').next().unwrap_or(device)
 }
@@ -205,6 +208,13 @@ mod tests {
             )]),
             producers_in_key: false,
         }
+    }
+
+    #[test]
+    fn a_gpu_list_is_the_cuda_class() {
+        assert_eq!(device_class("cuda:0,1"), "cuda");
+        assert_eq!(device_class("cuda:1"), device_class("cuda"));
+        assert_eq!(device_class("cpu"), "cpu");
     }
 
     #[test]

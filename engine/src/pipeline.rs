@@ -370,26 +370,41 @@ fn check_fields(
 }
 
 fn check_device(pl: &Pipeline, v: &Value, path: &[String], errors: &mut Vec<Diagnostic>) -> String {
-    let ok = |s: &str| {
-        s == "cpu"
-            || s == "cuda"
-            || s.strip_prefix("cuda:")
-                .is_some_and(|n| n.parse::<u32>().is_ok())
+    let Some(s) = v.as_str() else {
+        return device_error(pl, v, path, errors);
     };
-    match v.as_str() {
-        Some(s) if ok(s) => s.to_string(),
-        _ => {
-            errors.push(pl.diag(
-                path,
-                false,
-                format!(
-                    "`device` must be cpu, cuda or cuda:N, got {}",
-                    params::short(v)
-                ),
-            ));
-            "cpu".to_string()
+    let index = |n: &str| n.trim().parse::<u32>().ok();
+    if s == "cpu" || s == "cuda" {
+        return s.to_string();
+    }
+    let Some(list) = s.strip_prefix("cuda:") else {
+        return device_error(pl, v, path, errors);
+    };
+    // `cuda:0,1`: training stages use every GPU of the list, the others its first.
+    let mut seen = Vec::new();
+    for n in list.split(',') {
+        match index(n) {
+            Some(i) if seen.contains(&i) => {
+                errors.push(pl.diag(path, false, format!("`device` {s:?} lists cuda:{i} twice")));
+                return "cpu".to_string();
+            }
+            Some(i) => seen.push(i),
+            None => return device_error(pl, v, path, errors),
         }
     }
+    s.to_string()
+}
+
+fn device_error(pl: &Pipeline, v: &Value, path: &[String], errors: &mut Vec<Diagnostic>) -> String {
+    errors.push(pl.diag(
+        path,
+        false,
+        format!(
+            "`device` must be cpu, cuda, cuda:N or a list of GPUs cuda:N,M, got {}",
+            params::short(v)
+        ),
+    ));
+    "cpu".to_string()
 }
 
 fn apply_overrides(

@@ -18,7 +18,8 @@ struct PipelineFile {
     name: Option<String>,
     /// The default seed of every stage.
     seed: Option<u64>,
-    /// Where burn stages compute: `cpu`, `cuda` or `cuda:N`.
+    /// Where burn stages compute: `cpu`, `cuda`, `cuda:N`, or GPUs `cuda:N,M` (training stages
+    /// use them all, data-parallel; the others the first).
     device: Option<String>,
     /// Where stages run: `local` (this process; the default) or `slurm` (one job per stage).
     executor: Option<ExecutorName>,

@@ -358,7 +358,8 @@ fn ask_teacher(
                 resume: ctx.resume_dir(),
                 progress: &progress,
             };
-            let device: dagrun_model::device::DeviceSpec = ctx.device.parse()?;
+            // Sampling runs on one device: the first of a list.
+            let device = ctx.device.parse::<dagrun_model::device::Devices>()?.first();
             let sampled = dagrun_model::device::run_on(&device, local)?;
             (format!("the `{port}` model"), sampled)
         }

@@ -30,7 +30,7 @@ use std::collections::HashSet;
 use std::path::{Path, PathBuf};
 
 use anyhow::{Context, bail};
-use burn::module::AutodiffModule;
+use burn::module::{AutodiffModule, Module};
 use burn::tensor::backend::AutodiffBackend;
 use burn::tensor::{Tensor, TensorData};
 use dagrun_engine::dataset::read_parquet;
@@ -39,7 +39,7 @@ use dagrun_engine::kind::{
     WiringError,
 };
 use dagrun_engine::{InputArtifact, LocatedError, Params};
-use dagrun_model::device::{BackendTask, DeviceSpec, run_on};
+use dagrun_model::device::{DeviceSpec, Devices, MultiDeviceTask, run_on, run_on_all};
 use dagrun_model::generate::{Completion, SamplingParams};
 use dagrun_model::score::{ScoreItem, completion_logits};
 use dagrun_model::{CausalLm, ModelConfig, load_model};
@@ -225,7 +225,9 @@ impl StageKind for Distill {
             DistillParams::read(&ctx.params)?,
             TrainParams::read(&ctx.params)?,
         );
-        let device: DeviceSpec = ctx.device.parse()?;
+        let devices: Devices = ctx.device.parse()?;
+        // The teacher samples on one device; the student trains on all of them.
+        let device = devices.first();
         let teacher = ctx.input("teacher")?.clone();
         let format = ChatFormat::load(&teacher.path)?;
         let teacher_config = ModelConfig::load(&teacher.path.join("config.json"))?;
@@ -272,7 +274,7 @@ impl StageKind for Distill {
             teacher_dir: teacher.path.clone(),
             student_dir,
         };
-        let trained = run_on(&device, task)?;
+        let trained = run_on_all(&devices, task)?;
         trained.log(ctx);
         head.extend(trained.metrics);
         finish_training_from(ctx, &files_from, trained.resumed_from, &head)?;
@@ -640,10 +642,11 @@ struct DistillTask {
     student_dir: PathBuf,
 }
 
-impl BackendTask for DistillTask {
+impl MultiDeviceTask for DistillTask {
     type Output = Trained;
 
-    fn run<B: AutodiffBackend>(self, device: B::Device) -> anyhow::Result<Trained> {
+    fn run<B: AutodiffBackend>(self, devices: Vec<B::Device>) -> anyhow::Result<Trained> {
+        let device = devices[0].clone();
         let start = self.steps.checkpoint().restore_or_start::<B>(
             &self.student_dir,
             &self.params,
@@ -667,7 +670,7 @@ impl BackendTask for DistillTask {
             max_length: self.steps.max_length(),
             seed: self.steps.seed(),
         };
-        self.steps.run(&device, start, &mut loss)
+        self.steps.run(&devices, start, &mut loss)
     }
 }
 
@@ -755,6 +758,13 @@ impl<B: AutodiffBackend> StepLoss<B> for DistillLoss<'_, B> {
         } else {
             Ok(items)
         }
+    }
+
+    fn replica(&self, device: &B::Device) -> anyhow::Result<Self> {
+        Ok(DistillLoss {
+            teacher: self.teacher.clone().map(|t| t.to_device(device)),
+            ..*self
+        })
     }
 
     fn loss(

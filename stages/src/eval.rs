@@ -28,7 +28,7 @@ use dagrun_engine::kind::{
     WiringError,
 };
 use dagrun_engine::{Params, Progress};
-use dagrun_model::device::{BackendTask, DeviceSpec, run_on};
+use dagrun_model::device::{BackendTask, Devices, run_on};
 use dagrun_model::generate::SamplingParams;
 use dagrun_model::load_model;
 use serde_json::json;
@@ -180,7 +180,8 @@ impl StageKind for Eval {
     }
 
     fn run(&self, ctx: &mut StageContext) -> anyhow::Result<()> {
-        let device: DeviceSpec = ctx.device.parse()?;
+        // Evaluation runs on one device: the first of a list.
+        let device = ctx.device.parse::<Devices>()?.first();
         let prm = ctx.input_opt("prm").map(|a| a.path.clone());
         if let Err(e) = prm_wiring(
             "rerank: prm",

@@ -14,6 +14,10 @@
 //! fractions and entropy are token means over the batch and the iterations; each reward
 //! component has its `rewards/NAME/mean` and `rewards/NAME/std`. Speeds go to the stage log, not
 //! to the `metrics` table, whose bytes depend only on the key.
+//!
+//! With several GPUs (`device: cuda:0,1`) the micro-batches of each optimizer step are spread
+//! over them (`dagrun_model::parallel`), with the gradient sums of one GPU; sampling and the
+//! reference's scoring run on the first.
 
 use std::path::PathBuf;
 use std::time::Instant;
@@ -27,9 +31,10 @@ use dagrun_engine::kind::{
     ArtifactType, KindSpec, ParamError, ParamSpec, ParamType, PortSpec, StageContext, StageKind,
 };
 use dagrun_engine::{Params, Progress};
-use dagrun_model::device::{BackendTask, DeviceSpec, run_on};
+use dagrun_model::device::{Devices, MultiDeviceTask, run_on_all};
 use dagrun_model::generate::{SamplingParams, generate};
-use dagrun_model::optim::{AdamW, GradAccumulator, LrSchedule};
+use dagrun_model::optim::{AdamW, LrSchedule};
+use dagrun_model::parallel::DataParallel;
 use dagrun_model::score::{Entropy, ScoreItem, score_host, score_with};
 use dagrun_model::{CausalLm, load_model, save_model};
 use rand::seq::SliceRandom;
@@ -292,7 +297,7 @@ impl StageKind for Grpo {
     }
 
     fn run(&self, ctx: &mut StageContext) -> anyhow::Result<()> {
-        let device: DeviceSpec = ctx.device.parse()?;
+        let devices: Devices = ctx.device.parse()?;
         let model_dir = ctx.input("model")?.path.clone();
         let format = ChatFormat::load(&model_dir)?;
         let problems = read_problems(&read_parquet(&ctx.input("problems")?.path)?.1)?;
@@ -321,7 +326,7 @@ impl StageKind for Grpo {
             progress,
             seed: ctx.seed,
         };
-        let outcome = run_on(&device, task)?;
+        let outcome = run_on_all(&devices, task)?;
         for note in &outcome.notes {
             ctx.info(note);
         }
@@ -414,10 +419,11 @@ impl GrpoTask {
     }
 }
 
-impl BackendTask for GrpoTask {
+impl MultiDeviceTask for GrpoTask {
     type Output = Outcome;
 
-    fn run<B: AutodiffBackend>(self, device: B::Device) -> anyhow::Result<Outcome> {
+    fn run<B: AutodiffBackend>(self, devices: Vec<B::Device>) -> anyhow::Result<Outcome> {
+        let device = devices[0].clone();
         let p = &self.params;
         let steps = p.i64("steps") as u64;
         let group = p.i64("group_size") as usize;
@@ -425,6 +431,7 @@ impl BackendTask for GrpoTask {
         let ckpt = Checkpoint::new(&self.resume);
         let start = ckpt.restore_or_start::<B>(&self.model_dir, p, &device, None)?;
         let (mut model, mut opt, mut state) = (start.model, start.optimizer, start.state);
+        let mut parallel = DataParallel::new(&model, devices)?;
         let reference = if beta > 0.0 {
             Some(load_model::<B::InnerBackend>(&self.model_dir, &device)?)
         } else {
@@ -571,7 +578,7 @@ impl BackendTask for GrpoTask {
 
             // 4. Optimise.
             let t1 = Instant::now();
-            let (next, stats) = trainer.optimise(model, &mut opt, &round, step, &device)?;
+            let (next, stats) = trainer.optimise(model, &mut opt, &round, step, &mut parallel)?;
             model = next;
             training.add(
                 stats.tokens * trainer.iterations as f64,
@@ -724,14 +731,15 @@ struct RoundStats {
 
 impl Trainer {
     /// `num_iterations` optimizer steps on `round`, each on the gradient of the whole batch,
-    /// `micro_batch` sequences per backward pass. `step` (0-based) is for messages.
+    /// `micro_batch` sequences per backward pass, spread over `parallel`'s devices (`model` is
+    /// on the first). `step` (0-based) is for messages.
     fn optimise<B: AutodiffBackend>(
         &self,
         model: CausalLm<B>,
         opt: &mut AdamW<B::InnerBackend>,
         round: &Round,
         step: u64,
-        device: &B::Device,
+        parallel: &mut DataParallel<B, CausalLm<B>>,
     ) -> anyhow::Result<(CausalLm<B>, RoundStats)> {
         let mut model = model;
         let n = round.items.len();
@@ -752,82 +760,37 @@ impl Trainer {
             .step_by(self.micro_batch)
             .map(|s| s..(s + self.micro_batch).min(n))
             .collect();
-        // Entropy is always a metric; it joins the graph only as a bonus term.
-        let entropy_mode = if self.entropy_coef > 0.0 {
-            Entropy::Tracked
-        } else {
-            Entropy::Detached
-        };
         let mut stats = RoundStats {
             tokens,
             ..RoundStats::default()
         };
         let mut weighted = WeightedStats::default();
+        let mut workers = vec![(); parallel.devices().len()];
         for _ in 0..self.iterations {
             let lr = self.schedule.lr(opt.step);
-            let mut acc = GradAccumulator::<B>::new();
             let mut loss_sum = 0.0;
-            for r in &chunks {
-                let scores = score_with(
-                    &model,
-                    &round.items[r.clone()],
-                    self.pad_id,
-                    entropy_mode,
-                    round.temperature,
-                )?;
-                let [rows, width] = scores.logprobs.dims();
-                let mask = host_tensor::<B>(
-                    &completion_mask(&round.shapes[r.clone()], width, self.mask_truncated),
-                    [rows, width],
-                    device,
-                );
-                let old = match &round.old_lp {
-                    Some(o) => {
-                        host_tensor::<B>(&pad_rows(&o[r.clone()], width), [rows, width], device)
+            let (next, mut acc) = parallel.accumulate(
+                model,
+                workers.iter_mut().collect(),
+                chunks.len(),
+                |_, model, k| self.micro_loss(model, round, chunks[k].clone(), &cfg),
+                |_, (value, part, entropy)| {
+                    weighted.entropy += entropy;
+                    if !value.is_finite() {
+                        bail!(
+                            "loss is {value} at step {}: training diverged; these params diverge again on a re-run, and a lower `lr` is a new key that starts this stage over",
+                            step + 1
+                        );
                     }
-                    None => scores.logprobs.clone().detach(),
-                };
-                let reference = round.ref_lp.as_ref().map(|o| {
-                    host_tensor::<B>(&pad_rows(&o[r.clone()], width), [rows, width], device)
-                });
-                let advantages: Vec<f32> = round.advantages[r.clone()]
-                    .iter()
-                    .map(|a| *a as f32)
-                    .collect();
-                let advantages =
-                    Tensor::<B, 1>::from_data(TensorData::new(advantages, [rows]), device);
-                let (mut loss, part) = grpo_loss(
-                    scores.logprobs.clone(),
-                    old,
-                    reference,
-                    advantages,
-                    mask.clone(),
-                    &cfg,
-                )
-                .map_err(|e| anyhow::anyhow!("{e}"))?;
-                if let Some(entropy) = scores.entropy {
-                    weighted.entropy +=
-                        scalar((entropy.clone() * mask.clone()).sum().detach()) as f64;
-                    if self.entropy_coef > 0.0 {
-                        loss = loss
-                            - entropy_bonus(entropy, mask, self.entropy_coef, &cfg)
-                                .map_err(|e| anyhow::anyhow!("{e}"))?;
-                    }
-                }
-                let value = scalar(loss.clone());
-                if !value.is_finite() {
-                    bail!(
-                        "loss is {value} at step {}: training diverged; these params diverge again on a re-run, and a lower `lr` is a new key that starts this stage over",
-                        step + 1
-                    );
-                }
-                loss_sum += value as f64;
-                weighted.add(&part);
-                acc.backward(loss, &model);
-            }
+                    loss_sum += value as f64;
+                    weighted.add(&part);
+                    Ok(())
+                },
+            )?;
             let (next, st) = opt
-                .step(model, &mut acc, lr)
+                .step(next, &mut acc, lr)
                 .with_context(|| format!("optimizer step at GRPO step {}", step + 1))?;
+            parallel.sync(&next);
             model = next;
             stats.loss += loss_sum;
             stats.lr += lr;
@@ -849,6 +812,67 @@ impl Trainer {
                 tokens,
             },
         ))
+    }
+
+    /// The loss of the sequences `r` of `round` (on `model`'s device), its value, its
+    /// statistics and its entropy summed over the completion tokens.
+    fn micro_loss<B: AutodiffBackend>(
+        &self,
+        model: &CausalLm<B>,
+        round: &Round,
+        r: std::ops::Range<usize>,
+        cfg: &LossConfig,
+    ) -> anyhow::Result<(Tensor<B, 1>, (f32, LossStats, f64))> {
+        let device = &model.device();
+        // Entropy is always a metric; it joins the graph only as a bonus term.
+        let entropy_mode = if self.entropy_coef > 0.0 {
+            Entropy::Tracked
+        } else {
+            Entropy::Detached
+        };
+        let scores = score_with(
+            model,
+            &round.items[r.clone()],
+            self.pad_id,
+            entropy_mode,
+            round.temperature,
+        )?;
+        let [rows, width] = scores.logprobs.dims();
+        let mask = host_tensor::<B>(
+            &completion_mask(&round.shapes[r.clone()], width, self.mask_truncated),
+            [rows, width],
+            device,
+        );
+        let old = match &round.old_lp {
+            Some(o) => host_tensor::<B>(&pad_rows(&o[r.clone()], width), [rows, width], device),
+            None => scores.logprobs.clone().detach(),
+        };
+        let reference = round
+            .ref_lp
+            .as_ref()
+            .map(|o| host_tensor::<B>(&pad_rows(&o[r.clone()], width), [rows, width], device));
+        let advantages: Vec<f32> = round.advantages[r].iter().map(|a| *a as f32).collect();
+        let advantages = Tensor::<B, 1>::from_data(TensorData::new(advantages, [rows]), device);
+        let (mut loss, part) = grpo_loss(
+            scores.logprobs.clone(),
+            old,
+            reference,
+            advantages,
+            mask.clone(),
+            cfg,
+        )
+        .map_err(|e| anyhow::anyhow!("{e}"))?;
+        let mut entropy_sum = 0.0;
+        if let Some(entropy) = scores.entropy {
+            entropy_sum = scalar((entropy.clone() * mask.clone()).sum().detach()) as f64;
+            if self.entropy_coef > 0.0 {
+                loss = loss
+                    - entropy_bonus(entropy, mask, self.entropy_coef, cfg)
+                        .map_err(|e| anyhow::anyhow!("{e}"))?;
+            }
+        }
+        let value = scalar(loss.clone());
+        Ok((loss, (value, part, entropy_sum)))
     }
 }
 
@@ -990,16 +1014,24 @@ mod tests {
                 .unwrap();
         let round = round(&model, vocab as u32);
         for loss_type in LossType::ALL {
-            let run = |micro: usize| {
+            let run_on = |micro: usize, devices: usize| {
                 let mut opt = AdamW::<Flex>::new(AdamWConfig {
                     max_grad_norm: Some(1e6),
                     ..AdamWConfig::default()
                 });
+                let mut parallel = DataParallel::new(&model, vec![device; devices]).unwrap();
                 let (model, stats) = trainer(loss_type, micro)
-                    .optimise(model.clone(), &mut opt, &round, 0, &device)
+                    .optimise(model.clone(), &mut opt, &round, 0, &mut parallel)
                     .unwrap();
                 (params_of(&model), stats)
             };
+            let run = |micro| run_on(micro, 1);
+            // Two CPU replicas in their own threads: the same bits as one device (see
+            // `dagrun_model::parallel`), micro-batches 0, 2, 4 on one and 1, 3, 5 on the other.
+            let (one, one_stats) = run(6);
+            let (two, two_stats) = run_on(6, 2);
+            assert_eq!(two_stats, one_stats, "{loss_type:?}: two replicas");
+            assert!(two == one, "{loss_type:?}: two replicas' weights");
             let (whole, whole_stats) = run(32);
             for micro in [5, 16] {
                 let (split, stats) = run(micro);
@@ -1054,13 +1086,14 @@ mod tests {
             iterations: 1,
             ..trainer(LossType::Dapo, 8)
         };
+        let mut parallel = DataParallel::new(&model, vec![device]).unwrap();
         let (_, stats) = trainer
             .optimise(
                 model,
                 &mut AdamW::<Flex>::new(AdamWConfig::default()),
                 &round,
                 0,
-                &device,
+                &mut parallel,
             )
             .unwrap();
         assert!(stats.kl.abs() < 1e-6, "kl {}", stats.kl);

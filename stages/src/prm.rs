@@ -38,7 +38,7 @@ use dagrun_engine::kind::{
     WiringError,
 };
 use dagrun_engine::{Params, Progress};
-use dagrun_model::device::{BackendTask, DeviceSpec, run_on};
+use dagrun_model::device::{BackendTask, Devices, run_on};
 use dagrun_model::generate::{Completion, SamplingParams};
 use dagrun_model::load_model;
 use dagrun_model::prm::Aggregate;
@@ -342,7 +342,9 @@ impl StageKind for Prm {
     }
 
     fn run(&self, ctx: &mut StageContext) -> anyhow::Result<()> {
-        let device: DeviceSpec = ctx.device.parse()?;
+        // Labelling samples and the PRM (one micro-batch a step) trains on one device: the
+        // first of a list.
+        let device = ctx.device.parse::<Devices>()?.first();
         let p = PrmParams::read(&ctx.params)?;
         let model_dir = ctx.input("model")?.path.clone();
         let format = ChatFormat::load(&model_dir)?;

@@ -27,7 +27,7 @@ use dagrun_engine::kind::{
     ArtifactType, KindSpec, ParamError, ParamSpec, ParamType, PortSpec, StageContext, StageKind,
     WiringError,
 };
-use dagrun_model::device::{DeviceSpec, run_on};
+use dagrun_model::device::{Devices, run_on};
 use dagrun_model::generate::{Completion, SamplingParams};
 use serde_json::json;
 
@@ -328,7 +328,7 @@ impl StageKind for RejectionFilter {
         };
         match (p.opt_f64("min_step_score"), ctx.input_opt("prm")) {
             (Some(min), Some(prm)) => {
-                let device = ctx.device.parse()?;
+                let device = ctx.device.parse::<Devices>()?.first();
                 let batch = p.i64("batch_size") as usize;
                 let score = |requests| {
                     let scores = score_on(&device, &prm.path, requests, batch)?;
@@ -367,7 +367,8 @@ fn sample_from_model(
     problems: &[ProblemRow],
     rewards: &RewardSet,
 ) -> anyhow::Result<Vec<SampleRow>> {
-    let device: DeviceSpec = ctx.device.parse()?;
+    // Sampling runs on one device: the first of a list.
+    let device = ctx.device.parse::<Devices>()?.first();
     let p = &ctx.params;
     let shards = Shards::new(&ctx.resume_dir().join("samples"))?;
     let n_chunks = problems.len().div_ceil(CHUNK);

@@ -15,6 +15,10 @@
 //! [`schedule_params`] and [`checkpoint_params`]), the data order ([`TrainPlan`], optionally easy
 //! to hard) and the step loop ([`StepLoop`]) live here; what differs, which sequences a
 //! micro-batch holds and their loss, is a [`StepLoss`] ([`Nll`] for SFT).
+//!
+//! With several GPUs (`device: cuda:0,1`) the micro-batches of a step are spread over them
+//! (`dagrun_model::parallel`): the same gradient sums, so the same result as one GPU. The
+//! sequences of a step are still chosen on the first device, before the micro-batches go out.
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
@@ -29,9 +33,10 @@ use dagrun_engine::kind::{
     ArtifactType, KindSpec, ParamError, ParamSpec, ParamType, PortSpec, StageContext, StageKind,
 };
 use dagrun_engine::{Params, Progress};
-use dagrun_model::device::{BackendTask, DeviceSpec, run_on};
-use dagrun_model::lora::LoraConfig;
-use dagrun_model::optim::{GradAccumulator, LrSchedule};
+use dagrun_model::device::{Devices, MultiDeviceTask, run_on_all};
+use dagrun_model::lora::{LoraConfig, uses_dropout};
+use dagrun_model::optim::LrSchedule;
+use dagrun_model::parallel::DataParallel;
 use dagrun_model::score::{ScoreItem, score};
 use dagrun_model::{CausalLm, save_model};
 use rand::seq::SliceRandom;
@@ -130,7 +135,7 @@ impl StageKind for Sft {
     }
 
     fn run(&self, ctx: &mut StageContext) -> anyhow::Result<()> {
-        let device: DeviceSpec = ctx.device.parse()?;
+        let devices: Devices = ctx.device.parse()?;
         let train = TrainParams::read(&ctx.params)?;
         let model_dir = ctx.input("model")?.path.clone();
         let format = ChatFormat::load(&model_dir)?;
@@ -168,7 +173,7 @@ impl StageKind for Sft {
             model_dir,
             pad_id: format.pad_id,
         };
-        let trained = run_on(&device, task)?;
+        let trained = run_on_all(&devices, task)?;
         trained.log(ctx);
         finish_training(ctx, trained.resumed_from, &trained.metrics)?;
         ctx.info(format!("final loss {:.4}", last_loss(&trained.metrics)));
@@ -419,8 +424,8 @@ impl TrainPlan {
 }
 
 /// What differs between the kinds that train with [`StepLoop`]: the sequences a micro-batch
-/// holds, and their loss.
-pub(crate) trait StepLoss<B: AutodiffBackend> {
+/// holds, and their loss. `Send`: with several devices each has its own, in its own thread.
+pub(crate) trait StepLoss<B: AutodiffBackend>: Send + Sized {
     /// The sequences of the micro-batch of items `batch` (indices into the plan's items), the
     /// `micro`-th of optimizer step `step` (from 0). Figures to log go to `window`.
     fn sequences(
@@ -432,8 +437,13 @@ pub(crate) trait StepLoss<B: AutodiffBackend> {
         window: &mut Window,
     ) -> anyhow::Result<Vec<ScoreItem>>;
 
+    /// The same loss for a replica of the model on `device` (another GPU of the stage's list).
+    fn replica(&self, device: &B::Device) -> anyhow::Result<Self>;
+
     /// The loss of `items` summed over their completion tokens, with gradients; the loop
-    /// divides it by the step's token count. Figures to log go to `window`.
+    /// divides it by the step's token count. Figures to log go to `window`, at most one
+    /// [`Window::add`] per figure (the loop sums each call's window into the step's in
+    /// micro-batch order, which is then the order one device adds in).
     fn loss(
         &mut self,
         model: &CausalLm<B>,
@@ -443,6 +453,7 @@ pub(crate) trait StepLoss<B: AutodiffBackend> {
 }
 
 /// SFT's loss: the negative log-likelihood of the items' completions.
+#[derive(Clone, Copy)]
 pub(crate) struct Nll<'a> {
     pub items: &'a [ScoreItem],
     pub pad_id: u32,
@@ -458,6 +469,10 @@ impl<B: AutodiffBackend> StepLoss<B> for Nll<'_> {
         _: &mut Window,
     ) -> anyhow::Result<Vec<ScoreItem>> {
         Ok(batch.iter().map(|&i| self.items[i].clone()).collect())
+    }
+
+    fn replica(&self, _: &B::Device) -> anyhow::Result<Self> {
+        Ok(*self)
     }
 
     fn loss(
@@ -537,15 +552,27 @@ impl StepLoop {
         self.train.max_length
     }
 
-    /// Trains `start`'s model and saves it as the stage's `model` output.
-    pub(crate) fn run<B: AutodiffBackend>(
+    /// Trains `start`'s model (on `devices[0]`) on `devices`, and saves it as the stage's
+    /// `model` output.
+    pub(crate) fn run<B: AutodiffBackend, L: StepLoss<B>>(
         &self,
-        device: &B::Device,
+        devices: &[B::Device],
         start: Start<B>,
-        step_loss: &mut impl StepLoss<B>,
+        step_loss: &mut L,
     ) -> anyhow::Result<Trained> {
         let ckpt = self.checkpoint();
         let (mut model, mut opt, mut state) = (start.model, start.optimizer, start.state);
+        if devices.len() > 1 && uses_dropout(&model) {
+            bail!(
+                "`lora_dropout` needs one device: its masks come from the backend's one random generator, which several GPUs' threads would draw from in a racy order (a key would not give one result); use `device: cuda:N` or `lora_dropout: 0`"
+            );
+        }
+        let device = &devices[0];
+        let mut replicas = devices[1..]
+            .iter()
+            .map(|d| step_loss.replica(d))
+            .collect::<anyhow::Result<Vec<L>>>()?;
+        let mut parallel = DataParallel::new(&model, devices.to_vec())?;
         let resumed_from = state.step;
         let (plan, t) = (&self.plan, &self.train);
         let schedule = LrSchedule {
@@ -583,27 +610,41 @@ impl StepLoop {
             // Every micro-batch's token sum is divided by the step's token count: the summed
             // gradient is the step's token mean.
             let step_tokens: usize = batches.iter().flatten().map(|i| i.completion.len()).sum();
-            let mut acc = GradAccumulator::<B>::new();
-            for items in &batches {
-                let loss = step_loss
-                    .loss(&model, items, &mut window)?
-                    .mul_scalar(1.0 / step_tokens.max(1) as f64);
-                let value = scalar(loss.clone());
-                if !value.is_finite() {
-                    bail!(
-                        "loss is {value} at step {}: training diverged; these params diverge again on a re-run, and a lower `lr` is a new key that starts this stage over",
-                        state.step + 1
-                    );
-                }
-                window.nll += value as f64 * step_tokens as f64;
-                acc.backward(loss, &model);
-            }
+            let losses = std::iter::once(&mut *step_loss)
+                .chain(&mut replicas)
+                .collect();
+            let (next, mut acc) = parallel.accumulate(
+                model,
+                losses,
+                batches.len(),
+                |step_loss, model, k| {
+                    let mut figures = Window::default();
+                    let loss = step_loss
+                        .loss(model, &batches[k], &mut figures)?
+                        .mul_scalar(1.0 / step_tokens.max(1) as f64);
+                    let value = scalar(loss.clone());
+                    Ok((loss, (value, figures)))
+                },
+                |_, (value, figures)| {
+                    if !value.is_finite() {
+                        bail!(
+                            "loss is {value} at step {}: training diverged; these params diverge again on a re-run, and a lower `lr` is a new key that starts this stage over",
+                            state.step + 1
+                        );
+                    }
+                    window.nll += value as f64 * step_tokens as f64;
+                    window.merge(&figures);
+                    Ok(())
+                },
+            )?;
+            model = next;
             window.tokens += step_tokens as f64;
             let lr = schedule.lr(state.step);
             let (next, stats) = opt
                 .step(model, &mut acc, lr)
                 .with_context(|| format!("optimizer step {}", state.step + 1))?;
             model = next;
+            parallel.sync(&model);
             state.step += 1;
             speed.add(step_tokens as f64, started.elapsed().as_secs_f64());
             self.progress.set_position(state.step);
@@ -639,10 +680,11 @@ struct SftTask {
     pad_id: u32,
 }
 
-impl BackendTask for SftTask {
+impl MultiDeviceTask for SftTask {
     type Output = Trained;
 
-    fn run<B: AutodiffBackend>(self, device: B::Device) -> anyhow::Result<Trained> {
+    fn run<B: AutodiffBackend>(self, devices: Vec<B::Device>) -> anyhow::Result<Trained> {
+        let device = devices[0].clone();
         let p = &self.params;
         let lora = p.opt_i64("lora_rank").map(|rank| LoraConfig {
             rank: rank as usize,
@@ -663,7 +705,7 @@ impl BackendTask for SftTask {
             items: &self.items,
             pad_id: self.pad_id,
         };
-        self.steps.run(&device, start, &mut loss)
+        self.steps.run(&devices, start, &mut loss)
     }
 }
 
@@ -684,6 +726,13 @@ impl Window {
         let sums = self.ratios.entry(name.to_string()).or_default();
         sums.0 += numerator;
         sums.1 += denominator;
+    }
+
+    /// Adds the figures of one micro-batch's loss (its [`StepLoss::loss`] window).
+    fn merge(&mut self, figures: &Window) {
+        for (name, (numerator, denominator)) in &figures.ratios {
+            self.add(name, *numerator, *denominator);
+        }
     }
 
     fn take(&mut self, step: u64, lr: f64, grad_norm: f64) -> Vec<(i64, String, f64)> {

@@ -6,30 +6,37 @@
 //! `cuInit` and `cuDeviceGetCount`, so a machine without a driver or without a GPU is named as
 //! such in one line.
 
-use crate::device::DeviceSpec;
+use crate::device::{DeviceSpec, Devices};
 
-/// `Ok` if `device` can run here; otherwise one line saying why not.
+/// `Ok` if `device` (every GPU of a list like `cuda:0,1`) can run here; otherwise one line
+/// saying why not.
 pub fn check_device(device: &str) -> Result<(), String> {
-    let spec: DeviceSpec = device.parse().map_err(|e: anyhow::Error| e.to_string())?;
-    match spec {
-        DeviceSpec::Cpu => Ok(()),
-        DeviceSpec::Cuda(index) => {
-            if !cfg!(feature = "cuda") {
-                return Err(format!(
-                    "device `{device}`: this dagrun was built without CUDA support (rebuild with `cargo build --release --features cuda`)"
-                ));
-            }
-            let count = gpu_count()
-                .map_err(|why| format!("device `{device}`: {why}; use `device: cpu`"))?;
-            if index >= count {
-                return Err(format!(
-                    "device `{device}`: this machine has {count} CUDA GPU(s) (cuda:0 … cuda:{})",
-                    count.saturating_sub(1)
-                ));
-            }
-            Ok(())
+    let devices: Devices = device.parse().map_err(|e: anyhow::Error| e.to_string())?;
+    let mut count = None;
+    for spec in devices.all() {
+        let DeviceSpec::Cuda(index) = *spec else {
+            continue;
+        };
+        if !cfg!(feature = "cuda") {
+            return Err(format!(
+                "device `{device}`: this dagrun was built without CUDA support (rebuild with `cargo build --release --features cuda`)"
+            ));
+        }
+        let count = match count {
+            Some(c) => c,
+            None => *count.insert(
+                gpu_count()
+                    .map_err(|why| format!("device `{device}`: {why}; use `device: cpu`"))?,
+            ),
+        };
+        if index >= count {
+            return Err(format!(
+                "device `{device}`: this machine has {count} CUDA GPU(s) (cuda:0 … cuda:{})",
+                count.saturating_sub(1)
+            ));
         }
     }
+    Ok(())
 }
 
 /// The number of CUDA GPUs the driver reports.
@@ -100,14 +107,17 @@ mod tests {
             eprintln!("skipped: this machine has a CUDA GPU");
             return;
         }
-        let err = check_device("cuda").unwrap_err();
-        assert!(!err.contains('\n'), "{err}");
-        assert!(
-            err.contains("without CUDA support")
-                || err.contains("no CUDA driver")
-                || err.contains("no GPU")
-                || err.contains("no usable GPU"),
-            "{err}"
-        );
+        for device in ["cuda", "cuda:0,1"] {
+            let err = check_device(device).unwrap_err();
+            assert!(!err.contains('\n'), "{err}");
+            assert!(
+                err.contains("without CUDA support")
+                    || err.contains("no CUDA driver")
+                    || err.contains("no GPU")
+                    || err.contains("no usable GPU"),
+                "{err}"
+            );
+        }
+        assert!(check_device("cuda:1,1").unwrap_err().contains("twice"));
     }
 }

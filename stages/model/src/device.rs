@@ -1,5 +1,5 @@
-//! Device strings (`cpu`, `cuda`, `cuda:N`) → a burn backend, and a way for stage code to run
-//! backend-generic work on the chosen one.
+//! Device strings (`cpu`, `cuda`, `cuda:N`, and for training on several GPUs `cuda:0,1`) → a
+//! burn backend, and a way for stage code to run backend-generic work on the chosen one.
 //!
 //! CPU is burn's `flex` backend, threaded through rayon's global pool (`RAYON_NUM_THREADS` sets
 //! its size; results are the same bits whatever it is, see `kernels.rs`). CUDA exists only in
@@ -15,6 +15,10 @@
 //! }
 //! let loss = run_on(&"cpu".parse()?, Train { /* ... */ })?;
 //! ```
+//!
+//! A stage's `device:` is a [`Devices`]: training stages hand all of it to a [`MultiDeviceTask`]
+//! ([`run_on_all`], data-parallel over the GPUs, see `parallel`); every other stage runs on its
+//! [`Devices::first`].
 
 use std::fmt;
 use std::str::FromStr;
@@ -66,6 +70,62 @@ impl fmt::Display for DeviceSpec {
     }
 }
 
+/// A stage's devices: one, or several distinct GPUs (`cuda:0,1`, for data-parallel training).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Devices(Vec<DeviceSpec>);
+
+impl Devices {
+    /// The device of work that runs on one device (sampling, evaluation, scoring).
+    pub fn first(&self) -> DeviceSpec {
+        self.0[0]
+    }
+
+    pub fn all(&self) -> &[DeviceSpec] {
+        &self.0
+    }
+}
+
+impl FromStr for Devices {
+    type Err = anyhow::Error;
+
+    /// `cpu`, `cuda`, `cuda:N`, or `cuda:N,M,…` (distinct indices).
+    fn from_str(s: &str) -> Result<Self> {
+        let s = s.trim();
+        let Some(list) = s.strip_prefix("cuda:").filter(|l| l.contains(',')) else {
+            return Ok(Devices(vec![s.parse()?]));
+        };
+        let mut devices = Vec::new();
+        for n in list.split(',').map(str::trim) {
+            let Ok(index) = n.parse() else {
+                bail!("device `{s}`: `{n}` is not a GPU index (expected cuda:N,M,…)");
+            };
+            if devices.contains(&DeviceSpec::Cuda(index)) {
+                bail!("device `{s}`: cuda:{index} is listed twice");
+            }
+            devices.push(DeviceSpec::Cuda(index));
+        }
+        Ok(Devices(devices))
+    }
+}
+
+impl fmt::Display for Devices {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self.0.as_slice() {
+            [one] => write!(f, "{one}"),
+            many => {
+                let indices: Vec<String> = many
+                    .iter()
+                    .map(|d| match d {
+                        DeviceSpec::Cuda(i) => i.to_string(),
+                        DeviceSpec::Cpu => "cpu".into(),
+                    })
+                    .collect();
+                write!(f, "cuda:{}", indices.join(","))
+            }
+        }
+    }
+}
+
 /// Backend-generic work. `B` is an autodiff backend; use `B::InnerBackend` (or
 /// `AutodiffModule::valid`) for work that needs no gradients.
 pub trait BackendTask {
@@ -87,6 +147,44 @@ pub fn run_on<T: BackendTask>(spec: &DeviceSpec, task: T) -> Result<T::Output> {
             "device `{spec}` requested, but this dagrun was built without CUDA support \
              (rebuild with `--features cuda`)"
         ),
+    }
+}
+
+/// Backend-generic work on every device of a [`Devices`] (one backend), the first device first.
+pub trait MultiDeviceTask {
+    type Output;
+    fn run<B: AutodiffBackend>(self, devices: Vec<B::Device>) -> Result<Self::Output>;
+}
+
+/// Runs `task` on the backend of `devices`, with all of them.
+pub fn run_on_all<T: MultiDeviceTask>(devices: &Devices, task: T) -> Result<T::Output> {
+    match devices.all() {
+        [one] => run_on(one, Single(task)),
+        #[cfg(feature = "cuda")]
+        many => {
+            keep_freed_memory();
+            let cuda = many
+                .iter()
+                .map(|d| match d {
+                    DeviceSpec::Cuda(i) => Ok(burn::backend::cuda::CudaDevice::new(*i)),
+                    DeviceSpec::Cpu => bail!("device `{devices}`: a device list holds GPUs only"),
+                })
+                .collect::<Result<Vec<_>>>()?;
+            task.run::<GpuTrain>(cuda)
+        }
+        // Several devices are GPUs: the error that this build has no CUDA.
+        #[cfg(not(feature = "cuda"))]
+        _ => run_on(&devices.first(), Single(task)),
+    }
+}
+
+/// A [`MultiDeviceTask`] on the one device [`run_on`] picks.
+struct Single<T>(T);
+
+impl<T: MultiDeviceTask> BackendTask for Single<T> {
+    type Output = T::Output;
+    fn run<B: AutodiffBackend>(self, device: B::Device) -> Result<T::Output> {
+        self.0.run::<B>(vec![device])
     }
 }
 
@@ -158,6 +256,24 @@ mod tests {
         assert_eq!("cuda:2".parse::<DeviceSpec>().unwrap(), DeviceSpec::Cuda(2));
         assert!("cuda:x".parse::<DeviceSpec>().is_err());
         assert!("tpu".parse::<DeviceSpec>().is_err());
+    }
+
+    #[test]
+    fn parses_device_lists() {
+        let list = |s: &str| s.parse::<Devices>().map(|d| d.all().to_vec());
+        assert_eq!(list("cpu").unwrap(), [DeviceSpec::Cpu]);
+        assert_eq!(list("cuda:1").unwrap(), [DeviceSpec::Cuda(1)]);
+        assert_eq!(
+            list("cuda:2,0").unwrap(),
+            [DeviceSpec::Cuda(2), DeviceSpec::Cuda(0)]
+        );
+        let d: Devices = "cuda:2,0".parse().unwrap();
+        assert_eq!(d.first(), DeviceSpec::Cuda(2));
+        assert_eq!(d.to_string(), "cuda:2,0");
+        assert!(list("cuda:0,0").unwrap_err().to_string().contains("twice"));
+        assert!(list("cuda:0,").is_err());
+        assert!(list("cuda:0,x").is_err());
+        assert!(list("cpu,cpu").is_err());
     }
 
     #[test]

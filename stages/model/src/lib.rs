@@ -38,13 +38,14 @@ mod kernels;
 pub mod llama;
 pub mod lora;
 pub mod optim;
+pub mod parallel;
 pub mod params;
 pub mod prm;
 pub mod score;
 pub mod tokenizer;
 
 pub use config::{ModelConfig, preset};
-pub use device::{BackendTask, DeviceSpec, run_on};
+pub use device::{BackendTask, DeviceSpec, Devices, MultiDeviceTask, run_on, run_on_all};
 pub use generate::{Completion, SamplingParams, generate};
 pub use hf_dir::{GenerationConfig, load_model, save_model};
 pub use llama::{CausalLm, KvCache, TokenBatch};

@@ -184,8 +184,8 @@ pub fn merge_lora<B: Backend>(model: CausalLm<B>) -> CausalLm<B> {
     model
 }
 
-/// Number of trainable adapter parameters.
-pub fn lora_param_count<B: Backend>(model: &CausalLm<B>) -> usize {
+/// The model's adapters.
+fn adapters<B: Backend>(model: &CausalLm<B>) -> impl Iterator<Item = &LoraAdapter<B>> {
     model
         .model
         .layers
@@ -204,8 +204,18 @@ pub fn lora_param_count<B: Backend>(model: &CausalLm<B>) -> usize {
             ]
         })
         .filter_map(|lin| lin.lora.as_ref())
+}
+
+/// Number of trainable adapter parameters.
+pub fn lora_param_count<B: Backend>(model: &CausalLm<B>) -> usize {
+    adapters(model)
         .map(|l| l.lora_a.shape().num_elements() + l.lora_b.shape().num_elements())
         .sum()
+}
+
+/// Whether training draws dropout masks (from the backend's random generator).
+pub fn uses_dropout<B: Backend>(model: &CausalLm<B>) -> bool {
+    adapters(model).any(|l| l.dropout > 0.0)
 }
 
 /// Writes the adapters of `model`, unmerged, to the safetensors file `path` (f32, PEFT's names and

@@ -30,10 +30,13 @@ pub struct GradAccumulator<B: AutodiffBackend> {
     pub micro_batches: usize,
 }
 
+/// One micro-batch's gradients by parameter name, flattened, on the device that computed them.
+pub type Gradients<B> = BTreeMap<String, Tensor<Inner<B>, 1>>;
+
 struct GradCollector<'a, B: AutodiffBackend> {
     path: Vec<String>,
     grads: &'a B::Gradients,
-    out: &'a mut BTreeMap<String, Tensor<Inner<B>, 1>>,
+    out: &'a mut Gradients<B>,
 }
 
 impl<B: AutodiffBackend> ModuleVisitor<B> for GradCollector<'_, B> {
@@ -46,13 +49,7 @@ impl<B: AutodiffBackend> ModuleVisitor<B> for GradCollector<'_, B> {
     fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<B, D>>) {
         if let Some(grad) = param.val().grad(self.grads) {
             let n = grad.shape().num_elements();
-            let grad = grad.reshape([n]);
-            let name = self.path.join(".");
-            let sum = match self.out.remove(&name) {
-                Some(prev) => prev + grad,
-                None => grad,
-            };
-            self.out.insert(name, sum);
+            self.out.insert(self.path.join("."), grad.reshape([n]));
         }
     }
 }
@@ -73,12 +70,37 @@ impl<B: AutodiffBackend> GradAccumulator<B> {
 
     /// Adds the gradients of `loss` (back-propagated here) for every trainable parameter.
     pub fn backward<M: AutodiffModule<B>>(&mut self, loss: Tensor<B, 1>, module: &M) {
+        self.add(Self::gradients(loss, module), None);
+    }
+
+    /// The gradients of `loss` for every trainable parameter of `module`, not yet added: what a
+    /// data-parallel worker computes on its own device (see `parallel`).
+    pub fn gradients<M: AutodiffModule<B>>(loss: Tensor<B, 1>, module: &M) -> Gradients<B> {
         let grads = loss.backward();
+        let mut out = BTreeMap::new();
         module.visit(&mut GradCollector::<B> {
             path: Vec::new(),
             grads: &grads,
-            out: &mut self.grads,
+            out: &mut out,
         });
+        out
+    }
+
+    /// Adds one micro-batch's gradients (moved to `device` first, if given): `sum + grad` per
+    /// parameter, the one addition [`GradAccumulator::backward`] does too, so the sum does not
+    /// depend on which device computed a micro-batch.
+    pub fn add(&mut self, grads: Gradients<B>, device: Option<&B::Device>) {
+        for (name, grad) in grads {
+            let grad = match device {
+                Some(device) => grad.to_device(device),
+                None => grad,
+            };
+            let sum = match self.grads.remove(&name) {
+                Some(prev) => prev + grad,
+                None => grad,
+            };
+            self.grads.insert(name, sum);
+        }
         self.micro_batches += 1;
     }
 
