@@ -384,7 +384,7 @@ pub fn follow(store: &Store, sub: &SubmissionRecord) -> BTreeMap<String, JobEnd>
                 }
             }
             if state == "RUNNING" {
-                running.push(format!("{} (job {})", j.stage, j.job));
+                running.push(format!("{} (job {}): {}", j.stage, j.job, last_line(&j.log)));
             }
             if !is_final(end) {
                 continue;
@@ -418,13 +418,34 @@ pub fn follow(store: &Store, sub: &SubmissionRecord) -> BTreeMap<String, JobEnd>
                 let _ = commands::scancel(&waiting);
             }
         }
-        if last_summary.elapsed() > Duration::from_secs(30) && !running.is_empty() {
-            tracing::info!("running: {}", running.join(", "));
+        if last_summary.elapsed() > Duration::from_secs(15) && !running.is_empty() {
+            for line in &running {
+                tracing::info!("running {line}");
+            }
             last_summary = Instant::now();
         }
         std::thread::sleep(Duration::from_millis(500));
     }
     ends
+}
+
+/// The last line a job wrote (its stage's latest progress line), shortened.
+fn last_line(log: &Path) -> String {
+    use std::io::{Read, Seek, SeekFrom};
+    // The tail only: a long stage's output grows to megabytes.
+    let mut tail = Vec::new();
+    if let Ok(mut f) = std::fs::File::open(log) {
+        let len = f.metadata().map_or(0, |m| m.len());
+        let _ = f.seek(SeekFrom::Start(len.saturating_sub(4096)));
+        let _ = f.read_to_end(&mut tail);
+    }
+    let text = String::from_utf8_lossy(&tail);
+    let line = text.lines().rev().find(|l| !l.trim().is_empty()).unwrap_or("");
+    let line = line.trim();
+    match line.char_indices().nth(120) {
+        Some((cut, _)) => format!("{}…", &line[..cut]),
+        None => line.to_string(),
+    }
 }
 
 fn list(ids: &[u64]) -> String {
