@@ -213,7 +213,12 @@ fn slurm_runs_the_dag_as_jobs_like_the_local_executor() {
 
     // A job cancelled mid-stage: its checkpoints stay, and the next run resumes from them.
     p.write("p.yaml", &format!("{PIPELINE}{LONG}"));
-    let detached = cluster.dagrun(&p, &["run", "p.yaml", "--executor", "slurm", "--detach"]);
+    // With an override, which the jobs and the collected record must both apply.
+    const SET: &str = "--set=long.lr=3e-3";
+    let detached = cluster.dagrun(
+        &p,
+        &["run", "p.yaml", "--executor", "slurm", "--detach", SET],
+    );
     ok(&detached);
     let sub = latest_submission(&p.cache());
     let long_job = sub["jobs"]
@@ -254,10 +259,30 @@ fn slurm_runs_the_dag_as_jobs_like_the_local_executor() {
         shown.contains(&format!("job {long_job}")) && shown.contains("cancelled"),
         "`dagrun status` does not show the cancelled job: {shown}"
     );
+    // Every job of the detached submission has ended: `status` wrote its run record.
+    let run_id = shown
+        .split("recorded as run ")
+        .nth(1)
+        .and_then(|r| r.split_whitespace().next())
+        .unwrap_or_else(|| panic!("`dagrun status` recorded no run: {shown}"));
+    let record: Value = serde_json::from_slice(
+        &std::fs::read(p.cache().join("runs").join(run_id).join("record.json")).unwrap(),
+    )
+    .unwrap();
+    let long = stage(&record, "long");
+    assert_eq!(long["status"], "failed", "{long}");
+    assert!(
+        long["error"]
+            .as_str()
+            .unwrap_or("")
+            .contains("cancelled mid-stage"),
+        "{long}"
+    );
+    assert_eq!(stage(&record, "left")["status"], "cached", "{record}");
 
     // Ctrl-C on a following head cancels its jobs (exit 130), leaving the checkpoints too.
     let head = p
-        .command(&["run", "p.yaml", "--json", "--executor", "slurm"])
+        .command(&["run", "p.yaml", "--json", "--executor", "slurm", SET])
         .env("SLURM_CONF", &cluster.conf)
         .stdout(std::process::Stdio::piped())
         .stderr(std::process::Stdio::piped())
@@ -292,19 +317,61 @@ fn slurm_runs_the_dag_as_jobs_like_the_local_executor() {
     );
 
     let resumed = json_line(ok(
-        &cluster.dagrun(&p, &["run", "p.yaml", "--json", "--executor", "slurm"])
+        &cluster.dagrun(&p, &["run", "p.yaml", "--json", "--executor", "slurm", SET])
     ));
     let long = stage(&resumed, "long");
     assert_eq!(long["status"], "ran", "{long}");
     assert_eq!(long["resumed"], true, "`long` started over: {long}");
-    let local_long = json_line(ok(
-        &cluster.dagrun(&p, &["run", "p.yaml", "--json", "--cache-dir", "local"])
-    ));
+    let local_long = json_line(ok(&cluster.dagrun(
+        &p,
+        &["run", "p.yaml", "--json", "--cache-dir", "local", SET],
+    )));
     assert_eq!(
         stage(&local_long, "long")["outputs"],
         long["outputs"],
         "the resumed stage made other bytes than an uninterrupted local run"
     );
+
+    // A stage that fails in its job: the error, the job id and its log; --keep-going.
+    p.write(
+        "broken.jsonl",
+        "{\"question\": \"1+1?\", \"answer\": \"2\"}\n{\"question\": \"2+",
+    );
+    p.write(
+        "p.yaml",
+        &format!("{PIPELINE}  broken:\n    kind: dataset\n    params: {{ path: broken.jsonl }}\n"),
+    );
+    let failed = cluster.dagrun(
+        &p,
+        &[
+            "run",
+            "p.yaml",
+            "--json",
+            "--executor",
+            "slurm",
+            "--keep-going",
+        ],
+    );
+    assert_eq!(
+        failed.status.code(),
+        Some(1),
+        "{}",
+        String::from_utf8_lossy(&failed.stderr)
+    );
+    let run = json_line(&failed);
+    let broken = stage(&run, "broken");
+    let error = broken["error"].as_str().unwrap_or("");
+    let job = broken["slurm_job"]
+        .as_u64()
+        .unwrap_or_else(|| panic!("{broken}"));
+    assert_eq!(broken["status"], "failed", "{broken}");
+    assert!(
+        error.contains("broken.jsonl")
+            && error.contains(&format!("Slurm job {job}"))
+            && error.contains("broken.out"),
+        "the failure does not name the file, the job and its log: {error}"
+    );
+    assert_eq!(stage(&run, "left")["status"], "cached", "{run}");
 }
 
 fn latest_submission(cache: &Path) -> Value {

@@ -253,7 +253,8 @@ pub fn run(
 }
 
 /// Runs stage `i` under its key's lock, unless another process finished the key while this
-/// one waited for the lock. An error outside the stage (the lock) is a [`Diagnostic`].
+/// one waited for the lock; `locked` gets the moment the lock was taken. An error outside the
+/// stage (the lock) is a [`Diagnostic`].
 #[allow(clippy::too_many_arguments)]
 pub(crate) fn lock_and_execute(
     graph: &Graph,
@@ -266,6 +267,7 @@ pub(crate) fn lock_and_execute(
     forced: bool,
     available: &HashMap<Source, Available>,
     progress: ProgressMode,
+    locked: &mut Option<Instant>,
 ) -> Result<anyhow::Result<(Status, Finished)>, Diagnostic> {
     let stage = &graph.pipeline.stages[i];
     let note = format!(
@@ -281,6 +283,8 @@ pub(crate) fn lock_and_execute(
             tracing::info!(stage = %stage.name, "waiting for {who}, which is running this stage's key {}", &key[..12]);
         })
         .map_err(|e| Diagnostic::at_field("--cache-dir", e.to_string()))?;
+    // The stage's time starts here, not while it waited for another process.
+    *locked = Some(Instant::now());
     if !forced && let Some(found) = cached(store, key) {
         return Ok(Ok((Status::Cached, found)));
     }

@@ -178,7 +178,9 @@ fn write_canonical(v: &Value, out: &mut String) {
 /// `cuda:1` and `cuda` compute alike; cpu differs from both. A GPU list (`cuda:0,1`) is class
 /// `cuda` too: data-parallel training adds the micro-batches' gradients on the first GPU in the
 /// order one GPU adds them (`dagrun_model::parallel`; an all-reduce of per-GPU partial sums
-/// would change the float bits and would need a class of its own), so it trains the same bits.
+/// would change the float bits and would need a class of its own). It trains the same bits as
+/// one GPU as far as the kernels do: burn's autotune picks CUDA kernels per device by timing,
+/// which can already differ between two single-GPU runs (not verified on GPUs).
 pub fn device_class(device: &str) -> &str {
     device.split(':').next().unwrap_or(device)
 }

@@ -102,6 +102,8 @@ fn gpu_count() -> u32 {
 /// A stage that finished in a worker thread.
 struct Done {
     stage: usize,
+    /// When it took its key's lock (Unix seconds), and how long it ran from there.
+    started_unix: f64,
     seconds: f64,
     outcome: Result<anyhow::Result<(Status, Finished)>, Diagnostic>,
 }
@@ -146,22 +148,32 @@ pub fn run(
                 let run_id = run.log.run.clone();
                 let records = run.records.clone();
                 scope.spawn(move || {
-                    let t0 = Instant::now();
-                    let outcome = exec::lock_and_execute(
-                        graph,
-                        registry,
-                        store,
-                        &records,
-                        &run_id,
-                        start.stage,
-                        &start.key,
-                        start.forced,
-                        &start.inputs,
-                        progress,
-                    );
+                    let mut locked = None;
+                    // Stages catch their own panics; this covers the engine's code around them,
+                    // so that every worker reports back and the loop never waits forever.
+                    let outcome = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                        exec::lock_and_execute(
+                            graph,
+                            registry,
+                            store,
+                            &records,
+                            &run_id,
+                            start.stage,
+                            &start.key,
+                            start.forced,
+                            &start.inputs,
+                            progress,
+                            &mut locked,
+                        )
+                    }))
+                    .unwrap_or_else(|_| {
+                        Ok(Err(anyhow::anyhow!("dagrun panicked running this stage")))
+                    });
+                    let began = locked.unwrap_or_else(Instant::now);
                     let _ = tx.send(Done {
                         stage: start.stage,
-                        seconds: t0.elapsed().as_secs_f64(),
+                        started_unix: unix_now() - began.elapsed().as_secs_f64(),
+                        seconds: began.elapsed().as_secs_f64(),
                         outcome,
                     });
                 });
@@ -346,7 +358,6 @@ impl Run<'_> {
         // Say which key is in flight before starting, so that `gc` keeps its checkpoints if
         // this process dies.
         record.status = Status::Running;
-        record.started_unix = Some(unix_now());
         self.running.insert(i, (record, claim));
         self.save_progress();
         Some(Start {
@@ -387,6 +398,7 @@ impl Run<'_> {
         };
         self.budget.give_back(&claim);
         record.seconds = done.seconds;
+        record.started_unix = Some(done.started_unix);
         let stage = &self.graph.pipeline.stages[i];
         match done.outcome {
             Err(fatal) => {

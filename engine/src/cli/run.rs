@@ -171,6 +171,9 @@ pub fn run(
         )
         .into());
     }
+    if slurm && a.jobs > 1 {
+        tracing::warn!("--jobs applies to the local executor; Slurm decides what runs at once");
+    }
     let record = if slurm {
         let _store_lock = super::lock_store_shared(&store)?;
         let options = SlurmOptions {
@@ -288,7 +291,7 @@ pub fn status(a: FileArg, g: &GlobalArgs, registry: &Registry) -> Result<i32, Di
             .unwrap_or_else(|| "never run".into());
         println!("{:<width$}  {:<10} {:<16} {}", p.name, state, p.kind, last);
     }
-    for line in slurm::status_lines(&graph, &store)? {
+    for line in slurm::status_lines(&a.file, registry, &store)? {
         println!("{line}");
     }
     Ok(EXIT_OK)

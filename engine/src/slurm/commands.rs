@@ -28,10 +28,14 @@ pub struct Submission<'a> {
 
 /// Submits a job; returns its id.
 pub fn sbatch(s: &Submission) -> Result<u64> {
-    let mut cmd = Command::new("sbatch");
+    let mut cmd = client("sbatch");
     cmd.arg("--parsable")
         .arg(format!("--job-name={}", s.job_name))
-        .arg(format!("--output={}", s.output.display()))
+        // `%` starts a Slurm filename pattern (`%j`): a literal one is doubled.
+        .arg(format!(
+            "--output={}",
+            s.output.display().to_string().replace('%', "%%")
+        ))
         .arg(format!("--chdir={}", s.workdir.display()))
         .arg(format!("--cpus-per-task={}", s.cpus.max(1)));
     if let Some(mem) = s.mem_mb {
@@ -105,42 +109,71 @@ impl JobState {
     }
 }
 
-/// The states of `ids` that the controller still knows (recently ended jobs included, for
-/// `MinJobAge`); an id missing from the map has left its memory.
-pub fn job_states(ids: &[u64]) -> Result<BTreeMap<u64, JobState>> {
-    let mut out = BTreeMap::new();
-    for &id in ids {
-        let o = Command::new("scontrol")
-            .args(["show", "job", "-o", &id.to_string()])
-            .output()
-            .context("cannot run `scontrol`")?;
-        if !o.status.success() {
-            // "Invalid job id specified": aged out of the controller's memory.
-            continue;
+/// The states of `ids`: `Some` for jobs the controller knows (recently ended ones included,
+/// for `MinJobAge`), `None` for jobs it has forgotten. One `squeue` call for them all; an
+/// error (controller down, a timeout) is an error, never "ended".
+pub fn job_states(ids: &[u64]) -> Result<BTreeMap<u64, Option<JobState>>> {
+    let mut out: BTreeMap<u64, Option<JobState>> = ids.iter().map(|&id| (id, None)).collect();
+    if ids.is_empty() {
+        return Ok(out);
+    }
+    let list: Vec<String> = ids.iter().map(u64::to_string).collect();
+    let o = client("squeue")
+        .args(["-h", "-t", "all", "-j", &list.join(",")])
+        .args([
+            "-O",
+            "JobID:|,State:|,Reason:|,StartTime:|,EndTime:|,exit_code:|",
+        ])
+        .output()
+        .context("cannot run `squeue`")?;
+    let stderr = String::from_utf8_lossy(&o.stderr);
+    if !o.status.success() {
+        // Every id unknown: all forgotten.
+        if stderr.contains("Invalid job id") {
+            return Ok(out);
         }
-        let text = String::from_utf8_lossy(&o.stdout);
-        if let Some(state) = parse_show_job(&text) {
-            out.insert(id, state);
+        bail!("squeue failed: {}", stderr.trim());
+    }
+    for line in String::from_utf8_lossy(&o.stdout).lines() {
+        if let Some((id, state)) = parse_squeue_line(line) {
+            out.insert(id, Some(state));
         }
     }
     Ok(out)
 }
 
-/// Reads `scontrol show job -o` (one `Key=Value` line per job).
-pub fn parse_show_job(text: &str) -> Option<JobState> {
-    let line = text.lines().find(|l| l.contains("JobState="))?;
-    let fields: BTreeMap<&str, &str> = line
-        .split_whitespace()
-        .filter_map(|kv| kv.split_once('='))
-        .collect();
-    let time = |k: &str| fields.get(k).and_then(|t| parse_time(t));
-    Some(JobState {
-        state: fields.get("JobState")?.to_string(),
-        reason: fields.get("Reason").unwrap_or(&"None").to_string(),
-        exit_code: fields.get("ExitCode").map(|s| s.to_string()),
-        start: time("StartTime"),
-        end: time("EndTime"),
-    })
+/// One line of `squeue -O 'JobID:|,State:|,Reason:|,StartTime:|,EndTime:|,exit_code:|'`.
+pub fn parse_squeue_line(line: &str) -> Option<(u64, JobState)> {
+    let f: Vec<&str> = line.split('|').map(str::trim).collect();
+    if f.len() < 6 {
+        return None;
+    }
+    let id = f[0].parse().ok()?;
+    // exit_code is the raw wait status: the exit code in the high byte, a signal in the low bits.
+    let exit_code = f[5]
+        .parse::<i64>()
+        .ok()
+        .map(|w| format!("{}:{}", (w >> 8) & 0xff, w & 0x7f));
+    Some((
+        id,
+        JobState {
+            state: f[1].to_string(),
+            reason: f[2].to_string(),
+            exit_code,
+            start: parse_time(f[3]),
+            end: parse_time(f[4]),
+        },
+    ))
+}
+
+/// A Slurm client command in its own process group: Ctrl-C on a terminal signals the whole
+/// foreground group, and must reach the head alone (which then cancels its jobs), not kill
+/// the `squeue` it is waiting for.
+fn client(program: &str) -> Command {
+    use std::os::unix::process::CommandExt;
+    let mut cmd = Command::new(program);
+    cmd.process_group(0);
+    cmd
 }
 
 /// `2026-12-02T14:05:33` (local time, as Slurm prints it) → Unix seconds; `Unknown` → None.
@@ -166,7 +199,7 @@ fn parse_time(t: &str) -> Option<i64> {
     tm.tm_sec = c[2] as i32;
     tm.tm_isdst = -1;
     // SAFETY: `tm` is a fully initialised struct owned by this frame; mktime only reads and
-    // normalises it, and consults the process's time zone.
+    // normalises it. It also reads `TZ`, which nothing in dagrun changes while it runs.
     let t = unsafe { libc::mktime(&mut tm) };
     (t != -1).then_some(t as i64)
 }
@@ -182,7 +215,7 @@ pub fn scancel(ids: &[u64]) -> Result<()> {
     if ids.is_empty() {
         return Ok(());
     }
-    let out = Command::new("scancel")
+    let out = client("scancel")
         .args(ids.iter().map(u64::to_string))
         .output()
         .context("cannot run `scancel`")?;
@@ -197,7 +230,7 @@ pub fn scancel(ids: &[u64]) -> Result<()> {
 
 /// The cluster's node names (`sinfo` hostlist expanded by `scontrol show hostnames`).
 pub fn node_names() -> Result<Vec<String>> {
-    let out = Command::new("sinfo")
+    let out = client("sinfo")
         .args(["-h", "-o", "%N"])
         .output()
         .context("cannot run `sinfo`")?;
@@ -209,7 +242,7 @@ pub fn node_names() -> Result<Vec<String>> {
     }
     let mut names = Vec::new();
     for expr in String::from_utf8_lossy(&out.stdout).split_whitespace() {
-        let o = Command::new("scontrol")
+        let o = client("scontrol")
             .args(["show", "hostnames", expr])
             .output()
             .context("cannot run `scontrol`")?;
@@ -236,10 +269,9 @@ mod tests {
 
     #[test]
     fn a_finished_job_line_is_read() {
-        let line = "JobId=12 JobName=dagrun:p:a UserId=root(0) JobState=COMPLETED Reason=None \
-                    Dependency=(null) ExitCode=0:0 RunTime=00:00:03 SubmitTime=2026-12-02T14:05:30 \
-                    StartTime=2026-12-02T14:05:31 EndTime=2026-12-02T14:05:34 Partition=debug";
-        let s = parse_show_job(line).unwrap();
+        let line = "12|COMPLETED|None|2026-12-02T14:05:31|2026-12-02T14:05:34|0|";
+        let (id, s) = parse_squeue_line(line).unwrap();
+        assert_eq!(id, 12);
         assert_eq!(s.state, "COMPLETED");
         assert!(s.is_final() && s.succeeded());
         assert_eq!(s.exit_code.as_deref(), Some("0:0"));
@@ -247,12 +279,18 @@ mod tests {
     }
 
     #[test]
-    fn a_pending_job_has_no_times_and_is_not_final() {
-        let line = "JobId=13 JobState=PENDING Reason=Dependency ExitCode=0:0 \
-                    StartTime=Unknown EndTime=Unknown";
-        let s = parse_show_job(line).unwrap();
-        assert!(!s.is_final());
-        assert_eq!(s.reason, "Dependency");
-        assert_eq!((s.start, s.end), (None, None));
+    fn exit_statuses_and_pending_jobs_are_read() {
+        let line = "8|FAILED|NonZeroExitCode|2026-12-02T14:12:37|2026-12-02T14:12:39|256|";
+        let (_, failed) = parse_squeue_line(line).unwrap();
+        assert_eq!(failed.exit_code.as_deref(), Some("1:0"));
+        assert!(failed.is_final() && !failed.succeeded());
+        let line = "4|CANCELLED|None|2026-12-02T14:12:27|2026-12-02T14:12:29|9|";
+        let (_, killed) = parse_squeue_line(line).unwrap();
+        assert_eq!(killed.exit_code.as_deref(), Some("0:9"));
+        let (_, pending) = parse_squeue_line("9|PENDING|Dependency|N/A|N/A|0|").unwrap();
+        assert!(!pending.is_final());
+        assert_eq!(pending.reason, "Dependency");
+        assert_eq!((pending.start, pending.end), (None, None));
+        assert!(parse_squeue_line("garbage").is_none());
     }
 }

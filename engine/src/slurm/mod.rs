@@ -9,28 +9,39 @@
 //! publishes its stage like a local run does, under the key's lock, so a cancelled job leaves
 //! only its checkpoints, which the next run resumes, and two heads never run one key twice.
 
+mod collect;
 pub mod commands;
+mod follow;
 pub mod job;
 mod shared_fs;
 mod submit;
 
+pub use collect::{collect, status_lines};
+pub use follow::follow;
 pub use job::{StageJobArgs, stage_job};
-pub use submit::{SlurmOptions, collect, follow, status_lines, submit};
+pub use submit::{SlurmOptions, SubmissionRecord, submit};
 
 use std::sync::atomic::{AtomicBool, Ordering};
 
 static INTERRUPTED: AtomicBool = AtomicBool::new(false);
 
-extern "C" fn on_interrupt(_: libc::c_int) {
-    INTERRUPTED.store(true, Ordering::SeqCst);
+extern "C" fn on_interrupt(sig: libc::c_int) {
+    if INTERRUPTED.swap(true, Ordering::SeqCst) {
+        // The second Ctrl-C: stop now, even while a Slurm command hangs.
+        // SAFETY: signal() and raise() are async-signal-safe; SIG_DFL is a valid disposition.
+        unsafe {
+            libc::signal(sig, libc::SIG_DFL);
+            libc::raise(sig);
+        }
+    }
 }
 
 /// Makes Ctrl-C (and SIGTERM) set a flag the head checks, so it cancels its jobs before it
 /// exits instead of leaving them queued.
 pub(crate) fn catch_interrupts() {
     for sig in [libc::SIGINT, libc::SIGTERM] {
-        // SAFETY: the handler only stores to an atomic, which is async-signal-safe; the
-        // function pointer lives for the whole program.
+        // SAFETY: the handler only touches an atomic and calls async-signal-safe functions;
+        // the function pointer lives for the whole program.
         unsafe {
             libc::signal(sig, on_interrupt as *const () as libc::sighandler_t);
         }

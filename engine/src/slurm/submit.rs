@@ -1,19 +1,17 @@
-//! The head's side: decide what must run, submit it as jobs in DAG order, follow the jobs,
-//! and turn their results into the run's record.
+//! The head's first step: decide what must run and submit it as jobs in DAG order.
 
-use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::collections::{BTreeSet, HashMap};
 use std::path::{Path, PathBuf};
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{SystemTime, UNIX_EPOCH};
 
 use dagrun_cache::Store;
 use serde::{Deserialize, Serialize};
 
-use super::commands::{self, JobState, Submission};
-use super::job::{self, JobResult};
+use super::commands::{self, Submission};
 use crate::diag::{Diagnostic, Diagnostics};
-use crate::exec::{self, Available, PathDigests, RunLog, RunOptions, cached, key_parts};
+use crate::exec::{self, Available, PathDigests, RunOptions, cached, key_parts};
 use crate::graph::{Graph, Source};
-use crate::records::{Records, RunRecord, StageRecord, Status};
+use crate::records::Records;
 
 /// How the head submits.
 #[derive(Debug, Clone, Default)]
@@ -44,6 +42,12 @@ pub struct SubmissionRecord {
     /// The stages `--only`/`--until`/`--from` selected, by name.
     pub selected: Vec<String>,
     pub keep_going: bool,
+    /// The `--set` overrides the jobs run with (collecting needs them for the keys).
+    #[serde(default)]
+    pub set: Vec<String>,
+    /// Every job was submitted (false while submitting, or after an interrupted submission).
+    #[serde(default)]
+    pub complete: bool,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -54,16 +58,83 @@ pub struct SubmittedJob {
     pub after: Vec<u64>,
     /// Slurm's output file of the job.
     pub log: PathBuf,
+    /// Set for a job of an earlier submission that this one follows instead of submitting
+    /// the stage again: that submission's directory, where the job leaves its result.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub adopted_from: Option<PathBuf>,
+}
+
+impl SubmittedJob {
+    /// Where the job leaves its result file.
+    pub fn result_dir(&self, own: &Path) -> PathBuf {
+        self.adopted_from
+            .clone()
+            .unwrap_or_else(|| own.to_path_buf())
+    }
 }
 
 impl SubmissionRecord {
     pub fn dir(&self, store: &Store) -> PathBuf {
         submissions_dir(store).join(&self.id)
     }
+
+    /// Written after every `sbatch`, so a head that dies mid-way leaves its jobs findable.
+    fn save(&self, dir: &Path) -> Result<(), Diagnostics> {
+        dagrun_cache::write_json_atomic(&dir.join("submission.json"), self)
+            .map_err(|e| executor_error(format!("cannot record the submission: {e}")))
+    }
 }
 
-fn submissions_dir(store: &Store) -> PathBuf {
+pub(crate) fn submissions_dir(store: &Store) -> PathBuf {
     store.root().join("slurm")
+}
+
+/// Every submission of `pipeline` in this cache, oldest first.
+pub(crate) fn submissions_of(store: &Store, pipeline: &Path) -> Vec<SubmissionRecord> {
+    let want = crate::records::absolute(pipeline).display().to_string();
+    let mut dirs: Vec<PathBuf> = std::fs::read_dir(submissions_dir(store))
+        .map(|d| d.filter_map(|e| e.ok().map(|e| e.path())).collect())
+        .unwrap_or_default();
+    dirs.sort();
+    dirs.iter()
+        .filter_map(|d| {
+            let s: SubmissionRecord =
+                serde_json::from_slice(&std::fs::read(d.join("submission.json")).ok()?).ok()?;
+            (s.pipeline_absolute == want).then_some(s)
+        })
+        .collect()
+}
+
+/// Jobs of earlier submissions of the same file and overrides that are still queued or
+/// running, by stage: a new head follows them rather than queueing the stage again.
+fn in_flight(store: &Store, sub: &SubmissionRecord) -> HashMap<String, SubmittedJob> {
+    let earlier: Vec<SubmissionRecord> = submissions_of(store, Path::new(&sub.pipeline_absolute))
+        .into_iter()
+        .filter(|s| s.pipeline_digest == sub.pipeline_digest && s.set == sub.set)
+        .filter(|s| !s.dir(store).join("collected.json").exists())
+        .collect();
+    let ids: Vec<u64> = earlier
+        .iter()
+        .flat_map(|s| s.jobs.iter().map(|j| j.job))
+        .collect();
+    let Ok(states) = commands::job_states(&ids) else {
+        return HashMap::new();
+    };
+    let mut out = HashMap::new();
+    for s in &earlier {
+        for j in &s.jobs {
+            if states
+                .get(&j.job)
+                .and_then(|st| st.as_ref())
+                .is_some_and(|st| !st.is_final())
+            {
+                let mut adopted = j.clone();
+                adopted.adopted_from = Some(j.result_dir(&s.dir(store)));
+                out.insert(j.stage.clone(), adopted);
+            }
+        }
+    }
+    out
 }
 
 fn now_unix() -> u64 {
@@ -117,6 +188,7 @@ pub fn submit(
     opts: &RunOptions,
     slurm: &SlurmOptions,
 ) -> Result<SubmissionRecord, Diagnostics> {
+    super::catch_interrupts();
     let selected = exec::select(graph, opts)?;
     let root = std::path::absolute(store.root()).unwrap_or_else(|_| store.root().to_path_buf());
     preflight(&root, slurm.allow_local_cache)?;
@@ -140,7 +212,10 @@ pub fn submit(
             .map(|&i| graph.pipeline.stages[i].name.clone())
             .collect(),
         keep_going: opts.keep_going,
+        set: slurm.set.clone(),
+        complete: false,
     };
+    let in_flight = in_flight(store, &sub);
     let dir = root.join("slurm").join(&sub.id);
     std::fs::create_dir_all(&dir)
         .map_err(|e| executor_error(format!("cannot create {}: {e}", dir.display())))?;
@@ -209,6 +284,18 @@ pub fn submit(
             blocked.insert(i);
             continue;
         }
+        if let Some(job) = in_flight.get(&stage.name) {
+            tracing::info!(stage = %stage.name, "already queued as Slurm job {} by an earlier run: following it", job.job);
+            job_of.insert(i, job.job);
+            sub.jobs.push(job.clone());
+            sub.save(&dir)?;
+            continue;
+        }
+        if super::interrupted() {
+            tracing::warn!("interrupted while submitting: cancelling what was submitted");
+            cancel_own(&sub);
+            return Ok(sub);
+        }
         let script = dir.join(format!("{}.sh", stage.name));
         let log = dir.join(format!("{}.out", stage.name));
         let mut command = vec![
@@ -240,7 +327,7 @@ pub fn submit(
             std::fs::set_permissions(&script, std::fs::Permissions::from_mode(0o755))
         });
         if let Err(e) = written {
-            cancel_all(&sub);
+            cancel_own(&sub);
             return Err(executor_error(format!(
                 "cannot write {}: {e}",
                 script.display()
@@ -264,7 +351,7 @@ pub fn submit(
         let id = match commands::sbatch(&submission) {
             Ok(id) => id,
             Err(e) => {
-                cancel_all(&sub);
+                cancel_own(&sub);
                 return Err(executor_error(format!(
                     "stage `{}`: {}",
                     stage.name,
@@ -279,18 +366,30 @@ pub fn submit(
             job: id,
             after,
             log,
+            adopted_from: None,
         });
+        if let Err(e) = sub.save(&dir) {
+            cancel_own(&sub);
+            return Err(e);
+        }
     }
     path_digests.save();
-    if let Err(e) = dagrun_cache::write_json_atomic(&dir.join("submission.json"), &sub) {
-        cancel_all(&sub);
-        return Err(executor_error(format!("cannot record the submission: {e}")));
+    sub.complete = true;
+    if let Err(e) = sub.save(&dir) {
+        cancel_own(&sub);
+        return Err(e);
     }
     Ok(sub)
 }
 
-fn cancel_all(sub: &SubmissionRecord) {
-    let ids: Vec<u64> = sub.jobs.iter().map(|j| j.job).collect();
+/// Cancels the jobs this submission queued itself (not those it follows for another head).
+fn cancel_own(sub: &SubmissionRecord) {
+    let ids: Vec<u64> = sub
+        .jobs
+        .iter()
+        .filter(|j| j.adopted_from.is_none())
+        .map(|j| j.job)
+        .collect();
     if let Err(e) = commands::scancel(&ids) {
         tracing::warn!("could not cancel jobs {ids:?}: {}", exec::one_line(&e));
     }
@@ -304,367 +403,4 @@ fn shell_quote(s: &str) -> String {
     } else {
         format!("'{}'", s.replace('\'', "'\\''"))
     }
-}
-
-/// How a job ended, as far as the head can tell.
-#[derive(Debug, Clone)]
-pub struct JobEnd {
-    pub state: Option<JobState>,
-    pub result: Option<JobResult>,
-}
-
-impl JobEnd {
-    fn succeeded(&self) -> bool {
-        match &self.result {
-            Some(r) => matches!(r.status, Status::Ran | Status::Cached | Status::Skipped),
-            None => false,
-        }
-    }
-}
-
-/// The latest known state of each job: `scontrol` while the controller remembers it, else
-/// the job's result file.
-fn poll(sub: &SubmissionRecord, dir: &Path, ids: &[u64]) -> BTreeMap<u64, JobEnd> {
-    let states = commands::job_states(ids).unwrap_or_default();
-    sub.jobs
-        .iter()
-        .filter(|j| ids.contains(&j.job))
-        .map(|j| {
-            let result = job::read_result(dir, &j.stage);
-            let state = states.get(&j.job).cloned();
-            (j.job, JobEnd { state, result })
-        })
-        .collect()
-}
-
-fn is_final(end: &JobEnd) -> bool {
-    match &end.state {
-        Some(s) => s.is_final(),
-        // Forgotten by the controller: over, with or without a result.
-        None => true,
-    }
-}
-
-/// Follows the jobs until every one has ended; Ctrl-C cancels them. Without `keep_going`, a
-/// failed job cancels the jobs that have not started.
-pub fn follow(store: &Store, sub: &SubmissionRecord) -> BTreeMap<String, JobEnd> {
-    super::catch_interrupts();
-    let dir = sub.dir(store);
-    let mut ends: BTreeMap<String, JobEnd> = BTreeMap::new();
-    let mut shown: HashMap<u64, String> = HashMap::new();
-    let mut cancelled = false;
-    let mut last_summary = Instant::now();
-    loop {
-        let open: Vec<u64> = sub
-            .jobs
-            .iter()
-            .filter(|j| !ends.contains_key(&j.stage))
-            .map(|j| j.job)
-            .collect();
-        if open.is_empty() {
-            break;
-        }
-        if super::interrupted() && !cancelled {
-            tracing::warn!("interrupted: cancelling jobs {}", list(&open));
-            let _ = commands::scancel(&open);
-            cancelled = true;
-        }
-        let polled = poll(sub, &dir, &open);
-        let mut running = Vec::new();
-        let mut failed_now = false;
-        for j in sub.jobs.iter().filter(|j| open.contains(&j.job)) {
-            let Some(end) = polled.get(&j.job) else {
-                continue;
-            };
-            let state = end.state.as_ref().map_or("ENDED", |s| s.state.as_str());
-            if shown.get(&j.job).map(String::as_str) != Some(state) {
-                shown.insert(j.job, state.to_string());
-                if !is_final(end) {
-                    tracing::info!(stage = %j.stage, "Slurm job {} {}", j.job, state.to_lowercase());
-                }
-            }
-            if state == "RUNNING" {
-                running.push(format!("{} (job {}): {}", j.stage, j.job, last_line(&j.log)));
-            }
-            if !is_final(end) {
-                continue;
-            }
-            if end.succeeded() {
-                tracing::info!(stage = %j.stage, "Slurm job {} completed", j.job);
-            } else {
-                failed_now = true;
-                tracing::error!(stage = %j.stage, "{}", failure_message(j, end));
-            }
-            ends.insert(j.stage.clone(), end.clone());
-        }
-        if failed_now && !sub.keep_going && !cancelled {
-            let waiting: Vec<u64> = sub
-                .jobs
-                .iter()
-                .filter(|j| !ends.contains_key(&j.stage))
-                .filter(|j| {
-                    polled
-                        .get(&j.job)
-                        .and_then(|e| e.state.as_ref())
-                        .is_some_and(|s| s.state == "PENDING")
-                })
-                .map(|j| j.job)
-                .collect();
-            if !waiting.is_empty() {
-                tracing::warn!(
-                    "a stage failed: cancelling jobs that have not started ({}); --keep-going lets them run",
-                    list(&waiting)
-                );
-                let _ = commands::scancel(&waiting);
-            }
-        }
-        if last_summary.elapsed() > Duration::from_secs(15) && !running.is_empty() {
-            for line in &running {
-                tracing::info!("running {line}");
-            }
-            last_summary = Instant::now();
-        }
-        std::thread::sleep(Duration::from_millis(500));
-    }
-    ends
-}
-
-/// The last line a job wrote (its stage's latest progress line), shortened.
-fn last_line(log: &Path) -> String {
-    use std::io::{Read, Seek, SeekFrom};
-    // The tail only: a long stage's output grows to megabytes.
-    let mut tail = Vec::new();
-    if let Ok(mut f) = std::fs::File::open(log) {
-        let len = f.metadata().map_or(0, |m| m.len());
-        let _ = f.seek(SeekFrom::Start(len.saturating_sub(4096)));
-        let _ = f.read_to_end(&mut tail);
-    }
-    let text = String::from_utf8_lossy(&tail);
-    let line = text.lines().rev().find(|l| !l.trim().is_empty()).unwrap_or("");
-    let line = line.trim();
-    match line.char_indices().nth(120) {
-        Some((cut, _)) => format!("{}…", &line[..cut]),
-        None => line.to_string(),
-    }
-}
-
-fn list(ids: &[u64]) -> String {
-    ids.iter()
-        .map(u64::to_string)
-        .collect::<Vec<_>>()
-        .join(", ")
-}
-
-/// One line saying why a job's stage did not finish, with the job id and its log.
-fn failure_message(j: &SubmittedJob, end: &JobEnd) -> String {
-    let state = end.state.as_ref();
-    let how = match state {
-        Some(s) if s.reason == "DependencyNeverSatisfied" && end.result.is_none() => {
-            return format!(
-                "not run: an input's job failed or was cancelled (Slurm job {} {})",
-                j.job,
-                s.state.to_lowercase()
-            );
-        }
-        // Slurm gives a job cancelled while pending its cancel time as start and end.
-        Some(s) if s.state == "CANCELLED" && end.result.is_none() && s.start == s.end => {
-            return format!(
-                "not run: Slurm job {} was cancelled before it started",
-                j.job
-            );
-        }
-        Some(s) if s.state == "CANCELLED" && end.result.is_none() => {
-            return format!(
-                "cancelled mid-stage (Slurm job {}, log {}); the next run resumes it from its checkpoints",
-                j.job,
-                j.log.display()
-            );
-        }
-        Some(s) => format!(
-            "{} (exit {})",
-            s.state.to_lowercase(),
-            s.exit_code.as_deref().unwrap_or("?")
-        ),
-        None => "ended".to_string(),
-    };
-    let error = end
-        .result
-        .as_ref()
-        .and_then(|r| r.error.clone())
-        .unwrap_or_else(|| format!("Slurm job {} {how} without a result", j.job));
-    format!("{error} [Slurm job {}, log {}]", j.job, j.log.display())
-}
-
-/// The run record of a finished submission, from the cache and the jobs' results; written
-/// to the run records like a local run's.
-pub fn collect(
-    graph: &Graph,
-    store: &Store,
-    sub: &SubmissionRecord,
-    ends: &BTreeMap<String, JobEnd>,
-) -> Result<RunRecord, Diagnostics> {
-    let selected: BTreeSet<usize> = (0..graph.pipeline.stages.len())
-        .filter(|&i| sub.selected.contains(&graph.pipeline.stages[i].name))
-        .collect();
-    let records = Records::new(store.root());
-    let log = RunLog::started_at(sub.submitted_unix);
-    let mut available: HashMap<Source, Available> = HashMap::new();
-    let mut path_digests = PathDigests::new(store);
-    let mut stages = Vec::new();
-    for &i in &graph.order {
-        let stage = &graph.pipeline.stages[i];
-        let mut record = StageRecord {
-            name: stage.name.clone(),
-            kind: stage.kind.clone(),
-            status: Status::Skipped,
-            key: None,
-            outputs: BTreeMap::new(),
-            seconds: 0.0,
-            resumed: false,
-            error: None,
-            parts: None,
-            run: log.run.clone(),
-            started_unix: None,
-            slurm_job: None,
-        };
-        if stage.skip {
-            if selected.contains(&i) {
-                stages.push(record);
-            }
-            continue;
-        }
-        let parts = key_parts(graph, i, &available, &mut path_digests)?;
-        let found = parts.as_ref().and_then(|p| cached(store, &p.key()));
-        if let Some(found) = &found {
-            for (name, a) in &found.outputs {
-                available.insert(
-                    Source {
-                        node: i,
-                        output: name.clone(),
-                    },
-                    a.clone(),
-                );
-                record.outputs.insert(name.clone(), a.digest.clone());
-            }
-        }
-        if !selected.contains(&i) {
-            continue;
-        }
-        record.key = parts.as_ref().map(|p| p.key());
-        record.parts = parts;
-        let job = sub.jobs.iter().find(|j| j.stage == stage.name);
-        let end = ends.get(&stage.name);
-        record.slurm_job = job.map(|j| j.job);
-        record.started_unix = end
-            .and_then(|e| e.state.as_ref())
-            .and_then(|s| s.start)
-            .map(|t| t as f64);
-        record.status = match (job, end, &found) {
-            (None, _, Some(_)) => Status::Cached,
-            (None, _, None) => {
-                record.error = sub
-                    .unrunnable
-                    .iter()
-                    .find(|(n, _)| n == &stage.name)
-                    .map(|(_, e)| e.clone());
-                Status::Failed
-            }
-            (Some(j), Some(end), Some(_)) if end.succeeded() => {
-                let result = end.result.as_ref();
-                record.seconds = result.map_or(0.0, |r| r.seconds);
-                record.resumed = result.is_some_and(|r| r.resumed);
-                if let Some(run) = result.and_then(|r| r.run.clone()) {
-                    record.run = run;
-                }
-                let _ = j;
-                match result.map(|r| r.status) {
-                    Some(Status::Cached) => Status::Cached,
-                    _ => Status::Ran,
-                }
-            }
-            (Some(j), end, _) => {
-                let end = end.cloned().unwrap_or(JobEnd {
-                    state: None,
-                    result: None,
-                });
-                let message = failure_message(j, &end);
-                let not_run = message.starts_with("not run:");
-                record.started_unix = record.started_unix.filter(|_| !not_run);
-                record.error = Some(message);
-                if not_run {
-                    Status::NotRun
-                } else {
-                    Status::Failed
-                }
-            }
-        };
-        stages.push(record);
-    }
-    path_digests.save();
-    log.save(&records, graph, &stages, Vec::new());
-    let _ = dagrun_cache::write_json_atomic(
-        &sub.dir(store).join("collected.json"),
-        &serde_json::json!({ "run": log.run }),
-    );
-    Ok(log.record(graph, stages))
-}
-
-/// The newest submission of `pipeline` in this cache, if any.
-pub fn latest_submission(store: &Store, pipeline: &Path) -> Option<SubmissionRecord> {
-    let want = crate::records::absolute(pipeline).display().to_string();
-    let mut dirs: Vec<PathBuf> = std::fs::read_dir(submissions_dir(store))
-        .ok()?
-        .filter_map(|e| e.ok().map(|e| e.path()))
-        .collect();
-    dirs.sort();
-    dirs.iter().rev().find_map(|d| {
-        let s: SubmissionRecord =
-            serde_json::from_slice(&std::fs::read(d.join("submission.json")).ok()?).ok()?;
-        (s.pipeline_absolute == want).then_some(s)
-    })
-}
-
-/// `dagrun status` lines for the newest submission of `pipeline`: each job's state. Once
-/// every job has ended and no head collected them (`--detach`), collects them into a run
-/// record.
-pub fn status_lines(graph: &Graph, store: &Store) -> Result<Vec<String>, Diagnostics> {
-    let Some(sub) = latest_submission(store, &graph.pipeline.path) else {
-        return Ok(Vec::new());
-    };
-    let dir = sub.dir(store);
-    let ids: Vec<u64> = sub.jobs.iter().map(|j| j.job).collect();
-    let polled = poll(&sub, &dir, &ids);
-    let mut lines = vec![format!(
-        "Slurm submission {} ({} jobs, {} stages cached then):",
-        sub.id,
-        sub.jobs.len(),
-        sub.cached.len()
-    )];
-    let width = sub.jobs.iter().map(|j| j.stage.len()).max().unwrap_or(0);
-    let mut all_final = true;
-    for j in &sub.jobs {
-        let end = &polled[&j.job];
-        all_final &= is_final(end);
-        let state = match (&end.state, &end.result) {
-            (Some(s), _) if !s.is_final() => format!("{} ({})", s.state.to_lowercase(), s.reason),
-            (_, Some(r)) if end.succeeded() => {
-                format!("done ({:?}, {:.1}s)", r.status, r.seconds).to_lowercase()
-            }
-            _ => failure_message(j, end),
-        };
-        lines.push(format!("  {:<width$}  job {:<8} {state}", j.stage, j.job));
-    }
-    if all_final && !dir.join("collected.json").exists() {
-        let ends: BTreeMap<String, JobEnd> = sub
-            .jobs
-            .iter()
-            .map(|j| (j.stage.clone(), polled[&j.job].clone()))
-            .collect();
-        let record = collect(graph, store, &sub, &ends)?;
-        lines.push(format!(
-            "every job has ended: recorded as run {}",
-            record.run
-        ));
-    }
-    Ok(lines)
 }
