@@ -184,11 +184,27 @@ pub fn run(
         };
         let sub = slurm::submit(&graph, &store, &opts, &options)?;
         if a.detach {
-            let jobs: Vec<String> = sub.jobs.iter().map(|j| j.job.to_string()).collect();
+            let ids = |adopted: bool| -> Vec<String> {
+                sub.jobs
+                    .iter()
+                    .filter(|j| j.adopted_from.is_some() == adopted)
+                    .map(|j| j.job.to_string())
+                    .collect()
+            };
+            let (own, followed) = (ids(false), ids(true));
+            let followed = if followed.is_empty() {
+                String::new()
+            } else {
+                format!(
+                    ", {} already queued ({})",
+                    followed.len(),
+                    followed.join(", ")
+                )
+            };
             eprintln!(
-                "submitted {} jobs ({}) for {}; {} stages cached. `dagrun status {}` follows them.",
-                sub.jobs.len(),
-                jobs.join(", "),
+                "submitted {} jobs ({}){followed} for {}; {} stages cached. `dagrun status {}` follows them.",
+                own.len(),
+                own.join(", "),
                 a.file.display(),
                 sub.cached.len(),
                 a.file.display()
