@@ -372,16 +372,40 @@ fn slurm_runs_the_dag_as_jobs_like_the_local_executor() {
         "the failure does not name the file, the job and its log: {error}"
     );
     assert_eq!(stage(&run, "left")["status"], "cached", "{run}");
+
+    // A second head while the first one's job is queued or running follows that job.
+    p.write("p.yaml", &format!("{PIPELINE}{LONG}"));
+    let set = "--set=long.max_steps=60";
+    ok(&cluster.dagrun(
+        &p,
+        &["run", "p.yaml", "--executor", "slurm", "--detach", set],
+    ));
+    let first = latest_submission(&p.cache());
+    let first_job = first["jobs"][0]["job"].as_u64().unwrap();
+    let second = cluster.dagrun(&p, &["run", "p.yaml", "--json", "--executor", "slurm", set]);
+    let second_run = json_line(ok(&second));
+    let stderr = String::from_utf8_lossy(&second.stderr);
+    assert!(
+        stderr.contains(&format!("already queued as Slurm job {first_job}"))
+            && !stderr.contains("submitted as Slurm job"),
+        "the second head queued the stage again: {stderr}"
+    );
+    let long = stage(&second_run, "long");
+    assert_eq!(long["status"], "ran", "{long}");
+    assert_eq!(long["slurm_job"].as_u64(), Some(first_job), "{long}");
 }
 
+/// The newest submission record (`Null` while none is written yet).
 fn latest_submission(cache: &Path) -> Value {
     let mut dirs: Vec<PathBuf> = std::fs::read_dir(cache.join("slurm"))
-        .unwrap()
-        .map(|e| e.unwrap().path())
-        .collect();
+        .map(|d| d.map(|e| e.unwrap().path()).collect())
+        .unwrap_or_default();
     dirs.sort();
-    let text = std::fs::read(dirs.last().unwrap().join("submission.json")).unwrap();
-    serde_json::from_slice(&text).unwrap()
+    dirs.iter()
+        .rev()
+        .find_map(|d| std::fs::read(d.join("submission.json")).ok())
+        .and_then(|text| serde_json::from_slice(&text).ok())
+        .unwrap_or(Value::Null)
 }
 
 /// A finished checkpoint in any key's resume directory.

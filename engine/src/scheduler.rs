@@ -169,11 +169,11 @@ pub fn run(
                     .unwrap_or_else(|_| {
                         Ok(Err(anyhow::anyhow!("dagrun panicked running this stage")))
                     });
-                    let began = locked.unwrap_or_else(Instant::now);
+                    let ran = locked.map_or(0.0, |t| t.elapsed().as_secs_f64());
                     let _ = tx.send(Done {
                         stage: start.stage,
-                        started_unix: unix_now() - began.elapsed().as_secs_f64(),
-                        seconds: began.elapsed().as_secs_f64(),
+                        started_unix: unix_now() - ran,
+                        seconds: ran,
                         outcome,
                     });
                 });

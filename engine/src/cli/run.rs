@@ -182,7 +182,11 @@ pub fn run(
             set: a.selection.set.clone(),
             allow_local_cache: a.allow_local_cache,
         };
-        let sub = slurm::submit(&graph, &store, &opts, &options)?;
+        let (sub, _head) = slurm::submit(&graph, &store, &opts, &options)?;
+        if a.detach && (!sub.complete || slurm::interrupted_run()) {
+            eprintln!("interrupted while submitting: this run's jobs are cancelled");
+            return Ok(EXIT_INTERRUPTED);
+        }
         if a.detach {
             let ids = |adopted: bool| -> Vec<String> {
                 sub.jobs
@@ -201,17 +205,26 @@ pub fn run(
                     followed.join(", ")
                 )
             };
+            let own = if own.is_empty() {
+                "submitted no jobs".to_string()
+            } else {
+                format!("submitted {} jobs ({})", own.len(), own.join(", "))
+            };
             eprintln!(
-                "submitted {} jobs ({}){followed} for {}; {} stages cached. `dagrun status {}` follows them.",
-                own.len(),
-                own.join(", "),
+                "{own}{followed} for {}; {} stages cached. `dagrun status {}` follows them.",
                 a.file.display(),
                 sub.cached.len(),
                 a.file.display()
             );
             return Ok(EXIT_OK);
         }
-        let ends = slurm::follow(&store, &sub);
+        let ends = match slurm::follow(&store, &sub) {
+            Ok(ends) => ends,
+            Err(why) => {
+                eprintln!("{why}");
+                return Ok(EXIT_STAGE_FAILED);
+            }
+        };
         let record = slurm::collect(&graph, &store, &sub, &ends)?;
         if slurm::interrupted_run() {
             eprintln!("{}", summary_line(&record));

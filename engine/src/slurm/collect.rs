@@ -81,14 +81,16 @@ pub fn collect(
             .map(|t| t as f64);
         record.status = match (job, end, &found) {
             (None, _, Some(_)) => Status::Cached,
-            (None, _, None) => {
-                record.error = sub
-                    .unrunnable
-                    .iter()
-                    .find(|(n, _)| n == &stage.name)
-                    .map(|(_, e)| e.clone());
-                Status::Failed
-            }
+            (None, _, None) => match sub.unrunnable.iter().find(|(n, _)| n == &stage.name) {
+                Some((_, e)) => {
+                    record.error = Some(e.clone());
+                    Status::Failed
+                }
+                None => {
+                    record.error = Some("not run: the submission was interrupted before it".into());
+                    Status::NotRun
+                }
+            },
             (Some(_), Some(end), None) if end.succeeded() => {
                 record.error = Some(
                     "its job finished, but its result is not in the cache under this key (the cache or its inputs changed since)".into(),
@@ -102,7 +104,12 @@ pub fn collect(
                 if let Some(run) = result.and_then(|r| r.run.clone()) {
                     record.run = run;
                 }
-                let _ = j;
+                if j.adopted_from.is_some() {
+                    record.error = Some(format!(
+                        "made by Slurm job {} of an earlier run, which this one followed",
+                        j.job
+                    ));
+                }
                 match result.map(|r| r.status) {
                     Some(Status::Cached) => Status::Cached,
                     _ => Status::Ran,
@@ -112,9 +119,10 @@ pub fn collect(
                 let end = end.cloned().unwrap_or(JobEnd {
                     state: None,
                     result: None,
+                    left: false,
                 });
                 let message = failure_message(j, &end);
-                let not_run = message.starts_with("not run:");
+                let not_run = message.starts_with("not run");
                 record.started_unix = record.started_unix.filter(|_| !not_run);
                 record.error = Some(message);
                 if not_run {
@@ -173,11 +181,18 @@ pub fn status_lines(
     let mut lines = Vec::new();
     for (n, sub) in subs.iter().enumerate() {
         let newest = n + 1 == subs.len();
-        let collected = sub.dir(store).join("collected.json").exists();
+        let dir = sub.dir(store);
+        let collected = dir.join("collected.json").exists();
         if collected && !newest {
             continue;
         }
-        let dir = sub.dir(store);
+        // A head still submitting or following holds this lock; it will write the record.
+        let head = dagrun_cache::Lock::try_acquire(
+            &dir.join("head.lock"),
+            dagrun_cache::LockMode::Exclusive,
+        )
+        .ok()
+        .flatten();
         let ids: Vec<u64> = sub.jobs.iter().map(|j| j.job).collect();
         let polled = match poll(sub, &dir, &ids) {
             Ok(p) => p,
@@ -220,7 +235,7 @@ pub fn status_lines(
                 lines.push(format!("  {:<width$}  job {:<8} {state}", j.stage, j.job));
             }
         }
-        if all_final && !collected {
+        if all_final && !collected && head.is_some() {
             let mut holder = None;
             match submitted_graph(sub, registry, &mut holder) {
                 Ok(graph) => {
@@ -235,7 +250,14 @@ pub fn status_lines(
                         sub.id, record.run
                     ));
                 }
-                Err(why) => lines.push(why),
+                Err(why) => {
+                    lines.push(why);
+                    // Said once: later calls skip it.
+                    let _ = dagrun_cache::write_json_atomic(
+                        &dir.join("collected.json"),
+                        &serde_json::json!({ "run": null, "skipped": "the pipeline file changed" }),
+                    );
+                }
             }
         }
     }

@@ -1,6 +1,6 @@
-//! Slurm's command-line clients, run as processes: `sbatch` to submit, `squeue` and
-//! `scontrol show job` to follow (no `sacct`: it needs slurmdbd, which many small clusters
-//! lack), `scancel` to cancel. `SLURM_CONF` and the rest of the environment pass through.
+//! Slurm's command-line clients, run as processes: `sbatch` to submit, `squeue -t all` to
+//! follow (no `sacct`: it needs slurmdbd, which many small clusters lack), `scancel` to
+//! cancel, `sinfo` for the nodes. `SLURM_CONF` and the rest of the environment pass through.
 
 use std::collections::BTreeMap;
 use std::path::Path;
@@ -81,7 +81,7 @@ pub struct JobState {
     pub reason: String,
     /// `exit:signal`, once ended.
     pub exit_code: Option<String>,
-    /// Unix seconds, once started / ended (from `scontrol`).
+    /// Unix seconds, once started / ended.
     pub start: Option<i64>,
     pub end: Option<i64>,
 }
@@ -89,19 +89,23 @@ pub struct JobState {
 impl JobState {
     /// Ended, one way or another.
     pub fn is_final(&self) -> bool {
-        !matches!(
+        matches!(
             self.state.as_str(),
-            "PENDING"
-                | "RUNNING"
-                | "CONFIGURING"
-                | "COMPLETING"
-                | "REQUEUED"
-                | "RESIZING"
-                | "SUSPENDED"
-                | "STOPPED"
-                | "SIGNALING"
-                | "STAGE_OUT"
-        )
+            "COMPLETED"
+                | "FAILED"
+                | "CANCELLED"
+                | "TIMEOUT"
+                | "NODE_FAIL"
+                | "PREEMPTED"
+                | "BOOT_FAIL"
+                | "DEADLINE"
+                | "OUT_OF_MEMORY"
+        ) || self.held_after_launch_failure()
+    }
+
+    /// A job whose launch failed and that Slurm requeued on hold: it will not run by itself.
+    pub fn held_after_launch_failure(&self) -> bool {
+        self.state == "PENDING" && self.reason.to_ascii_lowercase().contains("launch_failed")
     }
 
     pub fn succeeded(&self) -> bool {
@@ -292,5 +296,10 @@ mod tests {
         assert_eq!(pending.reason, "Dependency");
         assert_eq!((pending.start, pending.end), (None, None));
         assert!(parse_squeue_line("garbage").is_none());
+        let (_, held) =
+            parse_squeue_line("7|PENDING|launch_failed_requeued_held|N/A|N/A|0|").unwrap();
+        assert!(held.is_final() && !held.succeeded());
+        let (_, completing) = parse_squeue_line("7|COMPLETING|None|N/A|N/A|0|").unwrap();
+        assert!(!completing.is_final());
     }
 }

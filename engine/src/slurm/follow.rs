@@ -20,6 +20,8 @@ const POLL: Duration = Duration::from_secs(2);
 pub struct JobEnd {
     pub state: Option<JobState>,
     pub result: Option<JobResult>,
+    /// A job of an earlier run that this head followed and left running when interrupted.
+    pub left: bool,
 }
 
 impl JobEnd {
@@ -46,7 +48,14 @@ pub(crate) fn poll(
         .map(|j| {
             let result = job::read_result(&j.result_dir(dir), &j.stage);
             let state = states.get(&j.job).cloned().flatten();
-            (j.job, JobEnd { state, result })
+            (
+                j.job,
+                JobEnd {
+                    state,
+                    result,
+                    left: false,
+                },
+            )
         })
         .collect())
 }
@@ -59,9 +68,10 @@ pub(crate) fn is_final(end: &JobEnd) -> bool {
     }
 }
 
-/// Follows the jobs until every one has ended; Ctrl-C cancels them. Without `keep_going`, a
-/// failed job cancels the jobs that have not started.
-pub fn follow(store: &Store, sub: &SubmissionRecord) -> BTreeMap<String, JobEnd> {
+/// Follows the jobs until every one has ended; Ctrl-C cancels this head's own jobs and stops
+/// following those of an earlier run. Without `keep_going`, a failed job cancels this head's
+/// jobs that have not started. An error: Slurm stopped answering (the jobs may still run).
+pub fn follow(store: &Store, sub: &SubmissionRecord) -> Result<BTreeMap<String, JobEnd>, String> {
     super::catch_interrupts();
     let dir = sub.dir(store);
     let mut ends: BTreeMap<String, JobEnd> = BTreeMap::new();
@@ -94,6 +104,22 @@ pub fn follow(store: &Store, sub: &SubmissionRecord) -> BTreeMap<String, JobEnd>
                 tracing::error!("{}", crate::exec::one_line(&e));
             }
             cancelled = true;
+            // Another run's jobs are not ours to cancel, nor to wait for.
+            for j in sub
+                .jobs
+                .iter()
+                .filter(|j| open.contains(&j.job) && j.adopted_from.is_some())
+            {
+                ends.insert(
+                    j.stage.clone(),
+                    JobEnd {
+                        state: None,
+                        result: None,
+                        left: true,
+                    },
+                );
+            }
+            continue;
         }
         let polled = match poll(sub, &dir, &open) {
             Ok(p) => {
@@ -104,11 +130,10 @@ pub fn follow(store: &Store, sub: &SubmissionRecord) -> BTreeMap<String, JobEnd>
                 // A busy or restarting controller: the jobs go on; ask again.
                 let since = *unreachable_since.get_or_insert_with(Instant::now);
                 if since.elapsed() > Duration::from_secs(3600) {
-                    tracing::error!(
-                        "gave up following the jobs after an hour without an answer from Slurm: {}",
+                    return Err(format!(
+                        "gave up following the jobs after an hour without an answer from Slurm ({}); they may still run: `dagrun status` follows them later",
                         crate::exec::one_line(&e)
-                    );
-                    break;
+                    ));
                 }
                 tracing::warn!(
                     "cannot ask Slurm about the jobs (will retry): {}",
@@ -154,7 +179,7 @@ pub fn follow(store: &Store, sub: &SubmissionRecord) -> BTreeMap<String, JobEnd>
             let waiting: Vec<u64> = sub
                 .jobs
                 .iter()
-                .filter(|j| !ends.contains_key(&j.stage))
+                .filter(|j| !ends.contains_key(&j.stage) && j.adopted_from.is_none())
                 .filter(|j| {
                     polled
                         .get(&j.job)
@@ -179,7 +204,7 @@ pub fn follow(store: &Store, sub: &SubmissionRecord) -> BTreeMap<String, JobEnd>
         }
         std::thread::sleep(POLL);
     }
-    ends
+    Ok(ends)
 }
 
 /// The last line a job wrote (its stage's latest progress line), shortened.
@@ -214,6 +239,12 @@ fn list(ids: &[u64]) -> String {
 
 /// One line saying why a job's stage did not finish, with the job id and its log.
 pub(crate) fn failure_message(j: &SubmittedJob, end: &JobEnd) -> String {
+    if end.left {
+        return format!(
+            "not run here: left running as Slurm job {} of an earlier run when this one was interrupted",
+            j.job
+        );
+    }
     let state = end.state.as_ref();
     let how = match state {
         Some(s) if s.reason == "DependencyNeverSatisfied" && end.result.is_none() => {
@@ -223,14 +254,18 @@ pub(crate) fn failure_message(j: &SubmittedJob, end: &JobEnd) -> String {
                 s.state.to_lowercase()
             );
         }
-        // Slurm gives a job cancelled while pending its cancel time as start and end.
-        Some(s) if s.state == "CANCELLED" && end.result.is_none() && s.start == s.end => {
+        // Slurm creates a job's output file when it starts: without one, it never ran.
+        Some(s) if s.state == "CANCELLED" && end.result.is_none() && !j.log.exists() => {
             return format!(
                 "not run: Slurm job {} was cancelled before it started",
                 j.job
             );
         }
-        Some(s) if s.reason == "JobLaunchFailure" || s.exit_code.as_deref() == Some("0:53") => {
+        Some(s)
+            if s.reason == "JobLaunchFailure"
+                || s.exit_code.as_deref() == Some("0:53")
+                || s.held_after_launch_failure() =>
+        {
             return format!(
                 "Slurm job {} could not start on its node: it could not open its log {} — is the cache mounted at the same path on every node?",
                 j.job,

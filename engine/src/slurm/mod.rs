@@ -4,7 +4,7 @@
 //! branches side by side. Cached stages are never submitted.
 //!
 //! The head (this process) writes `<cache>/slurm/<id>/submission.json` and the job scripts,
-//! then follows the jobs with `scontrol show job` until they end (or exits at once with
+//! then follows the jobs with `squeue` until they end (or exits at once with
 //! `--detach`; `dagrun status` follows later). The cache stays the source of truth: a job
 //! publishes its stage like a local run does, under the key's lock, so a cancelled job leaves
 //! only its checkpoints, which the next run resumes, and two heads never run one key twice.

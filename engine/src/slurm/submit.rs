@@ -58,6 +58,9 @@ pub struct SubmittedJob {
     pub after: Vec<u64>,
     /// Slurm's output file of the job.
     pub log: PathBuf,
+    /// The stage's key when it was submitted, if its inputs were in the cache then.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub key: Option<String>,
     /// Set for a job of an earlier submission that this one follows instead of submitting
     /// the stage again: that submission's directory, where the job leaves its result.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -74,8 +77,10 @@ impl SubmittedJob {
 }
 
 impl SubmissionRecord {
+    /// Absolute: job scripts, and other heads' `adopted_from`, name it from anywhere.
     pub fn dir(&self, store: &Store) -> PathBuf {
-        submissions_dir(store).join(&self.id)
+        let dir = submissions_dir(store).join(&self.id);
+        std::path::absolute(&dir).unwrap_or(dir)
     }
 
     /// Written after every `sbatch`, so a head that dies mid-way leaves its jobs findable.
@@ -106,8 +111,15 @@ pub(crate) fn submissions_of(store: &Store, pipeline: &Path) -> Vec<SubmissionRe
 }
 
 /// Jobs of earlier submissions of the same file and overrides that are still queued or
-/// running, by stage: a new head follows them rather than queueing the stage again.
-fn in_flight(store: &Store, sub: &SubmissionRecord) -> HashMap<String, SubmittedJob> {
+/// running, by stage, with the states of every job of those submissions: a new head may
+/// follow them rather than queue the stages again (see [`adoptable`]).
+fn in_flight(
+    store: &Store,
+    sub: &SubmissionRecord,
+) -> (
+    HashMap<String, SubmittedJob>,
+    HashMap<u64, commands::JobState>,
+) {
     let earlier: Vec<SubmissionRecord> = submissions_of(store, Path::new(&sub.pipeline_absolute))
         .into_iter()
         .filter(|s| s.pipeline_digest == sub.pipeline_digest && s.set == sub.set)
@@ -118,23 +130,47 @@ fn in_flight(store: &Store, sub: &SubmissionRecord) -> HashMap<String, Submitted
         .flat_map(|s| s.jobs.iter().map(|j| j.job))
         .collect();
     let Ok(states) = commands::job_states(&ids) else {
-        return HashMap::new();
+        return (HashMap::new(), HashMap::new());
     };
+    let states: HashMap<u64, commands::JobState> = states
+        .into_iter()
+        .filter_map(|(id, st)| Some((id, st?)))
+        .collect();
     let mut out = HashMap::new();
     for s in &earlier {
         for j in &s.jobs {
-            if states
-                .get(&j.job)
-                .and_then(|st| st.as_ref())
-                .is_some_and(|st| !st.is_final())
-            {
+            if states.get(&j.job).is_some_and(|st| !st.is_final()) {
                 let mut adopted = j.clone();
                 adopted.adopted_from = Some(j.result_dir(&s.dir(store)));
                 out.insert(j.stage.clone(), adopted);
             }
         }
     }
-    out
+    (out, states)
+}
+
+/// Whether an earlier run's queued `job` computes what this run would: its key (when known
+/// now) is this run's, and each job it waits for is followed here too or completed — not a
+/// job whose input failed, which Slurm is about to cancel.
+fn adoptable(
+    job: &SubmittedJob,
+    key: Option<&str>,
+    followed: &HashMap<usize, u64>,
+    states: &HashMap<u64, commands::JobState>,
+) -> bool {
+    let key_matches = match (key, job.key.as_deref()) {
+        (Some(now), Some(then)) => now == then,
+        (Some(_), None) => false,
+        (None, _) => true,
+    };
+    let doomed = states
+        .get(&job.job)
+        .is_some_and(|s| s.reason == "DependencyNeverSatisfied");
+    let parents_hold = job
+        .after
+        .iter()
+        .all(|p| followed.values().any(|f| f == p) || states.get(p).is_some_and(|s| s.succeeded()));
+    key_matches && !doomed && parents_hold
 }
 
 fn now_unix() -> u64 {
@@ -149,7 +185,7 @@ fn executor_error(message: impl Into<String>) -> Diagnostics {
 
 /// Checks the Slurm clients are here and the cache can be seen from every node.
 fn preflight(root: &Path, allow_local: bool) -> Result<(), Diagnostics> {
-    for tool in ["sbatch", "scontrol", "scancel", "sinfo"] {
+    for tool in ["sbatch", "squeue", "scancel", "sinfo", "scontrol"] {
         if !commands::on_path(tool) {
             return Err(executor_error(format!(
                 "`{tool}` is not on PATH: run the head on a machine with the Slurm clients (a login node)"
@@ -181,13 +217,15 @@ fn preflight(root: &Path, allow_local: bool) -> Result<(), Diagnostics> {
     .into())
 }
 
-/// Submits every selected stage that is not cached, in DAG order; returns the submission.
+/// Submits every selected stage that is not cached, in DAG order; returns the submission
+/// (`complete` false if Ctrl-C cut it short: its jobs are cancelled then) and the lock that
+/// tells `dagrun status` a head owns it.
 pub fn submit(
     graph: &Graph,
     store: &Store,
     opts: &RunOptions,
     slurm: &SlurmOptions,
-) -> Result<SubmissionRecord, Diagnostics> {
+) -> Result<(SubmissionRecord, dagrun_cache::Lock), Diagnostics> {
     super::catch_interrupts();
     let selected = exec::select(graph, opts)?;
     let root = std::path::absolute(store.root()).unwrap_or_else(|_| store.root().to_path_buf());
@@ -215,10 +253,14 @@ pub fn submit(
         set: slurm.set.clone(),
         complete: false,
     };
-    let in_flight = in_flight(store, &sub);
+    let (in_flight, earlier_states) = in_flight(store, &sub);
     let dir = root.join("slurm").join(&sub.id);
     std::fs::create_dir_all(&dir)
         .map_err(|e| executor_error(format!("cannot create {}: {e}", dir.display())))?;
+    // Held while this head submits and follows, so `dagrun status` leaves the record to it.
+    let head =
+        dagrun_cache::Lock::acquire(&dir.join("head.lock"), dagrun_cache::LockMode::Exclusive)
+            .map_err(|e| executor_error(e.to_string()))?;
 
     let mut available: HashMap<Source, Available> = HashMap::new();
     let mut path_digests = PathDigests::new(store);
@@ -229,7 +271,13 @@ pub fn submit(
         if stage.skip {
             continue;
         }
-        let parts = key_parts(graph, i, &available, &mut path_digests)?;
+        let parts = match key_parts(graph, i, &available, &mut path_digests) {
+            Ok(p) => p,
+            Err(e) => {
+                cancel_own(&sub);
+                return Err(e.into());
+            }
+        };
         let sources: Vec<usize> = graph.nodes[i]
             .inputs
             .iter()
@@ -284,17 +332,24 @@ pub fn submit(
             blocked.insert(i);
             continue;
         }
-        if let Some(job) = in_flight.get(&stage.name) {
+        let key = parts.as_ref().map(|p| p.key());
+        if let Some(job) = in_flight
+            .get(&stage.name)
+            .filter(|j| !forced && adoptable(j, key.as_deref(), &job_of, &earlier_states))
+        {
             tracing::info!(stage = %stage.name, "already queued as Slurm job {} by an earlier run: following it", job.job);
             job_of.insert(i, job.job);
             sub.jobs.push(job.clone());
-            sub.save(&dir)?;
+            if let Err(e) = sub.save(&dir) {
+                cancel_own(&sub);
+                return Err(e);
+            }
             continue;
         }
         if super::interrupted() {
             tracing::warn!("interrupted while submitting: cancelling what was submitted");
             cancel_own(&sub);
-            return Ok(sub);
+            return Ok((sub, head));
         }
         let script = dir.join(format!("{}.sh", stage.name));
         let log = dir.join(format!("{}.out", stage.name));
@@ -366,6 +421,7 @@ pub fn submit(
             job: id,
             after,
             log,
+            key,
             adopted_from: None,
         });
         if let Err(e) = sub.save(&dir) {
@@ -374,12 +430,17 @@ pub fn submit(
         }
     }
     path_digests.save();
+    if super::interrupted() {
+        tracing::warn!("interrupted while submitting: cancelling what was submitted");
+        cancel_own(&sub);
+        return Ok((sub, head));
+    }
     sub.complete = true;
     if let Err(e) = sub.save(&dir) {
         cancel_own(&sub);
         return Err(e);
     }
-    Ok(sub)
+    Ok((sub, head))
 }
 
 /// Cancels the jobs this submission queued itself (not those it follows for another head).
