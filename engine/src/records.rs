@@ -48,6 +48,26 @@ pub struct StageRecord {
     pub slurm_job: Option<u64>,
 }
 
+impl StageRecord {
+    /// The record of a stage of run `run` before anything happened to it (as if skipped).
+    pub fn new(stage: &crate::pipeline::Stage, run: &str) -> StageRecord {
+        StageRecord {
+            name: stage.name.clone(),
+            kind: stage.kind.clone(),
+            status: Status::Skipped,
+            key: None,
+            outputs: BTreeMap::new(),
+            seconds: 0.0,
+            resumed: false,
+            error: None,
+            parts: None,
+            run: run.to_string(),
+            started_unix: None,
+            slurm_job: None,
+        }
+    }
+}
+
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct RunRecord {
     pub run: String,

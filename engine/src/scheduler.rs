@@ -253,21 +253,7 @@ impl Run<'_> {
     }
 
     fn record_of(&self, i: usize) -> StageRecord {
-        let stage = &self.graph.pipeline.stages[i];
-        StageRecord {
-            name: stage.name.clone(),
-            kind: stage.kind.clone(),
-            status: Status::Skipped,
-            key: None,
-            outputs: BTreeMap::new(),
-            seconds: 0.0,
-            resumed: false,
-            error: None,
-            parts: None,
-            run: self.log.run.clone(),
-            started_unix: None,
-            slurm_job: None,
-        }
+        StageRecord::new(&self.graph.pipeline.stages[i], &self.log.run)
     }
 
     fn settle_with(&mut self, i: usize, record: Option<StageRecord>) {

@@ -33,20 +33,7 @@ pub fn collect(
     let mut stages = Vec::new();
     for &i in &graph.order {
         let stage = &graph.pipeline.stages[i];
-        let mut record = StageRecord {
-            name: stage.name.clone(),
-            kind: stage.kind.clone(),
-            status: Status::Skipped,
-            key: None,
-            outputs: BTreeMap::new(),
-            seconds: 0.0,
-            resumed: false,
-            error: None,
-            parts: None,
-            run: log.run.clone(),
-            started_unix: None,
-            slurm_job: None,
-        };
+        let mut record = StageRecord::new(stage, &log.run);
         if stage.skip {
             if selected.contains(&i) {
                 stages.push(record);
