@@ -242,16 +242,6 @@ pub(crate) fn cached_outputs(store: &Store, key: &str) -> Option<BTreeMap<String
     cached(store, key).map(|f| f.outputs)
 }
 
-/// Executes the selected stages of `graph` (see [`crate::scheduler`]).
-pub fn run(
-    graph: &Graph,
-    registry: &Registry,
-    store: &Store,
-    opts: &RunOptions,
-) -> Result<RunRecord, Diagnostics> {
-    crate::scheduler::run(graph, registry, store, opts)
-}
-
 /// Runs stage `i` under its key's lock, unless another process finished the key while this
 /// one waited for the lock; `locked` gets the moment the lock was taken. An error outside the
 /// stage (the lock) is a [`Diagnostic`].

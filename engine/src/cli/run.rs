@@ -8,7 +8,7 @@ use super::{
     EXIT_INTERRUPTED, EXIT_OK, EXIT_STAGE_FAILED, GlobalArgs, RunDone, cache_root_for, open_store,
 };
 use crate::diag::Diagnostics;
-use crate::exec::{self, RunOptions};
+use crate::exec::RunOptions;
 use crate::graph;
 use crate::kind::Registry;
 use crate::pipeline::{self, Override, Pipeline};
@@ -232,7 +232,7 @@ pub fn run(
         }
         record
     } else {
-        exec::run(&graph, registry, &store, &opts)?
+        crate::scheduler::run(&graph, registry, &store, &opts)?
     };
     let failed = record.stages.iter().any(|s| s.status == Status::Failed);
     if !g.quiet {

@@ -8,11 +8,10 @@ use dagrun_cache::Store;
 
 use super::follow::{JobEnd, failure_message, is_final, poll};
 use super::submit::{SubmissionRecord, submissions_of};
-use crate::diag::{Diagnostic, Diagnostics};
+use crate::diag::Diagnostics;
 use crate::exec::{Available, PathDigests, RunLog, cached, key_parts};
 use crate::graph::{Graph, Source};
 use crate::kind::Registry;
-use crate::pipeline::{self, Override};
 use crate::records::{Records, RunRecord, StageRecord, Status};
 
 /// The run record of a finished submission, from the cache and the jobs' results; written
@@ -138,20 +137,16 @@ fn submitted_graph<'a>(
     holder: &'a mut Option<crate::pipeline::Pipeline>,
 ) -> Result<Graph<'a>, String> {
     let path = Path::new(&sub.pipeline_absolute);
-    let bytes = std::fs::read(path).map_err(|e| format!("cannot read {}: {e}", path.display()))?;
-    if blake3::hash(&bytes).to_hex().as_str() != sub.pipeline_digest {
-        return Err(format!(
-            "{} changed since submission {}; its jobs' results are in the cache, but no run record is written for it",
-            sub.pipeline, sub.id
-        ));
-    }
-    let overrides = sub
-        .set
-        .iter()
-        .map(|s| Override::parse(s))
-        .collect::<Result<Vec<_>, Diagnostic>>()
-        .map_err(|d| d.to_string())?;
-    let pl = pipeline::load(path, registry, &overrides).map_err(|d| d.to_string())?;
+    let pl = match super::load_submitted(path, &sub.pipeline_digest, &sub.set, registry) {
+        Ok(pl) => pl,
+        Err(super::Unloadable::Bad(d)) => return Err(d.to_string()),
+        Err(super::Unloadable::Changed) => {
+            return Err(format!(
+                "{} changed since submission {}; its jobs' results are in the cache, but no run record is written for it",
+                sub.pipeline, sub.id
+            ));
+        }
+    };
     let pl = holder.insert(pl);
     crate::graph::build(pl, registry).map_err(|d| d.to_string())
 }

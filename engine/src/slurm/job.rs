@@ -10,7 +10,6 @@ use crate::cli::{EXIT_OK, EXIT_STAGE_FAILED, GlobalArgs, cache_root_for, open_st
 use crate::diag::{Diagnostic, Diagnostics};
 use crate::exec::RunOptions;
 use crate::kind::Registry;
-use crate::pipeline::{self, Override};
 use crate::progress::ProgressMode;
 use crate::records::Status;
 
@@ -88,28 +87,18 @@ fn run_stage(
     g: &GlobalArgs,
     registry: &Registry,
 ) -> Result<JobResult, Diagnostics> {
-    let shown = a.file.display().to_string();
-    let bytes = std::fs::read(&a.file).map_err(|e| {
-        Diagnostic::at_file(
-            &shown,
-            crate::diag::Pos::START,
-            format!("cannot read pipeline file on this node: {e}"),
-        )
-    })?;
-    if blake3::hash(&bytes).to_hex().as_str() != a.pipeline_digest {
-        return Err(Diagnostic::at_file(
-            &shown,
-            crate::diag::Pos::START,
-            "the pipeline file changed since this job was submitted; run `dagrun` again to submit the new version",
-        )
-        .into());
-    }
-    let overrides = a
-        .set
-        .iter()
-        .map(|s| Override::parse(s))
-        .collect::<Result<Vec<_>, _>>()?;
-    let pl = pipeline::load(&a.file, registry, &overrides)?;
+    let pl = match super::load_submitted(&a.file, &a.pipeline_digest, &a.set, registry) {
+        Ok(pl) => pl,
+        Err(super::Unloadable::Bad(d)) => return Err(d),
+        Err(super::Unloadable::Changed) => {
+            return Err(Diagnostic::at_file(
+                &a.file.display().to_string(),
+                crate::diag::Pos::START,
+                "the pipeline file changed since this job was submitted; run `dagrun` again to submit the new version",
+            )
+            .into());
+        }
+    };
     let graph = crate::graph::build(&pl, registry)?;
     let root = cache_root_for(g, &a.file);
     if !root.join("objects").is_dir() && !root.join("runs").is_dir() {
@@ -134,7 +123,7 @@ fn run_stage(
         progress: Some(ProgressMode::Log),
         ..Default::default()
     };
-    let record = crate::exec::run(&graph, registry, &store, &opts)?;
+    let record = crate::scheduler::run(&graph, registry, &store, &opts)?;
     let stage = record.stages.iter().find(|s| s.name == a.stage);
     Ok(JobResult {
         run: Some(record.run.clone()),

@@ -21,7 +21,48 @@ pub use follow::follow;
 pub use job::{StageJobArgs, stage_job};
 pub use submit::{SlurmOptions, SubmissionRecord, submit};
 
+use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
+
+use crate::diag::{Diagnostic, Diagnostics};
+use crate::kind::Registry;
+use crate::pipeline::{self, Override, Pipeline};
+
+/// Why a submitted pipeline cannot be read back.
+pub(crate) enum Unloadable {
+    /// The file's blake3 is no longer the submitted one.
+    Changed,
+    Bad(Diagnostics),
+}
+
+/// The pipeline a submission's jobs run: the file, if it is byte for byte what was submitted
+/// (`digest`), with the submission's `--set` overrides.
+pub(crate) fn load_submitted(
+    path: &Path,
+    digest: &str,
+    set: &[String],
+    registry: &Registry,
+) -> Result<Pipeline, Unloadable> {
+    let bytes = std::fs::read(path).map_err(|e| {
+        Unloadable::Bad(
+            Diagnostic::at_file(
+                &path.display().to_string(),
+                crate::diag::Pos::START,
+                format!("cannot read pipeline file on this node: {e}"),
+            )
+            .into(),
+        )
+    })?;
+    if blake3::hash(&bytes).to_hex().as_str() != digest {
+        return Err(Unloadable::Changed);
+    }
+    let overrides = set
+        .iter()
+        .map(|s| Override::parse(s))
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|d| Unloadable::Bad(d.into()))?;
+    pipeline::load(path, registry, &overrides).map_err(Unloadable::Bad)
+}
 
 static INTERRUPTED: AtomicBool = AtomicBool::new(false);
 
