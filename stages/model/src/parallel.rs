@@ -95,6 +95,18 @@ impl<B: AutodiffBackend, M: AutodiffModule<B>> DataParallel<B, M> {
             "{} worker states for {n} devices",
             states.len()
         );
+        if n == 1 {
+            // One device: on this thread, so the work stays in the caller's rayon pool (a
+            // stage's `resources.cpus`); the same additions in the same order as below.
+            let mut states = states;
+            let mut acc = GradAccumulator::<B>::new();
+            for k in 0..micro_batches {
+                let (loss, x) = work(&mut *states[0], &model, k)?;
+                acc.add(GradAccumulator::<B>::gradients(loss, &model), None);
+                merge(k, x)?;
+            }
+            return Ok((model, acc));
+        }
         let main = self.devices[0].clone();
         let models = std::iter::once(model).chain(self.replicas.drain(..));
         let work = &work;
