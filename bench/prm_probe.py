@@ -2,14 +2,17 @@
 
 A PyTorch replica of the `prm` stage's training (transformers' LlamaForTokenClassification with
 one label, read at the line break after every step, BCE), on fresh synthetic solutions of
-three-3-digit sums every step: half have one column's result digit changed, and that step and
-every later one are labelled 0. Prints held-out step accuracy (the majority label's share is
-about 0.66) and how often the weakest step is the planted one.
+three-3-digit sums every step: half have one column's result digit changed (and the digit its
+`write` copies, as in a real slip), and that step and every later one are labelled 0. Prints
+held-out step accuracy (the majority label's share is about 0.66) and how often the weakest
+step is the planted one.
 
     dagrun export rl.model -p pipelines/r1.yaml /tmp/rl       # any char-level dagrun model
-    python3 bench/prm_probe.py /tmp/rl steps=1000 lr=1e-3 [extra=2] [cut=1]
+    python3 bench/prm_probe.py /tmp/rl steps=1000 lr=1e-3 [extra=2] [cut=1] [shortcut=1]
     # extra=N stacks copies of the last N layers on the decoder; cut=1 ends a solution at its
-    # planted step (the old layout, learnt by position). Needs torch and transformers.
+    # planted step (the old layout, learnt by position); shortcut=1 leaves the `write` digit
+    # unchanged (the old probe: a copy mismatch a PRM finds without adding). Needs torch and
+    # transformers.
 """
 
 import copy
@@ -25,6 +28,7 @@ path = sys.argv[1]
 args = dict(a.split("=") for a in sys.argv[2:])
 steps, lr, bs = int(args.get("steps", 1000)), float(args.get("lr", 1e-3)), int(args.get("bs", 16))
 cut, extra, every = args.get("cut", "0") == "1", int(args.get("extra", 0)), int(args.get("every", 200))
+shortcut = args.get("shortcut", "0") == "1"
 torch.set_num_threads(2)
 torch.manual_seed(0)
 rng = random.Random(0)
@@ -63,7 +67,14 @@ def item():
         lhs, rhs = steps_[bad].split("=", 1)
         result = rhs.split(" ")[0]
         wrong = result[:-1] + str((int(result[-1]) + rng.randint(1, 9)) % 10)
-        steps_[bad] = f"{lhs}={wrong}{rhs[len(result):]}"
+        rest = rhs[len(result):]
+        if not shortcut:
+            # What `write` copies changes with the result, as in a real slip and the stage's
+            # `number` corruption; with shortcut=1 it does not, and a PRM can find the planted
+            # step by that copy mismatch alone, without checking the sum.
+            written = rest.split(" ")[2]
+            rest = rest.replace(f"write {written}", f"write {wrong if written == result else wrong[-1]}", 1)
+        steps_[bad] = f"{lhs}={wrong}{rest}"
         labels[bad:] = [0.0] * (len(steps_) - bad)
         if cut:
             steps_, labels = steps_[: bad + 1], labels[: bad + 1]
