@@ -88,7 +88,9 @@ fn script() -> PathBuf {
 }
 
 /// Two SFT branches of a few seconds each from one base and one dataset, and a longer SFT
-/// that checkpoints often (the one cancelled mid-stage).
+/// that checkpoints often (the one cancelled mid-stage). Each branch must outlast Slurm's
+/// one-second clock (50 steps took 0.6 s on AVX-512 and the overlap check could not see it),
+/// and `long` must outlast the 1.5 s the Ctrl-C check waits after its resumed job starts.
 const PIPELINE: &str = "
 name: branches
 seed: 5
@@ -102,12 +104,12 @@ stages:
   left:
     kind: sft
     inputs: { model: base, data: problems.cot }
-    params: { max_steps: 50, batch_size: 8, lr: 3e-3 }
+    params: { max_steps: 300, batch_size: 8, lr: 3e-3 }
     resources: { cpus: 1, mem: 500M }
   right:
     kind: sft
     inputs: { model: base, data: problems.cot }
-    params: { max_steps: 50, batch_size: 8, lr: 1e-3 }
+    params: { max_steps: 300, batch_size: 8, lr: 1e-3 }
     resources: { cpus: 1, mem: 500M, time: 10 }
 ";
 
@@ -115,7 +117,7 @@ const LONG: &str = "
   long:
     kind: sft
     inputs: { model: base, data: problems.cot }
-    params: { max_steps: 160, batch_size: 8, lr: 2e-3, checkpoint_every: 10 }
+    params: { max_steps: 600, batch_size: 8, lr: 2e-3, checkpoint_every: 10 }
     resources: { cpus: 1 }
 ";
 
