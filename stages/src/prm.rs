@@ -111,7 +111,7 @@ impl StageKind for Prm {
     fn spec(&self) -> KindSpec {
         KindSpec {
             name: "prm",
-            version: 4,
+            version: 5,
             doc: "a process reward model: steps labelled by the completer's rollouts (Math-Shepherd), a scalar head on its decoder trained with BCE",
             inputs: vec![
                 PortSpec::one(

@@ -6,7 +6,8 @@
 //!   line after the reasoning is the last one (the PRM judges the answer too).
 //! - [`step_item`]: the PRM input of a prompt and its steps: the user turn in the chat template
 //!   with the generation prompt, then each step's tokens and the separator token (a line break),
-//!   where the head is read.
+//!   where the head is read, inside the think block's tags ([`StepLayout`]) as the completer
+//!   writes them: a decoder reads text like its own best.
 //! - [`Scorer`]: a loaded PRM and its tokenizer; [`Scorer::score`] gives each completion's step
 //!   scores, its solution score (the PRM's `aggregation`) and its weakest step.
 //! - [`score_on`]: the same on a device, for stages that hold no model of their own.
@@ -63,17 +64,51 @@ pub fn separator_id(tokenizer: &Tokenizer) -> anyhow::Result<u32> {
     }
 }
 
+/// What a PRM input puts around the steps: the think block's tags, as the completer writes
+/// them, so that the PRM reads the text its decoder was trained to continue.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct StepLayout {
+    /// Before the first step: `<think>` and the separator.
+    opening: Vec<u32>,
+    /// Before a step that starts with `<answer>`: `</think>` and the separator.
+    closing: Vec<u32>,
+}
+
+impl StepLayout {
+    /// The layout of a PRM whose `think_block` is `think`; the tags the chat template's
+    /// generation prompt already holds are not repeated.
+    pub fn new(format: &ChatFormat, separator: u32, think: bool) -> anyhow::Result<StepLayout> {
+        let tag = |tag: &str| -> anyhow::Result<Vec<u32>> {
+            if !think || format.reply_prefix.contains(tag) {
+                return Ok(Vec::new());
+            }
+            let mut ids = format.tokenizer.encode(tag, false)?;
+            ids.push(separator);
+            Ok(ids)
+        };
+        Ok(StepLayout {
+            opening: tag("<think>")?,
+            closing: tag("</think>")?,
+        })
+    }
+}
+
 /// The PRM input of `steps` after `prompt_ids` (a user turn from [`ChatFormat::prompt_ids`]):
-/// each step's tokens then `separator`, read at the separators.
+/// each step's tokens then `separator`, read at the separators, inside `layout`'s tags.
 pub fn step_item(
     tokenizer: &Tokenizer,
     separator: u32,
+    layout: &StepLayout,
     prompt_ids: &[u32],
     steps: &[String],
 ) -> anyhow::Result<StepItem> {
     let mut ids = prompt_ids.to_vec();
+    ids.extend(&layout.opening);
     let mut ends = Vec::with_capacity(steps.len());
     for step in steps {
+        if step.starts_with("<answer>") {
+            ids.extend(&layout.closing);
+        }
         ids.extend(tokenizer.encode(step, false)?);
         ends.push(ids.len());
         ids.push(separator);
@@ -86,6 +121,7 @@ pub struct Scorer<B: Backend> {
     pub prm: ProcessRewardModel<B>,
     pub format: ChatFormat,
     pub config: PrmConfig,
+    layout: StepLayout,
 }
 
 impl<B: Backend> Scorer<B> {
@@ -104,10 +140,12 @@ impl<B: Backend> Scorer<B> {
             "the PRM's step_token_id {} is not its tokenizer's line break ({separator})",
             config.step_token_id
         );
+        let layout = StepLayout::new(&format, separator, config.think_block)?;
         Ok(Scorer {
             prm,
             format,
             config,
+            layout,
         })
     }
 
@@ -128,6 +166,7 @@ impl<B: Backend> Scorer<B> {
             let item = step_item(
                 &self.format.tokenizer,
                 self.config.step_token_id,
+                &self.layout,
                 &prompt_ids,
                 &steps,
             )?;
@@ -261,6 +300,77 @@ mod tests {
         assert_eq!(steps.ends[2], c.len());
         assert_eq!(steps_of("  \n").texts, Vec::<String>::new());
         assert_eq!(steps_of("22").texts, ["22"]);
+    }
+
+    fn char_format(reply_prefix: &str) -> ChatFormat {
+        use dagrun_model::tokenizer::SpecialStyle;
+        let alphabet = "0123456789+=<>/ \nabcdefghijklmnopqrstuvwxyz";
+        let tokenizer = Tokenizer::char_level(alphabet, SpecialStyle::EndOfText, true).unwrap();
+        ChatFormat {
+            end_id: 1,
+            stop_ids: vec![1],
+            pad_id: 0,
+            reply_prefix: reply_prefix.into(),
+            tokenizer,
+        }
+    }
+
+    /// The ids of `prompt`'s user turn, then of `reply`, then a separator: what the completer
+    /// itself reads after writing `reply`.
+    fn as_written(f: &ChatFormat, prompt: &str, reply: &str) -> Vec<u32> {
+        let mut ids = f.prompt_ids(prompt).unwrap();
+        ids.extend(f.tokenizer.encode(reply, false).unwrap());
+        ids.extend(separator_id(&f.tokenizer));
+        ids
+    }
+
+    #[test]
+    fn a_prm_reads_the_steps_inside_the_think_block_as_the_completer_wrote_them() {
+        let reply = "<think>\n7+5=12 write 2 carry 1\n1+1=2 write 2\n</think>\n<answer>22</answer>";
+        let f = char_format("");
+        let sep = separator_id(&f.tokenizer).unwrap();
+        let steps = steps_of(reply).texts;
+        let layout = StepLayout::new(&f, sep, true).unwrap();
+        let item = step_item(
+            &f.tokenizer,
+            sep,
+            &layout,
+            &f.prompt_ids("7+5=").unwrap(),
+            &steps,
+        )
+        .unwrap();
+        assert_eq!(item.ids, as_written(&f, "7+5=", reply));
+        // Read at the line break after each step, the answer line's included.
+        assert_eq!(item.ends.len(), 3);
+        assert!(item.ends.iter().all(|&e| item.ids[e] == sep));
+        let last = f
+            .tokenizer
+            .decode(&item.ids[..item.ends[2]], false)
+            .unwrap();
+        assert!(last.ends_with("</think>\n<answer>22</answer>"), "{last}");
+
+        // A template that opens the think block: the PRM does not open it again.
+        let opened = char_format("<think>\n");
+        let layout = StepLayout::new(&opened, sep, true).unwrap();
+        let prompt = opened.prompt_ids("7+5=").unwrap();
+        let item = step_item(&opened.tokenizer, sep, &layout, &prompt, &steps).unwrap();
+        assert_eq!(
+            item.ids,
+            as_written(&opened, "7+5=", reply.strip_prefix("<think>\n").unwrap())
+        );
+
+        // A PRM made before `think_block` reads the bare steps, as it was trained.
+        let old = StepLayout::new(&f, sep, false).unwrap();
+        let item = step_item(
+            &f.tokenizer,
+            sep,
+            &old,
+            &f.prompt_ids("7+5=").unwrap(),
+            &steps,
+        )
+        .unwrap();
+        let bare = "7+5=12 write 2 carry 1\n1+1=2 write 2\n<answer>22</answer>";
+        assert_eq!(item.ids, as_written(&f, "7+5=", bare));
     }
 
     fn scored(score: f64) -> Option<SolutionScore> {

@@ -33,7 +33,7 @@ use crate::chat::ChatFormat;
 use crate::checkpoint::{Checkpoint, Speed, TrainState, epoch_rng, scalar};
 use crate::prm::PrmParams;
 use crate::prm_labels::StepLabelRow;
-use crate::prm_score::{separator_id, step_item};
+use crate::prm_score::{StepLayout, separator_id, step_item};
 
 /// One labelled solution as the PRM reads it.
 struct Example {
@@ -77,6 +77,7 @@ impl TrainTask {
         completer: &std::path::Path,
     ) -> anyhow::Result<TrainTask> {
         let separator = separator_id(&format.tokenizer)?;
+        let layout = StepLayout::new(format, separator, true)?;
         let mut prompts: HashMap<&str, Vec<u32>> = HashMap::new();
         let (mut train, mut heldout) = (Vec::new(), Vec::new());
         for row in rows {
@@ -89,6 +90,7 @@ impl TrainTask {
             let mut item = step_item(
                 &format.tokenizer,
                 separator,
+                &layout,
                 &prompts[row.prompt.as_str()],
                 &row.steps,
             )?;
@@ -131,6 +133,7 @@ impl TrainTask {
             activation: "sigmoid".into(),
             estimation: params.estimation.as_str().into(),
             input: PrmConfig::INPUT_LAYOUT.into(),
+            think_block: true,
         };
         let total = total_steps(params, train.len());
         Ok(TrainTask {

@@ -77,10 +77,16 @@ pub struct PrmConfig {
     pub estimation: String,
     /// How a PRM input is laid out, for readers of the directory.
     pub input: String,
+    /// The steps sit in a think block as the completer writes them: `<think>` and a line break
+    /// before the first step (unless the generation prompt opened the block), `</think>` and a
+    /// line break before a step that starts with `<answer>`. False in PRMs made before it was
+    /// kept, which read the steps straight after the prompt.
+    #[serde(default)]
+    pub think_block: bool,
 }
 
 impl PrmConfig {
-    pub const INPUT_LAYOUT: &'static str = "the chat template's user turn with the generation prompt, then for every step its text followed by the step separator token; the step's score is sigmoid(logit) at that separator";
+    pub const INPUT_LAYOUT: &'static str = "the chat template's user turn with the generation prompt; with think_block, `<think>` and the separator token unless the generation prompt already holds `<think>`; then for every step its text followed by the separator token, with think_block `</think>` and the separator going before a step that starts with `<answer>` (unless the generation prompt already holds `</think>`); a step's score is sigmoid(logit) at the separator after it";
 
     /// Reads the `prm` block of a loaded `config.json`.
     pub fn from_model_config(config: &ModelConfig) -> Result<PrmConfig> {
@@ -351,6 +357,7 @@ mod tests {
             activation: "sigmoid".into(),
             estimation: "hard".into(),
             input: PrmConfig::INPUT_LAYOUT.into(),
+            think_block: true,
         }
     }
 
