@@ -11,8 +11,8 @@ step is the planted one.
     python3 bench/prm_probe.py /tmp/rl steps=1000 lr=1e-3 [extra=2] [cut=1] [shortcut=1]
     # extra=N stacks copies of the last N layers on the decoder; cut=1 ends a solution at its
     # planted step (the old layout, learnt by position); shortcut=1 leaves the `write` digit
-    # unchanged (the old probe: a copy mismatch a PRM finds without adding). Needs torch and
-    # transformers.
+    # unchanged (the old probe: a copy mismatch a PRM finds without adding); bare=1 leaves out
+    # the `<think>` line the stage now puts before the steps. Needs torch and transformers.
 """
 
 import copy
@@ -29,6 +29,8 @@ args = dict(a.split("=") for a in sys.argv[2:])
 steps, lr, bs = int(args.get("steps", 1000)), float(args.get("lr", 1e-3)), int(args.get("bs", 16))
 cut, extra, every = args.get("cut", "0") == "1", int(args.get("extra", 0)), int(args.get("every", 200))
 shortcut = args.get("shortcut", "0") == "1"
+# The stage's layout since 2026-12-03: the steps inside the think block; bare=1 is the old one.
+opening = "" if args.get("bare", "0") == "1" else "<think>\n"
 torch.set_num_threads(2)
 torch.manual_seed(0)
 rng = random.Random(0)
@@ -78,7 +80,7 @@ def item():
         labels[bad:] = [0.0] * (len(steps_) - bad)
         if cut:
             steps_, labels = steps_[: bad + 1], labels[: bad + 1]
-    text = tok.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True, tokenize=False)
+    text = tok.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True, tokenize=False) + opening
     ids, ends = tok.encode(text, add_special_tokens=False), []
     for s in steps_:
         ids += tok.encode(s, add_special_tokens=False)

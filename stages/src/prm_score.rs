@@ -65,7 +65,9 @@ pub fn separator_id(tokenizer: &Tokenizer) -> anyhow::Result<u32> {
 }
 
 /// What a PRM input puts around the steps: the think block's tags, as the completer writes
-/// them, so that the PRM reads the text its decoder was trained to continue.
+/// them, so that the PRM reads the text its decoder was trained to continue. The block closes
+/// before an `<answer>` line (dagrun's answer format); the step texts do not say where else a
+/// reply closed it, so other answer formats are read without the closing tag.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct StepLayout {
     /// Before the first step: `<think>` and the separator.
@@ -350,14 +352,22 @@ mod tests {
         assert!(last.ends_with("</think>\n<answer>22</answer>"), "{last}");
 
         // A template that opens the think block: the PRM does not open it again.
-        let opened = char_format("<think>\n");
+        let dir = std::env::temp_dir().join(format!("dagrun-prm-think-{}", std::process::id()));
+        let mut tokenizer = char_format("").tokenizer;
+        tokenizer.chat_template = Some(
+            "{% for m in messages %}<|im_start|>{{ m.role }}\n{{ m.content }}<|im_end|>\n{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n<think>\n{% endif %}".into(),
+        );
+        tokenizer.save(&dir).unwrap();
+        let opened = ChatFormat::load(&dir).unwrap();
+        std::fs::remove_dir_all(&dir).unwrap();
+        assert_eq!(opened.reply_prefix, "<think>\n");
         let layout = StepLayout::new(&opened, sep, true).unwrap();
         let prompt = opened.prompt_ids("7+5=").unwrap();
         let item = step_item(&opened.tokenizer, sep, &layout, &prompt, &steps).unwrap();
-        assert_eq!(
-            item.ids,
-            as_written(&opened, "7+5=", reply.strip_prefix("<think>\n").unwrap())
-        );
+        let body = reply.strip_prefix("<think>\n").unwrap();
+        assert_eq!(item.ids, as_written(&opened, "7+5=", body));
+        let read = opened.tokenizer.decode(&item.ids, false).unwrap();
+        assert_eq!(read.matches("<think>").count(), 1, "{read}");
 
         // A PRM made before `think_block` reads the bare steps, as it was trained.
         let old = StepLayout::new(&f, sep, false).unwrap();

@@ -77,7 +77,17 @@ impl TrainTask {
         completer: &std::path::Path,
     ) -> anyhow::Result<TrainTask> {
         let separator = separator_id(&format.tokenizer)?;
-        let layout = StepLayout::new(format, separator, true)?;
+        // What the PRM's config.json will say, and the layout it trains on, from one place.
+        let prm = PrmConfig {
+            step_token_id: separator,
+            step_separator: "\n".into(),
+            aggregation: params.aggregate,
+            activation: "sigmoid".into(),
+            estimation: params.estimation.as_str().into(),
+            input: PrmConfig::INPUT_LAYOUT.into(),
+            think_block: true,
+        };
+        let layout = StepLayout::new(format, separator, prm.think_block)?;
         let mut prompts: HashMap<&str, Vec<u32>> = HashMap::new();
         let (mut train, mut heldout) = (Vec::new(), Vec::new());
         for row in rows {
@@ -126,15 +136,6 @@ impl TrainTask {
                 params.max_length
             );
         }
-        let prm = PrmConfig {
-            step_token_id: separator,
-            step_separator: "\n".into(),
-            aggregation: params.aggregate,
-            activation: "sigmoid".into(),
-            estimation: params.estimation.as_str().into(),
-            input: PrmConfig::INPUT_LAYOUT.into(),
-            think_block: true,
-        };
         let total = total_steps(params, train.len());
         Ok(TrainTask {
             train,
