@@ -17,10 +17,10 @@
 //! Which inputs go together is checked when the graph is built ([`wiring`]), before anything
 //! runs.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::fmt::Write as _;
 
-use anyhow::bail;
+use anyhow::{Context, bail};
 use dagrun_engine::Params;
 use dagrun_engine::dataset::read_parquet;
 use dagrun_engine::kind::{
@@ -29,12 +29,15 @@ use dagrun_engine::kind::{
 };
 use dagrun_model::device::{Devices, run_on};
 use dagrun_model::generate::{Completion, SamplingParams};
-use serde_json::json;
+use serde::Deserialize;
+use serde_json::{Value, json};
 
 use crate::dedupe::{Diversity, select_diverse};
 use crate::prm_score::{prm_wiring, score_on};
 use crate::rewards::{Judged, RewardSet};
-use crate::sampling::{CHUNK, REWARD_NAMES, SampleChunks, Shards, chunk, reward_set, think_steps};
+use crate::sampling::{
+    CHUNK, CodeRewardParams, REWARD_NAMES, SampleChunks, Shards, chunk, reward_set, think_steps,
+};
 use crate::tables::{
     ChatRow, Message, ProblemRow, SampleRow, chat_batch, metrics_batch, read_problems,
     read_samples, samples_batch,
@@ -42,6 +45,59 @@ use crate::tables::{
 use crate::tasks;
 
 pub struct RejectionFilter;
+
+/// The stage's params, read once.
+#[derive(Debug, Clone, Deserialize)]
+struct RejectionParams {
+    num_samples: usize,
+    temperature: f32,
+    top_p: f32,
+    max_new_tokens: usize,
+    rewards: BTreeMap<String, f64>,
+    min_reward: f64,
+    require_correct: bool,
+    answer_fallback: bool,
+    keep: Keep,
+    top_k: usize,
+    max_per_problem: usize,
+    diversity_lambda: f64,
+    max_similarity: f64,
+    limit: Option<usize>,
+    batch_size: usize,
+    min_step_score: Option<f64>,
+    #[serde(flatten)]
+    code: CodeRewardParams,
+}
+
+/// Which passing completions of a problem are kept.
+#[derive(Debug, Clone, Copy, Deserialize)]
+#[serde(rename_all = "snake_case")]
+enum Keep {
+    Best,
+    AllPassing,
+    TopK,
+}
+
+impl RejectionParams {
+    fn read(params: &Params) -> anyhow::Result<RejectionParams> {
+        serde_json::from_value(Value::Object(params.as_map().clone()))
+            .context("reading the params of `rejection_filter`")
+    }
+
+    /// The reward weights as [`reward_set`] takes them (sorted by name).
+    fn weights(&self) -> Vec<(String, f64)> {
+        self.rewards.iter().map(|(k, v)| (k.clone(), *v)).collect()
+    }
+
+    /// How many passing completions a problem keeps at most.
+    fn kept_per_problem(&self) -> usize {
+        match self.keep {
+            Keep::Best => 1,
+            Keep::TopK => self.top_k.min(self.max_per_problem),
+            Keep::AllPassing => self.max_per_problem,
+        }
+    }
+}
 
 impl StageKind for RejectionFilter {
     fn spec(&self) -> KindSpec {
@@ -235,14 +291,13 @@ impl StageKind for RejectionFilter {
     }
 
     fn run(&self, ctx: &mut StageContext) -> anyhow::Result<()> {
-        let p = ctx.params.clone();
-        let max_new_tokens = p.i64("max_new_tokens") as usize;
-        let fallback = p.bool("answer_fallback");
-        let rewards =
-            reward_set(&p.weights("rewards"), max_new_tokens)?.with_answer_fallback(fallback);
-        let (bonus, limits) = crate::sampling::code_reward(&p);
-        let rewards = rewards.with_code(bonus, limits.clone());
-        let limit = p.opt_i64("limit").map(|l| l as usize).unwrap_or(usize::MAX);
+        let p = RejectionParams::read(&ctx.params)?;
+        let fallback = p.answer_fallback;
+        let limits = p.code.limits();
+        let rewards = reward_set(&p.weights(), p.max_new_tokens)?
+            .with_answer_fallback(fallback)
+            .with_code(p.code.code_bonus, limits.clone());
+        let limit = p.limit.unwrap_or(usize::MAX);
         let (model, problems, given) = (
             ctx.input_opt("model").cloned(),
             ctx.input_opt("problems").cloned(),
@@ -255,7 +310,7 @@ impl StageKind for RejectionFilter {
                 if problems.is_empty() {
                     bail!("input `problems` has no rows to sample for");
                 }
-                sample_from_model(ctx, &model.path, &problems, &rewards)?
+                sample_from_model(ctx, &p, &model.path, &problems, &rewards)?
             }
             (None, None, Some(given)) => {
                 let mut rows = read_samples(&read_parquet(&given.path)?.1)?;
@@ -299,16 +354,10 @@ impl StageKind for RejectionFilter {
                 bail!("stage `{}`: {message}", ctx.node)
             }
         };
-        let cap = p.i64("max_per_problem") as usize;
-        let k = match p.str("keep") {
-            "best" => 1,
-            "top_k" => (p.i64("top_k") as usize).min(cap),
-            _ => cap,
-        };
         let diversity = Diversity {
-            k,
-            lambda: p.f64("diversity_lambda"),
-            max_similarity: p.f64("max_similarity"),
+            k: p.kept_per_problem(),
+            lambda: p.diversity_lambda,
+            max_similarity: p.max_similarity,
             ..Diversity::default()
         };
         // Code samples are judged by running them: all at once, on every core.
@@ -321,15 +370,15 @@ impl StageKind for RejectionFilter {
         .map_err(|e| anyhow::anyhow!(e))?;
         let mut filter = Filter {
             code_limits: limits.clone(),
-            min_reward: p.f64("min_reward"),
-            require_correct: p.bool("require_correct"),
+            min_reward: p.min_reward,
+            require_correct: p.require_correct,
             fallback,
             steps: None,
         };
-        match (p.opt_f64("min_step_score"), ctx.input_opt("prm")) {
+        match (p.min_step_score, ctx.input_opt("prm")) {
             (Some(min), Some(prm)) => {
                 let device = ctx.device.parse::<Devices>()?.first();
-                let batch = p.i64("batch_size") as usize;
+                let batch = p.batch_size;
                 let score = |requests| {
                     let scores = score_on(&device, &prm.path, requests, batch)?;
                     Ok(scores.into_iter().map(|s| s.map(|s| s.weakest_score)))
@@ -363,27 +412,27 @@ impl StageKind for RejectionFilter {
 /// killed run checkpointed.
 fn sample_from_model(
     ctx: &mut StageContext,
+    p: &RejectionParams,
     model_dir: &std::path::Path,
     problems: &[ProblemRow],
     rewards: &RewardSet,
 ) -> anyhow::Result<Vec<SampleRow>> {
     // Sampling runs on one device: the first of a list.
     let device = ctx.device.parse::<Devices>()?.first();
-    let p = &ctx.params;
     let shards = Shards::new(&ctx.resume_dir().join("samples"))?;
     let n_chunks = problems.len().div_ceil(CHUNK);
     let (missing, done) = shards.missing_chunks(problems.len());
     let progress = ctx.progress(problems.len() as u64, "problems");
     progress.inc(done as u64);
     let params = SamplingParams {
-        temperature: p.f64("temperature") as f32,
+        temperature: p.temperature,
         top_k: 0,
-        top_p: p.f64("top_p") as f32,
-        max_new_tokens: p.i64("max_new_tokens") as usize,
+        top_p: p.top_p,
+        max_new_tokens: p.max_new_tokens,
         stop_strings: vec![],
         seed: ctx.seed,
     };
-    let (n, batch_size) = (p.i64("num_samples") as usize, p.i64("batch_size") as usize);
+    let (n, batch_size) = (p.num_samples, p.batch_size);
     if missing.len() < n_chunks {
         ctx.mark_resumed();
         ctx.info(format!(

@@ -157,14 +157,33 @@ pub fn code_reward_params() -> Vec<ParamSpec> {
     ]
 }
 
+/// The params [`code_reward_params`] declare, read once (flattened into a stage's params).
+#[derive(Debug, Clone, serde::Deserialize)]
+pub struct CodeRewardParams {
+    pub code_bonus: f64,
+    pub code_timeout: f64,
+    pub code_memory_mb: u64,
+}
+
+impl CodeRewardParams {
+    /// The sandbox limits of a program under test.
+    pub fn limits(&self) -> crate::code_exec::Limits {
+        crate::code_exec::Limits {
+            timeout: std::time::Duration::from_secs_f64(self.code_timeout),
+            memory_bytes: self.code_memory_mb << 20,
+            ..crate::code_exec::Limits::default()
+        }
+    }
+}
+
 /// The bonus and sandbox limits that [`code_reward_params`] declare.
 pub fn code_reward(p: &Params) -> (f64, crate::code_exec::Limits) {
-    let limits = crate::code_exec::Limits {
-        timeout: std::time::Duration::from_secs_f64(p.f64("code_timeout")),
-        memory_bytes: (p.i64("code_memory_mb") as u64) << 20,
-        ..crate::code_exec::Limits::default()
+    let code = CodeRewardParams {
+        code_bonus: p.f64("code_bonus"),
+        code_timeout: p.f64("code_timeout"),
+        code_memory_mb: p.i64("code_memory_mb") as u64,
     };
-    (p.f64("code_bonus"), limits)
+    (code.code_bonus, code.limits())
 }
 
 /// The non-blank lines inside a completion's first `<think>…</think>` block, trimmed; none
