@@ -72,6 +72,29 @@ pub struct Checkpoint {
 }
 
 /// Where a training loop starts: a checkpoint or the input model.
+/// AdamW's settings among a training kind's params.
+#[derive(Debug, Clone, Deserialize)]
+pub struct OptimizerParams {
+    pub weight_decay: f64,
+    /// 0: no clipping.
+    pub max_grad_norm: f64,
+}
+
+impl OptimizerParams {
+    pub fn read(params: &Params) -> anyhow::Result<OptimizerParams> {
+        serde_json::from_value(serde_json::Value::Object(params.as_map().clone()))
+            .map_err(|e| anyhow::anyhow!("reading the optimizer params: {e}"))
+    }
+
+    fn adamw(&self) -> AdamWConfig {
+        AdamWConfig {
+            weight_decay: self.weight_decay,
+            max_grad_norm: (self.max_grad_norm > 0.0).then_some(self.max_grad_norm),
+            ..AdamWConfig::default()
+        }
+    }
+}
+
 pub struct Start<B: AutodiffBackend> {
     pub model: CausalLm<B>,
     pub optimizer: AdamW<B::InnerBackend>,
@@ -95,13 +118,12 @@ impl Checkpoint {
     }
 
     /// The newest usable checkpoint, or a fresh start: the model in `model_dir` (with fresh
-    /// `lora` adapters, if given), an AdamW configured by the stage's `weight_decay` and
-    /// `max_grad_norm` params (0: no clipping), step 0. Unusable checkpoints are set aside (`NAME.unusable`), each
+    /// `lora` adapters, if given), an AdamW configured by `optimizer`, step 0. Unusable checkpoints are set aside (`NAME.unusable`), each
     /// with a note.
     pub fn restore_or_start<B: AutodiffBackend>(
         &self,
         model_dir: &Path,
-        params: &Params,
+        optimizer: &OptimizerParams,
         device: &B::Device,
         lora: Option<Lora>,
     ) -> anyhow::Result<Start<B>> {
@@ -125,19 +147,13 @@ impl Checkpoint {
                 notes,
             });
         }
-        let clip = params.f64("max_grad_norm");
-        let config = AdamWConfig {
-            weight_decay: params.f64("weight_decay"),
-            max_grad_norm: (clip > 0.0).then_some(clip),
-            ..AdamWConfig::default()
-        };
         let model = match base {
             Some(model) => model,
             None => load_model::<B>(model_dir, device)?,
         };
         Ok(Start {
             model,
-            optimizer: AdamW::new(config),
+            optimizer: AdamW::new(optimizer.adamw()),
             state: TrainState::default(),
             notes,
         })

@@ -47,7 +47,7 @@ use serde::Deserialize;
 use serde_json::json;
 
 use crate::chat::ChatFormat;
-use crate::checkpoint::finish_training_from;
+use crate::checkpoint::{OptimizerParams, finish_training_from};
 use crate::distill_math::{agreement, jsd_sum};
 use crate::init_model::{config_param, init_preset, preset_config};
 use crate::sampling::{SampleChunks, Shards, chunk, mix_seed, sample_groups};
@@ -649,7 +649,7 @@ impl MultiDeviceTask for DistillTask {
         let device = devices[0].clone();
         let start = self.steps.checkpoint().restore_or_start::<B>(
             &self.student_dir,
-            &self.params,
+            &OptimizerParams::read(&self.params)?,
             &device,
             None,
         )?;

@@ -19,6 +19,7 @@
 //! over them (`dagrun_model::parallel`), with the gradient sums of one GPU; sampling and the
 //! reference's scoring run on the first.
 
+use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::time::Instant;
 
@@ -38,18 +39,59 @@ use dagrun_model::parallel::DataParallel;
 use dagrun_model::score::{Entropy, ScoreItem, score_host, score_with};
 use dagrun_model::{CausalLm, load_model, save_model};
 use rand::seq::SliceRandom;
-use serde_json::json;
+use serde::Deserialize;
+use serde_json::{Value, json};
 
 use crate::chat::ChatFormat;
-use crate::checkpoint::{Checkpoint, Speed, epoch_rng, finish_training, scalar, sync_path};
+use crate::checkpoint::{
+    Checkpoint, OptimizerParams, Speed, epoch_rng, finish_training, scalar, sync_path,
+};
 use crate::grpo_math::{
     LossConfig, LossStats, ScaleRewards, WholeBatch, completion_mask, compute_advantages,
     entropy_bonus, grpo_loss,
 };
 use crate::rewards::{Judged, RewardSet};
+use crate::sampling::CodeRewardParams;
 use crate::tables::{ProblemRow, SampleRow, read_problems, samples_batch};
 
 pub struct Grpo;
+
+/// The stage's params, read once.
+#[derive(Debug, Clone, Deserialize)]
+struct GrpoParams {
+    steps: u64,
+    batch_prompts: usize,
+    group_size: usize,
+    rewards: BTreeMap<String, f64>,
+    answer_fallback: bool,
+    lr: f64,
+    warmup_steps: u64,
+    beta: f64,
+    epsilon: f64,
+    epsilon_high: f64,
+    num_iterations: u64,
+    loss_type: String,
+    scale_rewards: String,
+    mask_truncated_completions: bool,
+    temperature: f64,
+    temperature_end: Option<f64>,
+    top_p: f32,
+    max_new_tokens: usize,
+    entropy_coef: f64,
+    micro_batch: usize,
+    checkpoint_every: u64,
+    #[serde(flatten)]
+    optimizer: OptimizerParams,
+    #[serde(flatten)]
+    code: CodeRewardParams,
+}
+
+impl GrpoParams {
+    fn read(params: &Params) -> anyhow::Result<GrpoParams> {
+        serde_json::from_value(Value::Object(params.as_map().clone()))
+            .context("reading the params of `grpo`")
+    }
+}
 
 impl StageKind for Grpo {
     fn spec(&self) -> KindSpec {
@@ -305,15 +347,16 @@ impl StageKind for Grpo {
             bail!("input `problems` is empty");
         }
         let prompts = crate::sampling::prompts_of(&format, &problems)?;
-        let params = ctx.params.clone();
-        let rewards = crate::sampling::reward_set(
-            &params.weights("rewards"),
-            params.i64("max_new_tokens") as usize,
-        )?
-        .with_answer_fallback(params.bool("answer_fallback"));
-        let (bonus, limits) = crate::sampling::code_reward(&params);
-        let rewards = rewards.with_code(bonus, limits);
-        let progress = ctx.progress(params.i64("steps") as u64, "steps");
+        let params = GrpoParams::read(&ctx.params)?;
+        let weights: Vec<(String, f64)> = params
+            .rewards
+            .iter()
+            .map(|(k, v)| (k.clone(), *v))
+            .collect();
+        let rewards = crate::sampling::reward_set(&weights, params.max_new_tokens)?
+            .with_answer_fallback(params.answer_fallback)
+            .with_code(params.code.code_bonus, params.code.limits());
+        let progress = ctx.progress(params.steps, "steps");
         let task = GrpoTask {
             params,
             rewards,
@@ -362,7 +405,7 @@ impl StageKind for Grpo {
 }
 
 struct GrpoTask {
-    params: Params,
+    params: GrpoParams,
     rewards: RewardSet,
     problems: Vec<ProblemRow>,
     prompts: Vec<Vec<u32>>,
@@ -387,7 +430,7 @@ struct Outcome {
 impl GrpoTask {
     /// Problem indices of step `step`: consecutive slices of per-epoch seeded shuffles.
     fn batch(&self, step: u64) -> Vec<usize> {
-        let b = self.params.i64("batch_prompts") as usize;
+        let b = self.params.batch_prompts;
         let n = self.problems.len();
         // A step spans at most two epochs: shuffle each once, not once per prompt.
         let mut shuffled: Option<(usize, Vec<usize>)> = None;
@@ -407,8 +450,8 @@ impl GrpoTask {
 
     /// The sampling temperature of step `step`, also the one its log-probs are scored at.
     fn temperature(&self, step: u64, steps: u64) -> f64 {
-        let start = self.params.f64("temperature");
-        let end = self.params.opt_f64("temperature_end").unwrap_or(start);
+        let start = self.params.temperature;
+        let end = self.params.temperature_end.unwrap_or(start);
         let t = if steps > 1 {
             step as f64 / (steps - 1) as f64
         } else {
@@ -425,11 +468,9 @@ impl MultiDeviceTask for GrpoTask {
     fn run<B: AutodiffBackend>(self, devices: Vec<B::Device>) -> anyhow::Result<Outcome> {
         let device = devices[0].clone();
         let p = &self.params;
-        let steps = p.i64("steps") as u64;
-        let group = p.i64("group_size") as usize;
-        let beta = p.f64("beta");
+        let (steps, group, beta) = (p.steps, p.group_size, p.beta);
         let ckpt = Checkpoint::new(&self.resume);
-        let start = ckpt.restore_or_start::<B>(&self.model_dir, p, &device, None)?;
+        let start = ckpt.restore_or_start::<B>(&self.model_dir, &p.optimizer, &device, None)?;
         let (mut model, mut opt, mut state) = (start.model, start.optimizer, start.state);
         let mut parallel = DataParallel::new(&model, devices)?;
         let reference = if beta > 0.0 {
@@ -438,33 +479,28 @@ impl MultiDeviceTask for GrpoTask {
             None
         };
         let resumed_from = state.step;
-        let top_p = p.f64("top_p") as f32;
-        let checkpoint_every = p.i64("checkpoint_every") as u64;
-        let max_new = p.i64("max_new_tokens") as usize;
+        let (top_p, checkpoint_every, max_new) = (p.top_p, p.checkpoint_every, p.max_new_tokens);
         let trainer = Trainer {
             loss: LossConfig {
-                loss_type: p
-                    .str("loss_type")
-                    .parse()
-                    .map_err(|e| anyhow::anyhow!("{e}"))?,
-                epsilon_low: p.f64("epsilon"),
-                epsilon_high: p.f64("epsilon_high"),
+                loss_type: p.loss_type.parse().map_err(|e| anyhow::anyhow!("{e}"))?,
+                epsilon_low: p.epsilon,
+                epsilon_high: p.epsilon_high,
                 beta,
                 max_completion_length: max_new,
                 whole_batch: None,
             },
-            mask_truncated: p.bool("mask_truncated_completions"),
-            entropy_coef: p.f64("entropy_coef"),
-            micro_batch: p.i64("micro_batch") as usize,
-            iterations: p.i64("num_iterations") as u64,
+            mask_truncated: p.mask_truncated_completions,
+            entropy_coef: p.entropy_coef,
+            micro_batch: p.micro_batch,
+            iterations: p.num_iterations,
             schedule: LrSchedule {
-                warmup_steps: p.i64("warmup_steps") as u64,
-                ..LrSchedule::constant(p.f64("lr"))
+                warmup_steps: p.warmup_steps,
+                ..LrSchedule::constant(p.lr)
             },
             pad_id: self.format.pad_id,
         };
         let scale: ScaleRewards = p
-            .str("scale_rewards")
+            .scale_rewards
             .parse()
             .map_err(|e| anyhow::anyhow!("{e}"))?;
         let shard_path = |step: u64| self.resume.join(format!("samples-{step:07}.parquet"));

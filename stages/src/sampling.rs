@@ -21,7 +21,6 @@ use std::path::{Path, PathBuf};
 use anyhow::Context;
 use arrow::array::RecordBatch;
 use burn::tensor::backend::{AutodiffBackend, Backend};
-use dagrun_engine::Params;
 use dagrun_engine::Progress;
 use dagrun_engine::dataset::{read_parquet, write_parquet_atomic};
 use dagrun_engine::kind::{ParamSpec, ParamType};
@@ -124,7 +123,7 @@ pub fn reward_set(weights: &[(String, f64)], max_new_tokens: usize) -> anyhow::R
 }
 
 /// The `code_tests` reward's params, for stages that score with rewards: read back by
-/// [`code_reward`].
+/// [`CodeRewardParams`].
 pub fn code_reward_params() -> Vec<ParamSpec> {
     vec![
         ParamSpec::new(
@@ -174,16 +173,6 @@ impl CodeRewardParams {
             ..crate::code_exec::Limits::default()
         }
     }
-}
-
-/// The bonus and sandbox limits that [`code_reward_params`] declare.
-pub fn code_reward(p: &Params) -> (f64, crate::code_exec::Limits) {
-    let code = CodeRewardParams {
-        code_bonus: p.f64("code_bonus"),
-        code_timeout: p.f64("code_timeout"),
-        code_memory_mb: p.i64("code_memory_mb") as u64,
-    };
-    (code.code_bonus, code.limits())
 }
 
 /// The non-blank lines inside a completion's first `<think>…</think>` block, trimmed; none

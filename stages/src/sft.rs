@@ -44,7 +44,9 @@ use serde::Deserialize;
 use serde_json::json;
 
 use crate::chat::ChatFormat;
-use crate::checkpoint::{Checkpoint, Lora, Speed, Start, epoch_rng, finish_training, scalar};
+use crate::checkpoint::{
+    Checkpoint, Lora, OptimizerParams, Speed, Start, epoch_rng, finish_training, scalar,
+};
 use crate::tables::read_chat;
 
 pub struct Sft;
@@ -694,7 +696,7 @@ impl MultiDeviceTask for SftTask {
         });
         let start = self.steps.checkpoint().restore_or_start::<B>(
             &self.model_dir,
-            p,
+            &OptimizerParams::read(p)?,
             &device,
             lora.as_ref().map(|config| Lora {
                 config,
