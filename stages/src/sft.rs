@@ -139,11 +139,12 @@ impl StageKind for Sft {
     fn run(&self, ctx: &mut StageContext) -> anyhow::Result<()> {
         let devices: Devices = ctx.device.parse()?;
         let train = TrainParams::read(&ctx.params)?;
+        let own = SftParams::read(&ctx.params)?;
         let model_dir = ctx.input("model")?.path.clone();
         let format = ChatFormat::load(&model_dir)?;
         let (_, batches) = read_parquet(&ctx.input("data")?.path)?;
         let rows = read_chat(&batches)?;
-        let answer_only = ctx.params.str("target") == "answer";
+        let answer_only = own.target == "answer";
         let mut items = Vec::with_capacity(rows.len());
         for row in &rows {
             let (Some(user), Some(assistant)) = (
@@ -169,7 +170,8 @@ impl StageKind for Sft {
         }
         let plan = TrainPlan::new(&train, &items, ctx.seed);
         let task = SftTask {
-            params: ctx.params.clone(),
+            optimizer: OptimizerParams::read(&ctx.params)?,
+            lora: own.lora(),
             steps: StepLoop::new(ctx, train, plan)?,
             items,
             model_dir,
@@ -674,8 +676,37 @@ impl StepLoop {
     }
 }
 
+/// The params of `sft` beyond the step loop's and the optimizer's, read once.
+#[derive(Debug, Clone, Deserialize)]
+struct SftParams {
+    target: String,
+    lora_rank: Option<usize>,
+    lora_alpha: f64,
+    lora_dropout: f64,
+    #[serde(default)]
+    lora_targets: Vec<String>,
+}
+
+impl SftParams {
+    fn read(params: &Params) -> anyhow::Result<SftParams> {
+        serde_json::from_value(serde_json::Value::Object(params.as_map().clone()))
+            .map_err(|e| anyhow::anyhow!("reading the params of `sft`: {e}"))
+    }
+
+    /// The adapters to train, when `lora_rank` is set.
+    fn lora(&self) -> Option<LoraConfig> {
+        self.lora_rank.map(|rank| LoraConfig {
+            rank,
+            alpha: self.lora_alpha,
+            dropout: self.lora_dropout,
+            target_modules: self.lora_targets.clone(),
+        })
+    }
+}
+
 struct SftTask {
-    params: Params,
+    optimizer: OptimizerParams,
+    lora: Option<LoraConfig>,
     steps: StepLoop,
     items: Vec<ScoreItem>,
     model_dir: PathBuf,
@@ -687,18 +718,11 @@ impl MultiDeviceTask for SftTask {
 
     fn run<B: AutodiffBackend>(self, devices: Vec<B::Device>) -> anyhow::Result<Trained> {
         let device = devices[0].clone();
-        let p = &self.params;
-        let lora = p.opt_i64("lora_rank").map(|rank| LoraConfig {
-            rank: rank as usize,
-            alpha: p.f64("lora_alpha"),
-            dropout: p.f64("lora_dropout"),
-            target_modules: p.get_as("lora_targets").unwrap_or_default(),
-        });
         let start = self.steps.checkpoint().restore_or_start::<B>(
             &self.model_dir,
-            &OptimizerParams::read(p)?,
+            &self.optimizer,
             &device,
-            lora.as_ref().map(|config| Lora {
+            self.lora.as_ref().map(|config| Lora {
                 config,
                 seed: self.steps.seed(),
             }),
