@@ -2,7 +2,7 @@
 //! reasoning and non-reasoning data. Works on any schema; filters use the `task` and
 //! `difficulty` columns where they exist.
 
-use std::collections::HashSet;
+use std::collections::{BTreeMap, HashSet};
 use std::sync::Arc;
 
 use anyhow::{anyhow, bail};
@@ -19,9 +19,29 @@ use dagrun_engine::kind::{
 use rand::SeedableRng;
 use rand::seq::SliceRandom;
 use rand_chacha::ChaCha8Rng;
+use serde::Deserialize;
 use serde_json::json;
 
 pub struct Mix;
+
+/// The stage's params, read once.
+#[derive(Debug, Clone, Deserialize)]
+struct MixParams {
+    counts: Option<BTreeMap<String, u64>>,
+    weights: Option<BTreeMap<String, f64>>,
+    tasks: Option<Vec<String>>,
+    difficulty: Option<Vec<i64>>,
+    limit: Option<usize>,
+    dedupe: bool,
+    shuffle: bool,
+}
+
+impl MixParams {
+    fn read(params: &Params) -> anyhow::Result<MixParams> {
+        serde_json::from_value(serde_json::Value::Object(params.as_map().clone()))
+            .map_err(|e| anyhow!("reading the params of `mix`: {e}"))
+    }
+}
 
 impl StageKind for Mix {
     fn spec(&self) -> KindSpec {
@@ -138,14 +158,12 @@ impl StageKind for Mix {
     }
 
     fn run(&self, ctx: &mut StageContext) -> anyhow::Result<()> {
+        let p = MixParams::read(&ctx.params)?;
         // Sorted port names: the key does not see the order they are written in.
         let ports: Vec<String> = ctx.input_ports().into_iter().map(str::to_string).collect();
-        let tasks: Option<HashSet<String>> = ctx
-            .params
-            .get_as::<Option<Vec<String>>>("tasks")?
-            .map(|v| v.into_iter().collect());
-        let difficulty: Option<Vec<i64>> = ctx.params.get_as("difficulty")?;
-        let limit = ctx.params.opt_i64("limit").map(|l| l as usize);
+        let tasks: Option<HashSet<String>> = p.tasks.clone().map(|v| v.into_iter().collect());
+        let difficulty = p.difficulty.as_deref();
+        let limit = p.limit;
         let mut rng = ChaCha8Rng::seed_from_u64(ctx.seed);
 
         let mut schema: Option<Arc<Schema>> = None;
@@ -162,7 +180,7 @@ impl StageKind for Mix {
                 Some(_) => {}
             }
             let batch = concat_batches(&s, &batches)?;
-            let mut rows = keep_rows(&batch, tasks.as_ref(), difficulty.as_deref())?;
+            let mut rows = keep_rows(&batch, tasks.as_ref(), difficulty)?;
             rows.shuffle(&mut rng);
             parts.push((port.clone(), batch, rows));
         }
@@ -170,18 +188,14 @@ impl StageKind for Mix {
 
         // How many rows each input contributes.
         let quota = |port: &str, available: usize| -> usize {
-            if let Some(n) = ctx.params.get("counts").get(port).and_then(|v| v.as_u64()) {
+            if let Some(&n) = p.counts.as_ref().and_then(|c| c.get(port)) {
                 return (n as usize).min(available);
             }
-            if let (Some(w), Some(total)) = (ctx.params.get("weights").as_object(), limit) {
-                // Summed in name order: float addition depends on order, and the key ignores it.
-                let mut weights: Vec<(&String, f64)> = w
-                    .iter()
-                    .filter_map(|(k, v)| Some((k, v.as_f64()?)))
-                    .collect();
-                weights.sort_by(|a, b| a.0.cmp(b.0));
-                let sum: f64 = weights.iter().map(|(_, v)| v).sum();
-                let mine = w.get(port).and_then(|v| v.as_f64()).unwrap_or(0.0);
+            if let (Some(w), Some(total)) = (&p.weights, limit) {
+                // Summed in name order (a BTreeMap's): float addition depends on order, and the
+                // key ignores it.
+                let sum: f64 = w.values().sum();
+                let mine = w.get(port).copied().unwrap_or(0.0);
                 return if sum > 0.0 {
                     ((total as f64 * mine / sum).round() as usize).min(available)
                 } else {
@@ -202,7 +216,7 @@ impl StageKind for Mix {
                 if picked.len() == want {
                     break;
                 }
-                if ctx.params.bool("dedupe")
+                if p.dedupe
                     && let Some(ids) = &ids
                     && !seen_ids.insert(ids.value(r as usize).to_string())
                 {
@@ -210,7 +224,7 @@ impl StageKind for Mix {
                 }
                 picked.push(r);
             }
-            if !ctx.params.bool("shuffle") {
+            if !p.shuffle {
                 picked.sort_unstable();
             }
             let picked = take_record_batch(batch, &UInt32Array::from(picked))?;
@@ -220,7 +234,7 @@ impl StageKind for Mix {
             )?);
         }
         let mut all = concat_batches(&schema, &taken)?;
-        if ctx.params.bool("shuffle") {
+        if p.shuffle {
             let mut order: Vec<u32> = (0..all.num_rows() as u32).collect();
             order.shuffle(&mut rng);
             all = take_record_batch(&all, &UInt32Array::from(order))?;
