@@ -31,6 +31,7 @@ use dagrun_engine::{Params, Progress};
 use dagrun_model::device::{BackendTask, Devices, run_on};
 use dagrun_model::generate::SamplingParams;
 use dagrun_model::load_model;
+use serde::Deserialize;
 use serde_json::json;
 
 use crate::chat::ChatFormat;
@@ -41,6 +42,27 @@ use crate::tables::{EvalRow, ProblemRow, eval_batch, metrics_batch, read_eval, r
 use crate::tasks;
 
 pub struct Eval;
+
+/// The stage's params, read once.
+#[derive(Debug, Clone, Deserialize)]
+struct EvalParams {
+    k: usize,
+    n: Option<usize>,
+    answer_fallback: bool,
+    temperature: f32,
+    top_p: f32,
+    max_new_tokens: usize,
+    limit: Option<usize>,
+    batch_size: usize,
+    rerank: String,
+}
+
+impl EvalParams {
+    fn read(params: &Params) -> anyhow::Result<EvalParams> {
+        serde_json::from_value(serde_json::Value::Object(params.as_map().clone()))
+            .map_err(|e| anyhow::anyhow!("reading the params of `eval`: {e}"))
+    }
+}
 
 impl StageKind for Eval {
     /// The `model` column names each model by the stage that made it.
@@ -182,18 +204,15 @@ impl StageKind for Eval {
     fn run(&self, ctx: &mut StageContext) -> anyhow::Result<()> {
         // Evaluation runs on one device: the first of a list.
         let device = ctx.device.parse::<Devices>()?.first();
+        let p = EvalParams::read(&ctx.params)?;
         let prm = ctx.input_opt("prm").map(|a| a.path.clone());
-        if let Err(e) = prm_wiring(
-            "rerank: prm",
-            ctx.params.str("rerank") == "prm",
-            prm.is_some(),
-        ) {
+        if let Err(e) = prm_wiring("rerank: prm", p.rerank == "prm", prm.is_some()) {
             // The graph rejects this before anything runs; this covers callers that skip it.
             bail!("stage `{}`: {}", ctx.node, e.message);
         }
         let mut problems = read_problems(&read_parquet(&ctx.input("problems")?.path)?.1)?;
-        if let Some(limit) = ctx.params.opt_i64("limit") {
-            problems.truncate(limit as usize);
+        if let Some(limit) = p.limit {
+            problems.truncate(limit);
         }
         if problems.is_empty() {
             bail!("input `problems` has no rows to evaluate on");
@@ -202,27 +221,25 @@ impl StageKind for Eval {
         if models.is_empty() {
             bail!("input `models` lists no model");
         }
-        let p = &ctx.params;
-        let k = p.i64("k") as usize;
         let cfg = Config {
-            k,
-            n: p.opt_i64("n").map_or(k, |n| n as usize),
-            fallback: p.bool("answer_fallback"),
-            batch_size: p.i64("batch_size") as usize,
+            k: p.k,
+            n: p.n.unwrap_or(p.k),
+            fallback: p.answer_fallback,
+            batch_size: p.batch_size,
             prm,
             greedy: SamplingParams {
                 temperature: 0.0,
                 top_k: 0,
                 top_p: 1.0,
-                max_new_tokens: p.i64("max_new_tokens") as usize,
+                max_new_tokens: p.max_new_tokens,
                 stop_strings: vec![],
                 seed: 0,
             },
             sampled: SamplingParams {
-                temperature: p.f64("temperature") as f32,
+                temperature: p.temperature,
                 top_k: 0,
-                top_p: p.f64("top_p") as f32,
-                max_new_tokens: p.i64("max_new_tokens") as usize,
+                top_p: p.top_p,
+                max_new_tokens: p.max_new_tokens,
                 stop_strings: vec![],
                 seed: ctx.seed,
             },
