@@ -71,7 +71,6 @@ pub struct Checkpoint {
     root: PathBuf,
 }
 
-/// Where a training loop starts: a checkpoint or the input model.
 /// AdamW's settings among a training kind's params.
 #[derive(Debug, Clone, Deserialize)]
 pub struct OptimizerParams {
@@ -95,6 +94,7 @@ impl OptimizerParams {
     }
 }
 
+/// Where a training loop starts: a checkpoint or the input model.
 pub struct Start<B: AutodiffBackend> {
     pub model: CausalLm<B>,
     pub optimizer: AdamW<B::InnerBackend>,

@@ -950,6 +950,16 @@ fn pad_rows(rows: &[Vec<f32>], width: usize) -> Vec<f32> {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn params_are_read_into_their_struct() {
+        let params = dagrun_engine::params::resolve(&Grpo.spec(), &serde_json::Map::new()).unwrap();
+        let p = GrpoParams::read(&params).unwrap();
+        assert_eq!((p.group_size, p.temperature_end), (8, None));
+        assert!(p.optimizer.max_grad_norm > 0.0 && p.code.code_memory_mb > 0);
+        p.loss_type.parse::<crate::grpo_math::LossType>().unwrap();
+        p.scale_rewards.parse::<ScaleRewards>().unwrap();
+    }
+
     use burn::backend::{Autodiff, Flex};
     use dagrun_model::optim::AdamWConfig;
     use dagrun_model::params::visit_params;

@@ -790,6 +790,23 @@ impl Tally {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn params_are_read_into_their_struct() {
+        let spec = RejectionFilter.spec();
+        let params = dagrun_engine::params::resolve(&spec, &serde_json::Map::new()).unwrap();
+        let p = RejectionParams::read(&params).unwrap();
+        assert!(matches!(p.keep, Keep::AllPassing));
+        assert!(p.limit.is_none() && p.min_step_score.is_none());
+        assert_eq!(p.kept_per_problem(), p.max_per_problem);
+        // Every declared `keep` choice is a variant.
+        for choice in ["best", "all_passing", "top_k"] {
+            let mut given = serde_json::Map::new();
+            given.insert("keep".into(), serde_json::json!(choice));
+            let params = dagrun_engine::params::resolve(&spec, &given).unwrap();
+            RejectionParams::read(&params).unwrap();
+        }
+    }
+
     use super::*;
 
     fn sample(id: &str, completion: &str, reward: f64, truncated: bool) -> SampleRow {

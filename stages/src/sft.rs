@@ -820,6 +820,15 @@ impl Window {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn params_are_read_into_their_struct() {
+        let params = dagrun_engine::params::resolve(&Sft.spec(), &serde_json::Map::new()).unwrap();
+        let p = SftParams::read(&params).unwrap();
+        assert!(p.lora().is_none());
+        assert_eq!(p.target, "completion");
+        crate::checkpoint::OptimizerParams::read(&params).unwrap();
+    }
+
     use super::*;
 
     fn plan_of(batch_size: usize, n: usize) -> TrainPlan {
