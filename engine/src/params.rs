@@ -24,6 +24,14 @@ impl Params {
         self.0.get(name).unwrap_or(&Value::Null)
     }
 
+    /// All the params read into a stage's typed struct (one field per param it uses; the
+    /// values are already checked and normalized against the kind's spec). `what` names the
+    /// reader in the error: "`grpo`", "the optimizer".
+    pub fn read_into<T: serde::de::DeserializeOwned>(&self, what: &str) -> anyhow::Result<T> {
+        serde_json::from_value(Value::Object(self.0.clone()))
+            .map_err(|e| anyhow::anyhow!("reading the params of {what}: {e}"))
+    }
+
     /// Deserializes a param into any type: `params.get_as::<Vec<String>>("families")`.
     pub fn get_as<T: serde::de::DeserializeOwned>(&self, name: &str) -> anyhow::Result<T> {
         serde_json::from_value(self.get(name).clone())

@@ -81,8 +81,7 @@ pub struct OptimizerParams {
 
 impl OptimizerParams {
     pub fn read(params: &Params) -> anyhow::Result<OptimizerParams> {
-        serde_json::from_value(serde_json::Value::Object(params.as_map().clone()))
-            .map_err(|e| anyhow::anyhow!("reading the optimizer params: {e}"))
+        params.read_into("the optimizer")
     }
 
     fn adamw(&self) -> AdamWConfig {

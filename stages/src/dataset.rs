@@ -10,7 +10,7 @@
 use std::collections::HashSet;
 use std::path::{Path, PathBuf};
 
-use anyhow::{Context, anyhow, bail};
+use anyhow::{anyhow, bail};
 use arrow::array::{BooleanArray, RecordBatch};
 use arrow::compute::filter_record_batch;
 use dagrun_engine::Params;
@@ -19,7 +19,7 @@ use dagrun_engine::kind::{
     StageKind,
 };
 use serde::Deserialize;
-use serde_json::{Value, json};
+use serde_json::json;
 
 use crate::dataset_files::{
     self, Chunk, FileType, Place, Sink, column_names, json_rows, source_files,
@@ -61,8 +61,7 @@ enum OnBadRow {
 
 impl DatasetParams {
     fn read(params: &Params) -> anyhow::Result<DatasetParams> {
-        serde_json::from_value(Value::Object(params.as_map().clone()))
-            .context("reading the params of `dataset`")
+        params.read_into("`dataset`")
     }
 
     /// `generic` when asked for, or when `auto` is given a prompt template.

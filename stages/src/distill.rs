@@ -310,8 +310,7 @@ struct DistillParams {
 
 impl DistillParams {
     fn read(params: &Params) -> anyhow::Result<DistillParams> {
-        serde_json::from_value(serde_json::Value::Object(params.as_map().clone()))
-            .map_err(|e| anyhow::anyhow!("reading the params: {e}"))
+        params.read_into("`distill`")
     }
 
     fn sampling(&self, seed: u64) -> SamplingParams {

@@ -59,8 +59,7 @@ struct EvalParams {
 
 impl EvalParams {
     fn read(params: &Params) -> anyhow::Result<EvalParams> {
-        serde_json::from_value(serde_json::Value::Object(params.as_map().clone()))
-            .map_err(|e| anyhow::anyhow!("reading the params of `eval`: {e}"))
+        params.read_into("`eval`")
     }
 }
 

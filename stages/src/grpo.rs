@@ -40,7 +40,7 @@ use dagrun_model::score::{Entropy, ScoreItem, score_host, score_with};
 use dagrun_model::{CausalLm, load_model, save_model};
 use rand::seq::SliceRandom;
 use serde::Deserialize;
-use serde_json::{Value, json};
+use serde_json::json;
 
 use crate::chat::ChatFormat;
 use crate::checkpoint::{
@@ -88,8 +88,7 @@ struct GrpoParams {
 
 impl GrpoParams {
     fn read(params: &Params) -> anyhow::Result<GrpoParams> {
-        serde_json::from_value(Value::Object(params.as_map().clone()))
-            .context("reading the params of `grpo`")
+        params.read_into("`grpo`")
     }
 }
 

@@ -38,8 +38,7 @@ struct MixParams {
 
 impl MixParams {
     fn read(params: &Params) -> anyhow::Result<MixParams> {
-        serde_json::from_value(serde_json::Value::Object(params.as_map().clone()))
-            .map_err(|e| anyhow!("reading the params of `mix`: {e}"))
+        params.read_into("`mix`")
     }
 }
 

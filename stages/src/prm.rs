@@ -45,7 +45,7 @@ use dagrun_model::prm::Aggregate;
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use serde::Deserialize;
-use serde_json::{Value, json};
+use serde_json::json;
 
 use crate::chat::ChatFormat;
 use crate::checkpoint::finish_training;
@@ -94,8 +94,7 @@ pub struct PrmParams {
 
 impl PrmParams {
     pub fn read(params: &Params) -> anyhow::Result<PrmParams> {
-        serde_json::from_value(Value::Object(params.as_map().clone()))
-            .context("reading the params of `prm`")
+        params.read_into("`prm`")
     }
 }
 
@@ -668,7 +667,7 @@ fn pick(choices: &[(Corruption, f64)], rng: &mut impl Rng) -> Corruption {
 mod tests {
     use super::*;
 
-    fn params(raw: Value) -> Params {
+    fn params(raw: serde_json::Value) -> Params {
         dagrun_engine::params::resolve(&Prm.spec(), raw.as_object().unwrap()).unwrap()
     }
 

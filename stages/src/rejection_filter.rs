@@ -20,7 +20,7 @@
 use std::collections::{BTreeMap, HashMap};
 use std::fmt::Write as _;
 
-use anyhow::{Context, bail};
+use anyhow::bail;
 use dagrun_engine::Params;
 use dagrun_engine::dataset::read_parquet;
 use dagrun_engine::kind::{
@@ -30,7 +30,7 @@ use dagrun_engine::kind::{
 use dagrun_model::device::{Devices, run_on};
 use dagrun_model::generate::{Completion, SamplingParams};
 use serde::Deserialize;
-use serde_json::{Value, json};
+use serde_json::json;
 
 use crate::dedupe::{Diversity, select_diverse};
 use crate::prm_score::{prm_wiring, score_on};
@@ -80,8 +80,7 @@ enum Keep {
 
 impl RejectionParams {
     fn read(params: &Params) -> anyhow::Result<RejectionParams> {
-        serde_json::from_value(Value::Object(params.as_map().clone()))
-            .context("reading the params of `rejection_filter`")
+        params.read_into("`rejection_filter`")
     }
 
     /// The reward weights as [`reward_set`] takes them (sorted by name).

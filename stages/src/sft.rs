@@ -310,8 +310,7 @@ impl TrainParams {
     /// The step loop's params among a kind's resolved params (which declare them with
     /// [`schedule_params`] and [`checkpoint_params`]).
     pub(crate) fn read(params: &Params) -> anyhow::Result<TrainParams> {
-        serde_json::from_value(serde_json::Value::Object(params.as_map().clone()))
-            .map_err(|e| anyhow::anyhow!("reading the training params: {e}"))
+        params.read_into("the training loop")
     }
 }
 
@@ -689,8 +688,7 @@ struct SftParams {
 
 impl SftParams {
     fn read(params: &Params) -> anyhow::Result<SftParams> {
-        serde_json::from_value(serde_json::Value::Object(params.as_map().clone()))
-            .map_err(|e| anyhow::anyhow!("reading the params of `sft`: {e}"))
+        params.read_into("`sft`")
     }
 
     /// The adapters to train, when `lora_rank` is set.
