@@ -73,10 +73,13 @@ sep, think = block["step_token_id"], block.get("think_block", False)
 
 def prm_ids(prompt, text):
     steps = [s for s in (line.replace("<think>", "").replace("</think>", "").strip() for line in text.split("\n")) if s]
-    ids = prm_tok.encode(prompt_text(prompt) + ("<think>\n" if think else ""), add_special_tokens=False)
+    user = [{"role": "user", "content": prompt}]
+    head = prm_tok.apply_chat_template(user, add_generation_prompt=True, tokenize=False)
+    opened = head[len(prm_tok.apply_chat_template(user, tokenize=False)) :]  # the generation prompt
+    ids = prm_tok.encode(head + ("<think>\n" if think and "<think>" not in opened else ""), add_special_tokens=False)
     ends = []
     for s in steps:
-        if think and s.startswith("<answer>"):
+        if think and s.startswith("<answer>") and "</think>" not in opened:
             ids += prm_tok.encode("</think>", add_special_tokens=False) + [sep]
         ids += prm_tok.encode(s, add_special_tokens=False)
         ends.append(len(ids))

@@ -291,3 +291,28 @@ fn keep_rows(
         .map(|i| i as u32)
         .collect())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn params_are_read_into_their_struct() {
+        let params = dagrun_engine::params::resolve(&Mix.spec(), &serde_json::Map::new()).unwrap();
+        let p = MixParams::read(&params).unwrap();
+        assert!(p.counts.is_none() && p.weights.is_none() && p.limit.is_none());
+        assert!(p.dedupe && p.shuffle);
+        let mut given = serde_json::Map::new();
+        given.insert("limit".into(), json!(10));
+        given.insert("weights".into(), json!({"b": 1, "a": 2.5}));
+        let params = dagrun_engine::params::resolve(&Mix.spec(), &given).unwrap();
+        let p = MixParams::read(&params).unwrap();
+        let weights: Vec<(&str, f64)> = p
+            .weights
+            .iter()
+            .flatten()
+            .map(|(k, v)| (k.as_str(), *v))
+            .collect();
+        assert_eq!(weights, [("a", 2.5), ("b", 1.0)]);
+    }
+}
