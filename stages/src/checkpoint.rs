@@ -117,8 +117,8 @@ impl Checkpoint {
     }
 
     /// The newest usable checkpoint, or a fresh start: the model in `model_dir` (with fresh
-    /// `lora` adapters, if given), an AdamW configured by `optimizer`, step 0. Unusable checkpoints are set aside (`NAME.unusable`), each
-    /// with a note.
+    /// `lora` adapters, if given), an AdamW configured by `optimizer`, step 0. Unusable
+    /// checkpoints are set aside (`NAME.unusable`), each with a note.
     pub fn restore_or_start<B: AutodiffBackend>(
         &self,
         model_dir: &Path,

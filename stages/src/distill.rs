@@ -266,7 +266,7 @@ impl StageKind for Distill {
             plan = plan.with_curriculum(levels);
         }
         let task = DistillTask {
-            params: ctx.params.clone(),
+            optimizer: OptimizerParams::read(&ctx.params)?,
             steps: StepLoop::new(ctx, train, plan)?,
             p,
             items,
@@ -631,8 +631,7 @@ fn keep_solutions(
 }
 
 struct DistillTask {
-    /// For the optimizer settings [`crate::checkpoint::Checkpoint::restore_or_start`] reads.
-    params: Params,
+    optimizer: OptimizerParams,
     steps: StepLoop,
     p: DistillParams,
     items: Vec<ScoreItem>,
@@ -648,7 +647,7 @@ impl MultiDeviceTask for DistillTask {
         let device = devices[0].clone();
         let start = self.steps.checkpoint().restore_or_start::<B>(
             &self.student_dir,
-            &OptimizerParams::read(&self.params)?,
+            &self.optimizer,
             &device,
             None,
         )?;

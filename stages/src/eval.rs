@@ -671,14 +671,6 @@ fn metrics(rows: &[EvalRow], names: &[String]) -> Vec<(i64, String, f64)> {
 
 #[cfg(test)]
 mod tests {
-    #[test]
-    fn params_are_read_into_their_struct() {
-        let params = dagrun_engine::params::resolve(&Eval.spec(), &serde_json::Map::new()).unwrap();
-        let p = EvalParams::read(&params).unwrap();
-        assert!(p.n.is_none() && p.limit.is_none());
-        assert_eq!(p.rerank, "none");
-    }
-
     use super::*;
 
     fn row(model: &str, task: &str, correct: bool, pass1: f64) -> EvalRow {
@@ -755,5 +747,13 @@ mod tests {
             "{}",
             err.message
         );
+    }
+
+    #[test]
+    fn params_are_read_into_their_struct() {
+        let params = dagrun_engine::params::resolve(&Eval.spec(), &serde_json::Map::new()).unwrap();
+        let p = EvalParams::read(&params).unwrap();
+        assert!(p.n.is_none() && p.limit.is_none());
+        assert_eq!(p.rerank, "none");
     }
 }

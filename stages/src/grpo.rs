@@ -347,12 +347,7 @@ impl StageKind for Grpo {
         }
         let prompts = crate::sampling::prompts_of(&format, &problems)?;
         let params = GrpoParams::read(&ctx.params)?;
-        let weights: Vec<(String, f64)> = params
-            .rewards
-            .iter()
-            .map(|(k, v)| (k.clone(), *v))
-            .collect();
-        let rewards = crate::sampling::reward_set(&weights, params.max_new_tokens)?
+        let rewards = crate::sampling::reward_set(&params.rewards, params.max_new_tokens)?
             .with_answer_fallback(params.answer_fallback)
             .with_code(params.code.code_bonus, params.code.limits());
         let progress = ctx.progress(params.steps, "steps");
@@ -949,16 +944,6 @@ fn pad_rows(rows: &[Vec<f32>], width: usize) -> Vec<f32> {
 
 #[cfg(test)]
 mod tests {
-    #[test]
-    fn params_are_read_into_their_struct() {
-        let params = dagrun_engine::params::resolve(&Grpo.spec(), &serde_json::Map::new()).unwrap();
-        let p = GrpoParams::read(&params).unwrap();
-        assert_eq!((p.group_size, p.temperature_end), (8, None));
-        assert!(p.optimizer.max_grad_norm > 0.0 && p.code.code_memory_mb > 0);
-        p.loss_type.parse::<crate::grpo_math::LossType>().unwrap();
-        p.scale_rewards.parse::<ScaleRewards>().unwrap();
-    }
-
     use burn::backend::{Autodiff, Flex};
     use dagrun_model::optim::AdamWConfig;
     use dagrun_model::params::visit_params;
@@ -1171,5 +1156,15 @@ mod tests {
             .check(&params(json!({"temperature_end": 0.0})))
             .unwrap_err();
         assert_eq!(err.param, "temperature_end");
+    }
+
+    #[test]
+    fn params_are_read_into_their_struct() {
+        let params = dagrun_engine::params::resolve(&Grpo.spec(), &serde_json::Map::new()).unwrap();
+        let p = GrpoParams::read(&params).unwrap();
+        assert_eq!((p.group_size, p.temperature_end), (8, None));
+        assert!(p.optimizer.max_grad_norm > 0.0 && p.code.code_memory_mb > 0);
+        p.loss_type.parse::<crate::grpo_math::LossType>().unwrap();
+        p.scale_rewards.parse::<ScaleRewards>().unwrap();
     }
 }

@@ -83,11 +83,6 @@ impl RejectionParams {
         params.read_into("`rejection_filter`")
     }
 
-    /// The reward weights as [`reward_set`] takes them (sorted by name).
-    fn weights(&self) -> Vec<(String, f64)> {
-        self.rewards.iter().map(|(k, v)| (k.clone(), *v)).collect()
-    }
-
     /// How many passing completions a problem keeps at most.
     fn kept_per_problem(&self) -> usize {
         match self.keep {
@@ -268,15 +263,14 @@ impl StageKind for RejectionFilter {
     }
 
     fn check(&self, params: &Params) -> Result<(), ParamError> {
-        reward_set(
-            &params.weights("rewards"),
-            params.i64("max_new_tokens") as usize,
-        )
-        .map(|_| ())
-        .map_err(|e| ParamError {
+        let error = |e: anyhow::Error| ParamError {
             param: "rewards".into(),
             message: e.to_string(),
-        })
+        };
+        let weights: BTreeMap<String, f64> = params.get_as("rewards").map_err(error)?;
+        reward_set(&weights, params.i64("max_new_tokens") as usize)
+            .map(|_| ())
+            .map_err(error)
     }
 
     fn check_wiring(&self, wired: &[&str], params: &Params) -> Result<(), WiringError> {
@@ -293,7 +287,7 @@ impl StageKind for RejectionFilter {
         let p = RejectionParams::read(&ctx.params)?;
         let fallback = p.answer_fallback;
         let limits = p.code.limits();
-        let rewards = reward_set(&p.weights(), p.max_new_tokens)?
+        let rewards = reward_set(&p.rewards, p.max_new_tokens)?
             .with_answer_fallback(fallback)
             .with_code(p.code.code_bonus, limits.clone());
         let limit = p.limit.unwrap_or(usize::MAX);
@@ -789,23 +783,6 @@ impl Tally {
 
 #[cfg(test)]
 mod tests {
-    #[test]
-    fn params_are_read_into_their_struct() {
-        let spec = RejectionFilter.spec();
-        let params = dagrun_engine::params::resolve(&spec, &serde_json::Map::new()).unwrap();
-        let p = RejectionParams::read(&params).unwrap();
-        assert!(matches!(p.keep, Keep::AllPassing));
-        assert!(p.limit.is_none() && p.min_step_score.is_none());
-        assert_eq!(p.kept_per_problem(), p.max_per_problem);
-        // Every declared `keep` choice is a variant.
-        for choice in ["best", "all_passing", "top_k"] {
-            let mut given = serde_json::Map::new();
-            given.insert("keep".into(), serde_json::json!(choice));
-            let params = dagrun_engine::params::resolve(&spec, &given).unwrap();
-            RejectionParams::read(&params).unwrap();
-        }
-    }
-
     use super::*;
 
     fn sample(id: &str, completion: &str, reward: f64, truncated: bool) -> SampleRow {
@@ -1018,5 +995,22 @@ mod tests {
         assert_eq!(at(false, true, false), ["inputs", "problems"]);
         assert_eq!(at(false, true, true), ["inputs", "problems"]);
         assert_eq!(at(false, false, false), ["inputs"]);
+    }
+
+    #[test]
+    fn params_are_read_into_their_struct() {
+        let spec = RejectionFilter.spec();
+        let params = dagrun_engine::params::resolve(&spec, &serde_json::Map::new()).unwrap();
+        let p = RejectionParams::read(&params).unwrap();
+        assert!(matches!(p.keep, Keep::AllPassing));
+        assert!(p.limit.is_none() && p.min_step_score.is_none());
+        assert_eq!(p.kept_per_problem(), p.max_per_problem);
+        // Every declared `keep` choice is a variant.
+        for choice in ["best", "all_passing", "top_k"] {
+            let mut given = serde_json::Map::new();
+            given.insert("keep".into(), serde_json::json!(choice));
+            let params = dagrun_engine::params::resolve(&spec, &given).unwrap();
+            RejectionParams::read(&params).unwrap();
+        }
     }
 }

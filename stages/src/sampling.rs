@@ -16,6 +16,7 @@
 //! Completions carry their token count (`token_ids.len()`, including the end-of-turn token when
 //! generation stopped on it) and `truncated`, which is what [`crate::rewards::Judged`] needs.
 
+use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
 use anyhow::Context;
@@ -111,7 +112,12 @@ pub fn sample_groups<B: Backend>(
 
 /// The rewards named in a `rewards` weights param, with the `length` reward's limit set to
 /// the stage's `max_new_tokens` (its soft zone is the last quarter, at most 64 tokens).
-pub fn reward_set(weights: &[(String, f64)], max_new_tokens: usize) -> anyhow::Result<RewardSet> {
+pub fn reward_set(
+    weights: &BTreeMap<String, f64>,
+    max_new_tokens: usize,
+) -> anyhow::Result<RewardSet> {
+    // In name order (a BTreeMap's): the key does not see the order they are written in.
+    let weights: Vec<(String, f64)> = weights.iter().map(|(k, v)| (k.clone(), *v)).collect();
     let params = RewardParams {
         max_completion_len: max_new_tokens,
         soft_punish_cache: RewardParams::default()
@@ -119,7 +125,7 @@ pub fn reward_set(weights: &[(String, f64)], max_new_tokens: usize) -> anyhow::R
             .min(max_new_tokens / 4),
         ..RewardParams::default()
     };
-    RewardSet::with_params(weights, params).map_err(|e| anyhow::anyhow!("param `rewards`: {e}"))
+    RewardSet::with_params(&weights, params).map_err(|e| anyhow::anyhow!("param `rewards`: {e}"))
 }
 
 /// The `code_tests` reward's params, for stages that score with rewards: read back by
@@ -344,12 +350,12 @@ mod tests {
 
     #[test]
     fn reward_set_fits_short_limits() {
-        let w = [
+        let w = BTreeMap::from([
             ("correctness".to_string(), 1.0),
             ("length".to_string(), 0.5),
-        ];
+        ]);
         assert!(reward_set(&w, 16).is_ok());
         assert_eq!(reward_set(&w, 256).unwrap().params().soft_punish_cache, 64);
-        assert!(reward_set(&[], 256).is_err());
+        assert!(reward_set(&BTreeMap::new(), 256).is_err());
     }
 }

@@ -818,15 +818,6 @@ impl Window {
 
 #[cfg(test)]
 mod tests {
-    #[test]
-    fn params_are_read_into_their_struct() {
-        let params = dagrun_engine::params::resolve(&Sft.spec(), &serde_json::Map::new()).unwrap();
-        let p = SftParams::read(&params).unwrap();
-        assert!(p.lora().is_none());
-        assert_eq!(p.target, "completion");
-        crate::checkpoint::OptimizerParams::read(&params).unwrap();
-    }
-
     use super::*;
 
     fn plan_of(batch_size: usize, n: usize) -> TrainPlan {
@@ -895,5 +886,14 @@ mod tests {
         assert_eq!(w, Window::default());
         // An SFT window (no figures) saves as it always did.
         assert_eq!(Window::default().save().len(), 2);
+    }
+
+    #[test]
+    fn params_are_read_into_their_struct() {
+        let params = dagrun_engine::params::resolve(&Sft.spec(), &serde_json::Map::new()).unwrap();
+        let p = SftParams::read(&params).unwrap();
+        assert!(p.lora().is_none());
+        assert_eq!(p.target, "completion");
+        crate::checkpoint::OptimizerParams::read(&params).unwrap();
     }
 }
