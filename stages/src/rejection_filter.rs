@@ -1005,12 +1005,15 @@ mod tests {
         assert!(matches!(p.keep, Keep::AllPassing));
         assert!(p.limit.is_none() && p.min_step_score.is_none());
         assert_eq!(p.kept_per_problem(), p.max_per_problem);
-        // Every declared `keep` choice is a variant.
-        for choice in ["best", "all_passing", "top_k"] {
+        // Every declared `keep` choice is a variant, keeping what it says.
+        for (choice, kept) in [("best", 1), ("all_passing", 5), ("top_k", 3)] {
             let mut given = serde_json::Map::new();
             given.insert("keep".into(), serde_json::json!(choice));
+            given.insert("top_k".into(), serde_json::json!(3));
+            given.insert("max_per_problem".into(), serde_json::json!(5));
             let params = dagrun_engine::params::resolve(&spec, &given).unwrap();
-            RejectionParams::read(&params).unwrap();
+            let p = RejectionParams::read(&params).unwrap();
+            assert_eq!(p.kept_per_problem(), kept, "{choice}");
         }
     }
 }

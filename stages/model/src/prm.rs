@@ -416,6 +416,14 @@ mod tests {
             prm.step_scores(&items, 0).unwrap()
         );
         assert_eq!(loaded.prm_config().unwrap(), prm_config());
+        assert_eq!(config["prm"]["think_block"], json!(true));
+
+        // A PRM saved before `think_block` was kept reads as one without it (bare steps).
+        let mut old = config.clone();
+        old["prm"].as_object_mut().unwrap().remove("think_block");
+        std::fs::write(dir.join(CONFIG_FILE), old.to_string()).unwrap();
+        let loaded = load_prm::<Inf>(&dir, &Default::default()).unwrap();
+        assert!(!loaded.prm_config().unwrap().think_block);
         std::fs::remove_dir_all(&dir).unwrap();
     }
 
