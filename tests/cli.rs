@@ -2,8 +2,6 @@
 
 mod common;
 
-use std::path::Path;
-
 use common::Project;
 
 const PIPELINE: &str = "stages:\n  gen:\n    kind: cot_generate\n    params: { n_train: 20, n_test: 5 }\n  picked:\n    kind: mix\n    inputs: { a: gen.cot }\n    params: { limit: 7 }\n";
@@ -21,10 +19,8 @@ fn stdout(out: &std::process::Output) -> String {
 fn the_committed_json_schema_matches_the_registry() {
     let p = Project::new("schema");
     let generated = stdout(&p.output(&["schema"]));
-    let committed = std::fs::read_to_string(
-        Path::new(env!("CARGO_MANIFEST_DIR")).join("schemas/pipeline.schema.json"),
-    )
-    .unwrap();
+    let committed =
+        std::fs::read_to_string(common::repo_dir().join("schemas/pipeline.schema.json")).unwrap();
     assert_eq!(
         generated.trim(),
         committed.trim(),
@@ -120,7 +116,7 @@ fn stages_lists_every_kind_with_ports_and_params() {
 
 #[test]
 fn the_shipped_pipelines_are_valid() {
-    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("pipelines");
+    let dir = common::repo_dir().join("pipelines");
     let cache = std::env::temp_dir().join(format!("dagrun-shipped-{}", std::process::id()));
     for entry in std::fs::read_dir(&dir).unwrap() {
         let path = entry.unwrap().path();

@@ -598,7 +598,7 @@ fn an_imported_gsm8k_file_feeds_sft_grpo_and_eval_as_it_is() {
 #[test]
 fn the_shipped_code_problems_import_with_reference_solutions_that_pass_their_tests() {
     let p = Project::new("dataset-code-mini");
-    let fixture = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/code-mini.jsonl");
+    let fixture = common::repo_dir().join("tests/fixtures/code-mini.jsonl");
     p.write(
         "p.yaml",
         &format!(

@@ -3,15 +3,13 @@
 
 mod common;
 
-use std::path::Path;
-
 use common::Project;
 
 /// Every file in tests/malformed/ starts with `# expect: LINE:COL: message`, the first line
 /// dagrun must print for it.
 #[test]
 fn every_malformed_pipeline_gets_a_located_one_line_error_and_exit_2() {
-    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/malformed");
+    let dir = common::repo_dir().join("tests/malformed");
     let cache = std::env::temp_dir().join(format!("dagrun-malformed-{}", std::process::id()));
     let mut files: Vec<_> = std::fs::read_dir(&dir)
         .unwrap()

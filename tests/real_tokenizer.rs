@@ -13,7 +13,7 @@ use dagrun_stages::chat::ChatFormat;
 use dagrun_stages::tasks;
 
 fn fixtures() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures")
+    common::repo_dir().join("tests/fixtures")
 }
 
 const QUESTION: &str = "Ava has 12 apples and gets 30 more. How many apples does Ava have now?";

@@ -6,7 +6,6 @@ mod common;
 
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::TcpStream;
-use std::path::PathBuf;
 use std::process::{Child, Stdio};
 use std::time::{Duration, Instant};
 
@@ -22,7 +21,7 @@ static SERIAL: std::sync::Mutex<()> = std::sync::Mutex::new(());
 const MAX_TOKENS: usize = 48;
 
 fn pipeline() -> String {
-    let f = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures");
+    let f = common::repo_dir().join("tests/fixtures");
     format!(
         "\
 seed: 5

@@ -84,7 +84,7 @@ impl Drop for Cluster {
 }
 
 fn script() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/slurm/cluster.sh")
+    common::repo_dir().join("tests/slurm/cluster.sh")
 }
 
 /// Two SFT branches of a few seconds each from one base and one dataset, and a longer SFT

@@ -18,7 +18,6 @@ mod common;
 
 use std::collections::BTreeMap;
 use std::io::Write;
-use std::path::Path;
 
 use common::Project;
 use serde_json::{Value, json};
@@ -162,7 +161,7 @@ fn every_kind_writes_the_committed_bytes_for_its_version() {
             "the snapshot pipeline lacks kind `{kind}`"
         );
     }
-    let file = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/snapshots/kind_digests.json");
+    let file = common::repo_dir().join("tests/snapshots/kind_digests.json");
     let mut classes: Classes = match std::fs::read_to_string(&file) {
         Ok(text) => serde_json::from_str(&text).unwrap(),
         Err(_) => Classes::new(),

@@ -301,7 +301,7 @@ fn a_teacher_without_its_key_or_with_a_typo_is_a_clear_error() {
 #[test]
 fn a_local_model_teaches_through_the_sampler_and_must_be_wired() {
     let p = Project::new("teacher-local");
-    let model = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/qwen2-bpe");
+    let model = common::repo_dir().join("tests/fixtures/qwen2-bpe");
     let pipeline = format!(
         "stages:\n  base:\n    kind: init_model\n    params: {{ from: {} }}\n  gen:\n    kind: cot_generate\n    inputs: {{ teacher: base.model }}\n    params: {{ families: [addition], n_train: 6, n_test: 2, samples_per_problem: 2, verify: false, max_tokens: 24, teacher: {{ model: teacher }} }}\n",
         model.display()

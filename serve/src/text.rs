@@ -190,8 +190,13 @@ mod tests {
     use super::*;
 
     fn tokenizer() -> Tokenizer {
-        let dir =
-            std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures/qwen2-bpe");
+        // Cargo's run-time value first: a test binary reused from another checkout's build
+        // still reads this checkout's fixture.
+        let crate_dir = std::env::var_os("CARGO_MANIFEST_DIR").map_or_else(
+            || env!("CARGO_MANIFEST_DIR").into(),
+            std::path::PathBuf::from,
+        );
+        let dir = crate_dir.join("../tests/fixtures/qwen2-bpe");
         Tokenizer::load(&dir).unwrap()
     }
 

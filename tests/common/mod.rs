@@ -208,3 +208,12 @@ pub fn floats(b: &RecordBatch, name: &str) -> Vec<f64> {
         .values()
         .to_vec()
 }
+
+/// The repository root. Cargo sets `CARGO_MANIFEST_DIR` when it runs a test, so a test binary
+/// reused from a checkout at another path (a shared `CARGO_TARGET_DIR`) still reads this
+/// checkout's files; the compile-time value is only the fallback for running the binary by hand.
+pub fn repo_dir() -> PathBuf {
+    std::env::var_os("CARGO_MANIFEST_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")))
+}
