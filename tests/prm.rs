@@ -1,6 +1,7 @@
 //! The `prm` stage on a tiny pipeline: it writes step labels with planted bad steps and a PRM
 //! directory whose config.json says how to read it; `eval` with `rerank: prm` writes
-//! `prm_correct`, `maj_correct` and `prm@N` / `maj@N` rows; `rejection_filter` with
+//! `prm_correct`, `maj_correct` and `prm@N` / `maj@N` rows (with a likelihood-head PRM too,
+//! which saves as a causal LM whose loss on reference solutions falls); `rejection_filter` with
 //! `min_step_score` drops more than without; and a prm stage killed while labelling and again
 //! while training resumes to the bytes of an uninterrupted run. (The labelling rule itself is
 //! tested exactly, with a fake completer, in `stages/src/prm_labels.rs`; wiring and param
@@ -34,6 +35,14 @@ stages:
   scores:
     kind: eval
     inputs: { models: [cold_start], problems: problems.test, prm: reward }
+    params: { k: 4, max_new_tokens: 64, rerank: prm }
+  verifier:
+    kind: prm
+    inputs: { model: cold_start, problems: problems.train }
+    params: { limit: 40, samples_per_problem: 2, n_rollouts: 4, max_new_tokens: 64, heldout: 0.25, head: likelihood, references: 300, reference_batch_size: 16, max_steps: 6, batch_size: 8, lr: 3e-3, log_every: 2 }
+  checked:
+    kind: eval
+    inputs: { models: [cold_start], problems: problems.test, prm: verifier }
     params: { k: 4, max_new_tokens: 64, rerank: prm }
   plain:
     kind: rejection_filter
@@ -145,6 +154,40 @@ fn prm_labels_trains_and_serves_eval_and_rejection_filter() {
     ] {
         assert!(m.iter().any(|(n, _)| n == name), "no `{name}` in {m:?}");
     }
+
+    // A likelihood head: a causal LM whose decoder learnt the reference solutions.
+    let dir = common::object_path(&cache, &run.output("verifier", "model"));
+    let config: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(dir.join("config.json")).unwrap()).unwrap();
+    assert_eq!(
+        config["architectures"],
+        serde_json::json!(["LlamaForCausalLM"])
+    );
+    assert_eq!(config["prm"]["head"], "likelihood");
+    let m = metrics(&cache, &run.output("verifier", "metrics"));
+    // Its loss is the decoder's on the reference solutions, which it learns.
+    let nll: Vec<f64> = m
+        .iter()
+        .filter(|(n, _)| n == "loss")
+        .map(|(_, v)| *v)
+        .collect();
+    assert_eq!(nll.len(), 3, "one per log_every of 6 steps: {m:?}");
+    assert!(nll[2] < nll[0] * 0.9, "the references' loss falls: {nll:?}");
+    // The head is fitted to the labels: it has left its start, (1, 0).
+    let figure = |name: &str| m.iter().find(|(n, _)| n == name).map(|(_, v)| *v);
+    let weight = figure("head/weight").expect("the fitted head's weight");
+    let bias = figure("head/bias").expect("the fitted head's bias");
+    assert!(
+        weight.is_finite() && bias.is_finite() && (weight, bias) != (1.0, 0.0),
+        "fitted: {weight}, {bias}"
+    );
+    assert!(figure("heldout/step_accuracy").is_some());
+    let checked = batches(&cache, &run.output("checked", "results"));
+    assert!(
+        checked
+            .iter()
+            .all(|b| column(b, "prm_correct").null_count() == 0)
+    );
 
     // eval with rerank: prm.
     let results = batches(&cache, &run.output("scores", "results"));

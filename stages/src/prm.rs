@@ -16,15 +16,21 @@
 //!    per chunk of [`CHUNK`] problems, like `eval`.
 //! 3. Training ([`crate::prm_train`]): the completer's decoder with a scalar head read at each
 //!    step's separator, binary cross-entropy against the labels, AdamW with warmup and cosine
-//!    decay, checkpoints every `checkpoint_every` steps. A share `heldout` of the problems is
+//!    decay, checkpoints every `checkpoint_every` steps. The head reads the hidden state there
+//!    (`head: hidden`) or the decoder's log-likelihood of the step (`head: likelihood`); the
+//!    latter learns through the decoder's next-token predictions, which a small decoder
+//!    already makes well, where a hidden-state head must learn to re-check a step from a few
+//!    hundred labels (README, "What `r1.yaml` learns"). Its decoder trains on `references`
+//!    reference solutions of unlabelled problems with the language-model loss, then the head's
+//!    weight and bias are fitted to the labels by BCE. A share `heldout` of the problems is
 //!    kept out of training; the `metrics` output reports the PRM's step-level accuracy on them
 //!    and how often its weakest step is the planted one (`heldout/perturbed/weakest_is_bad`),
 //!    also over the solutions whose planted step is not their last
 //!    (`heldout/perturbed/weakest_is_bad_not_last`), where position cannot give it away.
 //!
 //! The `model` output is a Hugging Face directory that transformers loads as
-//! `LlamaForTokenClassification` (see `dagrun_model::prm` and the README); other stages score
-//! with it through [`crate::prm_score`]. Sampling seeds depend on the stage seed and the chunk
+//! `LlamaForTokenClassification` (head `hidden`) or `LlamaForCausalLM` (`likelihood`) (see
+//! `dagrun_model::prm` and the README); other stages score with it through [`crate::prm_score`]. Sampling seeds depend on the stage seed and the chunk
 //! only; nothing in an output depends on timing.
 
 use std::collections::{BTreeMap, HashSet};
@@ -41,7 +47,7 @@ use dagrun_engine::{Params, Progress};
 use dagrun_model::device::{BackendTask, Devices, run_on};
 use dagrun_model::generate::{Completion, SamplingParams};
 use dagrun_model::load_model;
-use dagrun_model::prm::Aggregate;
+use dagrun_model::prm::{Aggregate, PrmHead};
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use serde::Deserialize;
@@ -77,6 +83,9 @@ pub struct PrmParams {
     pub limit: Option<usize>,
     pub heldout: f64,
     pub aggregate: Aggregate,
+    pub head: PrmHead,
+    pub references: usize,
+    pub reference_batch_size: usize,
     pub extra_layers: usize,
     pub epochs: f64,
     pub max_steps: Option<u64>,
@@ -110,8 +119,8 @@ impl StageKind for Prm {
     fn spec(&self) -> KindSpec {
         KindSpec {
             name: "prm",
-            version: 5,
-            doc: "a process reward model: steps labelled by the completer's rollouts (Math-Shepherd), a scalar head on its decoder trained with BCE",
+            version: 6,
+            doc: "a process reward model: steps labelled by the completer's rollouts (Math-Shepherd), a scalar head on its decoder (reading the hidden state or the step's likelihood) trained with BCE",
             inputs: vec![
                 PortSpec::one(
                     "model",
@@ -133,7 +142,7 @@ impl StageKind for Prm {
                 PortSpec::one(
                     "model",
                     ArtifactType::Model,
-                    "the PRM (transformers' LlamaForTokenClassification layout, `prm` block in config.json)",
+                    "the PRM (transformers' LlamaForTokenClassification layout, or LlamaForCausalLM with head `likelihood`; `prm` block in config.json)",
                 ),
                 PortSpec::one(
                     "labels",
@@ -223,6 +232,26 @@ impl StageKind for Prm {
                     },
                     json!("min"),
                     "how scorers combine step scores into a solution score (written to config.json)",
+                ),
+                ParamSpec::new(
+                    "head",
+                    ParamType::Str {
+                        choices: PrmHead::NAMES,
+                    },
+                    json!("hidden"),
+                    "what the scalar head reads at a step's end: the decoder's hidden state (`hidden`), or its log-likelihood of the step (`likelihood`: a step the decoder would not write scores low; the decoder learns `references` and the head's weight and bias are then fitted to the labels by BCE)",
+                ),
+                ParamSpec::new(
+                    "references",
+                    int(0, 100_000_000),
+                    json!(0),
+                    "with head `likelihood`: reference solutions the decoder trains on with the language-model loss, so that it knows the right steps better than the completer: the first N problems after the `limit` labelled ones (the head is then fitted to the labels)",
+                ),
+                ParamSpec::new(
+                    "reference_batch_size",
+                    int(1, 65_536),
+                    json!(32),
+                    "reference solutions per optimizer step (with `references`)",
                 ),
                 ParamSpec::new(
                     "extra_layers",
@@ -318,6 +347,19 @@ impl StageKind for Prm {
                 ),
             );
         }
+        let likelihood = params.str("head") == "likelihood";
+        if !likelihood && params.i64("references") > 0 {
+            return fail(
+                "references",
+                "param `references` trains the decoder's language-model head, which only `head: likelihood` keeps and reads; set `head: likelihood` or `references: 0`".into(),
+            );
+        }
+        if likelihood && params.i64("extra_layers") > 0 {
+            return fail(
+                "extra_layers",
+                "param `extra_layers` with `head: likelihood` would change the decoder's predictions before training; set it to 0".into(),
+            );
+        }
         if params.i64("perturbations") > 0
             && params.weights("perturb").iter().all(|(_, w)| *w <= 0.0)
         {
@@ -348,7 +390,36 @@ impl StageKind for Prm {
         let model_dir = ctx.input("model")?.path.clone();
         let format = ChatFormat::load(&model_dir)?;
         separator_id(&format.tokenizer).context("input `model`")?;
-        let mut jobs: Vec<Job> = read_problems(&read_parquet(&ctx.input("problems")?.path)?.1)?
+        let problems = read_problems(&read_parquet(&ctx.input("problems")?.path)?.1)?;
+        // The reference solutions the decoder reads with head `likelihood`: none of the
+        // labelled problems, on which the head is fitted and judged, so that it is fitted to
+        // how the decoder reads problems it has not learnt.
+        let labelled = p.limit.unwrap_or(usize::MAX).min(problems.len());
+        let references: Vec<(String, String)> = problems[labelled..]
+            .iter()
+            .filter(|r| !r.steps.is_empty())
+            .take(p.references)
+            .map(|r| {
+                (
+                    r.prompt.clone(),
+                    tasks::format_completion(&r.steps, &r.answer),
+                )
+            })
+            .collect();
+        if p.references > 0 {
+            if references.is_empty() {
+                bail!(
+                    "param `references`: all {} problems of input `problems` are labelled (`limit`), so none is left for the decoder to learn; set `limit` below the number of problems",
+                    problems.len()
+                );
+            }
+            ctx.info(format!(
+                "{} reference solutions of problems {labelled}.. for the decoder ({} asked)",
+                references.len(),
+                p.references
+            ));
+        }
+        let mut jobs: Vec<Job> = problems
             .into_iter()
             .take(p.limit.unwrap_or(usize::MAX))
             .map(|problem| Job {
@@ -392,13 +463,15 @@ impl StageKind for Prm {
             );
         }
         let mut metrics_rows = Vec::new();
-        let train = TrainTask::new(ctx, &p, &format, &rows, &model_dir)?;
+        let train = TrainTask::new(ctx, &p, &format, &rows, &references, &model_dir)?;
         let total_steps = train.total_steps();
+        let (batch, of_what) = match p.head {
+            PrmHead::Hidden => (p.batch_size, "labelled solutions"),
+            PrmHead::Likelihood => (p.reference_batch_size, "reference solutions"),
+        };
         ctx.info(format!(
-            "{} labelled solutions, {} training steps of {}",
+            "{} labelled solutions, {total_steps} training steps of {batch} {of_what}",
             rows.len(),
-            total_steps,
-            p.batch_size
         ));
         let outcome = run_on(&device, train)?;
         for note in &outcome.notes {
@@ -696,6 +769,13 @@ mod tests {
             .check(&params(json!({"perturb": {"number": 0.0}})))
             .unwrap_err();
         assert_eq!(err.param, "perturb");
+        let err = Prm.check(&params(json!({"references": 10}))).unwrap_err();
+        assert_eq!(err.param, "references");
+        let likelihood = json!({"head": "likelihood", "references": 10});
+        assert!(Prm.check(&params(likelihood)).is_ok());
+        let stacked = json!({"head": "likelihood", "extra_layers": 1});
+        let err = Prm.check(&params(stacked)).unwrap_err();
+        assert_eq!(err.param, "extra_layers");
         let none = params(json!({"samples_per_problem": 0, "perturbations": 0}));
         let err = Prm.check_wiring(&["model", "problems"], &none).unwrap_err();
         assert_eq!(err.at, ["params", "samples_per_problem"]);

@@ -106,16 +106,20 @@ pub fn step_item(
 ) -> anyhow::Result<StepItem> {
     let mut ids = prompt_ids.to_vec();
     ids.extend(&layout.opening);
-    let mut ends = Vec::with_capacity(steps.len());
+    let (mut starts, mut ends) = (
+        Vec::with_capacity(steps.len()),
+        Vec::with_capacity(steps.len()),
+    );
     for step in steps {
         if step.starts_with("<answer>") {
             ids.extend(&layout.closing);
         }
+        starts.push(ids.len());
         ids.extend(tokenizer.encode(step, false)?);
         ends.push(ids.len());
         ids.push(separator);
     }
-    Ok(StepItem { ids, ends })
+    Ok(StepItem { ids, starts, ends })
 }
 
 /// A loaded PRM with its tokenizer and its `prm` config block.

@@ -3,7 +3,12 @@
 //! The PRM starts as the completer's decoder with a fresh head ([`ProcessRewardModel::from_lm`]).
 //! Each optimizer step takes `batch_size` labelled solutions in a seeded per-epoch order and
 //! minimises the binary cross-entropy of the head's logit at every step end against the step's
-//! label, averaged over the steps of the batch. Checkpoints (the PRM, AdamW's moments, the step,
+//! label, averaged over the steps of the batch. With head `likelihood` the logits come from the
+//! decoder's log-likelihood of each step, computed outside the graph, so the BCE fits the
+//! head's weight and bias only; the decoder learns from the language-model loss on
+//! `reference_batch_size` reference solutions a step (its own seeded per-epoch order), added to
+//! the BCE; after the last step the head's weight and bias are fitted to the labels exactly
+//! (the BCE's minimum on the trained decoder). Checkpoints (the PRM, AdamW's moments, the step,
 //! the metrics so far and the running loss sums) go to the resume directory every
 //! `checkpoint_every` steps, so a resumed run writes the bytes an uninterrupted one does.
 //! After the last step the PRM scores the held-out solutions: step-level accuracy (a score of
@@ -25,8 +30,10 @@ use dagrun_engine::{Progress, StageContext};
 use dagrun_model::load_model;
 use dagrun_model::optim::{AdamW, AdamWConfig, GradAccumulator, LrSchedule};
 use dagrun_model::prm::{
-    PrmConfig, ProcessRewardModel, StepItem, aggregate, bce_with_logits, load_prm, save_prm,
+    PrmConfig, PrmHead, ProcessRewardModel, StepItem, aggregate, bce_with_logits, fit_logistic,
+    load_prm, save_prm,
 };
+use dagrun_model::score::{ScoreItem, score};
 use rand::seq::SliceRandom;
 
 use crate::chat::ChatFormat;
@@ -34,6 +41,7 @@ use crate::checkpoint::{Checkpoint, Speed, TrainState, epoch_rng, scalar};
 use crate::prm::PrmParams;
 use crate::prm_labels::StepLabelRow;
 use crate::prm_score::{StepLayout, separator_id, step_item};
+use crate::sft::train_item;
 
 /// One labelled solution as the PRM reads it.
 struct Example {
@@ -44,6 +52,8 @@ struct Example {
 
 pub struct TrainTask {
     train: Vec<Example>,
+    /// Reference solutions for the language-model loss (head `likelihood`).
+    references: Vec<ScoreItem>,
     heldout: Vec<Example>,
     params: PrmParams,
     prm: PrmConfig,
@@ -74,6 +84,7 @@ impl TrainTask {
         params: &PrmParams,
         format: &ChatFormat,
         rows: &[StepLabelRow],
+        references: &[(String, String)],
         completer: &std::path::Path,
     ) -> anyhow::Result<TrainTask> {
         let separator = separator_id(&format.tokenizer)?;
@@ -86,6 +97,7 @@ impl TrainTask {
             estimation: params.estimation.as_str().into(),
             input: PrmConfig::INPUT_LAYOUT.into(),
             think_block: true,
+            head: params.head,
         };
         let layout = StepLayout::new(format, separator, prm.think_block)?;
         let mut prompts: HashMap<&str, Vec<u32>> = HashMap::new();
@@ -109,6 +121,7 @@ impl TrainTask {
                 continue;
             }
             item.ends.truncate(kept);
+            item.starts.truncate(kept);
             item.ids.truncate(item.ends[kept - 1] + 1);
             let example = Example {
                 item,
@@ -136,9 +149,15 @@ impl TrainTask {
                 params.max_length
             );
         }
-        let total = total_steps(params, train.len());
+        let references = references
+            .iter()
+            .map(|(user, assistant)| train_item(format, user, assistant, params.max_length))
+            .collect::<anyhow::Result<Vec<_>>>()
+            .context("encoding the reference solutions")?;
+        let total = total_steps(params, train.len(), references.len());
         Ok(TrainTask {
             train,
+            references,
             heldout,
             params: params.clone(),
             prm,
@@ -155,8 +174,10 @@ impl TrainTask {
         per_epoch(&self.params, self.train.len())
     }
 
+    /// Optimizer steps: over the labelled solutions (head `hidden`) or the references
+    /// (`likelihood`; none without references: the head is only fitted).
     pub fn total_steps(&self) -> u64 {
-        total_steps(&self.params, self.train.len())
+        total_steps(&self.params, self.train.len(), self.references.len())
     }
 
     /// The examples of optimizer step `step`: batch `step mod per_epoch` of its epoch's
@@ -172,19 +193,79 @@ impl TrainTask {
         let b = (step % self.per_epoch()) as usize * self.params.batch_size;
         all[b..(b + self.params.batch_size).min(all.len())].to_vec()
     }
+
+    /// The reference solutions of optimizer step `step`, as [`batch`](Self::batch) picks
+    /// labelled ones, from their own seeded order.
+    fn reference_batch(&self, step: u64, order: &mut Option<(u64, Vec<usize>)>) -> Vec<ScoreItem> {
+        let size = self.params.reference_batch_size;
+        let per_epoch = self.references.len().div_ceil(size).max(1) as u64;
+        let epoch = step / per_epoch;
+        if order.as_ref().is_none_or(|(e, _)| *e != epoch) {
+            let mut all: Vec<usize> = (0..self.references.len()).collect();
+            all.shuffle(&mut epoch_rng(self.seed ^ REFERENCE_ORDER, epoch));
+            *order = Some((epoch, all));
+        }
+        let all = &order.as_ref().expect("just set").1;
+        let b = (step % per_epoch) as usize * size;
+        all[b..(b + size).min(all.len())]
+            .iter()
+            .map(|&i| self.references[i].clone())
+            .collect()
+    }
 }
+
+impl TrainTask {
+    /// A likelihood head fitted exactly to the training labels (BCE, [`fit_logistic`]) on the
+    /// trained decoder's step log-likelihoods: with the decoder's small learning rate its two
+    /// parameters would hardly move in the loop. Returns the PRM and the head's figures.
+    fn calibrated<B: burn::tensor::backend::Backend>(
+        &self,
+        prm: ProcessRewardModel<B>,
+        step: i64,
+    ) -> anyhow::Result<(ProcessRewardModel<B>, Vec<Figure>)> {
+        let (mut x, mut y) = (Vec::new(), Vec::new());
+        for chunk in self.train.chunks(4 * self.params.batch_size.max(1)) {
+            let items: Vec<StepItem> = chunk.iter().map(|e| e.item.clone()).collect();
+            x.extend(
+                prm.step_loglik(&items, self.pad_id)?
+                    .into_iter()
+                    .map(f64::from),
+            );
+            y.extend(chunk.iter().flat_map(|e| e.labels.iter().copied()));
+        }
+        let (weight, bias) = fit_logistic(&x, &y);
+        let figures = vec![
+            (step, "head/weight".to_string(), weight),
+            (step, "head/bias".to_string(), bias),
+        ];
+        Ok((
+            prm.with_likelihood_head(weight as f32, bias as f32)?,
+            figures,
+        ))
+    }
+}
+
+/// One metrics row: step, name, value.
+type Figure = (i64, String, f64);
+
+/// Salts the reference solutions' shuffle, so that it is not the labelled solutions' order.
+const REFERENCE_ORDER: u64 = 0x7265_6665_7265_6e63;
 
 fn per_epoch(params: &PrmParams, examples: usize) -> u64 {
     examples.div_ceil(params.batch_size).max(1) as u64
 }
 
-/// `max_steps`, or `epochs` passes over `examples` solutions.
-fn total_steps(params: &PrmParams, examples: usize) -> u64 {
+/// `max_steps`, or `epochs` passes over what the head trains on: the labelled solutions
+/// (`hidden`) or the references (`likelihood`, which without references trains nothing).
+fn total_steps(params: &PrmParams, labelled: usize, references: usize) -> u64 {
+    let per_epoch = match params.head {
+        PrmHead::Hidden => per_epoch(params, labelled),
+        PrmHead::Likelihood if references == 0 => return 0,
+        PrmHead::Likelihood => references.div_ceil(params.reference_batch_size).max(1) as u64,
+    };
     match params.max_steps {
         Some(steps) => steps,
-        None => (params.epochs * per_epoch(params, examples) as f64)
-            .ceil()
-            .max(1.0) as u64,
+        None => (params.epochs * per_epoch as f64).ceil().max(1.0) as u64,
     }
 }
 
@@ -230,7 +311,8 @@ impl dagrun_model::BackendTask for TrainTask {
             total_steps: total,
             min_lr_ratio: p.min_lr_ratio,
         };
-        // BCE summed over the steps since the last metrics row, and their count: kept in the
+        // The loss summed over the steps since the last metrics row (per labelled step for the
+        // BCE, per optimizer step for the references' NLL), and its count: kept in the
         // checkpoint, so a resumed run logs what an uninterrupted one does.
         let saved = |name: &str| {
             state
@@ -239,21 +321,34 @@ impl dagrun_model::BackendTask for TrainTask {
                 .find(|r| r.1 == name)
                 .map_or(0.0, |r| r.2)
         };
-        let (mut bce_sum, mut count) = (saved("bce"), saved("steps"));
+        let (mut loss_sum, mut count) = (saved("loss"), saved("count"));
         let mut order = None;
         let mut speed = Speed::default();
         self.progress.set_position(state.step);
         while state.step < total {
             let started = Instant::now();
-            let picked = self.batch(state.step, &mut order);
-            let items: Vec<StepItem> = picked.iter().map(|&i| self.train[i].item.clone()).collect();
-            let targets: Vec<f32> = picked
-                .iter()
-                .flat_map(|&i| self.train[i].labels.iter().map(|&l| l as f32))
-                .collect();
-            let n = targets.len();
-            let loss = bce_with_logits(prm.step_logits(&items, self.pad_id)?, &targets)
-                .div_scalar(n as f64);
+            let (loss, weight, tokens) = match self.prm.head {
+                PrmHead::Hidden => {
+                    let picked = self.batch(state.step, &mut order);
+                    let items: Vec<StepItem> =
+                        picked.iter().map(|&i| self.train[i].item.clone()).collect();
+                    let targets: Vec<f32> = picked
+                        .iter()
+                        .flat_map(|&i| self.train[i].labels.iter().map(|&l| l as f32))
+                        .collect();
+                    let n = targets.len();
+                    let loss = bce_with_logits(prm.step_logits(&items, self.pad_id)?, &targets)
+                        .div_scalar(n as f64);
+                    (loss, n as f64, items.iter().map(|i| i.ids.len()).sum())
+                }
+                // The decoder learns the references; the head is fitted after the last step.
+                PrmHead::Likelihood => {
+                    let refs = self.reference_batch(state.step, &mut order);
+                    let loss = score(&prm.lm, &refs, self.pad_id, false)?.mean_nll();
+                    let tokens = refs.iter().map(|r| r.prompt.len() + r.completion.len());
+                    (loss, 1.0, tokens.sum::<usize>())
+                }
+            };
             let value = scalar(loss.clone()) as f64;
             if !value.is_finite() {
                 bail!(
@@ -261,8 +356,8 @@ impl dagrun_model::BackendTask for TrainTask {
                     state.step + 1
                 );
             }
-            bce_sum += value * n as f64;
-            count += n as f64;
+            loss_sum += value * weight;
+            count += weight;
             let mut acc = GradAccumulator::<B>::new();
             acc.backward(loss, &prm);
             let lr = schedule.lr(state.step);
@@ -271,22 +366,21 @@ impl dagrun_model::BackendTask for TrainTask {
                 .with_context(|| format!("optimizer step {}", state.step + 1))?;
             prm = next;
             state.step += 1;
-            let tokens: usize = items.iter().map(|i| i.ids.len()).sum();
             speed.add(tokens as f64, started.elapsed().as_secs_f64());
             self.progress.set_position(state.step);
             if state.step % p.log_every == 0 || state.step == total {
                 let s = state.step as i64;
-                let mean = bce_sum / count.max(1.0);
+                let mean = loss_sum / count.max(1.0);
                 state.metrics.extend([
                     (s, "loss".to_string(), mean),
                     (s, "lr".to_string(), lr),
                     (s, "grad_norm".to_string(), stats.grad_norm),
                 ]);
                 self.progress.set_message(&format!("loss {mean:.4}"));
-                (bce_sum, count) = (0.0, 0.0);
+                (loss_sum, count) = (0.0, 0.0);
             }
             if state.step % p.checkpoint_every == 0 && state.step < total {
-                state.window = vec![(0, "bce".into(), bce_sum), (0, "steps".into(), count)];
+                state.window = vec![(0, "loss".into(), loss_sum), (0, "count".into(), count)];
                 ckpt.save_with(|tmp| {
                     save_prm(&prm.valid(), &tmp.join("model"))?;
                     opt.save(&tmp.join("optimizer"))?;
@@ -295,10 +389,15 @@ impl dagrun_model::BackendTask for TrainTask {
                 })?;
             }
         }
-        let prm = prm.valid();
+        let mut prm = prm.valid();
+        let mut figures = Vec::new();
+        if self.prm.head == PrmHead::Likelihood {
+            (prm, figures) = self.calibrated(prm, total as i64)?;
+        }
         save_prm(&prm, &self.out)?;
-        let heldout =
+        let mut heldout =
             heldout_metrics(&prm, &self.heldout, self.pad_id, p.batch_size, total as i64)?;
+        heldout.extend(figures);
         Ok(Outcome {
             metrics: state.metrics,
             heldout,
@@ -475,6 +574,7 @@ mod tests {
         Example {
             item: StepItem {
                 ids: vec![],
+                starts: (0..labels.len()).collect(),
                 ends: (0..labels.len()).collect(),
             },
             labels: labels.to_vec(),

@@ -1,15 +1,20 @@
 //! The process reward model (PRM): the runtime's decoder with a scalar head read at the end of
-//! every reasoning step, in the layout of transformers' `LlamaForTokenClassification` /
-//! `Qwen2ForTokenClassification` with `num_labels = 1`.
+//! every reasoning step. The head reads one of two things ([`PrmHead`]):
+//! - `hidden`: the decoder's final hidden state at the step's end, in the layout of
+//!   transformers' `LlamaForTokenClassification` / `Qwen2ForTokenClassification` with
+//!   `num_labels = 1`;
+//! - `likelihood`: the decoder's own log-likelihood of the step's tokens (a generative
+//!   verifier: a step it would not have written scores low), through a weight and a bias. The
+//!   decoder keeps its language-model head and loads as transformers' `…ForCausalLM`.
 //!
 //! A PRM input is the prompt followed by each step's tokens and one separator token
 //! ([`PrmConfig::step_token_id`]); the head's logit at a separator is the step's score before the
 //! sigmoid: the estimated chance that a solution continued from that step reaches a correct
 //! answer. The directory holds `config.json` (with `architectures`, `num_labels`, `id2label` and
 //! a `prm` block saying how to read it), `model.safetensors` with the decoder's tensors under
-//! transformers' names and the head as `score.weight` `[1, hidden]` and `score.bias` `[1]`
-//! (transformers' `nn.Linear(hidden, num_labels)`), and the completer's tokenizer files
-//! (copied by the stage).
+//! transformers' names and the head as `score.weight` `[1, hidden]` (`[1, 1]` for `likelihood`)
+//! and `score.bias` `[1]` (transformers' `nn.Linear(in, num_labels)`), and the completer's
+//! tokenizer files (copied by the stage).
 //!
 //! This file owns the module, its forward at step ends, the BCE loss, saving and loading, and
 //! how per-step scores become a solution's score ([`Aggregate`], [`SolutionScore`]). What a step
@@ -31,6 +36,7 @@ use crate::config::{Architecture, ModelConfig};
 use crate::hf_dir::{CONFIG_FILE, load_model_with_config, load_tensor, save_model_with};
 use crate::init::normal;
 use crate::llama::{CausalLm, Linear, TokenBatch};
+use crate::score::{ScoreItem, score_host};
 
 /// The head's tensor names, as transformers' token-classification models call them.
 pub const SCORE_WEIGHT: &str = "score.weight";
@@ -61,6 +67,22 @@ impl Aggregate {
     }
 }
 
+/// What the head reads at a step's end.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum PrmHead {
+    /// The final hidden state at the separator after the step.
+    #[default]
+    Hidden,
+    /// The sum of the decoder's log-probabilities of the step's tokens (separator excluded):
+    /// `logit = score.weight · Σ log p(token | everything before it) + score.bias`.
+    Likelihood,
+}
+
+impl PrmHead {
+    pub const NAMES: &'static [&'static str] = &["hidden", "likelihood"];
+}
+
 /// The `prm` block of a PRM's `config.json`: how to read the head.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct PrmConfig {
@@ -83,10 +105,13 @@ pub struct PrmConfig {
     /// kept, which read the steps straight after the prompt.
     #[serde(default)]
     pub think_block: bool,
+    /// What the head reads; PRMs made before it was kept read the hidden state.
+    #[serde(default)]
+    pub head: PrmHead,
 }
 
 impl PrmConfig {
-    pub const INPUT_LAYOUT: &'static str = "the chat template's user turn with the generation prompt; with think_block, `<think>` and the separator token unless the generation prompt already holds `<think>`; then for every step its text followed by the separator token, with think_block `</think>` and the separator going before a step that starts with `<answer>` (unless the generation prompt already holds `</think>`); a step's score is sigmoid(logit) at the separator after it";
+    pub const INPUT_LAYOUT: &'static str = "the chat template's user turn with the generation prompt; with think_block, `<think>` and the separator token unless the generation prompt already holds `<think>`; then for every step its text followed by the separator token, with think_block `</think>` and the separator going before a step that starts with `<answer>` (unless the generation prompt already holds `</think>`); a step's score is sigmoid(logit) at the separator after it, the logit being score.weight · (the final hidden state there) + score.bias with head `hidden`, or score.weight · (the sum of the model's log-probabilities of the step's tokens, separator excluded) + score.bias with head `likelihood`";
 
     /// Reads the `prm` block of a loaded `config.json`.
     pub fn from_model_config(config: &ModelConfig) -> Result<PrmConfig> {
@@ -101,17 +126,20 @@ impl PrmConfig {
 /// A decoder with a one-output linear head read at step ends.
 #[derive(Module, Debug)]
 pub struct ProcessRewardModel<B: Backend> {
-    /// The decoder. Its `lm_head` is always `None`: a PRM reads hidden states, never logits.
+    /// The decoder. With head `hidden` its `lm_head` is `None` (it reads hidden states, never
+    /// logits); with `likelihood` it is the completer's (or tied, as the completer's was).
     pub lm: CausalLm<B>,
-    /// `[hidden, 1]` in memory (transposed like every [`Linear`]), `[1, hidden]` on disk; a
-    /// bias `[1]`.
+    /// `[in, 1]` in memory (transposed like every [`Linear`]), `[1, in]` on disk, `in` being
+    /// the hidden size (head `hidden`) or 1 (`likelihood`); a bias `[1]`.
     pub score: Linear<B>,
 }
 
-/// One PRM input: token ids and the positions of its step ends (each a separator token).
+/// One PRM input: token ids, and for every step where its tokens start and its end (the
+/// separator token after it).
 #[derive(Debug, Clone, PartialEq)]
 pub struct StepItem {
     pub ids: Vec<u32>,
+    pub starts: Vec<usize>,
     pub ends: Vec<usize>,
 }
 
@@ -157,10 +185,14 @@ fn token_classification(config: &ModelConfig) -> Result<&'static str> {
 }
 
 impl<B: Backend> ProcessRewardModel<B> {
-    /// A PRM on `lm`'s decoder with a fresh head (weight normal(0, initializer_range) from
-    /// `seed` and bias 0, as transformers initialises `score`); its config gains the token-classification fields and
-    /// `prm`. The language-model head is dropped. `extra_layers` copies of the decoder's top
-    /// layers are stacked on it first (see [`stack_copied_layers`]).
+    /// A PRM on `lm`'s decoder with a fresh head; its config gains the `prm` block.
+    /// `extra_layers` copies of the decoder's top layers are stacked on it first (see
+    /// [`stack_copied_layers`]).
+    ///
+    /// Head `hidden`: weight normal(0, initializer_range) from `seed` and bias 0, as
+    /// transformers initialises `score`; the config gains the token-classification fields and
+    /// the language-model head is dropped. Head `likelihood`: weight 1 and bias 0 (the score
+    /// starts as the step's probability under the completer); the model stays a causal LM.
     pub fn from_lm(
         mut lm: CausalLm<B>,
         prm: &PrmConfig,
@@ -168,6 +200,17 @@ impl<B: Backend> ProcessRewardModel<B> {
         extra_layers: usize,
     ) -> Result<Self> {
         stack_copied_layers(&mut lm, extra_layers)?;
+        let device = lm.device();
+        if prm.head == PrmHead::Likelihood {
+            lm.config
+                .extra
+                .insert("prm".into(), serde_json::to_value(prm)?);
+            let score = Linear::new(
+                Tensor::from_data(TensorData::new(vec![1.0f32], [1, 1]), &device),
+                Some(Tensor::zeros([1], &device)),
+            );
+            return Ok(ProcessRewardModel { lm, score });
+        }
         let config = &mut lm.config;
         config.architectures = vec![token_classification(config)?.to_string()];
         // No output embeddings to tie or to keep: the head replaces them.
@@ -190,7 +233,6 @@ impl<B: Backend> ProcessRewardModel<B> {
             .unwrap_or(0.02);
         let hidden = config.hidden_size;
         let weight = normal(&mut ChaCha8Rng::seed_from_u64(seed), hidden, std);
-        let device = lm.device();
         let score = Linear::new(
             Tensor::from_data(TensorData::new(weight, [hidden, 1]), &device),
             Some(Tensor::zeros([1], &device)),
@@ -198,14 +240,39 @@ impl<B: Backend> ProcessRewardModel<B> {
         Ok(ProcessRewardModel { lm, score })
     }
 
+    /// This PRM with a likelihood head of `weight` and `bias` (see [`PrmHead::Likelihood`]).
+    pub fn with_likelihood_head(mut self, weight: f32, bias: f32) -> Result<Self> {
+        ensure!(
+            self.head()? == PrmHead::Likelihood,
+            "only a likelihood head has one weight"
+        );
+        let device = self.lm.device();
+        self.score = Linear::new(
+            Tensor::from_data(TensorData::new(vec![weight], [1, 1]), &device),
+            Some(Tensor::from_data(TensorData::new(vec![bias], [1]), &device)),
+        );
+        Ok(self)
+    }
+
     /// The `prm` block of this model's config.
     pub fn prm_config(&self) -> Result<PrmConfig> {
         PrmConfig::from_model_config(&self.lm.config)
     }
 
-    /// The head's logits at every step end of every item, item after item: `[Σ ends]`.
+    /// What this PRM's head reads.
+    pub fn head(&self) -> Result<PrmHead> {
+        Ok(self.prm_config()?.head)
+    }
+
+    /// The head's logits at every step end of every item, item after item: `[Σ ends]`. With
+    /// head `likelihood` the log-likelihoods come from the host, so only the head's weight and
+    /// bias carry gradients: the decoder learns from other losses (the `prm` stage's
+    /// language-model loss on reference solutions).
     pub fn step_logits(&self, items: &[StepItem], pad_id: u32) -> Result<Tensor<B, 1>> {
         ensure!(!items.is_empty(), "PRM forward: no items");
+        if self.head()? == PrmHead::Likelihood {
+            return self.likelihood_logits(self.step_loglik(items, pad_id)?);
+        }
         let seqs: Vec<Vec<u32>> = items.iter().map(|i| i.ids.clone()).collect();
         let batch = TokenBatch::right_padded(&seqs, pad_id);
         let mut rows = Vec::new();
@@ -225,6 +292,53 @@ impl<B: Backend> ProcessRewardModel<B> {
         let hidden = self.lm.hidden(&input, None);
         let rows = Tensor::<B, 1, Int>::from_data(TensorData::new(rows, [n]), &self.lm.device());
         Ok(self.score.forward(hidden.select(0, rows)).reshape([n]))
+    }
+
+    /// Head `likelihood`'s logits of steps whose log-likelihoods are `loglik` (from
+    /// [`step_loglik`](Self::step_loglik), perhaps of this model's inference copy).
+    pub fn likelihood_logits(&self, loglik: Vec<f32>) -> Result<Tensor<B, 1>> {
+        ensure!(!loglik.is_empty(), "PRM forward: no step ends to score");
+        let n = loglik.len();
+        let x = Tensor::<B, 2>::from_data(TensorData::new(loglik, [n, 1]), &self.lm.device());
+        Ok(self.score.forward(x).reshape([n]))
+    }
+
+    /// Every step's summed log-probability of its tokens under the decoder (separator
+    /// excluded), item after item, on the host. Run it on an inference backend: on an autodiff
+    /// one it records a graph nobody back-propagates.
+    pub fn step_loglik(&self, items: &[StepItem], pad_id: u32) -> Result<Vec<f32>> {
+        let mut scored = Vec::with_capacity(items.len());
+        for (i, item) in items.iter().enumerate() {
+            ensure!(
+                item.starts.len() == item.ends.len(),
+                "PRM forward: item {i} has {} step starts for {} ends",
+                item.starts.len(),
+                item.ends.len()
+            );
+            let first = item.starts.first().copied().unwrap_or(item.ids.len());
+            let mut previous = 1;
+            for (&start, &end) in item.starts.iter().zip(&item.ends) {
+                ensure!(
+                    previous <= start && start <= end && end < item.ids.len(),
+                    "PRM forward: item {i}'s step {start}..{end} is out of order or outside its {} tokens",
+                    item.ids.len()
+                );
+                previous = end;
+            }
+            scored.push(ScoreItem {
+                prompt: item.ids[..first].to_vec(),
+                completion: item.ids[first..].to_vec(),
+            });
+        }
+        let logprobs = score_host(&self.lm, &scored, pad_id, false, 1.0)?.logprobs;
+        let mut out = Vec::new();
+        for (item, lp) in items.iter().zip(&logprobs) {
+            let first = item.starts.first().copied().unwrap_or(0);
+            for (&start, &end) in item.starts.iter().zip(&item.ends) {
+                out.push(lp[start - first..end - first].iter().sum());
+            }
+        }
+        Ok(out)
     }
 
     /// Each item's step scores (sigmoid of the logits) on the host.
@@ -250,9 +364,9 @@ impl<B: Backend> ProcessRewardModel<B> {
 /// with fresh parameter ids so it trains on its own.
 ///
 /// Why: a completer this small finishes a step's arithmetic in its last layer, so a head on it
-/// has no layer left to compare the result with the digits written after it; with two more
-/// layers a PRM learns the comparison (`bench/prm_probe.py`: held-out step accuracy 0.976
-/// after 500 steps, against the majority label's 0.66 without them).
+/// has no layer left to compare the result with the digits written after it. Measured, the
+/// extra layers learn a copy mismatch inside a step (`bench/prm_probe.py shortcut=1`: 0.974
+/// held-out step accuracy after 500 steps) but not a wrong sum (0.72 after 1,000; README).
 pub fn stack_copied_layers<B: Backend>(lm: &mut CausalLm<B>, extra: usize) -> Result<()> {
     let n = lm.model.layers.len();
     if extra == 0 {
@@ -284,6 +398,62 @@ impl<B: Backend> ModuleMapper<B> for FreshIds {
     }
 }
 
+/// The `(weight, bias)` minimising the mean binary cross-entropy of `sigmoid(weight·x + bias)`
+/// against targets `y` in [0, 1]: Newton's method from (1, 0) with a backtracking line search
+/// (a step is halved until the loss falls), so it never ends worse than it started, and stops
+/// when the loss stops falling (separable data end at large finite values). How a likelihood
+/// head is fitted to the labels once its decoder has trained: two parameters need no optimizer.
+pub fn fit_logistic(x: &[f64], y: &[f64]) -> (f64, f64) {
+    let loss = |w: f64, b: f64| -> f64 {
+        let log_sigmoid = |z: f64| -((-z).max(0.0) + (-z.abs()).exp().ln_1p());
+        x.iter()
+            .zip(y)
+            .map(|(&xi, &yi)| {
+                let z = w * xi + b;
+                -(yi * log_sigmoid(z) + (1.0 - yi) * log_sigmoid(-z))
+            })
+            .sum::<f64>()
+    };
+    let (mut w, mut b) = (1.0f64, 0.0f64);
+    let mut current = loss(w, b);
+    for _ in 0..100 {
+        let (mut gw, mut gb, mut hww, mut hwb, mut hbb) = (0.0, 0.0, 1e-9, 0.0, 1e-9);
+        for (&xi, &yi) in x.iter().zip(y) {
+            let p = 1.0 / (1.0 + (-(w * xi + b)).exp());
+            let (r, s) = (p - yi, p * (1.0 - p));
+            gw += r * xi;
+            gb += r;
+            hww += s * xi * xi;
+            hwb += s * xi;
+            hbb += s;
+        }
+        let det = hww * hbb - hwb * hwb;
+        if !det.is_finite() || det <= 0.0 {
+            break;
+        }
+        let (dw, db) = ((hbb * gw - hwb * gb) / det, (hww * gb - hwb * gw) / det);
+        let mut step = 1.0;
+        let better = loop {
+            let tried = loss(w - step * dw, b - step * db);
+            if tried < current {
+                break Some(tried);
+            }
+            step /= 2.0;
+            if step < 1e-10 {
+                break None;
+            }
+        };
+        let Some(next) = better else { break };
+        (w, b) = (w - step * dw, b - step * db);
+        let gain = current - next;
+        current = next;
+        if gain < 1e-13 * current.max(1.0) {
+            break;
+        }
+    }
+    (w, b)
+}
+
 /// Binary cross-entropy of `logits` against `targets` in [0, 1] (hard labels or soft values),
 /// summed: `−Σ y·log σ(z) + (1 − y)·log σ(−z)`, through `log σ` so large logits stay finite.
 pub fn bce_with_logits<B: Backend>(logits: Tensor<B, 1>, targets: &[f32]) -> Tensor<B, 1> {
@@ -305,9 +475,9 @@ pub fn save_prm<B: Backend>(prm: &ProcessRewardModel<B>, dir: &Path) -> Result<(
             .to_vec::<f32>()
             .map_err(|e| anyhow::anyhow!("reading {name}: {e:?}"))
     };
-    let hidden = prm.lm.config.hidden_size;
-    // `[hidden, 1]` and `[1, hidden]` hold the same values in the same order.
-    let weight = host(prm.score.weight.val().reshape([hidden]), SCORE_WEIGHT)?;
+    let width = prm.score.weight.val().dims()[0];
+    // `[in, 1]` and `[1, in]` hold the same values in the same order.
+    let weight = host(prm.score.weight.val().reshape([width]), SCORE_WEIGHT)?;
     let bias = match &prm.score.bias {
         Some(b) => host(b.val(), SCORE_BIAS)?,
         None => vec![0.0],
@@ -316,7 +486,7 @@ pub fn save_prm<B: Backend>(prm: &ProcessRewardModel<B>, dir: &Path) -> Result<(
         &prm.lm,
         dir,
         vec![
-            (SCORE_WEIGHT.to_string(), vec![1, hidden], weight),
+            (SCORE_WEIGHT.to_string(), vec![1, width], weight),
             (SCORE_BIAS.to_string(), vec![1], bias),
         ],
     )
@@ -326,15 +496,21 @@ pub fn save_prm<B: Backend>(prm: &ProcessRewardModel<B>, dir: &Path) -> Result<(
 /// one label, `score.bias` included, and a `prm` block in its config).
 pub fn load_prm<B: Backend>(dir: &Path, device: &B::Device) -> Result<ProcessRewardModel<B>> {
     let mut config = ModelConfig::load(&dir.join(CONFIG_FILE))?;
-    PrmConfig::from_model_config(&config).with_context(|| format!("{}", dir.display()))?;
-    // The decoder's tensors only: there is no language-model head to read.
-    config.tie_word_embeddings = true;
+    let prm =
+        PrmConfig::from_model_config(&config).with_context(|| format!("{}", dir.display()))?;
+    let width = match prm.head {
+        // The decoder's tensors only: there is no language-model head to read.
+        PrmHead::Hidden => {
+            config.tie_word_embeddings = true;
+            config.hidden_size
+        }
+        PrmHead::Likelihood => 1,
+    };
     let lm = load_model_with_config::<B>(dir, &config, device)?;
-    let hidden = config.hidden_size;
-    let weight = load_tensor(dir, SCORE_WEIGHT, &[1, hidden])?;
+    let weight = load_tensor(dir, SCORE_WEIGHT, &[1, width])?;
     let bias = load_tensor(dir, SCORE_BIAS, &[1])?;
     let score = Linear::new(
-        Tensor::from_data(TensorData::new(weight, [hidden, 1]), device),
+        Tensor::from_data(TensorData::new(weight, [width, 1]), device),
         Some(Tensor::from_data(TensorData::new(bias, [1]), device)),
     );
     Ok(ProcessRewardModel { lm, score })
@@ -358,6 +534,7 @@ mod tests {
             estimation: "hard".into(),
             input: PrmConfig::INPUT_LAYOUT.into(),
             think_block: true,
+            head: PrmHead::Hidden,
         }
     }
 
@@ -373,14 +550,17 @@ mod tests {
         let items = vec![
             StepItem {
                 ids: vec![1, 4, 3, 4, 3],
+                starts: vec![1, 3],
                 ends: vec![2, 4],
             },
             StepItem {
                 ids: vec![1, 4, 3, 5, 3],
+                starts: vec![1, 3],
                 ends: vec![2, 4],
             },
             StepItem {
                 ids: vec![1, 5, 3],
+                starts: vec![1],
                 ends: vec![2],
             },
         ];
@@ -526,5 +706,122 @@ mod tests {
             assert_eq!(serde_json::to_value(parsed).unwrap(), json!(name));
         }
         assert!(Aggregate::parse("mean").is_err());
+    }
+
+    #[test]
+    fn fit_logistic_recovers_the_weight_and_bias_of_its_targets() {
+        let x: Vec<f64> = (0..200).map(|i| -6.0 + 0.05 * i as f64).collect();
+        let y: Vec<f64> = x
+            .iter()
+            .map(|x| 1.0 / (1.0 + (-(2.0 * x + 3.0)).exp()))
+            .collect();
+        let (w, b) = fit_logistic(&x, &y);
+        assert!((w - 2.0).abs() < 1e-3 && (b - 3.0).abs() < 1e-3, "{w} {b}");
+        // Separable hard labels stop at finite values; constant ones too.
+        let y: Vec<f64> = x.iter().map(|&x| f64::from(x > -1.0)).collect();
+        let (w, b) = fit_logistic(&x, &y);
+        assert!(w.is_finite() && b.is_finite() && w > 0.0, "{w} {b}");
+        let (w, b) = fit_logistic(&x, &vec![1.0; x.len()]);
+        assert!(w.is_finite() && b.is_finite(), "{w} {b}");
+        // Log-likelihoods far below 0 and labels that fall as they rise: full Newton steps
+        // from (1, 0) overshoot and oscillate here; the fit must still find the negative weight.
+        let x: Vec<f64> = (0..100).map(|i| -18.0 + 0.17 * i as f64).collect();
+        let y: Vec<f64> = x
+            .iter()
+            .map(|&x| 1.0 / (1.0 + (0.3 * x + 4.0).exp()))
+            .collect();
+        let (w, b) = fit_logistic(&x, &y);
+        assert!((w + 0.3).abs() < 1e-3 && (b + 4.0).abs() < 1e-3, "{w} {b}");
+    }
+
+    fn likelihood_prm<B: Backend>(seed: u64) -> ProcessRewardModel<B> {
+        let mut config = ModelConfig::llama(8, 16, 32, 1, 2, 2, 64);
+        config.tie_word_embeddings = false;
+        let lm = CausalLm::<B>::init_random(&config, seed, &Default::default()).unwrap();
+        let prm = PrmConfig {
+            head: PrmHead::Likelihood,
+            ..prm_config()
+        };
+        ProcessRewardModel::from_lm(lm, &prm, seed, 0).unwrap()
+    }
+
+    /// Σ log p(ids[t] | ids[..t]) over `start..end`, from a plain forward of the decoder.
+    fn reference_loglik(lm: &CausalLm<Inf>, ids: &[u32], start: usize, end: usize) -> f32 {
+        let logits = lm
+            .forward(&TokenBatch::right_padded(&[ids.to_vec()], 0))
+            .unwrap();
+        let vocab = lm.vocab_size();
+        let logits = logits.into_data().to_vec::<f32>().unwrap();
+        (start..end)
+            .map(|t| {
+                let row = &logits[(t - 1) * vocab..t * vocab];
+                let max = row.iter().cloned().fold(f32::MIN, f32::max);
+                let log_z = row.iter().map(|x| (x - max).exp()).sum::<f32>().ln() + max;
+                row[ids[t] as usize] - log_z
+            })
+            .sum()
+    }
+
+    #[test]
+    fn a_likelihood_prm_scores_a_step_by_its_log_likelihood_and_saves_as_a_causal_lm() {
+        let prm = likelihood_prm::<Inf>(4)
+            .with_likelihood_head(1.0, 0.5)
+            .unwrap();
+        // Steps of one, two and three tokens.
+        let items = vec![
+            StepItem {
+                ids: vec![1, 4, 5, 3, 4, 3],
+                starts: vec![1, 4],
+                ends: vec![3, 5],
+            },
+            StepItem {
+                ids: vec![2, 1, 5, 6, 4, 3],
+                starts: vec![2],
+                ends: vec![5],
+            },
+        ];
+        let mut out_of_order = items[0].clone();
+        out_of_order.starts = vec![4, 1];
+        assert!(prm.step_loglik(&[out_of_order], 0).is_err());
+        let loglik = prm.step_loglik(&items, 0).unwrap();
+        let mut expected = Vec::new();
+        for item in &items {
+            for (&start, &end) in item.starts.iter().zip(&item.ends) {
+                expected.push(reference_loglik(&prm.lm, &item.ids, start, end));
+            }
+        }
+        assert_eq!(loglik.len(), expected.len());
+        for (got, want) in loglik.iter().zip(&expected) {
+            assert!((got - want).abs() < 1e-4, "{loglik:?} against {expected:?}");
+        }
+        // sigmoid(1 · loglik + 0.5), item after item.
+        let scores: Vec<f64> = prm.step_scores(&items, 0).unwrap().concat();
+        for (s, l) in scores.iter().zip(&expected) {
+            let want = 1.0 / (1.0 + (-(*l as f64 + 0.5)).exp());
+            assert!((s - want).abs() < 1e-5, "{s} against {want}");
+        }
+
+        let dir = std::env::temp_dir().join(format!("dagrun-prm-lik-{}", std::process::id()));
+        save_prm(&prm, &dir).unwrap();
+        let config: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(dir.join(CONFIG_FILE)).unwrap()).unwrap();
+        assert_eq!(config["architectures"], json!(["LlamaForCausalLM"]));
+        assert_eq!(config["prm"]["head"], json!("likelihood"));
+        assert!(config.get("num_labels").is_none());
+        let bytes = std::fs::read(dir.join(crate::hf_dir::WEIGHTS_FILE)).unwrap();
+        let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+        assert_eq!(st.tensor(SCORE_WEIGHT).unwrap().shape(), [1, 1]);
+        assert_eq!(st.tensor(SCORE_BIAS).unwrap().shape(), [1]);
+        assert!(
+            st.tensor("lm_head.weight").is_ok(),
+            "the untied language-model head is what the PRM reads"
+        );
+        let loaded = load_prm::<Inf>(&dir, &Default::default()).unwrap();
+        assert_eq!(loaded.head().unwrap(), PrmHead::Likelihood);
+        assert_eq!(
+            loaded.step_scores(&items, 0).unwrap(),
+            prm.step_scores(&items, 0).unwrap()
+        );
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 }
