@@ -13,8 +13,8 @@ Scored by:
   own samples per problem (a step is good while every step up to it is the reference's, what
   Math-Shepherd's rollouts estimate) and `perturb=` references with one planted slip each;
 - with `references=N`, a copy of the policy trained the same way on the reference solutions
-  of the first N training problems (what the `prm` stage's `head: likelihood` does; no
-  sampling).
+  of the first N training problems (no sampling; the `prm` stage's `head: likelihood` takes
+  the problems after its labelled ones).
 
 Prints each picker's accuracy and its paired difference from maj@k (± standard error over
 problems).

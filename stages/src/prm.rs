@@ -263,18 +263,18 @@ impl StageKind for Prm {
                     "epochs",
                     float(0.0, 1e6),
                     json!(2.0),
-                    "passes over the labelled solutions (when max_steps is unset)",
+                    "passes over what the head trains on, the labelled solutions (`hidden`) or the references (`likelihood`), when max_steps is unset",
                 ),
                 ParamSpec::unset(
                     "max_steps",
                     int(1, 100_000_000),
-                    "optimizer steps (overrides epochs)",
+                    "optimizer steps (overrides epochs; `likelihood` without references takes none)",
                 ),
                 ParamSpec::new(
                     "batch_size",
                     int(1, 65_536),
                     json!(16),
-                    "solutions per optimizer step",
+                    "labelled solutions per optimizer step (`hidden`), and per forward pass when scoring held-out solutions and fitting the `likelihood` head",
                 ),
                 ParamSpec::new("lr", float(0.0, 10.0), json!(1e-3), "peak learning rate"),
                 ParamSpec::new(

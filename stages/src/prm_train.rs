@@ -3,14 +3,12 @@
 //! The PRM starts as the completer's decoder with a fresh head ([`ProcessRewardModel::from_lm`]).
 //! Each optimizer step takes `batch_size` labelled solutions in a seeded per-epoch order and
 //! minimises the binary cross-entropy of the head's logit at every step end against the step's
-//! label, averaged over the steps of the batch. With head `likelihood` the logits come from the
-//! decoder's log-likelihood of each step, computed outside the graph, so the BCE fits the
-//! head's weight and bias only; the decoder learns from the language-model loss on
-//! `reference_batch_size` reference solutions a step (its own seeded per-epoch order), added to
-//! the BCE; after the last step the head's weight and bias are fitted to the labels exactly
-//! (the BCE's minimum on the trained decoder). Checkpoints (the PRM, AdamW's moments, the step,
-//! the metrics so far and the running loss sums) go to the resume directory every
-//! `checkpoint_every` steps, so a resumed run writes the bytes an uninterrupted one does.
+//! label, averaged over the steps of the batch. With head `likelihood` a step is instead
+//! `reference_batch_size` reference solutions (their own seeded per-epoch order) and the
+//! language-model loss on them; after the last step the head's weight and bias are fitted to
+//! the labels by BCE on the trained decoder's step log-likelihoods ([`fit_logistic`]).
+//! Checkpoints (the PRM, AdamW's moments, the step, the metrics so far and the running loss
+//! sums) go to the resume directory every `checkpoint_every` steps, so a resumed run writes the bytes an uninterrupted one does.
 //! After the last step the PRM scores the held-out solutions: step-level accuracy (a score of
 //! at least 0.5 against a label of at least 0.5), BCE, and on perturbed solutions how often the
 //! weakest step is the planted one, over all of them and over those whose planted step is not
@@ -222,6 +220,7 @@ impl TrainTask {
         &self,
         prm: ProcessRewardModel<B>,
         step: i64,
+        notes: &mut Vec<String>,
     ) -> anyhow::Result<(ProcessRewardModel<B>, Vec<Figure>)> {
         let (mut x, mut y) = (Vec::new(), Vec::new());
         for chunk in self.train.chunks(4 * self.params.batch_size.max(1)) {
@@ -233,7 +232,16 @@ impl TrainTask {
             );
             y.extend(chunk.iter().flat_map(|e| e.labels.iter().copied()));
         }
+        if let Some(bad) = x.iter().find(|v| !v.is_finite()) {
+            bail!(
+                "fitting the likelihood head: a step's log-likelihood is {bad}; the decoder diverged, a lower `lr` is a new key that starts this stage over"
+            );
+        }
         let (weight, bias) = fit_logistic(&x, &y);
+        if weight <= 0.0 {
+            // Reported, not refused: on tiny or odd labels it is what BCE says.
+            notes.push(format!("the fitted likelihood head's weight is {weight:.3}: on these labels a step the decoder finds likelier is a worse one, so the PRM ranks likelier solutions lower"));
+        }
         let figures = vec![
             (step, "head/weight".to_string(), weight),
             (step, "head/bias".to_string(), bias),
@@ -392,7 +400,7 @@ impl dagrun_model::BackendTask for TrainTask {
         let mut prm = prm.valid();
         let mut figures = Vec::new();
         if self.prm.head == PrmHead::Likelihood {
-            (prm, figures) = self.calibrated(prm, total as i64)?;
+            (prm, figures) = self.calibrated(prm, total as i64, &mut notes)?;
         }
         save_prm(&prm, &self.out)?;
         let mut heldout =

@@ -398,7 +398,7 @@ impl<B: Backend> ModuleMapper<B> for FreshIds {
     }
 }
 
-/// The `(weight, bias)` minimising the mean binary cross-entropy of `sigmoid(weight·x + bias)`
+/// The `(weight, bias)` minimising the binary cross-entropy (summed over the points) of `sigmoid(weight·x + bias)`
 /// against targets `y` in [0, 1]: Newton's method from (1, 0) with a backtracking line search
 /// (a step is halved until the loss falls), so it never ends worse than it started, and stops
 /// when the loss stops falling (separable data end at large finite values). How a likelihood
