@@ -30,8 +30,9 @@
 //!
 //! The `model` output is a Hugging Face directory that transformers loads as
 //! `LlamaForTokenClassification` (head `hidden`) or `LlamaForCausalLM` (`likelihood`) (see
-//! `dagrun_model::prm` and the README); other stages score with it through [`crate::prm_score`]. Sampling seeds depend on the stage seed and the chunk
-//! only; nothing in an output depends on timing.
+//! `dagrun_model::prm` and the README); other stages score with it through
+//! [`crate::prm_score`]. Sampling seeds depend on the stage seed and the chunk only; nothing
+//! in an output depends on timing.
 
 use std::collections::{BTreeMap, HashSet};
 use std::path::PathBuf;
@@ -421,7 +422,7 @@ impl StageKind for Prm {
         }
         let mut jobs: Vec<Job> = problems
             .into_iter()
-            .take(p.limit.unwrap_or(usize::MAX))
+            .take(labelled)
             .map(|problem| Job {
                 problem,
                 given: None,

@@ -8,7 +8,8 @@
 //! language-model loss on them; after the last step the head's weight and bias are fitted to
 //! the labels by BCE on the trained decoder's step log-likelihoods ([`fit_logistic`]).
 //! Checkpoints (the PRM, AdamW's moments, the step, the metrics so far and the running loss
-//! sums) go to the resume directory every `checkpoint_every` steps, so a resumed run writes the bytes an uninterrupted one does.
+//! sums) go to the resume directory every `checkpoint_every` steps, so a resumed run writes
+//! the bytes an uninterrupted one does.
 //! After the last step the PRM scores the held-out solutions: step-level accuracy (a score of
 //! at least 0.5 against a label of at least 0.5), BCE, and on perturbed solutions how often the
 //! weakest step is the planted one, over all of them and over those whose planted step is not
@@ -168,54 +169,31 @@ impl TrainTask {
         })
     }
 
-    fn per_epoch(&self) -> u64 {
-        per_epoch(&self.params, self.train.len())
-    }
-
     /// Optimizer steps: over the labelled solutions (head `hidden`) or the references
     /// (`likelihood`; none without references: the head is only fitted).
     pub fn total_steps(&self) -> u64 {
         total_steps(&self.params, self.train.len(), self.references.len())
     }
 
-    /// The examples of optimizer step `step`: batch `step mod per_epoch` of its epoch's
-    /// seeded shuffle (`order` caches the current epoch's).
-    fn batch(&self, step: u64, order: &mut Option<(u64, Vec<usize>)>) -> Vec<usize> {
-        let epoch = step / self.per_epoch();
-        if order.as_ref().is_none_or(|(e, _)| *e != epoch) {
-            let mut all: Vec<usize> = (0..self.train.len()).collect();
-            all.shuffle(&mut epoch_rng(self.seed, epoch));
-            *order = Some((epoch, all));
-        }
-        let all = &order.as_ref().expect("just set").1;
-        let b = (step % self.per_epoch()) as usize * self.params.batch_size;
-        all[b..(b + self.params.batch_size).min(all.len())].to_vec()
+    /// The labelled examples of optimizer step `step` (head `hidden`).
+    fn batch(&self, step: u64, order: &mut EpochOrder) -> Vec<usize> {
+        let size = self.params.batch_size;
+        epoch_batch(self.train.len(), size, self.seed, step, order)
     }
 
-    /// The reference solutions of optimizer step `step`, as [`batch`](Self::batch) picks
-    /// labelled ones, from their own seeded order.
-    fn reference_batch(&self, step: u64, order: &mut Option<(u64, Vec<usize>)>) -> Vec<ScoreItem> {
-        let size = self.params.reference_batch_size;
-        let per_epoch = self.references.len().div_ceil(size).max(1) as u64;
-        let epoch = step / per_epoch;
-        if order.as_ref().is_none_or(|(e, _)| *e != epoch) {
-            let mut all: Vec<usize> = (0..self.references.len()).collect();
-            all.shuffle(&mut epoch_rng(self.seed ^ REFERENCE_ORDER, epoch));
-            *order = Some((epoch, all));
-        }
-        let all = &order.as_ref().expect("just set").1;
-        let b = (step % per_epoch) as usize * size;
-        all[b..(b + size).min(all.len())]
-            .iter()
-            .map(|&i| self.references[i].clone())
+    /// The reference solutions of optimizer step `step` (head `likelihood`), from their own
+    /// seeded order.
+    fn reference_batch(&self, step: u64, order: &mut EpochOrder) -> Vec<ScoreItem> {
+        let (n, size) = (self.references.len(), self.params.reference_batch_size);
+        epoch_batch(n, size, self.seed ^ REFERENCE_ORDER, step, order)
+            .into_iter()
+            .map(|i| self.references[i].clone())
             .collect()
     }
-}
 
-impl TrainTask {
     /// A likelihood head fitted exactly to the training labels (BCE, [`fit_logistic`]) on the
-    /// trained decoder's step log-likelihoods: with the decoder's small learning rate its two
-    /// parameters would hardly move in the loop. Returns the PRM and the head's figures.
+    /// trained decoder's step log-likelihoods (the loop trains only the decoder). Returns the
+    /// PRM and the head's figures.
     fn calibrated<B: burn::tensor::backend::Backend>(
         &self,
         prm: ProcessRewardModel<B>,
@@ -259,17 +237,36 @@ type Figure = (i64, String, f64);
 /// Salts the reference solutions' shuffle, so that it is not the labelled solutions' order.
 const REFERENCE_ORDER: u64 = 0x7265_6665_7265_6e63;
 
-fn per_epoch(params: &PrmParams, examples: usize) -> u64 {
-    examples.div_ceil(params.batch_size).max(1) as u64
+/// The current epoch and its shuffled order, cached between steps.
+type EpochOrder = Option<(u64, Vec<usize>)>;
+
+/// Batches of `size` a pass over `n` items takes.
+fn per_epoch(n: usize, size: usize) -> u64 {
+    n.div_ceil(size).max(1) as u64
+}
+
+/// Indices of optimizer step `step`'s batch: batch `step mod per_epoch` of its epoch's shuffle
+/// of `0..n`, seeded by `seed` and the epoch (`order` caches the current epoch's).
+fn epoch_batch(n: usize, size: usize, seed: u64, step: u64, order: &mut EpochOrder) -> Vec<usize> {
+    let per_epoch = per_epoch(n, size);
+    let epoch = step / per_epoch;
+    if order.as_ref().is_none_or(|(e, _)| *e != epoch) {
+        let mut all: Vec<usize> = (0..n).collect();
+        all.shuffle(&mut epoch_rng(seed, epoch));
+        *order = Some((epoch, all));
+    }
+    let all = &order.as_ref().expect("just set").1;
+    let b = (step % per_epoch) as usize * size;
+    all[b..(b + size).min(all.len())].to_vec()
 }
 
 /// `max_steps`, or `epochs` passes over what the head trains on: the labelled solutions
 /// (`hidden`) or the references (`likelihood`, which without references trains nothing).
 fn total_steps(params: &PrmParams, labelled: usize, references: usize) -> u64 {
     let per_epoch = match params.head {
-        PrmHead::Hidden => per_epoch(params, labelled),
+        PrmHead::Hidden => per_epoch(labelled, params.batch_size),
         PrmHead::Likelihood if references == 0 => return 0,
-        PrmHead::Likelihood => references.div_ceil(params.reference_batch_size).max(1) as u64,
+        PrmHead::Likelihood => per_epoch(references, params.reference_batch_size),
     };
     match params.max_steps {
         Some(steps) => steps,

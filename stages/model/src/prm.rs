@@ -176,6 +176,14 @@ pub fn aggregate(steps: &[f64], how: Aggregate) -> Option<SolutionScore> {
     })
 }
 
+/// A likelihood head: `[1, 1]` weight and `[1]` bias.
+fn likelihood_head<B: Backend>(weight: f32, bias: f32, device: &B::Device) -> Linear<B> {
+    Linear::new(
+        Tensor::from_data(TensorData::new(vec![weight], [1, 1]), device),
+        Some(Tensor::from_data(TensorData::new(vec![bias], [1]), device)),
+    )
+}
+
 /// The architecture name transformers loads a PRM of `config` with.
 fn token_classification(config: &ModelConfig) -> Result<&'static str> {
     Ok(match config.architecture()? {
@@ -205,10 +213,7 @@ impl<B: Backend> ProcessRewardModel<B> {
             lm.config
                 .extra
                 .insert("prm".into(), serde_json::to_value(prm)?);
-            let score = Linear::new(
-                Tensor::from_data(TensorData::new(vec![1.0f32], [1, 1]), &device),
-                Some(Tensor::zeros([1], &device)),
-            );
+            let score = likelihood_head(1.0, 0.0, &device);
             return Ok(ProcessRewardModel { lm, score });
         }
         let config = &mut lm.config;
@@ -246,11 +251,7 @@ impl<B: Backend> ProcessRewardModel<B> {
             self.head()? == PrmHead::Likelihood,
             "only a likelihood head has one weight"
         );
-        let device = self.lm.device();
-        self.score = Linear::new(
-            Tensor::from_data(TensorData::new(vec![weight], [1, 1]), &device),
-            Some(Tensor::from_data(TensorData::new(vec![bias], [1]), &device)),
-        );
+        self.score = likelihood_head(weight, bias, &self.lm.device());
         Ok(self)
     }
 
@@ -307,7 +308,7 @@ impl<B: Backend> ProcessRewardModel<B> {
     /// excluded), item after item, on the host. Run it on an inference backend: on an autodiff
     /// one it records a graph nobody back-propagates.
     pub fn step_loglik(&self, items: &[StepItem], pad_id: u32) -> Result<Vec<f32>> {
-        let mut scored = Vec::with_capacity(items.len());
+        let (mut scored, mut firsts) = (Vec::with_capacity(items.len()), Vec::new());
         for (i, item) in items.iter().enumerate() {
             ensure!(
                 item.starts.len() == item.ends.len(),
@@ -329,11 +330,11 @@ impl<B: Backend> ProcessRewardModel<B> {
                 prompt: item.ids[..first].to_vec(),
                 completion: item.ids[first..].to_vec(),
             });
+            firsts.push(first);
         }
         let logprobs = score_host(&self.lm, &scored, pad_id, false, 1.0)?.logprobs;
         let mut out = Vec::new();
-        for (item, lp) in items.iter().zip(&logprobs) {
-            let first = item.starts.first().copied().unwrap_or(0);
+        for ((item, lp), first) in items.iter().zip(&logprobs).zip(firsts) {
             for (&start, &end) in item.starts.iter().zip(&item.ends) {
                 out.push(lp[start - first..end - first].iter().sum());
             }
@@ -398,8 +399,8 @@ impl<B: Backend> ModuleMapper<B> for FreshIds {
     }
 }
 
-/// The `(weight, bias)` minimising the binary cross-entropy (summed over the points) of `sigmoid(weight·x + bias)`
-/// against targets `y` in [0, 1]: Newton's method from (1, 0) with a backtracking line search
+/// The `(weight, bias)` minimising the binary cross-entropy (summed over the points) of
+/// `sigmoid(weight·x + bias)` against targets `y` in [0, 1]: Newton's method from (1, 0) with a backtracking line search
 /// (a step is halved until the loss falls), so it never ends worse than it started, and stops
 /// when the loss stops falling (separable data end at large finite values). How a likelihood
 /// head is fitted to the labels once its decoder has trained: two parameters need no optimizer.
