@@ -68,6 +68,22 @@ fn metrics(cache: &Path, digest: &str) -> Vec<(String, f64)> {
         .collect()
 }
 
+/// A tensor of a model directory's `model.safetensors`, read as little-endian f32 values.
+fn f32_tensor(dir: &Path, name: &str) -> Vec<f32> {
+    let bytes = std::fs::read(dir.join("model.safetensors")).unwrap();
+    let header_len = u64::from_le_bytes(bytes[..8].try_into().unwrap()) as usize;
+    let header: serde_json::Value = serde_json::from_slice(&bytes[8..8 + header_len]).unwrap();
+    let at = &header[name]["data_offsets"];
+    let (start, end) = (
+        at[0].as_u64().unwrap() as usize,
+        at[1].as_u64().unwrap() as usize,
+    );
+    bytes[8 + header_len + start..8 + header_len + end]
+        .chunks(4)
+        .map(|b| f32::from_le_bytes(b.try_into().unwrap()))
+        .collect()
+}
+
 #[test]
 fn prm_labels_trains_and_serves_eval_and_rejection_filter() {
     let p = Project::new("prm");
@@ -181,6 +197,12 @@ fn prm_labels_trains_and_serves_eval_and_rejection_filter() {
         weight.is_finite() && bias.is_finite() && (weight, bias) != (1.0, 0.0),
         "fitted: {weight}, {bias}"
     );
+    // ... and the saved head is the fitted one.
+    let saved = (
+        f32_tensor(&dir, "score.weight"),
+        f32_tensor(&dir, "score.bias"),
+    );
+    assert_eq!(saved, (vec![weight as f32], vec![bias as f32]));
     assert!(figure("heldout/step_accuracy").is_some());
     let checked = batches(&cache, &run.output("checked", "results"));
     assert!(

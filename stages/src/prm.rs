@@ -355,6 +355,12 @@ impl StageKind for Prm {
                 "param `references` trains the decoder's language-model head, which only `head: likelihood` keeps and reads; set `head: likelihood` or `references: 0`".into(),
             );
         }
+        if params.i64("references") > 0 && params.opt_i64("limit").is_none() {
+            return fail(
+                "references",
+                "param `references` takes the problems after the `limit` labelled ones, and `limit` is unset, so every problem is labelled; set `limit`".into(),
+            );
+        }
         if likelihood && params.i64("extra_layers") > 0 {
             return fail(
                 "extra_layers",
@@ -772,8 +778,11 @@ mod tests {
         assert_eq!(err.param, "perturb");
         let err = Prm.check(&params(json!({"references": 10}))).unwrap_err();
         assert_eq!(err.param, "references");
-        let likelihood = json!({"head": "likelihood", "references": 10});
+        let likelihood = json!({"head": "likelihood", "references": 10, "limit": 5});
         assert!(Prm.check(&params(likelihood)).is_ok());
+        let unlimited = json!({"head": "likelihood", "references": 10});
+        let err = Prm.check(&params(unlimited)).unwrap_err();
+        assert_eq!(err.param, "references");
         let stacked = json!({"head": "likelihood", "extra_layers": 1});
         let err = Prm.check(&params(stacked)).unwrap_err();
         assert_eq!(err.param, "extra_layers");
