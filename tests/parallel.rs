@@ -69,10 +69,14 @@ fn run_json(p: &Project, args: &[&str]) -> Value {
     serde_json::from_str(stdout.lines().last().unwrap()).unwrap()
 }
 
+/// `jobs: 2` in the file runs like `--jobs 2`, and the flag overrides it.
 #[test]
 fn two_jobs_run_independent_branches_at_once_with_the_same_digests() {
     let p = Project::new("parallel-jobs");
-    p.write("p.yaml", BRANCHES);
+    p.write(
+        "p.yaml",
+        &BRANCHES.replace("seed: 3\n", "seed: 3\njobs: 2\n"),
+    );
     let one = run_json(
         &p,
         &[
@@ -85,19 +89,8 @@ fn two_jobs_run_independent_branches_at_once_with_the_same_digests() {
             "one",
         ],
     );
-    let two = run_json(
-        &p,
-        &[
-            "run",
-            "p.yaml",
-            "--json",
-            "--jobs",
-            "2",
-            "--cache-dir",
-            "two",
-        ],
-    );
-    assert_eq!(outputs(&one), outputs(&two), "--jobs 2 changed results");
+    let two = run_json(&p, &["run", "p.yaml", "--json", "--cache-dir", "two"]);
+    assert_eq!(outputs(&one), outputs(&two), "jobs: 2 changed results");
 
     let overlap = |run: &Value| {
         let (l0, l1) = span(run, "left");
@@ -106,7 +99,7 @@ fn two_jobs_run_independent_branches_at_once_with_the_same_digests() {
     };
     assert!(
         overlap(&two),
-        "--jobs 2 ran the branches one after the other: {two}"
+        "jobs: 2 ran the branches one after the other: {two}"
     );
     assert!(!overlap(&one), "--jobs 1 ran two stages at once: {one}");
     // Both SFT stages waited for their inputs.

@@ -11,7 +11,15 @@ use crate::locate::Locator;
 use crate::params::{self, Params};
 use crate::resources::{self, Resources};
 
-const TOP_LEVEL: &[&str] = &["name", "seed", "device", "executor", "resources", "stages"];
+const TOP_LEVEL: &[&str] = &[
+    "name",
+    "seed",
+    "device",
+    "executor",
+    "jobs",
+    "resources",
+    "stages",
+];
 const STAGE_FIELDS: &[&str] = &[
     "kind",
     "inputs",
@@ -40,6 +48,8 @@ pub struct Pipeline {
     pub name: String,
     /// `executor:` in the file (`--executor` overrides it).
     pub executor: Option<Executor>,
+    /// `jobs:` in the file: stages run at once by the local executor (`--jobs` overrides it).
+    pub jobs: Option<u32>,
     pub stages: Vec<Stage>,
     pub(crate) locator: Locator,
     /// Paths set with `--set`, and the flag text: problems there are reported against the flag.
@@ -204,6 +214,7 @@ pub fn parse(
         dir,
         name: String::new(),
         executor: None,
+        jobs: None,
         stages: Vec::new(),
         locator,
         overridden,
@@ -286,6 +297,23 @@ pub fn parse(
             ));
             None
         }
+    };
+    pipeline.jobs = match root.get("jobs") {
+        None => None,
+        Some(v) => match v.as_u64() {
+            Some(n @ 1..=1024) => Some(n as u32),
+            _ => {
+                errors.push(pipeline.diag(
+                    &p(&["jobs"]),
+                    false,
+                    format!(
+                        "`jobs` must be an integer from 1 to 1024 (stages run at once), got {}",
+                        params::short(v)
+                    ),
+                ));
+                None
+            }
+        },
     };
     let default_resources = resources::check(
         &pipeline,

@@ -23,6 +23,9 @@ struct PipelineFile {
     device: Option<String>,
     /// Where stages run: `local` (this process; the default) or `slurm` (one job per stage).
     executor: Option<ExecutorName>,
+    /// Stages the local executor runs at once when their inputs allow (`--jobs` overrides it;
+    /// default 1).
+    jobs: Option<u32>,
     /// Every stage's default `resources`.
     resources: Option<ResourcesDecl>,
     /// Stage name → stage. Order does not matter: edges come from `inputs`.

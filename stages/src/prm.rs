@@ -402,17 +402,7 @@ impl StageKind for Prm {
         // labelled problems, on which the head is fitted and judged, so that it is fitted to
         // how the decoder reads problems it has not learnt.
         let labelled = p.limit.unwrap_or(usize::MAX).min(problems.len());
-        let references: Vec<(String, String)> = problems[labelled..]
-            .iter()
-            .filter(|r| !r.steps.is_empty())
-            .take(p.references)
-            .map(|r| {
-                (
-                    r.prompt.clone(),
-                    tasks::format_completion(&r.steps, &r.answer),
-                )
-            })
-            .collect();
+        let references = reference_solutions(&problems, labelled, p.references);
         if p.references > 0 {
             if references.is_empty() {
                 bail!(
@@ -743,6 +733,26 @@ fn pick(choices: &[(Corruption, f64)], rng: &mut impl Rng) -> Corruption {
     choices.last().map_or(Corruption::Number, |(c, _)| *c)
 }
 
+/// Up to `n` (prompt, completion) reference solutions, from the problems after the first
+/// `labelled` (those with worked steps).
+fn reference_solutions(
+    problems: &[ProblemRow],
+    labelled: usize,
+    n: usize,
+) -> Vec<(String, String)> {
+    problems[labelled.min(problems.len())..]
+        .iter()
+        .filter(|r| !r.steps.is_empty())
+        .take(n)
+        .map(|r| {
+            (
+                r.prompt.clone(),
+                tasks::format_completion(&r.steps, &r.answer),
+            )
+        })
+        .collect()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -807,6 +817,35 @@ mod tests {
                 dagrun_model::generate::FinishReason::Eos
             },
         }
+    }
+
+    #[test]
+    fn references_come_from_the_problems_after_the_labelled_ones() {
+        let problem = |i: usize, steps: bool| ProblemRow {
+            id: format!("p{i}"),
+            task: "addition".into(),
+            difficulty: 1,
+            prompt: format!("{i}+1="),
+            answer: format!("{}", i + 1),
+            steps: if steps {
+                vec![format!("{i}+1={} write {}", i + 1, i + 1)]
+            } else {
+                Vec::new()
+            },
+        };
+        // Problem 4 has no worked steps, so there is nothing to learn from it.
+        let problems: Vec<ProblemRow> = (0..8).map(|i| problem(i, i != 4)).collect();
+        let refs = reference_solutions(&problems, 3, 3);
+        let prompts: Vec<&str> = refs.iter().map(|(p, _)| p.as_str()).collect();
+        assert_eq!(prompts, ["3+1=", "5+1=", "6+1="]);
+        assert_eq!(
+            refs[0].1,
+            "<think>\n3+1=4 write 4\n</think>\n<answer>4</answer>"
+        );
+        // Every problem labelled: none left; more asked than there are: what there is.
+        assert!(reference_solutions(&problems, 8, 5).is_empty());
+        assert!(reference_solutions(&problems, 100, 5).is_empty());
+        assert_eq!(reference_solutions(&problems, 0, 100).len(), 7);
     }
 
     #[test]

@@ -86,9 +86,10 @@ pub struct RunArgs {
     #[arg(long)]
     pub json: bool,
     /// Stages run at once in this process, within the machine's CPUs and memory (each
-    /// stage's `resources`). One model stage already uses every core of a CPU machine.
-    #[arg(short = 'j', long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..))]
-    pub jobs: u32,
+    /// stage's `resources`). Default: the file's `jobs:`, else 1 (one model stage already uses
+    /// every core of a CPU machine).
+    #[arg(short = 'j', long, value_parser = clap::value_parser!(u32).range(1..))]
+    pub jobs: Option<u32>,
     /// Where stages run: here (`local`), or one Slurm job each (`slurm`). Default: the file's
     /// `executor:`, else local.
     #[arg(long, value_enum)]
@@ -153,10 +154,11 @@ pub fn run(
     let pl = load(&a.file, registry, Some(&a.selection))?;
     let graph = graph::build(&pl, registry)?;
     let store = open_store(&cache_root_for(g, &a.file))?;
+    let jobs = a.jobs.or(pl.jobs).unwrap_or(1);
     let opts = RunOptions {
         keep_going: a.keep_going,
         progress: Some(progress),
-        jobs: a.jobs as usize,
+        jobs: jobs as usize,
         ..a.selection.options()
     };
     let slurm = match a.executor {
@@ -171,7 +173,7 @@ pub fn run(
         )
         .into());
     }
-    if slurm && a.jobs > 1 {
+    if slurm && a.jobs.is_some_and(|j| j > 1) {
         tracing::warn!("--jobs applies to the local executor; Slurm decides what runs at once");
     }
     let record = if slurm {

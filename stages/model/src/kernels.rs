@@ -311,15 +311,35 @@ pub fn rms_norm_backward(x: &[f32], w: &[f32], dy: &[f32], eps: f32) -> (Vec<f32
     (dx, dw)
 }
 
+/// The largest element (NaNs ignored, as `f32::max` does), over eight lanes so that it
+/// vectorises; max is exact, so the lanes give the sequential fold's answer.
+#[inline(always)]
+fn row_max(x: &[f32]) -> f32 {
+    let mut lanes = [f32::NEG_INFINITY; 8];
+    let blocks = x.chunks_exact(8);
+    let rest = blocks.remainder();
+    for block in blocks {
+        for (m, &v) in lanes.iter_mut().zip(block) {
+            *m = m.max(v);
+        }
+    }
+    lanes
+        .iter()
+        .chain(rest)
+        .copied()
+        .fold(f32::NEG_INFINITY, f32::max)
+}
+
 /// `p ← softmax(p)` in place (max-subtracted); inlined into each kernel's multiversioned body.
 #[inline(always)]
 fn exp_normalize(p: &mut [f32]) {
-    let max = p.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-    let mut sum = 0f32;
+    let max = row_max(p);
+    // Two loops: the exps vectorise only without the sum's serial chain in the same loop (the
+    // sum stays in element order, so the bits do not change).
     for v in p.iter_mut() {
         *v = exp_approx(*v - max);
-        sum += *v;
     }
+    let sum = p.iter().fold(0f32, |s, &v| s + v);
     let inv = 1.0 / sum;
     for v in p.iter_mut() {
         *v *= inv;
@@ -440,10 +460,16 @@ pub fn softmax_backward(p: &[f32], dp: &[f32], keys: usize, scale: f32) -> Vec<f
 
 multiversion! {
     fn lse_row(x: &[f32]) -> f32 {
-        let max = x.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+        let max = row_max(x);
+        // Exps a block at a time into a buffer, so they vectorise; summed in element order.
         let mut sum = 0f32;
-        for &v in x {
-            sum += exp_approx(v - max);
+        let mut buf = [0f32; 64];
+        for block in x.chunks(64) {
+            let e = &mut buf[..block.len()];
+            for (e, &v) in e.iter_mut().zip(block) {
+                *e = exp_approx(v - max);
+            }
+            sum = e.iter().fold(sum, |s, &v| s + v);
         }
         max + sum.ln()
     }
