@@ -2,8 +2,8 @@
 //! directory whose config.json says how to read it; `eval` with `rerank: prm` writes
 //! `prm_correct`, `maj_correct` and `prm@N` / `maj@N` rows (with a likelihood-head PRM too,
 //! which saves as a causal LM whose loss on reference solutions falls); `rejection_filter` with
-//! `min_step_score` drops more than without; and a prm stage killed while labelling and again
-//! while training resumes to the bytes of an uninterrupted run. (The labelling rule itself is
+//! `min_step_score` drops more than without (with either head); and a prm stage (either head)
+//! killed while labelling and again while training resumes to the bytes of an uninterrupted run. (The labelling rule itself is
 //! tested exactly, with a fake completer, in `stages/src/prm_labels.rs`; wiring and param
 //! errors are in tests/malformed/.)
 
@@ -51,6 +51,10 @@ stages:
   judged:
     kind: rejection_filter
     inputs: { model: cold_start, problems: problems.train, prm: reward }
+    params: { num_samples: 4, limit: 12, max_new_tokens: 64, min_reward: 0.0, require_correct: false, min_step_score: 0.9 }
+  vetted:
+    kind: rejection_filter
+    inputs: { model: cold_start, problems: problems.train, prm: verifier }
     params: { num_samples: 4, limit: 12, max_new_tokens: 64, min_reward: 0.0, require_correct: false, min_step_score: 0.9 }
 ";
 
@@ -262,6 +266,13 @@ fn prm_labels_trains_and_serves_eval_and_rejection_filter() {
         kept("judged"),
         kept("plain")
     );
+    // ... and so does the likelihood-head PRM: the same samples (same seed and model), fewer kept.
+    assert!(
+        kept("vetted") < kept("plain"),
+        "kept {} with the likelihood PRM, {} without",
+        kept("vetted"),
+        kept("plain")
+    );
 }
 
 const PRM_ONLY: &str = "\
@@ -285,13 +296,29 @@ stages:
 
 #[test]
 fn a_killed_prm_stage_resumes_to_the_same_labels_model_and_metrics() {
-    let whole = Project::new("prm-whole");
-    whole.write("p.yaml", PRM_ONLY);
+    killed_twice_equals_whole("prm", PRM_ONLY);
+}
+
+/// The likelihood head's loop (the decoder on reference solutions, then the fitted head)
+/// checkpoints and resumes like the hidden head's.
+#[test]
+fn a_killed_likelihood_prm_resumes_to_the_same_labels_model_and_metrics() {
+    let likelihood = PRM_ONLY.replace(
+        "estimation: soft, max_steps: 8, batch_size: 8,",
+        "head: likelihood, references: 100, reference_batch_size: 8, max_steps: 8,",
+    );
+    assert_ne!(likelihood, PRM_ONLY);
+    killed_twice_equals_whole("prm-likelihood", &likelihood);
+}
+
+fn killed_twice_equals_whole(name: &str, pipeline: &str) {
+    let whole = Project::new(&format!("{name}-whole"));
+    whole.write("p.yaml", pipeline);
     let reference = whole.run("p.yaml", &[]);
     assert_eq!(reference.stage("reward")["resumed"], false);
 
-    let p = Project::new("prm-killed");
-    p.write("p.yaml", PRM_ONLY);
+    let p = Project::new(&format!("{name}-killed"));
+    p.write("p.yaml", pipeline);
     p.run("p.yaml", &["--until", "cold_start"]);
     // Killed after the first of two labelling chunks, then after the first training checkpoint.
     common::kill_when(&p, &["run", "p.yaml", "--json"], || {
