@@ -73,10 +73,9 @@ fn run_json(p: &Project, args: &[&str]) -> Value {
 #[test]
 fn two_jobs_run_independent_branches_at_once_with_the_same_digests() {
     let p = Project::new("parallel-jobs");
-    p.write(
-        "p.yaml",
-        &BRANCHES.replace("seed: 3\n", "seed: 3\njobs: 2\n"),
-    );
+    let file = BRANCHES.replace("seed: 3\n", "seed: 3\njobs: 2\n");
+    assert_ne!(file, BRANCHES);
+    p.write("p.yaml", &file);
     let one = run_json(
         &p,
         &[

@@ -2,8 +2,9 @@
 //! directory whose config.json says how to read it; `eval` with `rerank: prm` writes
 //! `prm_correct`, `maj_correct` and `prm@N` / `maj@N` rows (with a likelihood-head PRM too,
 //! which saves as a causal LM whose loss on reference solutions falls); `rejection_filter` with
-//! `min_step_score` drops more than without (with either head); and a prm stage (either head)
-//! killed while labelling and again while training resumes to the bytes of an uninterrupted run. (The labelling rule itself is
+//! `min_step_score` drops more than without (with either head); and a prm stage (either
+//! head) killed while labelling and again while training resumes from its checkpoint to the
+//! bytes of an uninterrupted run. (The labelling rule itself is
 //! tested exactly, with a fake completer, in `stages/src/prm_labels.rs`; wiring and param
 //! errors are in tests/malformed/.)
 
@@ -55,7 +56,7 @@ stages:
   vetted:
     kind: rejection_filter
     inputs: { model: cold_start, problems: problems.train, prm: verifier }
-    params: { num_samples: 4, limit: 12, max_new_tokens: 64, min_reward: 0.0, require_correct: false, min_step_score: 0.9 }
+    params: { num_samples: 4, limit: 12, max_new_tokens: 64, min_reward: 0.0, require_correct: false, min_step_score: 0.3 }
 ";
 
 fn column<'a>(b: &'a RecordBatch, name: &str) -> &'a dyn Array {
@@ -266,10 +267,18 @@ fn prm_labels_trains_and_serves_eval_and_rejection_filter() {
         kept("judged"),
         kept("plain")
     );
-    // ... and so does the likelihood-head PRM: the same samples (same seed and model), fewer kept.
+    // ... and so does the likelihood-head PRM, by scores that tell samples apart: it keeps
+    // some and drops some (a step scores at most sigmoid(b), ℓ ≤ 0, hence the lower threshold).
+    let vetted = metrics(&cache, &run.output("vetted", "metrics"));
+    let figure = |name: &str| vetted.iter().find(|(n, _)| n == name).map(|m| m.1);
+    let spread = figure("prm/weakest_step/std").expect("weakest step scores vary");
     assert!(
-        kept("vetted") < kept("plain"),
-        "kept {} with the likelihood PRM, {} without",
+        figure("prm/weakest_step/mean").is_some_and(f64::is_finite) && spread > 0.0,
+        "{vetted:?}"
+    );
+    assert!(
+        0.0 < kept("vetted") && kept("vetted") < kept("plain"),
+        "kept {} with the likelihood PRM, {} without: {vetted:?}",
         kept("vetted"),
         kept("plain")
     );
@@ -330,6 +339,16 @@ fn killed_twice_equals_whole(name: &str, pipeline: &str) {
     let resumed = p.run("p.yaml", &[]);
     assert_eq!(resumed.status("reward"), "ran");
     assert_eq!(resumed.stage("reward")["resumed"], true);
+    // Training went on from the checkpoint (a checkpoint it could not read would be set
+    // aside and training restarted, to the same bytes).
+    let logs: String = std::fs::read_dir(p.cache().join("runs"))
+        .unwrap()
+        .filter_map(|run| std::fs::read_to_string(run.unwrap().path().join("logs/reward.log")).ok())
+        .collect();
+    assert!(
+        logs.contains("resumed from the checkpoint at step") && !logs.contains("cannot be used"),
+        "{logs}"
+    );
     for output in ["labels", "model", "metrics"] {
         assert_eq!(
             resumed.output("reward", output),

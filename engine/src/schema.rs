@@ -25,6 +25,7 @@ struct PipelineFile {
     executor: Option<ExecutorName>,
     /// Stages the local executor runs at once when their inputs allow (`--jobs` overrides it;
     /// default 1).
+    #[schemars(range(min = 1, max = 1024))]
     jobs: Option<u32>,
     /// Every stage's default `resources`.
     resources: Option<ResourcesDecl>,

@@ -88,7 +88,7 @@ pub struct RunArgs {
     /// Stages run at once in this process, within the machine's CPUs and memory (each
     /// stage's `resources`). Default: the file's `jobs:`, else 1 (one model stage already uses
     /// every core of a CPU machine).
-    #[arg(short = 'j', long, value_parser = clap::value_parser!(u32).range(1..))]
+    #[arg(short = 'j', long, value_parser = clap::value_parser!(u32).range(1..=1024))]
     pub jobs: Option<u32>,
     /// Where stages run: here (`local`), or one Slurm job each (`slurm`). Default: the file's
     /// `executor:`, else local.
