@@ -22,6 +22,7 @@ use std::path::PathBuf;
 
 use anyhow::{Context, bail};
 use burn::tensor::backend::AutodiffBackend;
+use burn::tensor::backend::Backend;
 use dagrun_engine::dataset::read_parquet;
 use dagrun_engine::kind::{
     ArtifactType, KindSpec, ParamError, ParamSpec, ParamType, PortSpec, StageContext, StageKind,
@@ -29,8 +30,9 @@ use dagrun_engine::kind::{
 };
 use dagrun_engine::{Params, Progress};
 use dagrun_model::device::{BackendTask, Devices, run_on};
-use dagrun_model::generate::SamplingParams;
+use dagrun_model::generate::{Completion, SamplingParams};
 use dagrun_model::load_model;
+use dagrun_model::prm::SolutionScore;
 use serde::Deserialize;
 use serde_json::json;
 
@@ -347,20 +349,6 @@ impl BackendTask for EvalTask<'_> {
                 &sampled_params,
                 cfg.batch_size,
             )?;
-            let ranked: Vec<Option<Vec<_>>> = match &scorer {
-                Some(scorer) => {
-                    let prompts: Vec<&str> = chunk.iter().map(|p| p.prompt.as_str()).collect();
-                    let texts: Vec<Vec<&str>> = sampled
-                        .iter()
-                        .map(|g| g.iter().map(|s| s.text.as_str()).collect())
-                        .collect();
-                    score_groups(scorer, &prompts, &texts, cfg.k, cfg.batch_size)?
-                        .into_iter()
-                        .map(Some)
-                        .collect()
-                }
-                None => vec![None; chunk.len()],
-            };
             // Code problems are judged by running programs: all of the chunk's at once, on
             // every core; the verdicts below come from the memo.
             crate::code_exec::prejudge(
@@ -376,6 +364,10 @@ impl BackendTask for EvalTask<'_> {
                 &crate::code_exec::Limits::default(),
             )
             .map_err(|e| anyhow::anyhow!(e))?;
+            let ranked: Vec<Option<Vec<_>>> = match &scorer {
+                Some(scorer) => rank_mixed(scorer, chunk, &sampled, cfg)?,
+                None => vec![None; chunk.len()],
+            };
             let mut rows = Vec::with_capacity(chunk.len());
             for (((problem, greedy), samples), scores) in
                 chunk.iter().zip(greedy).zip(sampled).zip(ranked)
@@ -597,6 +589,54 @@ fn summary(rows: &[EvalRow], names: &[String], cfg: &Config) -> String {
         }
     }
     out
+}
+
+/// The PRM's scores of each problem's first `k` samples, for the problems whose first `k`
+/// samples do not all verify alike. For the others any pick has the same verdict, so the
+/// PRM does not score them (`None` scores: the first sample is picked) — at eval's usual
+/// accuracies, most problems.
+fn rank_mixed<B: Backend>(
+    scorer: &Scorer<B>,
+    chunk: &[ProblemRow],
+    sampled: &[Vec<Completion>],
+    cfg: &Config,
+) -> anyhow::Result<Vec<Option<Vec<Option<SolutionScore>>>>> {
+    let mixed: Vec<bool> = chunk
+        .iter()
+        .zip(sampled)
+        .map(|(p, group)| {
+            let verdicts: Vec<bool> = group
+                .iter()
+                .take(cfg.k)
+                .map(|s| tasks::verify_with(&p.task, &p.answer, &s.text, cfg.fallback))
+                .collect();
+            verdicts.contains(&true) && verdicts.contains(&false)
+        })
+        .collect();
+    let prompts: Vec<&str> = chunk
+        .iter()
+        .zip(&mixed)
+        .filter(|(_, m)| **m)
+        .map(|(p, _)| p.prompt.as_str())
+        .collect();
+    let texts: Vec<Vec<&str>> = sampled
+        .iter()
+        .zip(&mixed)
+        .filter(|(_, m)| **m)
+        .map(|(g, _)| g.iter().map(|s| s.text.as_str()).collect())
+        .collect();
+    let mut scored = score_groups(scorer, &prompts, &texts, cfg.k, cfg.batch_size)?.into_iter();
+    Ok(sampled
+        .iter()
+        .zip(&mixed)
+        .map(|(group, &m)| {
+            Some(if m {
+                scored.next().unwrap_or_default()
+            } else {
+                vec![None; group.len().min(cfg.k)]
+            })
+        })
+        .collect())
 }
 
 /// `maj@N` and, with a PRM, `prm@N` per problem (0 or 1) for every N of the rows' `k`.
