@@ -631,7 +631,9 @@ fn rank_mixed<B: Backend>(
         .zip(&mixed)
         .map(|(group, &m)| {
             Some(if m {
-                scored.next().unwrap_or_default()
+                scored
+                    .next()
+                    .expect("score_groups returns one list per group")
             } else {
                 vec![None; group.len().min(cfg.k)]
             })

@@ -334,6 +334,53 @@ mod tests {
         assert_eq!((majority, best), (vec![true; 3], vec![]));
     }
 
+    /// What `eval` relies on to leave unscored the problems whose samples all verify alike:
+    /// then every pick, by any scores or none, has the same verdict.
+    #[test]
+    fn when_every_sample_verifies_alike_the_scores_do_not_matter() {
+        use dagrun_model::prm::{Aggregate, aggregate};
+        // All wrong (two different wrong answers), then all right (written two ways).
+        for (answer, samples) in [
+            (
+                "7",
+                [
+                    completion("5"),
+                    completion("6"),
+                    completion("5"),
+                    completion("6"),
+                ],
+            ),
+            (
+                "1234",
+                [
+                    completion("1234"),
+                    completion("1,234"),
+                    completion("1234"),
+                    completion("1234"),
+                ],
+            ),
+        ] {
+            let unscored = at_n(
+                "arithmetic",
+                answer,
+                &samples,
+                Some(&[None, None, None, None]),
+                4,
+                false,
+            );
+            for order in [[0.1, 0.9, 0.2, 0.3], [0.9, 0.1, 0.3, 0.2]] {
+                let scores: Vec<_> = order
+                    .iter()
+                    .map(|&s| aggregate(&[s], Aggregate::Min))
+                    .collect();
+                assert_eq!(
+                    at_n("arithmetic", answer, &samples, Some(&scores), 4, false),
+                    unscored
+                );
+            }
+        }
+    }
+
     #[test]
     fn mean_and_stderr_hand_values() {
         assert_eq!(mean(&[]), None);
