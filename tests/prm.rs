@@ -74,6 +74,10 @@ fn metrics(cache: &Path, digest: &str) -> Vec<(String, f64)> {
 }
 
 /// A tensor of a model directory's `model.safetensors`, read as little-endian f32 values.
+fn config_json(dir: &Path) -> serde_json::Value {
+    serde_json::from_str(&std::fs::read_to_string(dir.join("config.json")).unwrap()).unwrap()
+}
+
 fn f32_tensor(dir: &Path, name: &str) -> Vec<f32> {
     let bytes = std::fs::read(dir.join("model.safetensors")).unwrap();
     let header_len = u64::from_le_bytes(bytes[..8].try_into().unwrap()) as usize;
@@ -154,8 +158,7 @@ fn prm_labels_trains_and_serves_eval_and_rejection_filter() {
 
     // The PRM directory: decoder + score head, and how to read it.
     let dir = common::object_path(&cache, &run.output("reward", "model"));
-    let config: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(dir.join("config.json")).unwrap()).unwrap();
+    let config = config_json(&dir);
     assert_eq!(
         config["architectures"],
         serde_json::json!(["LlamaForTokenClassification"])
@@ -178,8 +181,7 @@ fn prm_labels_trains_and_serves_eval_and_rejection_filter() {
 
     // A likelihood head: a causal LM whose decoder learnt the reference solutions.
     let dir = common::object_path(&cache, &run.output("verifier", "model"));
-    let config: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(dir.join("config.json")).unwrap()).unwrap();
+    let config = config_json(&dir);
     assert_eq!(
         config["architectures"],
         serde_json::json!(["LlamaForCausalLM"])

@@ -364,21 +364,36 @@ impl BackendTask for EvalTask<'_> {
                 &crate::code_exec::Limits::default(),
             )
             .map_err(|e| anyhow::anyhow!(e))?;
+            // Each sample's verdict, once: the PRM needs them to skip problems, the rows to count.
+            let verdicts: Vec<Vec<bool>> = chunk
+                .iter()
+                .zip(&sampled)
+                .map(|(p, group)| {
+                    group
+                        .iter()
+                        .map(|s| tasks::verify_with(&p.task, &p.answer, &s.text, cfg.fallback))
+                        .collect()
+                })
+                .collect();
             let ranked: Vec<Option<Vec<_>>> = match &scorer {
-                Some(scorer) => rank_mixed(scorer, chunk, &sampled, cfg)?,
+                Some(scorer) => rank_mixed(scorer, chunk, &sampled, &verdicts, cfg)?
+                    .into_iter()
+                    .map(Some)
+                    .collect(),
                 None => vec![None; chunk.len()],
             };
             let mut rows = Vec::with_capacity(chunk.len());
-            for (((problem, greedy), samples), scores) in
-                chunk.iter().zip(greedy).zip(sampled).zip(ranked)
+            for ((((problem, greedy), samples), scores), verdicts) in chunk
+                .iter()
+                .zip(greedy)
+                .zip(sampled)
+                .zip(ranked)
+                .zip(&verdicts)
             {
                 let g = &greedy[0];
                 let (task, answer) = (problem.task.as_str(), problem.answer.as_str());
                 let texts: Vec<&str> = samples.iter().map(|s| s.text.as_str()).collect();
-                let n_correct = texts
-                    .iter()
-                    .filter(|t| tasks::verify_with(task, answer, t, cfg.fallback))
-                    .count();
+                let n_correct = verdicts.iter().filter(|&&v| v).count();
                 let n = texts.len();
                 let first_k = &texts[..cfg.k.min(n)];
                 let majk = majority_vote(task, answer, first_k, cfg.fallback).correct;
@@ -599,44 +614,30 @@ fn rank_mixed<B: Backend>(
     scorer: &Scorer<B>,
     chunk: &[ProblemRow],
     sampled: &[Vec<Completion>],
+    verdicts: &[Vec<bool>],
     cfg: &Config,
-) -> anyhow::Result<Vec<Option<Vec<Option<SolutionScore>>>>> {
-    let mixed: Vec<bool> = chunk
+) -> anyhow::Result<Vec<Vec<Option<SolutionScore>>>> {
+    let mixed: Vec<bool> = verdicts
         .iter()
-        .zip(sampled)
-        .map(|(p, group)| {
-            let verdicts: Vec<bool> = group
-                .iter()
-                .take(cfg.k)
-                .map(|s| tasks::verify_with(&p.task, &p.answer, &s.text, cfg.fallback))
-                .collect();
-            verdicts.contains(&true) && verdicts.contains(&false)
+        .map(|v| {
+            let first_k = &v[..cfg.k.min(v.len())];
+            first_k.contains(&true) && first_k.contains(&false)
         })
         .collect();
-    let prompts: Vec<&str> = chunk
-        .iter()
-        .zip(&mixed)
-        .filter(|(_, m)| **m)
-        .map(|(p, _)| p.prompt.as_str())
-        .collect();
-    let texts: Vec<Vec<&str>> = sampled
-        .iter()
-        .zip(&mixed)
-        .filter(|(_, m)| **m)
-        .map(|(g, _)| g.iter().map(|s| s.text.as_str()).collect())
-        .collect();
+    let (mut prompts, mut texts) = (Vec::new(), Vec::new());
+    for ((p, group), _) in chunk.iter().zip(sampled).zip(&mixed).filter(|(_, m)| **m) {
+        prompts.push(p.prompt.as_str());
+        texts.push(group.iter().map(|s| s.text.as_str()).collect::<Vec<_>>());
+    }
     let mut scored = score_groups(scorer, &prompts, &texts, cfg.k, cfg.batch_size)?.into_iter();
     Ok(sampled
         .iter()
         .zip(&mixed)
-        .map(|(group, &m)| {
-            Some(if m {
-                scored
-                    .next()
-                    .expect("score_groups returns one list per group")
-            } else {
-                vec![None; group.len().min(cfg.k)]
-            })
+        .map(|(group, &m)| match m {
+            true => scored
+                .next()
+                .expect("score_groups returns one list per group"),
+            false => vec![None; group.len().min(cfg.k)],
         })
         .collect())
 }
